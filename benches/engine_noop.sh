@@ -1,0 +1,400 @@
+#!/usr/bin/env bash
+# No-op wall time: melanoflow vs DVC on the same files, same run, same machine.
+#
+# A "no-op" is a run (or status) after everything is already up to date: the
+# cost is deciding that nothing needs to run. For each configuration below the
+# script populates once, then times, per tool, the no-op run and the status
+# command: one warm-up, then the median of 5 runs (hyperfine if installed,
+# else a python3 perf_counter loop; the same timer for both tools).
+#
+#   1. the default pipeline (data/pipeline.toml: synth 4,000 JPEGs + ingest);
+#      DVC: one stage depending on the synth output folder.
+#   2. an ingest-only pipeline over a source folder of N small images plus an
+#      ISIC-format train.csv, N = 5,000, 33,126 (ISIC 2020) and 50,000; DVC:
+#      one stage `ingest` whose deps are the CSV and the image folder.
+#
+# Timings go in the report (stdout and benches/out/engine_noop.md), never in
+# asserts. Knobs (environment): MELANOFLOW (binary, default
+# target/release/melanoflow), BENCH_SIZES ("5000 33126 50000"), BENCH_RUNS (5),
+# BENCH_WARMUP (1), BENCH_TIMER (hyperfine|python), BENCH_KEEP_TMP=1 (keep the
+# temp folder), BENCH_NO_DVC=1 (melanoflow alone).
+# DVC comes from a venv at benches/.venv (created with pip if missing).
+
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+BIN=${MELANOFLOW:-target/release/melanoflow}
+case "$BIN" in /*) ;; *) BIN="$ROOT/$BIN" ;; esac
+SIZES=${BENCH_SIZES:-"5000 33126 50000"}
+RUNS=${BENCH_RUNS:-5}
+WARMUP=${BENCH_WARMUP:-1}
+OUTDIR="$ROOT/benches/out"
+REPORT="$OUTDIR/engine_noop.md"
+LOG="$OUTDIR/engine_noop.log"
+W="$OUTDIR/tmp/engine_noop"
+VENV="$ROOT/benches/.venv"
+export DVC_NO_ANALYTICS=1 PYTHONWARNINGS=ignore
+
+commas() { echo "$1" | sed -e ':a' -e 's/\([0-9]\)\([0-9]\{3\}\)\($\|,\)/\1,\2\3/' -e 'ta'; }
+say() { printf '%s\n' "$*" >&2; }
+die() { say "engine_noop: $*"; exit 1; }
+
+[ -x "$BIN" ] || die "no melanoflow binary at $BIN (run \`make build\`, or set MELANOFLOW)"
+command -v python3 >/dev/null || die "python3 is needed (data generation, timing, JSON)"
+
+mkdir -p "$OUTDIR"
+rm -rf "$W"
+mkdir -p "$W"
+: >"$LOG"
+cleanup() { if [ "${BENCH_KEEP_TMP:-0}" != 1 ]; then rm -rf "$W"; rmdir "$OUTDIR/tmp" 2>/dev/null || true; fi; }
+trap cleanup EXIT
+log() { printf '%s\n' "$*" >>"$LOG"; }
+
+# --------------------------------------------------------------------------
+# Tools: timer and DVC.
+TIMER=${BENCH_TIMER:-}
+if [ -z "$TIMER" ]; then
+    if ! command -v hyperfine >/dev/null; then
+        say "hyperfine not found; trying apt-get install -y hyperfine"
+        { apt-get install -y hyperfine || { apt-get update && apt-get install -y hyperfine; }; } >>"$LOG" 2>&1 || true
+    fi
+    if command -v hyperfine >/dev/null; then TIMER=hyperfine; else TIMER=python; fi
+fi
+if [ "$TIMER" = hyperfine ]; then
+    TIMER_DESC="hyperfine $(hyperfine --version | awk '{print $2}') (-N, $WARMUP warm-up, $RUNS runs, median)"
+else
+    TIMER_DESC="python3 time.perf_counter around subprocess.run ($WARMUP warm-up, $RUNS runs, median)"
+fi
+
+DVC=""
+DVC_WHY=""
+if [ "${BENCH_NO_DVC:-0}" = 1 ]; then
+    DVC_WHY="BENCH_NO_DVC=1"
+elif "$VENV/bin/dvc" --version >/dev/null 2>&1; then
+    DVC="$VENV/bin/dvc"
+else
+    say "installing DVC into $VENV (pip) ..."
+    if { [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"; } >>"$LOG" 2>&1 \
+        && "$VENV/bin/pip" install -q dvc >>"$LOG" 2>&1 \
+        && "$VENV/bin/dvc" --version >/dev/null 2>&1; then
+        DVC="$VENV/bin/dvc"
+    else
+        DVC_WHY="$(grep -iE 'error|could not|no matching' "$LOG" | tail -1 | cut -c1-200)"
+        DVC_WHY=${DVC_WHY:-"pip install dvc into $VENV failed (see $LOG)"}
+    fi
+fi
+if [ -z "$DVC" ]; then
+    say "DVC could not be installed: $DVC_WHY; reporting melanoflow alone"
+elif ! command -v git >/dev/null; then
+    DVC_WHY="git is not installed"; DVC=""
+    say "DVC could not be installed: $DVC_WHY; reporting melanoflow alone"
+fi
+
+MF_VERSION=$("$BIN" --version 2>/dev/null || echo "melanoflow (unknown version)")
+DVC_VERSION=${DVC:+$("$DVC" --version 2>/dev/null)}
+CPU=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
+CPU=${CPU:-$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)}
+MACHINE="nproc $(nproc), CPU ${CPU:-unknown}, $(uname -sr), load average at start $(cut -d' ' -f1-3 /proc/loadavg)"
+
+say "machine:    $MACHINE"
+say "melanoflow: $MF_VERSION ($BIN)"
+say "dvc:        ${DVC_VERSION:-not available}"
+say "timer:      $TIMER_DESC"
+
+# --------------------------------------------------------------------------
+# measure NAME CWD CMD...  -> prints the median in ms; details go to the log
+# and to $W/stats (name, min, median, max). Fails if the command fails.
+measure() {
+    local name=$1 cwd=$2
+    shift 2
+    local json="$W/hf.json" med
+    if [ "$TIMER" = hyperfine ]; then
+        local cmdline
+        cmdline=$(printf '%q ' "$@")
+        log "## $name (cwd $cwd)"
+        if ! (cd "$cwd" && hyperfine -N --style basic --warmup "$WARMUP" --runs "$RUNS" \
+                --export-json "$json" -- "$cmdline") >>"$LOG" 2>&1; then
+            return 1
+        fi
+        python3 - "$json" "$name" "$W/stats" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))["results"][0]
+t = [x * 1000 for x in r["times"]]
+with open(sys.argv[3], "a") as f:
+    f.write(f"{sys.argv[2]}\t{min(t):.1f}\t{r['median'] * 1000:.1f}\t{max(t):.1f}\n")
+print(f"{r['median'] * 1000:.1f}")
+EOF
+    else
+        log "## $name (cwd $cwd): $*"
+        python3 - "$cwd" "$name" "$W/stats" "$WARMUP" "$RUNS" "$@" <<'EOF' 2>>"$LOG"
+import statistics, subprocess, sys, time
+cwd, name, stats, warmup, runs, cmd = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6:]
+def once():
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        sys.exit(f"{name}: exit {r.returncode}: {cmd}")
+    return dt * 1000
+for _ in range(warmup):
+    once()
+t = [once() for _ in range(runs)]
+with open(stats, "a") as f:
+    f.write(f"{name}\t{min(t):.1f}\t{statistics.median(t):.1f}\t{max(t):.1f}\n")
+print(f"{statistics.median(t):.1f}")
+EOF
+    fi
+}
+
+# Results, one line per row: label, files, mf_run, mf_status, dvc_repro,
+# dvc_status, goal text, goal ms (or -). "n/a" = not measured, "fail" = failed.
+ROWS="$W/rows.tsv"
+: >"$ROWS"
+: >"$W/stats"
+NOTES=()
+
+# Runs a command once (populating or checking), logging its output; on
+# failure records a note with the exact command and the tail of its output.
+once() {
+    local what=$1 cwd=$2
+    shift 2
+    local out="$W/once.out" rc=0
+    (cd "$cwd" && "$@") >"$out" 2>&1 || rc=$?
+    cat "$out" >>"$LOG"
+    [ "$rc" = 0 ] && return 0
+    NOTES+=("$what failed (exit $rc): \`(cd $cwd && $*)\`: $(tail -3 "$out" | tr '\n' ' ' | cut -c1-400)")
+    say "FAILED: $what: (cd $cwd && $*)"
+    tail -5 "$out" >&2
+    return 1
+}
+
+# Checks that a no-op really was one: melanoflow says every stage is cached.
+check_mf_noop() {
+    local label=$1 config=$2 out="$W/check.out"
+    if "$BIN" run --config "$config" >"$out" 2>&1 && grep -qE '^[0-9]+ stage\(s\): [0-9]+ cached in ' "$out"; then
+        return 0
+    fi
+    NOTES+=("$label: the timed melanoflow run was not a no-op: \`$BIN run --config $config\` printed: $(tr '\n' ' ' <"$out" | cut -c1-300)")
+}
+check_dvc_noop() {
+    local label=$1 cwd=$2 out="$W/check.out"
+    if (cd "$cwd" && "$DVC" status) >"$out" 2>&1 && grep -qi 'up to date' "$out"; then
+        return 0
+    fi
+    NOTES+=("$label: the timed dvc repro was not a no-op: \`dvc status\` printed: $(tr '\n' ' ' <"$out" | cut -c1-300)")
+}
+
+# Sets up a DVC project (git + dvc) in DIR with one stage.
+dvc_project() {
+    local dir=$1 stage=$2 cmd=$3
+    shift 3 # remaining: deps
+    (
+        cd "$dir"
+        git init -q .
+        "$DVC" init -q
+        "$DVC" config core.analytics false
+        "$DVC" config core.check_update false
+        "$DVC" config core.site_cache_dir "$W/dvc-site-cache/$(basename "$dir")"
+        {
+            echo "stages:"
+            echo "  $stage:"
+            echo "    cmd: $cmd"
+            echo "    deps:"
+            for d in "$@"; do echo "      - $d"; done
+            echo "    outs:"
+            echo "      - out.txt"
+        } >dvc.yaml
+    ) >>"$LOG" 2>&1
+}
+
+# Times melanoflow run + status and DVC repro + status; appends a row.
+bench_row() {
+    local label=$1 files=$2 config=$3 dvcdir=$4 goal=$5 goal_ms=$6
+    local mfr=fail mfs=fail dr=n/a ds=n/a
+    say "  timing melanoflow run (no-op) ..."
+    mfr=$(measure "$label: melanoflow run -q" "$(dirname "$config")" "$BIN" run --config "$config" -q) || mfr=fail
+    say "  timing melanoflow status ..."
+    mfs=$(measure "$label: melanoflow status" "$(dirname "$config")" "$BIN" status --config "$config") || mfs=fail
+    check_mf_noop "$label" "$config"
+    if [ -n "$DVC" ] && [ -n "$dvcdir" ]; then
+        dr=fail ds=fail
+        say "  populating dvc (dvc repro) ..."
+        if once "$label: dvc repro (populate)" "$dvcdir" "$DVC" repro; then
+            say "  timing dvc repro (no-op) ..."
+            dr=$(measure "$label: dvc repro" "$dvcdir" "$DVC" repro) || dr=fail
+            say "  timing dvc status ..."
+            ds=$(measure "$label: dvc status" "$dvcdir" "$DVC" status) || ds=fail
+            check_dvc_noop "$label" "$dvcdir"
+        fi
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$files" "$mfr" "$mfs" "$dr" "$ds" "$goal" "$goal_ms" >>"$ROWS"
+    say "  melanoflow run $mfr ms, status $mfs ms; dvc repro $dr ms, status $ds ms"
+}
+
+T0=$SECONDS
+
+# --------------------------------------------------------------------------
+# Row 1: the default pipeline.
+say ""
+say "== default pipeline (data/pipeline.toml) =="
+T="$W/default"
+mkdir -p "$T/data"
+cp data/pipeline.toml "$T/data/pipeline.toml"
+say "  populating (melanoflow run) ..."
+if once "default pipeline: melanoflow run (populate)" "$T" "$BIN" run --config "$T/data/pipeline.toml"; then
+    nfiles=$(find "$T/data/out/synth" -type f | wc -l)
+    dvcdir=""
+    if [ -n "$DVC" ]; then
+        dvcdir="$T"
+        dvc_project "$T" synth_check "ls data/out/synth/train | wc -l > out.txt" data/out/synth
+        # The store and the engine's state are melanoflow's; a DVC-only
+        # project would not have them, so DVC does not walk them.
+        printf '/data/store/\n/data/.melanoflow/\n' >>"$T/.dvcignore"
+    fi
+    bench_row "default pipeline (synth + ingest)" "$nfiles" "$T/data/pipeline.toml" "$dvcdir" "—" "-"
+else
+    printf '%s\t%s\tfail\tfail\tn/a\tn/a\t—\t-\n' "default pipeline (synth + ingest)" "?" >>"$ROWS"
+fi
+
+# --------------------------------------------------------------------------
+# Row 2: ingest over N small images. One pool of files, hard-linked into a
+# melanoflow project and a DVC project per N (same bytes, same inodes).
+MAXN=0
+for n in $SIZES; do [ "$n" -gt "$MAXN" ] && MAXN=$n; done
+say ""
+say "== generating $MAXN small images + ISIC train.csv files =="
+python3 - "$W" "$MAXN" $SIZES <<'EOF'
+import os, random, sys
+w, maxn, sizes = sys.argv[1], int(sys.argv[2]), [int(s) for s in sys.argv[3:]]
+pool = os.path.join(w, "pool")
+os.makedirs(pool)
+rng = random.Random(2020)
+names = [f"ISIC_{i:07d}" for i in range(1, maxn + 1)]
+for n in names:
+    with open(os.path.join(pool, n + ".jpg"), "wb") as f:
+        f.write(os.urandom(200))
+sites = ["torso", "lower extremity", "upper extremity", "head/neck", "palms/soles", "oral/genital", ""]
+rows = []
+for i, n in enumerate(names):
+    patient = f"IP_{i // 16 + 1:07d}"
+    sex = "male" if (i // 16) % 2 == 0 else "female"
+    age = rng.choice(range(25, 90, 5))
+    malignant = rng.random() < 0.02
+    diagnosis = "melanoma" if malignant else rng.choice(["unknown", "unknown", "unknown", "nevus"])
+    rows.append(f"{n},{patient},{sex},{age},{rng.choice(sites)},{diagnosis},"
+                f"{'malignant' if malignant else 'benign'},{int(malignant)}\n")
+header = "image_name,patient_id,sex,age_approx,anatom_site_general_challenge,diagnosis,benign_malignant,target\n"
+for n in sizes:
+    for tool in ("mf", "dvc"):
+        src = os.path.join(w, f"n{n}", tool, "src")
+        os.makedirs(os.path.join(src, "images"))
+        with open(os.path.join(src, "train.csv"), "w") as f:
+            f.write(header)
+            f.writelines(rows[:n])
+        for name in names[:n]:
+            os.link(os.path.join(pool, name + ".jpg"), os.path.join(src, "images", name + ".jpg"))
+EOF
+say "  done in $((SECONDS - T0)) s since start"
+
+for n in $SIZES; do
+    label="ingest, $(commas "$n") images"
+    say ""
+    say "== $label =="
+    mf="$W/n$n/mf"
+    cat >"$mf/pipeline.toml" <<'EOF'
+[store]
+url = "store"
+[stages.ingest]
+kind = "ingest"
+metadata = "src/train.csv"
+images = "src/images"
+EOF
+    case $n in
+        5000) goal="melanoflow < 50 ms; DVC measured ~1.1 s"; goal_ms=50 ;;
+        50000) goal="melanoflow < 200 ms; DVC measured ~2.1 s"; goal_ms=200 ;;
+        *) goal="—"; goal_ms=- ;;
+    esac
+    say "  populating (melanoflow run) ..."
+    if ! once "$label: melanoflow run (populate)" "$mf" "$BIN" run --config "$mf/pipeline.toml"; then
+        printf '%s\t%s\tfail\tfail\tn/a\tn/a\t%s\t%s\n' "$label" "$((n + 1))" "$goal" "$goal_ms" >>"$ROWS"
+        continue
+    fi
+    dvcdir=""
+    if [ -n "$DVC" ]; then
+        dvcdir="$W/n$n/dvc"
+        dvc_project "$dvcdir" ingest "wc -l src/train.csv > out.txt" src/train.csv src/images
+    fi
+    bench_row "$label" "$((n + 1))" "$mf/pipeline.toml" "$dvcdir" "$goal" "$goal_ms"
+done
+
+ELAPSED=$((SECONDS - T0))
+
+# --------------------------------------------------------------------------
+# The report.
+{
+    echo "# No-op wall time: melanoflow vs DVC"
+    echo
+    echo "Generated by \`benches/engine_noop.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC') in ${ELAPSED} s."
+    echo
+    echo "- Machine: $MACHINE"
+    echo "- melanoflow: $MF_VERSION"
+    if [ -n "$DVC" ]; then
+        echo "- DVC: $DVC_VERSION (pip, benches/.venv)"
+    else
+        echo "- DVC: **not measured**: DVC could not be installed: $DVC_WHY; reporting melanoflow alone"
+    fi
+    echo "- Timer: $TIMER_DESC; milliseconds of wall time per invocation, process start included"
+    echo "- melanoflow: \`melanoflow run --config P -q\` and \`melanoflow status --config P\`; DVC: \`dvc repro\` and \`dvc status\` (git + dvc project, one stage)"
+    echo
+    python3 - "$ROWS" <<'EOF'
+import sys
+def num(s):
+    try:
+        return float(s)
+    except ValueError:
+        return None
+def ms(s):
+    v = num(s)
+    if v is None:
+        return s
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+def ratio(d, m):
+    d, m = num(d), num(m)
+    if d is None or m is None or m == 0:
+        return "n/a"
+    return f"{d / m:.1f}×"
+print("| configuration | files | melanoflow run | melanoflow status | dvc repro | dvc status | dvc/mf run | dvc/mf status | goal (from the issue) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+for line in open(sys.argv[1]):
+    label, files, mr, ms_, dr, ds, goal, goal_ms = line.rstrip("\n").split("\t")
+    if goal_ms != "-" and num(mr) is not None:
+        goal += "; **met**" if num(mr) < float(goal_ms) else f"; **missed** ({ms(mr)} ms)"
+    try:
+        files = f"{int(files):,}"
+    except ValueError:
+        pass
+    print(f"| {label} | {files} | {ms(mr)} | {ms(ms_)} | {ms(dr)} | {ms(ds)} | {ratio(dr, mr)} | {ratio(ds, ms_)} | {goal} |")
+EOF
+    echo
+    echo "Times are medians in ms. \"files\": files the no-op must check (synth output folder; or images + train.csv)."
+    echo "n/a: not measured; fail: the command failed (see notes and $(basename "$LOG"))."
+    echo
+    echo "<details><summary>min / median / max per measurement (ms)</summary>"
+    echo
+    echo "| measurement | min | median | max |"
+    echo "|---|---:|---:|---:|"
+    awk -F'\t' '{printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}' "$W/stats"
+    echo
+    echo "</details>"
+    if [ "${#NOTES[@]}" -gt 0 ]; then
+        echo
+        echo "Notes:"
+        for n in "${NOTES[@]}"; do echo "- $n"; done
+    fi
+} >"$REPORT"
+
+echo
+cat "$REPORT"
+echo
+echo "(written to ${REPORT#"$ROOT"/}; timer and tool output in ${LOG#"$ROOT"/})"

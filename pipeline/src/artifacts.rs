@@ -1,0 +1,254 @@
+//! The content-addressed layer over a [`BlobStore`]: file blobs and manifests
+//! by digest, and run records by fingerprint.
+//!
+//! Key layout (part of `CACHE_VERSION`):
+//!   `blobs/XX/REST`        a file's bytes or a manifest's text, named by its BLAKE3
+//!   `runs/FINGERPRINT.json` the run record: which output a fingerprint produced
+//!
+//! Promises: every blob is re-hashed when read and a mismatch is an error
+//! naming the digest, never data; blobs are uploaded before the run record
+//! that references them, so a record never points at missing bytes.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::context::join_rel;
+use crate::digest::Digest;
+use crate::manifest::Manifest;
+use crate::store::{BlobStore, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("blob {digest} in store {store} is corrupt (its bytes hash to {actual}); it was removed from the store: run again to recompute it")]
+    Corrupt { digest: Digest, actual: Digest, store: String },
+    #[error("blob {digest} is missing from store {store}")]
+    Missing { digest: Digest, store: String },
+    #[error("manifest {digest} is malformed")]
+    BadManifest {
+        digest: Digest,
+        #[source]
+        source: crate::manifest::ManifestError,
+    },
+    #[error("run record {key} is malformed")]
+    BadRecord {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot write {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a fingerprint produced.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RunRecord {
+    pub kind: String,
+    pub output: Digest,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone)]
+pub struct Artifacts {
+    store: Arc<dyn BlobStore>,
+}
+
+pub fn blob_key(d: &Digest) -> String {
+    let hex = d.to_hex();
+    format!("blobs/{}/{}", &hex[..2], &hex[2..])
+}
+
+fn run_key(fingerprint: &Digest) -> String {
+    format!("runs/{fingerprint}.json")
+}
+
+impl Artifacts {
+    pub fn new(store: Arc<dyn BlobStore>) -> Self {
+        Artifacts { store }
+    }
+
+    pub fn store(&self) -> &dyn BlobStore {
+        self.store.as_ref()
+    }
+
+    /// Stores bytes under their digest (no-op when already present).
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<Digest, ArtifactError> {
+        let d = Digest::of_bytes(bytes);
+        let key = blob_key(&d);
+        if !self.store.exists(&key)? {
+            self.store.put(&key, Bytes::copy_from_slice(bytes))?;
+        }
+        Ok(d)
+    }
+
+    /// Reads a blob and checks its digest; `Ok(None)` when absent.
+    pub fn get_bytes(&self, d: &Digest) -> Result<Option<Bytes>, ArtifactError> {
+        let Some(bytes) = self.store.get(&blob_key(d))? else { return Ok(None) };
+        let actual = Digest::of_bytes(&bytes);
+        if actual != *d {
+            return Err(self.corrupt(d, actual));
+        }
+        Ok(Some(bytes))
+    }
+
+    /// A blob whose bytes do not match its name is garbage: drop it so the
+    /// next run (or pull) stores a good copy, and report it.
+    fn corrupt(&self, digest: &Digest, actual: Digest) -> ArtifactError {
+        if let Err(e) = self.store.delete(&blob_key(digest)) {
+            tracing::warn!("could not remove corrupt blob {digest}: {e}");
+        }
+        ArtifactError::Corrupt { digest: *digest, actual, store: self.store.describe() }
+    }
+
+    pub fn put_manifest(&self, m: &Manifest) -> Result<Digest, ArtifactError> {
+        self.put_bytes(&m.to_bytes())
+    }
+
+    pub fn get_manifest(&self, d: &Digest) -> Result<Option<Manifest>, ArtifactError> {
+        let Some(bytes) = self.get_bytes(d)? else { return Ok(None) };
+        Manifest::parse(&bytes).map(Some).map_err(|source| ArtifactError::BadManifest { digest: *d, source })
+    }
+
+    /// Uploads every file of `dir` listed in `manifest` that the store lacks,
+    /// then the manifest itself; returns the manifest's digest.
+    pub fn put_dir(&self, dir: &Path, manifest: &Manifest) -> Result<Digest, ArtifactError> {
+        manifest.entries().par_iter().try_for_each(|e| -> Result<(), ArtifactError> {
+            let key = blob_key(&e.digest);
+            if !self.store.exists(&key)? {
+                self.store.put_file(&key, &join_rel(dir, &e.path))?;
+            }
+            Ok(())
+        })?;
+        self.put_manifest(manifest)
+    }
+
+    /// Writes every file of `manifest` under `dest` (which must not exist yet),
+    /// checking each blob's digest as it lands.
+    pub fn materialize(&self, manifest: &Manifest, dest: &Path) -> Result<(), ArtifactError> {
+        std::fs::create_dir_all(dest).map_err(|source| ArtifactError::Io { path: dest.display().to_string(), source })?;
+        manifest.entries().par_iter().try_for_each(|e| -> Result<(), ArtifactError> {
+            let path = join_rel(dest, &e.path);
+            if !self.store.get_to_file(&blob_key(&e.digest), &path)? {
+                return Err(ArtifactError::Missing { digest: e.digest, store: self.store.describe() });
+            }
+            let actual = Digest::of_file(&path).map_err(|source| ArtifactError::Io { path: path.display().to_string(), source })?;
+            if actual != e.digest {
+                let _ = std::fs::remove_file(&path);
+                return Err(self.corrupt(&e.digest, actual));
+            }
+            Ok(())
+        })
+    }
+
+    pub fn put_run(&self, fingerprint: &Digest, record: &RunRecord) -> Result<(), ArtifactError> {
+        let json = serde_json::to_vec_pretty(record).expect("record serialises");
+        self.store.put(&run_key(fingerprint), Bytes::from(json))?;
+        Ok(())
+    }
+
+    /// The record of an earlier run with this fingerprint whose output manifest
+    /// is still in the store.
+    pub fn get_run(&self, fingerprint: &Digest) -> Result<Option<RunRecord>, ArtifactError> {
+        let key = run_key(fingerprint);
+        let Some(bytes) = self.store.get(&key)? else { return Ok(None) };
+        let record: RunRecord = serde_json::from_slice(&bytes).map_err(|source| ArtifactError::BadRecord { key, source })?;
+        if !self.store.exists(&blob_key(&record.output))? {
+            return Ok(None);
+        }
+        Ok(Some(record))
+    }
+
+    /// Every blob digest in the store.
+    pub fn list_blobs(&self) -> Result<Vec<(String, Option<Digest>)>, ArtifactError> {
+        Ok(self
+            .store
+            .list("blobs")?
+            .into_iter()
+            .map(|k| {
+                let d = k.strip_prefix("blobs/").map(|r| r.replace('/', "")).and_then(|h| h.parse().ok());
+                (k, d)
+            })
+            .collect())
+    }
+
+    /// Every run record: (key, fingerprint).
+    pub fn list_runs(&self) -> Result<Vec<(String, Option<Digest>)>, ArtifactError> {
+        Ok(self
+            .store
+            .list("runs")?
+            .into_iter()
+            .map(|k| {
+                let d = k.strip_prefix("runs/").and_then(|r| r.strip_suffix(".json")).and_then(|h| h.parse().ok());
+                (k, d)
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Entry;
+    use crate::store::ObjectBlobStore;
+
+    fn dir_with(files: &[(&str, &[u8])]) -> (tempfile::TempDir, Manifest) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut entries = Vec::new();
+        for (p, b) in files {
+            let path = join_rel(dir.path(), p);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, b).unwrap();
+            entries.push(Entry { path: p.to_string(), size: b.len() as u64, digest: Digest::of_bytes(b) });
+        }
+        (dir, Manifest::new(entries))
+    }
+
+    #[test]
+    fn put_dir_then_materialize_round_trips() {
+        let a = Artifacts::new(Arc::new(ObjectBlobStore::memory()));
+        let (dir, m) = dir_with(&[("a.csv", b"x,y\n"), ("img/1.jpg", b"\xff\xd8")]);
+        let d = a.put_dir(dir.path(), &m).unwrap();
+        assert_eq!(d, m.digest());
+        assert_eq!(a.get_manifest(&d).unwrap().unwrap(), m);
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("restored");
+        a.materialize(&m, &dest).unwrap();
+        assert_eq!(std::fs::read(dest.join("img/1.jpg")).unwrap(), b"\xff\xd8");
+    }
+
+    #[test]
+    fn corrupt_blob_is_an_error_naming_the_digest() {
+        let store = Arc::new(ObjectBlobStore::memory());
+        let a = Artifacts::new(store.clone());
+        let d = a.put_bytes(b"good").unwrap();
+        store.put(&blob_key(&d), Bytes::from_static(b"evil")).unwrap();
+        let e = a.get_bytes(&d).unwrap_err().to_string();
+        assert!(e.contains(&d.to_hex()), "{e}");
+        let (_dir, m) = dir_with(&[("f", b"good")]);
+        let out = tempfile::tempdir().unwrap();
+        assert!(a.materialize(&m, &out.path().join("x")).is_err());
+        assert!(!out.path().join("x/f").exists(), "a corrupt blob is never left in place");
+    }
+
+    #[test]
+    fn run_records_round_trip_and_miss_is_none() {
+        let a = Artifacts::new(Arc::new(ObjectBlobStore::memory()));
+        let fp = Digest::of_bytes(b"fp");
+        assert_eq!(a.get_run(&fp).unwrap(), None);
+        let out = a.put_manifest(&Manifest::default()).unwrap();
+        let r = RunRecord { kind: "k".into(), output: out, files: 0, bytes: 0 };
+        a.put_run(&fp, &r).unwrap();
+        assert_eq!(a.get_run(&fp).unwrap(), Some(r));
+        assert_eq!(a.list_runs().unwrap()[0].1, Some(fp));
+    }
+}

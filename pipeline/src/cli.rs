@@ -1,0 +1,216 @@
+//! The command line: `run`, `status`, `dag`, `gc`, `verify`, `kinds`.
+//!
+//! `main` parses arguments, loads and validates the pipeline file (every error
+//! there is reported before anything runs), dispatches, prints the error chain
+//! on failure, and returns the exit code: 0 success, 1 a failed run or a
+//! verification mismatch, 2 a usage or pipeline-file error.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Override};
+use crate::context::Progress;
+use crate::error::Error;
+use crate::maintenance;
+use crate::registry::Registry;
+use crate::runner::{Engine, RunOptions, State, StageOutcome};
+
+#[derive(Parser, Debug)]
+#[command(name = "melanoflow", version, about = "Content-hashed pipeline: CycleGAN augmentation for melanoma classification")]
+pub struct Cli {
+    /// The pipeline file.
+    #[arg(long, short = 'c', global = true, default_value = "data/pipeline.toml")]
+    pub config: PathBuf,
+    /// Override a stage parameter for this invocation: STAGE.KEY=VALUE (repeatable).
+    #[arg(long = "set", global = true, value_name = "STAGE.KEY=VALUE")]
+    pub overrides: Vec<Override>,
+    /// Print only errors.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// More logging (-v info, -vv debug).
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Bring stages up to date (all, or the named ones and their upstreams).
+    Run {
+        stages: Vec<String>,
+        /// Re-run the named stages (or all) even when cached.
+        #[arg(long)]
+        force: bool,
+        /// Say what would run, and why, without running it.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+        /// Fail at once instead of waiting when another run holds the store.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Say which stages are cached and why the others would run.
+    Status {
+        stages: Vec<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Draw the stage graph.
+    Dag {
+        /// Graphviz dot.
+        #[arg(long, conflicts_with = "mermaid")]
+        dot: bool,
+        /// Mermaid flowchart (renders in GitHub markdown).
+        #[arg(long)]
+        mermaid: bool,
+    },
+    /// Delete store blobs and run records that no lock file beside the pipeline file references.
+    Gc {
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+    },
+    /// Re-hash stored outputs and output folders against the lock file.
+    Verify,
+    /// List the stage kinds this binary knows.
+    Kinds,
+}
+
+/// Runs the CLI with the given stage kinds; returns the process exit code.
+pub fn main(registry: Registry) -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.quiet, cli.verbose);
+    match dispatch(&cli, &registry) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                eprintln!("  caused by: {cause}");
+                source = cause.source();
+            }
+            match e {
+                Error::Config(_) | Error::UnknownStage { .. } => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn init_logging(quiet: bool, verbose: u8) {
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MELANOFLOW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
+    if let Command::Kinds = cli.command {
+        for k in registry.kinds() {
+            println!("{:<18} v{:<3} {}", k.kind(), k.version(), k.about());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let pipeline = config::load(&cli.config, registry, &cli.overrides)?;
+    let progress = Progress::new(cli.quiet);
+    match &cli.command {
+        Command::Run { stages, force, dry_run, no_wait } => {
+            let started = Instant::now();
+            let mut engine = Engine::open(pipeline, registry, progress)?;
+            let opts = RunOptions { targets: stages.clone(), force: *force, dry_run: *dry_run, wait: !*no_wait };
+            let quiet = cli.quiet;
+            let outcomes = engine.run(&opts, &mut |o: &StageOutcome| {
+                if !quiet {
+                    println!("{}", o.line());
+                }
+            })?;
+            if !cli.quiet {
+                println!("{}", summary(&outcomes, started.elapsed().as_secs_f64()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { stages, json } => {
+            let mut engine = Engine::open(pipeline, registry, progress)?;
+            let outcomes = engine.plan(&RunOptions { targets: stages.clone(), ..Default::default() })?;
+            if *json {
+                let doc = serde_json::json!({
+                    "pipeline": engine.pipeline.file,
+                    "lock": engine.pipeline.lock_path(),
+                    "stages": outcomes,
+                });
+                println!("{}", serde_json::to_string_pretty(&doc).expect("json"));
+            } else {
+                for o in &outcomes {
+                    println!("{}", o.line());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dag { dot, mermaid } => {
+            let text = if *dot {
+                crate::dag::render_dot(&pipeline.stages)
+            } else if *mermaid {
+                crate::dag::render_mermaid(&pipeline.stages)
+            } else {
+                crate::dag::render_text(&pipeline.stages)
+            };
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gc { dry_run } => {
+            let engine = Engine::open(pipeline, registry, progress)?;
+            let _guard = engine.run_lock(true)?;
+            let locks: Vec<_> = maintenance::lock_files_in(&engine.pipeline.base_dir)?.into_iter().map(|(_, l)| l).collect();
+            let r = maintenance::gc(engine.artifacts(), &locks, *dry_run)?;
+            let verb = if *dry_run { "would delete" } else { "deleted" };
+            println!(
+                "{verb} {} blobs and {} run records; kept {} blobs and {} run records referenced by {} lock file(s)",
+                r.deleted_blobs, r.deleted_runs, r.kept_blobs, r.kept_runs, locks.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify => {
+            let engine = Engine::open(pipeline, registry, progress)?;
+            let r = maintenance::verify(engine.artifacts(), engine.lock_file(), &engine.pipeline.out_dir)?;
+            for p in &r.problems {
+                println!("MISMATCH {}: {}", p.stage, p.what);
+            }
+            println!(
+                "verified {} stage(s), {} stored file(s): {}",
+                r.stages,
+                r.blobs,
+                if r.problems.is_empty() { "all match the lock file".to_string() } else { format!("{} problem(s)", r.problems.len()) }
+            );
+            Ok(if r.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Kinds => unreachable!("handled above"),
+    }
+}
+
+fn summary(outcomes: &[StageOutcome], seconds: f64) -> String {
+    let count = |s: State| outcomes.iter().filter(|o| o.state == s).count();
+    let mut parts = Vec::new();
+    for (s, label) in [
+        (State::Ran, "ran"),
+        (State::Restored, "restored"),
+        (State::Cached, "cached"),
+        (State::WouldRun, "would run"),
+        (State::WouldRestore, "would restore"),
+    ] {
+        let n = count(s);
+        if n > 0 {
+            parts.push(format!("{n} {label}"));
+        }
+    }
+    format!("{} stage(s): {} in {seconds:.2}s", outcomes.len(), parts.join(", "))
+}

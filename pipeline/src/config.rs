@@ -1,0 +1,440 @@
+//! The pipeline file: TOML with a `[store]` table, an optional `[outputs]`
+//! table, and one `[stages.NAME]` table per stage (`kind`, upstream `inputs`,
+//! and the kind's parameters).
+//!
+//! Parsing is separate from running, like ripgrep's LowArgs -> HiArgs: this
+//! module turns text plus `--set` overrides into a validated [`Pipeline`]
+//! (every stage's parameters typed by its kind, every upstream present, no
+//! cycle) or an error naming the file, line and key, before anything runs.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+use crate::dag;
+use crate::registry::{ParsedParams, Registry};
+
+/// A validated pipeline, ready to plan.
+#[derive(Debug)]
+pub struct Pipeline {
+    /// The pipeline file, as the user named it.
+    pub file: PathBuf,
+    /// The directory holding the pipeline file: relative paths start here.
+    pub base_dir: PathBuf,
+    pub store_url: String,
+    /// Where stage outputs are materialised: `OUT/STAGE/`.
+    pub out_dir: PathBuf,
+    /// Stages in a topological order (upstreams first), ties in file order.
+    pub stages: Vec<StageDecl>,
+}
+
+#[derive(Debug)]
+pub struct StageDecl {
+    pub name: String,
+    pub kind: String,
+    pub inputs: Vec<String>,
+    pub line: usize,
+    pub params: ParsedParams,
+}
+
+impl Pipeline {
+    pub fn stage(&self, name: &str) -> Option<&StageDecl> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// The lock file beside the pipeline file: `pipeline.toml` -> `pipeline.lock`.
+    pub fn lock_path(&self) -> PathBuf {
+        self.file.with_extension("lock")
+    }
+
+    /// Engine state that is neither output nor store: the file hash cache, staging.
+    pub fn state_dir(&self) -> PathBuf {
+        self.base_dir.join(".melanoflow")
+    }
+
+    pub fn stage_out_dir(&self, stage: &str) -> PathBuf {
+        self.out_dir.join(stage)
+    }
+}
+
+/// A pipeline-file error: where, and what was expected.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", file.display(), location(*line, *column))]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+fn location(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(":{l}:{c}"),
+        (Some(l), None) => format!(":{l}"),
+        _ => String::new(),
+    }
+}
+
+/// A `--set STAGE.KEY=VALUE` override from the command line.
+#[derive(Clone, Debug)]
+pub struct Override {
+    pub stage: String,
+    pub key: String,
+    pub value: String,
+}
+
+impl std::str::FromStr for Override {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (lhs, value) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected STAGE.KEY=VALUE"))?;
+        let (stage, key) = lhs.split_once('.').ok_or_else(|| format!("`{s}`: expected STAGE.KEY=VALUE"))?;
+        if stage.is_empty() || key.is_empty() {
+            return Err(format!("`{s}`: expected STAGE.KEY=VALUE"));
+        }
+        Ok(Override { stage: stage.into(), key: key.into(), value: value.into() })
+    }
+}
+
+impl std::fmt::Display for Override {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}={}", self.stage, self.key, self.value)
+    }
+}
+
+const STAGE_RESERVED: &[&str] = &["kind", "inputs"];
+
+/// Reads, parses and validates a pipeline file.
+pub fn load(file: &Path, registry: &Registry, overrides: &[Override]) -> Result<Pipeline, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+        file: file.into(),
+        line: None,
+        column: None,
+        message: format!("cannot read the pipeline file: {e}"),
+    })?;
+    parse(file, &text, registry, overrides)
+}
+
+/// Parses and validates pipeline text; `file` is used for paths and messages.
+pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override]) -> Result<Pipeline, ConfigError> {
+    let err_at = |span: Option<std::ops::Range<usize>>, message: String| {
+        let (line, column) = match span {
+            Some(s) if s.start <= text.len() => {
+                let (l, c) = line_col(text, s.start);
+                (Some(l), Some(c))
+            }
+            _ => (None, None),
+        };
+        ConfigError { file: file.into(), line, column, message }
+    };
+    let root = DeTable::parse(text).map_err(|e| err_at(e.span(), e.message().to_string()))?;
+    let base_dir = absolute(file.parent().unwrap_or(Path::new("")));
+
+    let mut store_url = "store".to_string();
+    let mut out = "out".to_string();
+    let mut stage_tables: Vec<(String, Spanned<DeValue>, usize)> = Vec::new();
+    for (key, value) in root.into_inner() {
+        let key_span = key.span();
+        match key.get_ref().as_ref() {
+            "store" => {
+                store_url = string_field(&value, "url", "store", &err_at)?.unwrap_or(store_url);
+                only_keys(&value, &["url"], "store", &err_at)?;
+            }
+            "outputs" => {
+                out = string_field(&value, "dir", "outputs", &err_at)?.unwrap_or(out);
+                only_keys(&value, &["dir"], "outputs", &err_at)?;
+            }
+            "stages" => {
+                let DeValue::Table(stages) = value.into_inner() else {
+                    return Err(err_at(Some(key_span), "`stages` must be a table of `[stages.NAME]` tables".into()));
+                };
+                for (name, table) in stages {
+                    let line = line_col(text, name.span().start).0;
+                    stage_tables.push((name.get_ref().to_string(), table, line));
+                }
+            }
+            other => {
+                return Err(err_at(
+                    Some(key_span),
+                    format!("unknown key `{other}`, expected one of `store`, `outputs`, `stages`"),
+                ));
+            }
+        }
+    }
+    stage_tables.sort_by_key(|(_, _, line)| *line);
+
+    for o in overrides {
+        if !stage_tables.iter().any(|(n, _, _)| *n == o.stage) {
+            return Err(ConfigError {
+                file: file.into(),
+                line: None,
+                column: None,
+                message: format!("--set {o}: there is no stage `{}`", o.stage),
+            });
+        }
+    }
+
+    let mut stages = Vec::new();
+    for (name, table, line) in stage_tables {
+        let span = table.span();
+        let DeValue::Table(mut table) = table.into_inner() else {
+            return Err(err_at(Some(span.clone()), format!("stage `{name}` must be a table")));
+        };
+        if !is_valid_name(&name) {
+            return Err(err_at(
+                Some(span.clone()),
+                format!("stage name `{name}` must be letters, digits, `_` or `-` (it names a folder)"),
+            ));
+        }
+        let kind = match take(&mut table, "kind") {
+            Some(v) => match v.get_ref() {
+                DeValue::String(s) => s.to_string(),
+                _ => return Err(err_at(Some(v.span()), format!("stages.{name}.kind must be a string"))),
+            },
+            None => return Err(err_at(Some(span.clone()), format!("stage `{name}` has no `kind` (one of {})", registry.kinds_list()))),
+        };
+        let stage_kind = registry.get(&kind).ok_or_else(|| {
+            err_at(Some(span.clone()), format!("stages.{name}: unknown kind `{kind}`, expected one of {}", registry.kinds_list()))
+        })?;
+        let inputs = match take(&mut table, "inputs") {
+            None => Vec::new(),
+            Some(v) => string_list(&v).ok_or_else(|| {
+                err_at(Some(v.span()), format!("stages.{name}.inputs must be a list of stage names"))
+            })?,
+        };
+        let file_table = table.clone();
+        let my_overrides: Vec<&Override> = overrides.iter().filter(|o| o.stage == name).collect();
+        for o in &my_overrides {
+            if STAGE_RESERVED.contains(&o.key.as_str()) {
+                return Err(ConfigError { file: file.into(), line: None, column: None, message: format!("--set {o}: `{}` cannot be overridden", o.key) });
+            }
+            let value = match DeValue::parse(&o.value) {
+                Ok(v) => v.into_inner(),
+                // A bare word is a string: `--set ingest.duplicates=dups.csv`.
+                Err(_) => DeValue::String(Cow::Borrowed(o.value.as_str())),
+            };
+            table.insert(Spanned::new(0..0, Cow::Borrowed(o.key.as_str())), Spanned::new(0..0, value));
+        }
+        let params = match stage_kind.parse_params(Spanned::new(span.clone(), DeValue::Table(table))) {
+            Ok(p) => p,
+            Err(e) => {
+                let blame_overrides = !my_overrides.is_empty()
+                    && stage_kind.parse_params(Spanned::new(span.clone(), DeValue::Table(file_table))).is_ok();
+                if blame_overrides {
+                    let list = my_overrides.iter().map(|o| format!("--set {o}")).collect::<Vec<_>>().join(", ");
+                    return Err(ConfigError { file: file.into(), line: None, column: None, message: format!("{list}: {}", e.message()) });
+                }
+                return Err(err_at(e.span(), format!("stages.{name} (kind `{kind}`): {}", e.message())));
+            }
+        };
+        stage_kind
+            .check(&params, &inputs)
+            .map_err(|m| err_at(Some(span.clone()), format!("stages.{name}: {m}")))?;
+        stages.push(StageDecl { name, kind, inputs, line, params });
+    }
+
+    let order = dag::topo_order(&stages).map_err(|e| {
+        let line = stages.iter().find(|s| s.name == e.stage()).map(|s| s.line);
+        ConfigError { file: file.into(), line, column: None, message: e.to_string() }
+    })?;
+    let mut slots: Vec<Option<StageDecl>> = stages.into_iter().map(Some).collect();
+    let stages = order.into_iter().map(|i| slots[i].take().expect("each index once")).collect();
+
+    Ok(Pipeline {
+        file: file.into(),
+        out_dir: base_dir.join(out),
+        base_dir,
+        store_url,
+        stages,
+    })
+}
+
+fn take<'i>(table: &mut DeTable<'i>, key: &str) -> Option<Spanned<DeValue<'i>>> {
+    let k = table.keys().find(|k| k.get_ref().as_ref() == key)?.clone();
+    table.remove(&k)
+}
+
+fn string_list(v: &Spanned<DeValue>) -> Option<Vec<String>> {
+    match v.get_ref() {
+        DeValue::Array(items) => items
+            .iter()
+            .map(|i| match i.get_ref() {
+                DeValue::String(s) => Some(s.to_string()),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+type ErrAt<'a> = dyn Fn(Option<std::ops::Range<usize>>, String) -> ConfigError + 'a;
+
+fn string_field(v: &Spanned<DeValue>, key: &str, table: &str, err_at: &ErrAt) -> Result<Option<String>, ConfigError> {
+    let DeValue::Table(t) = v.get_ref() else {
+        return Err(err_at(Some(v.span()), format!("`{table}` must be a table")));
+    };
+    match t.iter().find(|(k, _)| k.get_ref().as_ref() == key) {
+        None => Ok(None),
+        Some((_, val)) => match val.get_ref() {
+            DeValue::String(s) => Ok(Some(s.to_string())),
+            other => Err(err_at(Some(val.span()), format!("{table}.{key}: expected a string, found {}", other.type_str()))),
+        },
+    }
+}
+
+fn only_keys(v: &Spanned<DeValue>, allowed: &[&str], table: &str, err_at: &ErrAt) -> Result<(), ConfigError> {
+    if let DeValue::Table(t) = v.get_ref() {
+        for k in t.keys() {
+            if !allowed.contains(&k.get_ref().as_ref()) {
+                let expected = allowed.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ");
+                return Err(err_at(Some(k.span()), format!("{table}: unknown key `{}`, expected {expected}", k.get_ref())));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    (line, col)
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    let p = if p.as_os_str().is_empty() { Path::new(".") } else { p };
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::{StageContext, StageReport};
+    use crate::registry::{BoxError, Stage};
+    use serde::{Deserialize, Serialize};
+
+    struct Toy;
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ToyParams {
+        #[serde(default)]
+        seed: u64,
+        #[serde(default)]
+        rate: f64,
+        #[serde(default)]
+        path: Option<String>,
+    }
+    impl Stage for Toy {
+        type Params = ToyParams;
+        const KIND: &'static str = "toy";
+        const VERSION: u32 = 1;
+        const ABOUT: &'static str = "test kind";
+        fn check(&self, p: &ToyParams, _inputs: &[String]) -> Result<(), String> {
+            if p.rate > 1.0 { Err(format!("`rate` must be at most 1, not {}", p.rate)) } else { Ok(()) }
+        }
+        fn run(&self, _: &ToyParams, _: &StageContext) -> Result<StageReport, BoxError> {
+            Ok(StageReport::default())
+        }
+    }
+
+    fn registry() -> Registry {
+        let mut r = Registry::new();
+        r.register(Toy);
+        r
+    }
+
+    fn parse_text(text: &str, overrides: &[&str]) -> Result<Pipeline, String> {
+        let o: Vec<Override> = overrides.iter().map(|s| s.parse().unwrap()).collect();
+        parse(Path::new("data/p.toml"), text, &registry(), &o).map_err(|e| e.to_string())
+    }
+
+    const GOOD: &str = "[store]\nurl = \"store\"\n\n[stages.b]\nkind = \"toy\"\ninputs = [\"a\"]\nseed = 2\n\n[stages.a]\nkind = \"toy\"\n";
+
+    #[test]
+    fn parses_and_orders_upstreams_first() {
+        let p = parse_text(GOOD, &[]).unwrap();
+        let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(p.stage("b").unwrap().params.canonical["seed"], 2);
+        assert_eq!(p.stage("b").unwrap().line, 4);
+        assert_eq!(p.lock_path(), Path::new("data/p.lock"));
+    }
+
+    #[test]
+    fn unknown_parameter_names_file_line_and_key() {
+        let e = parse_text("[stages.a]\nkind = \"toy\"\nsed = 3\n", &[]).unwrap_err();
+        assert!(e.starts_with("data/p.toml:3:1:"), "{e}");
+        assert!(e.contains("unknown field `sed`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_line() {
+        let e = parse_text("[stages.a]\nkind = \"toy\"\n\nseed = \"many\"\n", &[]).unwrap_err();
+        assert!(e.starts_with("data/p.toml:4:"), "{e}");
+        assert!(e.contains("stages.a"), "{e}");
+    }
+
+    #[test]
+    fn unknown_top_level_key_and_store_key() {
+        let e = parse_text("[stor]\nurl = \"x\"\n", &[]).unwrap_err();
+        assert!(e.contains("data/p.toml:1:2: unknown key `stor`"), "{e}");
+        let e = parse_text("[store]\nurl = \"x\"\nuri = 1\n", &[]).unwrap_err();
+        assert!(e.contains(":3:1: store: unknown key `uri`"), "{e}");
+    }
+
+    #[test]
+    fn missing_upstream_and_cycle_and_self_loop() {
+        let e = parse_text("[stages.a]\nkind = \"toy\"\ninputs = [\"nope\"]\n", &[]).unwrap_err();
+        assert!(e.contains("data/p.toml:1: stages.a.inputs: no stage named `nope`"), "{e}");
+        let e = parse_text("[stages.a]\nkind = \"toy\"\ninputs = [\"b\"]\n[stages.b]\nkind = \"toy\"\ninputs = [\"a\"]\n", &[]).unwrap_err();
+        assert!(e.contains("stages form a cycle: a -> b -> a") || e.contains("b -> a -> b"), "{e}");
+        let e = parse_text("[stages.a]\nkind = \"toy\"\ninputs = [\"a\"]\n", &[]).unwrap_err();
+        assert!(e.contains("cannot read its own output"), "{e}");
+    }
+
+    #[test]
+    fn unknown_kind_and_missing_kind() {
+        let e = parse_text("[stages.a]\nkind = \"tyo\"\n", &[]).unwrap_err();
+        assert!(e.contains("unknown kind `tyo`, expected one of `toy`"), "{e}");
+        let e = parse_text("[stages.a]\nseed = 1\n", &[]).unwrap_err();
+        assert!(e.contains("has no `kind`"), "{e}");
+    }
+
+    #[test]
+    fn stage_check_is_reported_at_the_stage() {
+        let e = parse_text("[stages.a]\nkind = \"toy\"\nrate = 2.0\n", &[]).unwrap_err();
+        assert!(e.contains("data/p.toml:1:") && e.contains("`rate` must be at most 1"), "{e}");
+    }
+
+    #[test]
+    fn overrides_apply_and_bad_ones_name_the_flag() {
+        let p = parse_text(GOOD, &["b.seed=9", "a.path=some/file.csv"]).unwrap();
+        assert_eq!(p.stage("b").unwrap().params.canonical["seed"], 9);
+        assert_eq!(p.stage("a").unwrap().params.canonical["path"], "some/file.csv");
+        let e = parse_text(GOOD, &["b.seed=many"]).unwrap_err();
+        assert!(e.contains("--set b.seed=many"), "{e}");
+        let e = parse_text(GOOD, &["zz.seed=1"]).unwrap_err();
+        assert!(e.contains("no stage `zz`"), "{e}");
+        let e = parse_text(GOOD, &["b.sede=1"]).unwrap_err();
+        assert!(e.contains("--set b.sede=1") && e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let e = parse_text("[stages.a\nkind = 1\n", &[]).unwrap_err();
+        assert!(e.starts_with("data/p.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn key_order_in_the_file_does_not_change_canonical_params() {
+        let a = parse_text("[stages.a]\nkind = \"toy\"\nseed = 1\nrate = 0.5\n", &[]).unwrap();
+        let b = parse_text("[stages.a]\nrate = 0.5\nseed = 1\nkind = \"toy\"\n", &[]).unwrap();
+        assert_eq!(a.stages[0].params.canonical, b.stages[0].params.canonical);
+    }
+}

@@ -1,0 +1,33 @@
+//! melanoflow's engine: declarative, content-hashed stages.
+//!
+//! A pipeline file declares stages (kind, upstream inputs, parameters). The
+//! engine validates it ([`config`]), orders it ([`dag`]), fingerprints each
+//! stage from its kind, code version, parameters, upstream output digests and
+//! external file digests ([`fingerprint`]), and runs only the stages whose
+//! fingerprint has no result yet ([`runner`]). Outputs are content-addressed
+//! blobs in a store behind one trait over `object_store` ([`store`],
+//! [`artifacts`]); the lock file records what each stage last produced
+//! ([`lockfile`]). No ML dependencies live here.
+
+pub mod artifacts;
+pub mod cli;
+pub mod config;
+pub mod context;
+pub mod dag;
+pub mod digest;
+pub mod error;
+pub mod filecache;
+pub mod fingerprint;
+pub mod fsutil;
+pub mod lockfile;
+pub mod maintenance;
+pub mod manifest;
+pub mod registry;
+pub mod runlock;
+pub mod runner;
+pub mod store;
+
+pub use context::{ExternalFiles, Progress, StageContext, StageReport, Upstream};
+pub use digest::Digest;
+pub use error::{Error, Result};
+pub use registry::{BoxError, ExternalInput, Registry, Stage};

@@ -1,0 +1,146 @@
+//! Stage kinds: the trait a stage implements, and the registry the binary
+//! fills with every kind it knows. The engine knows nothing of any kind's
+//! meaning; it sees typed parameters (for validation and hashing), declared
+//! external inputs (for hashing) and a `run` function.
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+use toml::de::DeValue;
+
+use crate::context::{StageContext, StageReport};
+
+/// What a stage's `run` returns on failure: any error, with its chain of causes.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One kind of stage (`synth`, `ingest`, ...), implemented by the app crate.
+pub trait Stage: Send + Sync + 'static {
+    /// The stage's parameters: a struct with `#[serde(deny_unknown_fields)]`
+    /// and a default for every optional key.
+    type Params: DeserializeOwned + Serialize + Send + Sync + 'static;
+    /// The `kind` name used in pipeline files.
+    const KIND: &'static str;
+    /// Bump when the stage's output for the same inputs and parameters changes
+    /// (a bug fix, a new column): it is part of the fingerprint, so every
+    /// stage of this kind re-runs once.
+    const VERSION: u32;
+    /// One line for `melanoflow kinds` and error messages.
+    const ABOUT: &'static str;
+
+    /// Files outside the pipeline this stage reads (source CSVs, image folders),
+    /// resolved against `base_dir`. Their bytes are hashed into the fingerprint.
+    fn external_inputs(&self, _params: &Self::Params, _base_dir: &Path) -> Vec<ExternalInput> {
+        Vec::new()
+    }
+
+    /// Checks that need more than one key, or the upstream list; the message
+    /// becomes a pipeline-file error at the stage's line.
+    fn check(&self, _params: &Self::Params, _inputs: &[String]) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Does the work, writing every output under `ctx.out_dir`.
+    fn run(&self, params: &Self::Params, ctx: &StageContext) -> Result<StageReport, BoxError>;
+}
+
+/// A file or folder outside the pipeline that a stage reads.
+#[derive(Clone, Debug)]
+pub struct ExternalInput {
+    /// The parameter it came from (`metadata`, `images`): names the input in
+    /// messages and prefixes its manifest entries.
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// A stage's parameters after validation: the typed value, and its canonical
+/// JSON form (defaults filled in) used for fingerprints and the lock file.
+#[derive(Clone)]
+pub struct ParsedParams {
+    typed: Arc<dyn Any + Send + Sync>,
+    pub canonical: serde_json::Value,
+}
+
+impl std::fmt::Debug for ParsedParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.canonical)
+    }
+}
+
+impl ParsedParams {
+    pub fn typed<T: 'static>(&self) -> &T {
+        self.typed.downcast_ref().expect("params parsed by this stage's kind")
+    }
+}
+
+/// The object-safe face of a [`Stage`], used by the engine.
+pub trait DynStage: Send + Sync {
+    fn kind(&self) -> &'static str;
+    fn version(&self) -> u32;
+    fn about(&self) -> &'static str;
+    fn parse_params(&self, table: Spanned<DeValue<'_>>) -> Result<ParsedParams, toml::de::Error>;
+    fn check(&self, params: &ParsedParams, inputs: &[String]) -> Result<(), String>;
+    fn external_inputs(&self, params: &ParsedParams, base_dir: &Path) -> Vec<ExternalInput>;
+    fn run(&self, params: &ParsedParams, ctx: &StageContext) -> Result<StageReport, BoxError>;
+}
+
+struct Typed<S>(S);
+
+impl<S: Stage> DynStage for Typed<S> {
+    fn kind(&self) -> &'static str {
+        S::KIND
+    }
+    fn version(&self) -> u32 {
+        S::VERSION
+    }
+    fn about(&self) -> &'static str {
+        S::ABOUT
+    }
+    fn parse_params(&self, table: Spanned<DeValue<'_>>) -> Result<ParsedParams, toml::de::Error> {
+        let typed: S::Params = serde::Deserialize::deserialize(toml::de::ValueDeserializer::from(table))?;
+        let canonical = serde_json::to_value(&typed).expect("parameters serialise to JSON");
+        Ok(ParsedParams { typed: Arc::new(typed), canonical })
+    }
+    fn check(&self, params: &ParsedParams, inputs: &[String]) -> Result<(), String> {
+        self.0.check(params.typed(), inputs)
+    }
+    fn external_inputs(&self, params: &ParsedParams, base_dir: &Path) -> Vec<ExternalInput> {
+        self.0.external_inputs(params.typed(), base_dir)
+    }
+    fn run(&self, params: &ParsedParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
+        self.0.run(params.typed(), ctx)
+    }
+}
+
+/// Every stage kind the binary knows.
+#[derive(Default)]
+pub struct Registry {
+    kinds: Vec<Box<dyn DynStage>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn register<S: Stage>(&mut self, stage: S) -> &mut Self {
+        assert!(self.get(S::KIND).is_none(), "stage kind `{}` registered twice", S::KIND);
+        self.kinds.push(Box::new(Typed(stage)));
+        self
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&dyn DynStage> {
+        self.kinds.iter().find(|k| k.kind() == kind).map(|k| k.as_ref())
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &dyn DynStage> {
+        self.kinds.iter().map(|k| k.as_ref())
+    }
+
+    pub(crate) fn kinds_list(&self) -> String {
+        self.kinds.iter().map(|k| format!("`{}`", k.kind())).collect::<Vec<_>>().join(", ")
+    }
+}

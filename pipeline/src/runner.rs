@@ -1,0 +1,549 @@
+//! Planning and running: decide for each stage whether it is cached, can be
+//! restored from the store, or must run (and say why), then run the stale ones
+//! and commit their outputs atomically.
+//!
+//! The decision for a stage needs its upstreams' output digests, so `plan`
+//! (for `status` and `--dry-run`) marks everything below a stale stage as
+//! "would run", while `run` decides each stage only after its upstreams are
+//! done: a stage that re-runs but writes the same bytes leaves its downstream
+//! cached (early cut-off).
+//!
+//! Commit order, chosen so that a crash or kill at any point leaves the
+//! previous state usable: stage writes into a private staging folder ->
+//! outputs hashed -> blobs uploaded -> manifest uploaded -> run record
+//! (fingerprint -> output) written -> staging folder swapped into
+//! `out/STAGE` -> lock file rewritten.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use crate::artifacts::{ArtifactError, Artifacts, RunRecord};
+use crate::config::{Pipeline, StageDecl};
+use crate::context::{ExternalFiles, Progress, StageContext, Upstream};
+use crate::dag;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::filecache::FileHashCache;
+use crate::fingerprint::{CACHE_VERSION, FingerprintInputs, changed_params, fingerprint};
+use crate::fsutil;
+use crate::lockfile::{LockEntry, LockFile, params_to_json, params_to_toml};
+use crate::manifest::{Entry, Manifest};
+use crate::registry::Registry;
+use crate::runlock::RunLock;
+use crate::store::{BlobStore, ObjectBlobStore};
+
+/// What happened, or would happen, to a stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Up to date: nothing to do.
+    Cached,
+    /// Its result is in the store; only the output folder needs writing.
+    WouldRestore,
+    WouldRun,
+    Restored,
+    Ran,
+}
+
+impl State {
+    pub fn label(self) -> &'static str {
+        match self {
+            State::Cached => "cached",
+            State::WouldRestore => "would restore",
+            State::WouldRun => "would run",
+            State::Restored => "restored",
+            State::Ran => "ran",
+        }
+    }
+}
+
+/// One line of `run` / `status` output.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageOutcome {
+    pub stage: String,
+    pub kind: String,
+    pub state: State,
+    pub reasons: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Digest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<Digest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    pub seconds: f64,
+}
+
+impl StageOutcome {
+    pub fn line(&self) -> String {
+        let mut s = format!("{:<8} {}", self.state.label(), self.stage);
+        if !self.reasons.is_empty() {
+            s.push_str(": ");
+            s.push_str(&self.reasons.join("; "));
+        }
+        if let Some(summary) = &self.summary {
+            s.push_str(&format!(" -> {summary}"));
+        }
+        if self.state == State::Ran || self.state == State::Restored {
+            s.push_str(&format!(" ({:.1}s)", self.seconds));
+        }
+        s
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Stages to bring up to date (with their upstreams); empty = all.
+    pub targets: Vec<String>,
+    /// Re-run the targets even when cached (their upstreams stay cached).
+    pub force: bool,
+    pub dry_run: bool,
+    /// Wait for another run holding the store lock (default) or fail at once.
+    pub wait: bool,
+}
+
+/// A stage's committed output: its digest and file list.
+#[derive(Clone)]
+struct Output {
+    digest: Digest,
+    manifest: Manifest,
+}
+
+/// The external inputs of a stage, resolved and hashed.
+struct Externals {
+    files: Vec<ExternalFiles>,
+    combined: Option<Manifest>,
+}
+
+enum Decision {
+    Cached(Output),
+    Restored(Output, Vec<String>),
+    Restore { output: Digest, reasons: Vec<String> },
+    Run { reasons: Vec<String> },
+}
+
+pub struct Engine<'r> {
+    pub pipeline: Pipeline,
+    registry: &'r Registry,
+    artifacts: Artifacts,
+    cache: FileHashCache,
+    lock: LockFile,
+    progress: Progress,
+}
+
+impl<'r> Engine<'r> {
+    pub fn open(pipeline: Pipeline, registry: &'r Registry, progress: Progress) -> Result<Self> {
+        let store = ObjectBlobStore::open(&pipeline.store_url, &pipeline.base_dir)?;
+        Self::with_store(pipeline, registry, Arc::new(store), progress)
+    }
+
+    pub fn with_store(pipeline: Pipeline, registry: &'r Registry, store: Arc<dyn BlobStore>, progress: Progress) -> Result<Self> {
+        let lock = LockFile::load(&pipeline.lock_path())?;
+        let cache = FileHashCache::load(&pipeline.state_dir().join("filecache"));
+        Ok(Engine { pipeline, registry, artifacts: Artifacts::new(store), cache, lock, progress })
+    }
+
+    pub fn artifacts(&self) -> &Artifacts {
+        &self.artifacts
+    }
+
+    pub fn lock_file(&self) -> &LockFile {
+        &self.lock
+    }
+
+    /// The store-wide run lock: in the store folder for a local store, else
+    /// in the pipeline's state folder.
+    pub fn run_lock(&self, wait: bool) -> Result<RunLock> {
+        let path = match self.artifacts.store().local_root() {
+            Some(root) => root.join(".melanoflow-run.lock"),
+            None => self.pipeline.state_dir().join("run.lock"),
+        };
+        RunLock::acquire(&path, wait)
+    }
+
+    fn selected(&self, targets: &[String]) -> Result<Vec<usize>> {
+        let keep = dag::select(&self.pipeline.stages, targets).map_err(|name| Error::UnknownStage {
+            name,
+            known: self.pipeline.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
+        })?;
+        Ok((0..self.pipeline.stages.len()).filter(|&i| keep.contains(self.pipeline.stages[i].name.as_str())).collect())
+    }
+
+    /// Decides every selected stage without running anything (`status`, `--dry-run`).
+    pub fn plan(&mut self, opts: &RunOptions) -> Result<Vec<StageOutcome>> {
+        let mut outputs: BTreeMap<String, Digest> = BTreeMap::new();
+        let mut outcomes = Vec::new();
+        for i in self.selected(&opts.targets)? {
+            let decl = &self.pipeline.stages[i];
+            let (name, kind) = (decl.name.clone(), decl.kind.clone());
+            let pending: Vec<&String> = decl.inputs.iter().filter(|n| !outputs.contains_key(*n)).collect();
+            let outcome = if !pending.is_empty() {
+                let reasons = pending.iter().map(|n| format!("upstream `{n}` will run")).collect();
+                StageOutcome { stage: name, kind, state: State::WouldRun, reasons, fingerprint: None, output: None, summary: None, seconds: 0.0 }
+            } else {
+                let upstream: Vec<(String, Digest)> = decl.inputs.iter().map(|n| (n.clone(), outputs[n])).collect();
+                let ext = self.resolve_external(i)?;
+                let fp = self.fingerprint_of(i, &upstream, &ext);
+                let forced = opts.force && opts.targets.iter().any(|t| *t == name);
+                match self.decide(i, fp, &upstream, &ext, forced)? {
+                    Decision::Cached(out) => {
+                        outputs.insert(name.clone(), out.digest);
+                        StageOutcome { stage: name, kind, state: State::Cached, reasons: vec![], fingerprint: Some(fp), output: Some(out.digest), summary: None, seconds: 0.0 }
+                    }
+                    Decision::Restore { output, reasons } => {
+                        outputs.insert(name.clone(), output);
+                        StageOutcome { stage: name, kind, state: State::WouldRestore, reasons, fingerprint: Some(fp), output: Some(output), summary: None, seconds: 0.0 }
+                    }
+                    Decision::Run { reasons } => {
+                        StageOutcome { stage: name, kind, state: State::WouldRun, reasons, fingerprint: Some(fp), output: None, summary: None, seconds: 0.0 }
+                    }
+                    Decision::Restored(..) => unreachable!("decide never restores"),
+                }
+            };
+            outcomes.push(outcome);
+        }
+        self.save_cache();
+        Ok(outcomes)
+    }
+
+    /// Brings the selected stages up to date. `on_stage` sees each outcome as
+    /// soon as it is known (for streaming output).
+    pub fn run(&mut self, opts: &RunOptions, on_stage: &mut dyn FnMut(&StageOutcome)) -> Result<Vec<StageOutcome>> {
+        if opts.dry_run {
+            let outcomes = self.plan(opts)?;
+            outcomes.iter().for_each(|o| on_stage(o));
+            return Ok(outcomes);
+        }
+        let _guard = self.run_lock(opts.wait)?;
+        // The lock file may have changed while we waited for the lock.
+        self.lock = LockFile::load(&self.pipeline.lock_path())?;
+        self.clean_staging()?;
+        let mut outputs: BTreeMap<String, Output> = BTreeMap::new();
+        let mut outcomes = Vec::new();
+        let result = (|| -> Result<()> {
+            for i in self.selected(&opts.targets)? {
+                let outcome = self.bring_up_to_date(i, opts, &mut outputs)?;
+                on_stage(&outcome);
+                outcomes.push(outcome);
+            }
+            Ok(())
+        })();
+        self.lock.stages.retain(|name, _| self.pipeline.stage(name).is_some());
+        self.lock.cache_version = CACHE_VERSION;
+        self.lock.save(&self.pipeline.lock_path()).map_err(|e| Error::io(self.pipeline.lock_path(), e))?;
+        self.save_cache();
+        result.map(|()| outcomes)
+    }
+
+    fn bring_up_to_date(&mut self, i: usize, opts: &RunOptions, outputs: &mut BTreeMap<String, Output>) -> Result<StageOutcome> {
+        let started = Instant::now();
+        let decl = &self.pipeline.stages[i];
+        let (name, kind) = (decl.name.clone(), decl.kind.clone());
+        let upstream: Vec<(String, Digest)> = decl.inputs.iter().map(|n| (n.clone(), outputs[n].digest)).collect();
+        let ext = self.resolve_external(i)?;
+        let fp = self.fingerprint_of(i, &upstream, &ext);
+        let forced = opts.force && opts.targets.iter().any(|t| *t == name);
+        let mut decision = self.decide(i, fp, &upstream, &ext, forced)?;
+        if let Decision::Restore { output, reasons } = &decision {
+            match self.restore(&name, *output) {
+                Ok(out) => decision = Decision::Restored(out, reasons.clone()),
+                // A damaged or incomplete store copy is not fatal: recompute it.
+                Err(Error::Artifact(e @ (ArtifactError::Corrupt { .. } | ArtifactError::Missing { .. }))) => {
+                    tracing::warn!("stage `{name}`: {e}");
+                    let mut reasons = reasons.clone();
+                    reasons.push("stored result is damaged, recomputing".into());
+                    decision = Decision::Run { reasons };
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (state, reasons, output, summary) = match decision {
+            Decision::Cached(out) => (State::Cached, vec![], out, None),
+            Decision::Restored(out, reasons) => (State::Restored, reasons, out, None),
+            Decision::Restore { .. } => unreachable!("restored above"),
+            Decision::Run { reasons } => {
+                tracing::info!("running stage `{name}`: {}", reasons.join("; "));
+                let ups = self.pipeline.stages[i]
+                    .inputs
+                    .iter()
+                    .map(|n| Upstream {
+                        name: n.clone(),
+                        kind: self.pipeline.stage(n).expect("validated").kind.clone(),
+                        dir: self.pipeline.stage_out_dir(n),
+                        manifest: outputs[n].manifest.clone(),
+                    })
+                    .collect();
+                let (out, summary) = self.execute(i, fp, ups, ext.files, ext.combined.as_ref())?;
+                (State::Ran, reasons, out, Some(summary).filter(|s| !s.is_empty()))
+            }
+        };
+        self.lock.stages.insert(
+            name.clone(),
+            LockEntry {
+                kind: kind.clone(),
+                code_version: self.registry.get(&kind).expect("validated kind").version(),
+                fingerprint: fp,
+                output: output.digest,
+                files: output.manifest.len() as u64,
+                bytes: output.manifest.total_bytes(),
+                upstream: upstream.iter().cloned().collect(),
+                external: ext.combined.as_ref().map(|m| m.digest()),
+                params: params_to_toml(&self.pipeline.stages[i].params.canonical),
+            },
+        );
+        // Record progress stage by stage: a later failure keeps what finished.
+        self.lock.cache_version = CACHE_VERSION;
+        self.lock.save(&self.pipeline.lock_path()).map_err(|e| Error::io(self.pipeline.lock_path(), e))?;
+        let digest = output.digest;
+        outputs.insert(name.clone(), output);
+        Ok(StageOutcome {
+            stage: name,
+            kind,
+            state,
+            reasons,
+            fingerprint: Some(fp),
+            output: Some(digest),
+            summary,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn fingerprint_of(&self, i: usize, upstream: &[(String, Digest)], ext: &Externals) -> Digest {
+        let decl = &self.pipeline.stages[i];
+        fingerprint(&FingerprintInputs {
+            kind: &decl.kind,
+            code_version: self.registry.get(&decl.kind).expect("validated kind").version(),
+            params: &decl.params.canonical,
+            upstream,
+            external: ext.combined.as_ref().map(|m| m.digest()),
+        })
+    }
+
+    fn decide(&mut self, i: usize, fp: Digest, upstream: &[(String, Digest)], ext: &Externals, forced: bool) -> Result<Decision> {
+        let name = self.pipeline.stages[i].name.clone();
+        if forced {
+            return Ok(Decision::Run { reasons: vec!["forced with --force".into()] });
+        }
+        let out_dir = self.pipeline.stage_out_dir(&name);
+        let on_disk = self.dir_manifest(&out_dir)?;
+        let entry = self.lock.stages.get(&name).cloned();
+        if let Some(entry) = entry.as_ref().filter(|e| e.fingerprint == fp) {
+            if let Some(m) = on_disk.as_ref().filter(|m| m.digest() == entry.output) {
+                return Ok(Decision::Cached(Output { digest: entry.output, manifest: m.clone() }));
+            }
+            if self.artifacts.get_manifest(&entry.output)?.is_some() {
+                let why = match &on_disk {
+                    None => "output folder missing".to_string(),
+                    Some(m) => match self.artifacts.get_manifest(&entry.output)? {
+                        Some(stored) => format!("output folder modified ({})", stored.diff(m, 3)),
+                        None => "output folder modified".to_string(),
+                    },
+                };
+                return Ok(Decision::Restore { output: entry.output, reasons: vec![why] });
+            }
+        }
+        let reasons = self.why_stale(i, entry.as_ref(), upstream, ext)?;
+        if let Some(record) = self.artifacts.get_run(&fp)? {
+            if let Some(m) = on_disk.filter(|m| m.digest() == record.output) {
+                return Ok(Decision::Cached(Output { digest: record.output, manifest: m }));
+            }
+            let mut reasons = reasons;
+            reasons.push("result found in the store".into());
+            return Ok(Decision::Restore { output: record.output, reasons });
+        }
+        Ok(Decision::Run { reasons })
+    }
+
+    /// Why the fingerprint differs from the lock file's, in the user's terms.
+    fn why_stale(&self, i: usize, entry: Option<&LockEntry>, upstream: &[(String, Digest)], ext: &Externals) -> Result<Vec<String>> {
+        let decl = &self.pipeline.stages[i];
+        let Some(entry) = entry else {
+            return Ok(vec![format!("never run (not in {})", file_name(&self.pipeline.lock_path()))]);
+        };
+        let mut reasons = Vec::new();
+        if self.lock.cache_version != CACHE_VERSION {
+            reasons.push(format!("engine cache version changed ({} -> {CACHE_VERSION})", self.lock.cache_version));
+        }
+        let version = self.registry.get(&decl.kind).expect("validated").version();
+        if entry.kind != decl.kind {
+            reasons.push(format!("kind changed (`{}` -> `{}`)", entry.kind, decl.kind));
+        } else if entry.code_version != version {
+            reasons.push(format!("code of kind `{}` changed (v{} -> v{version})", decl.kind, entry.code_version));
+        }
+        for p in changed_params(&params_to_json(&entry.params), &strip_nulls(&decl.params.canonical)) {
+            reasons.push(format!("parameter {p}"));
+        }
+        let old_inputs: Vec<&String> = entry.upstream.keys().collect();
+        let mut new_inputs: Vec<&String> = upstream.iter().map(|(n, _)| n).collect();
+        new_inputs.sort();
+        if old_inputs != new_inputs {
+            reasons.push(format!("inputs changed ({:?} -> {:?})", old_inputs, new_inputs));
+        } else {
+            for (n, d) in upstream {
+                if entry.upstream.get(n) != Some(d) {
+                    reasons.push(format!("upstream `{n}` output changed"));
+                }
+            }
+        }
+        let now = ext.combined.as_ref().map(|m| m.digest());
+        if entry.external != now {
+            let old = match entry.external {
+                Some(d) => self.artifacts.get_manifest(&d)?,
+                None => Some(Manifest::default()),
+            };
+            match (old, &ext.combined) {
+                (Some(old), Some(new)) => reasons.push(format!("input files {}", old.diff(new, 3))),
+                _ => reasons.push("external inputs changed".into()),
+            }
+        }
+        if reasons.is_empty() {
+            reasons.push("fingerprint changed".into());
+        }
+        Ok(reasons)
+    }
+
+    /// Resolves and hashes the stage's declared external inputs.
+    fn resolve_external(&mut self, i: usize) -> Result<Externals> {
+        let decl = &self.pipeline.stages[i];
+        let kind = self.registry.get(&decl.kind).expect("validated kind");
+        let declared = kind.external_inputs(&decl.params, &self.pipeline.base_dir);
+        if declared.is_empty() {
+            return Ok(Externals { files: vec![], combined: None });
+        }
+        let stage = decl.name.clone();
+        let mut files = Vec::new();
+        let mut combined = Vec::new();
+        let bar: OnceLock<ProgressBar> = OnceLock::new();
+        let progress = self.progress.clone();
+        for input in declared {
+            let meta = std::fs::metadata(&input.path).map_err(|_| Error::MissingInput {
+                stage: stage.clone(),
+                name: input.name.clone(),
+                path: input.path.clone(),
+            })?;
+            let on_hashed = |n: u64| bar.get_or_init(|| progress.bar(0, "hashing input files")).inc(n);
+            let manifest = if meta.is_dir() {
+                self.cache.manifest_of_dir(&input.path, &on_hashed).map_err(|e| Error::io(&input.path, e))?
+            } else {
+                let (size, digest) = self.cache.digest(&input.path).map_err(|e| Error::io(&input.path, e))?;
+                Manifest::new(vec![Entry { path: input.name.clone(), size, digest }])
+            };
+            for e in manifest.entries() {
+                let path = if meta.is_dir() { format!("{}/{}", input.name, e.path) } else { e.path.clone() };
+                combined.push(Entry { path, ..e.clone() });
+            }
+            files.push(ExternalFiles { name: input.name, path: input.path, is_dir: meta.is_dir(), manifest });
+        }
+        if let Some(b) = bar.get() {
+            b.finish_and_clear();
+        }
+        Ok(Externals { files, combined: Some(Manifest::new(combined)) })
+    }
+
+    fn dir_manifest(&mut self, dir: &Path) -> Result<Option<Manifest>> {
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        self.cache.manifest_of_dir(dir, &|_| {}).map(Some).map_err(|e| Error::io(dir, e))
+    }
+
+    fn staging_root(&self) -> PathBuf {
+        self.pipeline.out_dir.join(".staging")
+    }
+
+    /// Leftovers of a killed run: safe to delete because we hold the run lock.
+    fn clean_staging(&self) -> Result<()> {
+        for dir in [self.staging_root(), self.pipeline.out_dir.join(".trash")] {
+            fsutil::remove_dir_if_exists(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        Ok(())
+    }
+
+    fn execute(
+        &mut self,
+        i: usize,
+        fp: Digest,
+        upstream: Vec<Upstream>,
+        external: Vec<ExternalFiles>,
+        combined: Option<&Manifest>,
+    ) -> Result<(Output, String)> {
+        let decl: &StageDecl = &self.pipeline.stages[i];
+        let name = decl.name.clone();
+        let staging = self.staging_root().join(&name);
+        fsutil::remove_dir_if_exists(&staging).map_err(|e| Error::io(&staging, e))?;
+        std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        let ctx = StageContext {
+            stage: name.clone(),
+            out_dir: staging.clone(),
+            base_dir: self.pipeline.base_dir.clone(),
+            upstream,
+            external,
+            progress: self.progress.clone(),
+        };
+        let kind = self.registry.get(&decl.kind).expect("validated kind");
+        let report = match kind.run(&decl.params, &ctx) {
+            Ok(r) => r,
+            Err(source) => {
+                let _ = fsutil::remove_dir_if_exists(&staging);
+                return Err(Error::StageFailed { stage: name, source });
+            }
+        };
+        // Commit: hash, upload, record, then make visible.
+        let manifest = self.cache.manifest_of_dir(&staging, &|_| {}).map_err(|e| Error::io(&staging, e))?;
+        let digest = self.artifacts.put_dir(&staging, &manifest)?;
+        if let Some(m) = combined {
+            self.artifacts.put_manifest(m)?;
+        }
+        let record = RunRecord { kind: decl.kind.clone(), output: digest, files: manifest.len() as u64, bytes: manifest.total_bytes() };
+        self.artifacts.put_run(&fp, &record)?;
+        self.publish(&name, &staging, &manifest)?;
+        Ok((Output { digest, manifest }, report.summary))
+    }
+
+    /// Writes a stored output into `out/STAGE` (through staging, atomically).
+    fn restore(&mut self, name: &str, output: Digest) -> Result<Output> {
+        let manifest = self
+            .artifacts
+            .get_manifest(&output)?
+            .ok_or_else(|| ArtifactError::Missing { digest: output, store: self.artifacts.store().describe() })?;
+        let staging = self.staging_root().join(name);
+        fsutil::remove_dir_if_exists(&staging).map_err(|e| Error::io(&staging, e))?;
+        self.artifacts.materialize(&manifest, &staging)?;
+        self.publish(name, &staging, &manifest)?;
+        Ok(Output { digest: output, manifest })
+    }
+
+    fn publish(&mut self, name: &str, staging: &Path, manifest: &Manifest) -> Result<()> {
+        let target = self.pipeline.stage_out_dir(name);
+        let trash = self.pipeline.out_dir.join(".trash").join(name);
+        fsutil::swap_dir(staging, &target, &trash).map_err(|e| Error::io(&target, e))?;
+        self.cache.forget_under(staging);
+        for e in manifest.entries() {
+            let _ = self.cache.record(&crate::context::join_rel(&target, &e.path), e.digest);
+        }
+        Ok(())
+    }
+
+    fn save_cache(&mut self) {
+        if let Err(e) = self.cache.save() {
+            tracing::warn!("could not save the file hash cache: {e}");
+        }
+    }
+
+    /// Files the file hash cache had to read this session (for `-v` and tests).
+    pub fn files_hashed(&self) -> usize {
+        self.cache.hashed
+    }
+}
+
+fn strip_nulls(v: &serde_json::Value) -> serde_json::Value {
+    params_to_json(&params_to_toml(v))
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}

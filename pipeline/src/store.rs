@@ -1,0 +1,307 @@
+//! Blob storage: one narrow trait, implemented once over `object_store`, so the
+//! local filesystem (default), memory (tests) and S3/GCS/Azure (by URL) behave
+//! the same. Keys are `/`-separated strings; the layout of keys belongs to the
+//! artifact layer (`artifacts.rs`), not to the store.
+//!
+//! Promises: a missing key is `Ok(None)` / `Ok(false)`, never an error; `put`
+//! and `put_file` are atomic (a reader never sees half an object: the local
+//! store writes a temporary file and renames it, object stores publish on
+//! completion); `get_to_file` writes the destination only when the whole object
+//! arrived.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+
+/// Files at least this large are uploaded in parts instead of read into memory.
+const MULTIPART_THRESHOLD: u64 = 64 * 1024 * 1024;
+const PART_SIZE: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {store}: {op} `{key}` failed")]
+    Backend {
+        store: String,
+        op: &'static str,
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("store {store}: {op} `{key}`: {path}")]
+    Io {
+        store: String,
+        op: &'static str,
+        key: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store URL `{url}` is not usable")]
+    Url {
+        url: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Where blobs live. Implemented once, by [`ObjectBlobStore`].
+pub trait BlobStore: Send + Sync {
+    /// A human-readable location, for messages.
+    fn describe(&self) -> String;
+    /// The local directory holding the store, when it is on this machine.
+    fn local_root(&self) -> Option<&Path>;
+    fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError>;
+    fn exists(&self, key: &str) -> Result<bool, StoreError>;
+    fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError>;
+    /// Uploads a file, streaming large ones.
+    fn put_file(&self, key: &str, file: &Path) -> Result<(), StoreError>;
+    /// Downloads to `dest` (atomically); `Ok(false)` when the key is missing.
+    fn get_to_file(&self, key: &str, dest: &Path) -> Result<bool, StoreError>;
+    /// Every key under `prefix`.
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    fn delete(&self, key: &str) -> Result<(), StoreError>;
+}
+
+/// The one [`BlobStore`]: any `object_store` backend plus a key prefix, driven
+/// from synchronous code through a private tokio runtime.
+pub struct ObjectBlobStore {
+    inner: Arc<dyn ObjectStore>,
+    prefix: ObjPath,
+    describe: String,
+    local_root: Option<PathBuf>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl ObjectBlobStore {
+    /// Opens a store from the pipeline file's `store.url`: a plain path
+    /// (relative to `base`), `file://`, `memory://`, or any URL `object_store`
+    /// understands (`s3://bucket/prefix`, credentials from the environment).
+    pub fn open(url: &str, base: &Path) -> Result<Self, StoreError> {
+        let url_err = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Url { url: url.to_string(), source: e };
+        if url == "memory://" || url.starts_with("memory://") {
+            return Ok(Self::with(Arc::new(InMemory::new()), ObjPath::default(), url.into(), None));
+        }
+        if let Some(rest) = url.strip_prefix("file://") {
+            return Self::local(&base.join(rest));
+        }
+        if !url.contains("://") {
+            return Self::local(&base.join(url));
+        }
+        let parsed = url::Url::parse(url).map_err(|e| url_err(Box::new(e)))?;
+        let env = std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v));
+        let (store, prefix) = object_store::parse_url_opts(&parsed, env).map_err(|e| url_err(Box::new(e)))?;
+        Ok(Self::with(Arc::from(store), prefix, url.into(), None))
+    }
+
+    /// A store in a local directory (created if missing).
+    pub fn local(root: &Path) -> Result<Self, StoreError> {
+        let io = |e| StoreError::Io { store: root.display().to_string(), op: "create", key: String::new(), path: root.into(), source: e };
+        std::fs::create_dir_all(root).map_err(io)?;
+        let root = root.canonicalize().map_err(io)?;
+        let fs = LocalFileSystem::new_with_prefix(&root).map_err(|e| StoreError::Backend {
+            store: root.display().to_string(),
+            op: "open",
+            key: String::new(),
+            source: e,
+        })?;
+        Ok(Self::with(Arc::new(fs), ObjPath::default(), root.display().to_string(), Some(root)))
+    }
+
+    /// An empty in-memory store (tests).
+    pub fn memory() -> Self {
+        Self::with(Arc::new(InMemory::new()), ObjPath::default(), "memory://".into(), None)
+    }
+
+    fn with(inner: Arc<dyn ObjectStore>, prefix: ObjPath, describe: String, local_root: Option<PathBuf>) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        ObjectBlobStore { inner, prefix, describe, local_root, runtime }
+    }
+
+    fn path(&self, key: &str) -> ObjPath {
+        key.split('/').fold(self.prefix.clone(), |p, part| p.join(part))
+    }
+
+    fn backend(&self, op: &'static str, key: &str, source: object_store::Error) -> StoreError {
+        StoreError::Backend { store: self.describe.clone(), op, key: key.into(), source }
+    }
+
+    fn io(&self, op: &'static str, key: &str, path: &Path, source: std::io::Error) -> StoreError {
+        StoreError::Io { store: self.describe.clone(), op, key: key.into(), path: path.into(), source }
+    }
+}
+
+impl BlobStore for ObjectBlobStore {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn local_root(&self) -> Option<&Path> {
+        self.local_root.as_deref()
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        let path = self.path(key);
+        self.runtime.block_on(async {
+            match self.inner.get(&path).await {
+                Ok(r) => r.bytes().await.map(Some),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .map_err(|e| self.backend("get", key, e))
+    }
+
+    fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        let path = self.path(key);
+        match self.runtime.block_on(self.inner.head(&path)) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.backend("head", key, e)),
+        }
+    }
+
+    fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        let path = self.path(key);
+        self.runtime
+            .block_on(self.inner.put(&path, PutPayload::from_bytes(bytes)))
+            .map(|_| ())
+            .map_err(|e| self.backend("put", key, e))
+    }
+
+    fn put_file(&self, key: &str, file: &Path) -> Result<(), StoreError> {
+        let len = std::fs::metadata(file).map_err(|e| self.io("put", key, file, e))?.len();
+        if len < MULTIPART_THRESHOLD {
+            let bytes = std::fs::read(file).map_err(|e| self.io("put", key, file, e))?;
+            return self.put(key, Bytes::from(bytes));
+        }
+        let path = self.path(key);
+        self.runtime.block_on(async {
+            let upload = self.inner.put_multipart(&path).await.map_err(|e| self.backend("put", key, e))?;
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+            let mut f = std::fs::File::open(file).map_err(|e| self.io("put", key, file, e))?;
+            let mut buf = vec![0u8; PART_SIZE];
+            loop {
+                let n = f.read(&mut buf).map_err(|e| self.io("put", key, file, e))?;
+                if n == 0 {
+                    break;
+                }
+                writer.wait_for_capacity(4).await.map_err(|e| self.backend("put", key, e))?;
+                writer.write(&buf[..n]);
+            }
+            writer.finish().await.map(|_| ()).map_err(|e| self.backend("put", key, e))
+        })
+    }
+
+    fn get_to_file(&self, key: &str, dest: &Path) -> Result<bool, StoreError> {
+        use std::io::Write;
+        let path = self.path(key);
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| self.io("get", key, dest, e))?;
+        let tmp = dir.join(format!(
+            ".{}.part.{}",
+            dest.file_name().and_then(|n| n.to_str()).unwrap_or("blob"),
+            std::process::id()
+        ));
+        let result = self.runtime.block_on(async {
+            let got = match self.inner.get(&path).await {
+                Ok(r) => r,
+                Err(object_store::Error::NotFound { .. }) => return Ok(false),
+                Err(e) => return Err(self.backend("get", key, e)),
+            };
+            let mut out = std::fs::File::create(&tmp).map_err(|e| self.io("get", key, &tmp, e))?;
+            let mut stream = got.into_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| self.backend("get", key, e))?;
+                out.write_all(&chunk).map_err(|e| self.io("get", key, &tmp, e))?;
+            }
+            out.sync_all().map_err(|e| self.io("get", key, &tmp, e))?;
+            std::fs::rename(&tmp, dest).map_err(|e| self.io("get", key, dest, e))?;
+            Ok(true)
+        });
+        if !matches!(result, Ok(true)) {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let path = self.path(prefix.trim_end_matches('/'));
+        let strip = self.prefix.as_ref().len();
+        self.runtime
+            .block_on(self.inner.list(Some(&path)).map_ok(|m| m.location).try_collect::<Vec<_>>())
+            .map(|locs| {
+                let mut keys: Vec<String> = locs
+                    .into_iter()
+                    .map(|l| l.as_ref()[strip..].trim_start_matches('/').to_string())
+                    .collect();
+                keys.sort();
+                keys
+            })
+            .map_err(|e| self.backend("list", prefix, e))
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path(key);
+        match self.runtime.block_on(self.inner.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.backend("delete", key, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exercise(store: &dyn BlobStore, scratch: &Path) {
+        assert_eq!(store.get("blobs/missing").unwrap(), None, "a miss is Ok(None)");
+        assert!(!store.exists("blobs/missing").unwrap());
+        store.put("blobs/ab/cd", Bytes::from_static(b"hello")).unwrap();
+        assert!(store.exists("blobs/ab/cd").unwrap());
+        assert_eq!(store.get("blobs/ab/cd").unwrap().unwrap(), Bytes::from_static(b"hello"));
+        let src = scratch.join("src");
+        std::fs::write(&src, b"file bytes").unwrap();
+        store.put_file("runs/x.json", &src).unwrap();
+        let dest = scratch.join("out/dest");
+        assert!(store.get_to_file("runs/x.json", &dest).unwrap());
+        assert_eq!(std::fs::read(&dest).unwrap(), b"file bytes");
+        assert!(!store.get_to_file("runs/none", &scratch.join("none")).unwrap());
+        assert!(!scratch.join("none").exists(), "a miss writes nothing");
+        assert_eq!(store.list("blobs").unwrap(), vec!["blobs/ab/cd".to_string()]);
+        assert_eq!(store.list("runs/").unwrap(), vec!["runs/x.json".to_string()]);
+        store.delete("blobs/ab/cd").unwrap();
+        store.delete("blobs/ab/cd").unwrap();
+        assert_eq!(store.get("blobs/ab/cd").unwrap(), None);
+    }
+
+    #[test]
+    fn memory_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        exercise(&ObjectBlobStore::memory(), dir.path());
+    }
+
+    #[test]
+    fn local_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ObjectBlobStore::open("store", dir.path()).unwrap();
+        assert_eq!(store.local_root().unwrap(), dir.path().join("store").canonicalize().unwrap());
+        exercise(&store, dir.path());
+    }
+
+    #[test]
+    fn bad_url_is_a_clear_error() {
+        let err = ObjectBlobStore::open("nosuch://bucket/x", Path::new(".")).err().unwrap();
+        assert!(err.to_string().contains("nosuch://bucket/x"), "{err}");
+    }
+}

@@ -1,0 +1,15 @@
+//! melanoflow's stages: one module per stage kind, registered with the engine
+//! by [`registry`]. Stages depend on the engine (`melanoflow-pipeline`) and on
+//! the Parquet schemas (`melanoflow-schemas`), never the other way round.
+
+pub mod ingest;
+pub mod synth;
+
+use melanoflow_pipeline::Registry;
+
+/// Every stage kind this build knows.
+pub fn registry() -> Registry {
+    let mut r = Registry::new();
+    r.register(synth::Synth).register(ingest::Ingest);
+    r
+}

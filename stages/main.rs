@@ -1,0 +1,5 @@
+//! The `melanoflow` binary: the engine's CLI with this crate's stage kinds.
+
+fn main() -> std::process::ExitCode {
+    melanoflow_pipeline::cli::main(melanoflow::registry())
+}

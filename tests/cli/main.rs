@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `melanoflow` binary in a temporary project
+//! folder, on small configurations (ripgrep's habit: one integration-test
+//! binary, one fixture).
+
+mod fixture;
+
+mod engine;
+mod ingest;
+mod realdata;
