@@ -127,7 +127,7 @@ mod tests {
         let (p, up, ext) = base();
         assert_eq!(
             fp("ingest", 1, &p, &up, ext).to_hex(),
-            "PIN"
+            "8e60609e475ab76170f5924f0ad651dd347b7f4bc248378121628f87d0d5089d"
         );
     }
 
