@@ -346,7 +346,7 @@ impl<'r> Engine<'r> {
                 return Ok(Decision::Restore { output: entry.output, reasons: vec![why] });
             }
         }
-        let reasons = self.why_stale(i, entry.as_ref(), upstream, ext)?;
+        let reasons = self.why_stale(i, fp, entry.as_ref(), upstream, ext)?;
         if let Some(record) = self.artifacts.get_run(&fp)? {
             if let Some(m) = on_disk.filter(|m| m.digest() == record.output) {
                 return Ok(Decision::Cached(Output { digest: record.output, manifest: m }));
@@ -359,11 +359,14 @@ impl<'r> Engine<'r> {
     }
 
     /// Why the fingerprint differs from the lock file's, in the user's terms.
-    fn why_stale(&self, i: usize, entry: Option<&LockEntry>, upstream: &[(String, Digest)], ext: &Externals) -> Result<Vec<String>> {
+    fn why_stale(&self, i: usize, fp: Digest, entry: Option<&LockEntry>, upstream: &[(String, Digest)], ext: &Externals) -> Result<Vec<String>> {
         let decl = &self.pipeline.stages[i];
         let Some(entry) = entry else {
             return Ok(vec![format!("never run (not in {})", file_name(&self.pipeline.lock_path()))]);
         };
+        if entry.fingerprint == fp {
+            return Ok(vec!["its result is not in the store (a fresh store, or removed by gc)".into()]);
+        }
         let mut reasons = Vec::new();
         if self.lock.cache_version != CACHE_VERSION {
             reasons.push(format!("engine cache version changed ({} -> {CACHE_VERSION})", self.lock.cache_version));

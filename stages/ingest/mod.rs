@@ -263,10 +263,12 @@ impl Summary {
     }
 
     fn line(&self) -> String {
-        let parts: Vec<String> = self
-            .splits
+        let parts: Vec<String> = split::SPLITS
             .iter()
-            .map(|(name, c)| format!("{name} {} ({} malignant, {} patients)", c.images, c.malignant, c.patients))
+            .map(|name| {
+                let c = &self.splits[name];
+                format!("{name} {} ({} malignant, {} patients)", c.images, c.malignant, c.patients)
+            })
             .collect();
         format!(
             "{} rows, {} duplicates dropped, {} images of {} patients: {}",

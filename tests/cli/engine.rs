@@ -193,3 +193,19 @@ fn gc_keeps_what_the_lock_references_and_verify_catches_corruption() {
     let v = p.fails(&["verify"]);
     assert!(v.stdout.contains("MISMATCH") && v.stdout.contains("corrupt"), "{}", v.stdout);
 }
+
+#[test]
+fn a_fresh_clone_with_a_committed_lock_file_runs_and_reproduces_it() {
+    let p = Project::new(SMALL);
+    p.ok(&["run"]);
+    let lock = p.lock();
+    // A fresh clone: the pipeline and lock file, no store, no outputs.
+    std::fs::remove_dir_all(p.path("data/store")).unwrap();
+    std::fs::remove_dir_all(p.path("data/out")).unwrap();
+    std::fs::remove_dir_all(p.path("data/.melanoflow")).unwrap();
+    let r = p.ok(&["status"]);
+    assert!(r.line("synth").contains("its result is not in the store"), "{}", r.stdout);
+    let r = p.ok(&["run"]);
+    assert_eq!(r.state("synth"), "ran");
+    assert_eq!(p.lock(), lock, "the same inputs give the same bytes: the lock file is reproduced exactly");
+}
