@@ -204,6 +204,10 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
             })?,
         };
         let file_table = table.clone();
+        let key_spans: Vec<(String, std::ops::Range<usize>)> = table
+            .iter()
+            .map(|(k, v)| (k.get_ref().to_string(), k.span().start..v.span().end))
+            .collect();
         let my_overrides: Vec<&Override> = overrides.iter().filter(|o| o.stage == name).collect();
         for o in &my_overrides {
             if STAGE_RESERVED.contains(&o.key.as_str()) {
@@ -225,7 +229,12 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
                     let list = my_overrides.iter().map(|o| format!("--set {o}")).collect::<Vec<_>>().join(", ");
                     return Err(ConfigError { file: file.into(), line: None, column: None, message: format!("{list}: {}", e.message()) });
                 }
-                return Err(err_at(e.span(), format!("stages.{name} (kind `{kind}`): {}", e.message())));
+                let key = e
+                    .span()
+                    .and_then(|at| key_spans.iter().find(|(_, span)| span.contains(&at.start)))
+                    .map(|(k, _)| format!(".{k}"))
+                    .unwrap_or_default();
+                return Err(err_at(e.span(), format!("stages.{name}{key} (kind `{kind}`): {}", e.message())));
             }
         };
         stage_kind
@@ -377,7 +386,7 @@ mod tests {
     fn wrong_type_names_line() {
         let e = parse_text("[stages.a]\nkind = \"toy\"\n\nseed = \"many\"\n", &[]).unwrap_err();
         assert!(e.starts_with("data/p.toml:4:"), "{e}");
-        assert!(e.contains("stages.a"), "{e}");
+        assert!(e.contains("stages.a.seed (kind `toy`): invalid type: string \"many\""), "{e}");
     }
 
     #[test]
