@@ -169,6 +169,16 @@ once() {
     return 1
 }
 
+# After populating: wait out melanoflow's 2 s "racily clean" window (a file
+# written less than 2 s before it is hashed is not remembered, so no-op runs
+# right after a run re-hash the fresh outputs and rewrite the hash cache),
+# then run once more, untimed, so the timed runs see the steady state a user
+# sees. DVC gets the same treatment.
+settle() {
+    sleep "${BENCH_SETTLE_S:-3}"
+    once "$@"
+}
+
 # Checks that a no-op really was one: melanoflow says every stage is cached.
 check_mf_noop() {
     local label=$1 config=$2 out="$W/check.out"
@@ -212,6 +222,7 @@ dvc_project() {
 bench_row() {
     local label=$1 files=$2 config=$3 dvcdir=$4 goal=$5 goal_ms=$6
     local mfr=fail mfs=fail dr=n/a ds=n/a
+    settle "$label: melanoflow run (settle)" "$(dirname "$config")" "$BIN" run --config "$config" -q || true
     say "  timing melanoflow run (no-op) ..."
     mfr=$(measure "$label: melanoflow run -q" "$(dirname "$config")" "$BIN" run --config "$config" -q) || mfr=fail
     say "  timing melanoflow status ..."
@@ -220,7 +231,8 @@ bench_row() {
     if [ -n "$DVC" ] && [ -n "$dvcdir" ]; then
         dr=fail ds=fail
         say "  populating dvc (dvc repro) ..."
-        if once "$label: dvc repro (populate)" "$dvcdir" "$DVC" repro; then
+        if once "$label: dvc repro (populate)" "$dvcdir" "$DVC" repro \
+            && settle "$label: dvc repro (settle)" "$dvcdir" "$DVC" repro; then
             say "  timing dvc repro (no-op) ..."
             dr=$(measure "$label: dvc repro" "$dvcdir" "$DVC" repro) || dr=fail
             say "  timing dvc status ..."
@@ -345,6 +357,7 @@ ELAPSED=$((SECONDS - T0))
         echo "- DVC: **not measured**: DVC could not be installed: $DVC_WHY; reporting melanoflow alone"
     fi
     echo "- Timer: $TIMER_DESC; milliseconds of wall time per invocation, process start included"
+    echo "- Each configuration is populated once, then after a ${BENCH_SETTLE_S:-3} s pause (melanoflow does not remember hashes of files written < 2 s before hashing) run once more untimed, then timed"
     echo "- melanoflow: \`melanoflow run --config P -q\` and \`melanoflow status --config P\`; DVC: \`dvc repro\` and \`dvc status\` (git + dvc project, one stage)"
     echo
     python3 - "$ROWS" <<'EOF'

@@ -3,6 +3,7 @@
 //! the Parquet schemas (`melanoflow-schemas`), never the other way round.
 
 pub mod ingest;
+pub mod preprocess;
 pub mod synth;
 
 use melanoflow_pipeline::Registry;
@@ -10,6 +11,6 @@ use melanoflow_pipeline::Registry;
 /// Every stage kind this build knows.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(synth::Synth).register(ingest::Ingest);
+    r.register(synth::Synth).register(ingest::Ingest).register(preprocess::Preprocess);
     r
 }

@@ -22,6 +22,11 @@ pub struct StageContext {
     /// The external inputs the stage declared, in declaration order.
     pub external: Vec<ExternalFiles>,
     pub progress: Progress,
+    /// This stage's last committed output folder, when it is intact (its
+    /// digest matches the lock file): map stages reuse per-item results from
+    /// it instead of recomputing them. Read-only; it is replaced only after
+    /// this run commits.
+    pub previous: Option<PathBuf>,
 }
 
 impl StageContext {

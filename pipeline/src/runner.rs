@@ -474,11 +474,17 @@ impl<'r> Engine<'r> {
         external: Vec<ExternalFiles>,
         combined: Option<&Manifest>,
     ) -> Result<(Output, String)> {
-        let decl: &StageDecl = &self.pipeline.stages[i];
-        let name = decl.name.clone();
+        let name = self.pipeline.stages[i].name.clone();
         let staging = self.staging_root().join(&name);
         fsutil::remove_dir_if_exists(&staging).map_err(|e| Error::io(&staging, e))?;
         std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        let previous_dir = self.pipeline.stage_out_dir(&name);
+        let committed = self.lock.stages.get(&name).map(|e| e.output);
+        let previous = match (committed, self.dir_manifest(&previous_dir)?) {
+            (Some(d), Some(m)) if m.digest() == d => Some(previous_dir),
+            _ => None,
+        };
+        let decl: &StageDecl = &self.pipeline.stages[i];
         let ctx = StageContext {
             stage: name.clone(),
             out_dir: staging.clone(),
@@ -486,6 +492,7 @@ impl<'r> Engine<'r> {
             upstream,
             external,
             progress: self.progress.clone(),
+            previous,
         };
         let kind = self.registry.get(&decl.kind).expect("validated kind");
         let report = match kind.run(&decl.params, &ctx) {

@@ -42,3 +42,36 @@ pub const DUPLICATES_DROPPED: ArtifactSchema = ArtifactSchema {
         ]
     },
 };
+
+/// `preprocess/index.parquet`: where each prepared image lives.
+/// Image `i` of a shard is `images[offset]` of the safetensors file named by
+/// `shard` (a uint8 tensor of shape [N, size, size, 3], RGB, NHWC).
+pub const IMAGE_INDEX: ArtifactSchema = ArtifactSchema {
+    name: "image_index",
+    version: 1,
+    fields: || {
+        vec![
+            Field::new("image_name", DataType::Utf8, false),
+            Field::new("shard", DataType::Utf8, false),
+            Field::new("offset", DataType::Int64, false),
+            Field::new("target", DataType::Int32, false),
+            Field::new("patient_id", DataType::Utf8, false),
+            Field::new("split", DataType::Utf8, false),
+            // BLAKE3 of the source image file the pixels came from.
+            Field::new("source_digest", DataType::Utf8, false),
+        ]
+    },
+};
+
+/// `preprocess/bad_images.parquet`: images left out (`on_bad_image = "skip"`).
+pub const BAD_IMAGES: ArtifactSchema = ArtifactSchema {
+    name: "bad_images",
+    version: 1,
+    fields: || {
+        vec![
+            Field::new("image_name", DataType::Utf8, false),
+            Field::new("image_file", DataType::Utf8, false),
+            Field::new("reason", DataType::Utf8, false),
+        ]
+    },
+};

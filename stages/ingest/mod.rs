@@ -8,7 +8,9 @@
 //!   - `metadata.parquet` (schema `metadata/1`): the kept rows, each with its
 //!     image file's name, size and BLAKE3 digest, and its split;
 //!   - `duplicates_dropped.parquet` (schema `duplicates_dropped/1`);
-//!   - `ingest.json`: counts per split, for people and CI.
+//!   - `ingest.json`: counts per split, for people and CI;
+//!   - `source.json`: where the images are (`images`, relative to the
+//!     pipeline file's folder), for the stages that read pixels.
 //! On any bad input the stage fails with a message naming the file, line,
 //! column and value; the engine then commits nothing.
 
@@ -71,7 +73,7 @@ const UPSTREAM_IMAGES: &str = "train";
 impl Stage for Ingest {
     type Params = IngestParams;
     const KIND: &'static str = "ingest";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const ABOUT: &'static str = "validate ISIC metadata, check images, drop duplicates, split by patient -> metadata.parquet";
 
     fn check(&self, p: &IngestParams, inputs: &[String]) -> Result<(), String> {
@@ -107,10 +109,13 @@ impl Stage for Ingest {
 /// The image folder's files: name -> manifest entry.
 struct ImageFolder<'a> {
     root: PathBuf,
+    /// The folder as later stages should find it: relative to the pipeline
+    /// file's folder (machine-independent) when possible.
+    portable: String,
     files: HashMap<&'a str, &'a Entry>,
 }
 
-fn locate<'a>(ctx: &'a StageContext) -> Result<(PathBuf, ImageFolder<'a>)> {
+fn locate<'a>(p: &IngestParams, ctx: &'a StageContext) -> Result<(PathBuf, ImageFolder<'a>)> {
     if let Some(up) = ctx.upstream.first() {
         let csv = up.dir.join(UPSTREAM_CSV);
         if up.manifest.get(UPSTREAM_CSV).is_none() {
@@ -123,7 +128,9 @@ fn locate<'a>(ctx: &'a StageContext) -> Result<(PathBuf, ImageFolder<'a>)> {
             .iter()
             .filter_map(|e| e.path.strip_prefix(&prefix).filter(|n| !n.contains('/')).map(|n| (n, e)))
             .collect();
-        return Ok((csv, ImageFolder { root: up.dir.join(UPSTREAM_IMAGES), files }));
+        let root = up.dir.join(UPSTREAM_IMAGES);
+        let portable = root.strip_prefix(&ctx.base_dir).unwrap_or(&root).to_string_lossy().into_owned();
+        return Ok((csv, ImageFolder { root, portable, files }));
     }
     let csv = ctx.external("metadata").ok_or_else(|| anyhow!("no metadata input"))?;
     let images = ctx.external("images").ok_or_else(|| anyhow!("no images input"))?;
@@ -131,11 +138,12 @@ fn locate<'a>(ctx: &'a StageContext) -> Result<(PathBuf, ImageFolder<'a>)> {
         bail!("`images` ({}) must be a folder", images.path.display());
     }
     let files = images.manifest.entries().iter().filter(|e| !e.path.contains('/')).map(|e| (e.path.as_str(), e)).collect();
-    Ok((csv.path.clone(), ImageFolder { root: images.path.clone(), files }))
+    let portable = p.images.clone().unwrap_or_else(|| images.path.to_string_lossy().into_owned());
+    Ok((csv.path.clone(), ImageFolder { root: images.path.clone(), portable, files }))
 }
 
 fn run(p: &IngestParams, ctx: &StageContext) -> Result<StageReport> {
-    let (csv_path, folder) = locate(ctx)?;
+    let (csv_path, folder) = locate(p, ctx)?;
     let records = metadata_csv::read(&csv_path)?;
     let rows_read = records.len();
 
@@ -210,6 +218,9 @@ fn run(p: &IngestParams, ctx: &StageContext) -> Result<StageReport> {
         &melanoflow_schemas::DUPLICATES_DROPPED,
         dropped_columns,
     )?;
+
+    let source = serde_json::json!({ "images": folder.portable });
+    std::fs::write(ctx.out_dir.join("source.json"), serde_json::to_string_pretty(&source)? + "\n").context("writing source.json")?;
 
     let summary = Summary::of(rows_read, &drops, &patient_id, &target, &splits);
     let json = serde_json::to_string_pretty(&summary)? + "\n";

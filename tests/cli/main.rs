@@ -6,4 +6,5 @@ mod fixture;
 
 mod engine;
 mod ingest;
+mod preprocess;
 mod realdata;

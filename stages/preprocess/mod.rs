@@ -1,0 +1,321 @@
+//! Stage `preprocess`: every image of `metadata.parquet` decoded, resized
+//! (shorter side to `size`, centre crop), optionally colour-normalised, and
+//! packed into uint8 safetensors shards with an `index.parquet` (schema
+//! `image_index/1`). Later stages read pixels only through this artifact.
+//!
+//! Promises:
+//! - Memory is bounded by one shard (`shard_mb`), not by the dataset: shards
+//!   are filled and written one after the other.
+//! - Cached per image: a pixel result is reused from this stage's previous
+//!   output when the source file's digest and the pixel parameters
+//!   (`size`, colour constancy, code version) are the same, so changing 10
+//!   source images decodes 10. The summary says how many were decoded and
+//!   how many reused.
+//! - Every source file is checked against the digest `ingest` recorded.
+//! - Bad images (empty, not an image, corrupt or truncated, too small):
+//!   `on_bad_image = "fail"` stops the run naming every one and why;
+//!   `"skip"` leaves them out and lists them in `bad_images.parquet` and the
+//!   summary.
+
+pub mod image_ops;
+pub mod shards;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use arrow_array::{ArrayRef, Int32Array, Int64Array, StringArray};
+use fast_image_resize::Resizer;
+use melanoflow_pipeline::{BoxError, Digest, Stage, StageContext, StageReport};
+use polars::prelude::{ParquetReader, SerReader};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use image_ops::BadImage;
+
+pub struct Preprocess;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBadImage {
+    Fail,
+    Skip,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessParams {
+    /// Output width and height in pixels.
+    #[serde(default = "defaults::size")]
+    pub size: u32,
+    /// Shades-of-Gray colour constancy.
+    #[serde(default)]
+    pub color_constancy: bool,
+    /// The Minkowski norm of Shades-of-Gray (6 in the ISIC solutions).
+    #[serde(default = "defaults::power")]
+    pub color_constancy_power: f64,
+    #[serde(default = "defaults::on_bad_image")]
+    pub on_bad_image: OnBadImage,
+    /// Target shard size in MiB: bounds memory and file size.
+    #[serde(default = "defaults::shard_mb")]
+    pub shard_mb: u32,
+}
+
+mod defaults {
+    pub fn size() -> u32 {
+        64
+    }
+    pub fn power() -> f64 {
+        6.0
+    }
+    pub fn on_bad_image() -> super::OnBadImage {
+        super::OnBadImage::Fail
+    }
+    pub fn shard_mb() -> u32 {
+        256
+    }
+}
+
+const VERSION: u32 = 1;
+
+impl Stage for Preprocess {
+    type Params = PreprocessParams;
+    const KIND: &'static str = "preprocess";
+    const VERSION: u32 = VERSION;
+    const ABOUT: &'static str = "decode, resize + centre-crop, colour-normalise -> uint8 safetensors shards + index.parquet";
+
+    fn check(&self, p: &PreprocessParams, inputs: &[String]) -> Result<(), String> {
+        if inputs.len() != 1 {
+            return Err("takes exactly one upstream: an `ingest` stage".into());
+        }
+        if !(8..=2048).contains(&p.size) {
+            return Err(format!("`size` must be within 8..=2048, not {}", p.size));
+        }
+        if p.color_constancy_power < 1.0 {
+            return Err(format!("`color_constancy_power` must be at least 1, not {}", p.color_constancy_power));
+        }
+        if p.shard_mb == 0 {
+            return Err("`shard_mb` must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    fn run(&self, p: &PreprocessParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
+        Ok(run(p, ctx)?)
+    }
+}
+
+/// The rows of `metadata.parquet` this stage needs.
+struct Rows {
+    image_name: Vec<String>,
+    image_file: Vec<String>,
+    image_digest: Vec<String>,
+    target: Vec<i32>,
+    patient_id: Vec<String>,
+    split: Vec<String>,
+}
+
+fn read_metadata(path: &Path) -> Result<Rows> {
+    melanoflow_schemas::check_parquet(path, &melanoflow_schemas::METADATA)?;
+    let file = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+    let df = ParquetReader::new(file).finish().with_context(|| format!("reading {}", path.display()))?;
+    let text = |name: &str| -> Result<Vec<String>> {
+        Ok(df.column(name)?.str()?.iter().map(|v| v.unwrap_or_default().to_string()).collect())
+    };
+    Ok(Rows {
+        image_name: text("image_name")?,
+        image_file: text("image_file")?,
+        image_digest: text("image_digest")?,
+        target: df.column("target")?.i32()?.iter().map(|v| v.unwrap_or(0)).collect(),
+        patient_id: text("patient_id")?,
+        split: text("split")?,
+    })
+}
+
+/// Identifies the pixel output for a source file: equal keys, equal pixels.
+fn pixel_params_digest(p: &PreprocessParams) -> Digest {
+    let json = serde_json::json!({
+        "version": VERSION,
+        "size": p.size,
+        "color_constancy": p.color_constancy,
+        "color_constancy_power": if p.color_constancy { p.color_constancy_power } else { 0.0 },
+    });
+    Digest::of_bytes(melanoflow_pipeline::fingerprint::canonical_json(&json).as_bytes())
+}
+
+/// Where earlier results for the same pixel parameters can be read back.
+struct Reuse {
+    dir: PathBuf,
+    by_source: HashMap<String, (String, u64)>,
+    readers: HashMap<String, shards::ShardReader>,
+}
+
+impl Reuse {
+    fn load(previous: Option<&Path>, pixel_digest: &Digest, size: u32) -> Result<Option<Reuse>> {
+        let Some(dir) = previous else { return Ok(None) };
+        let Ok(summary) = std::fs::read_to_string(dir.join("preprocess.json")) else { return Ok(None) };
+        let summary: serde_json::Value = serde_json::from_str(&summary)?;
+        if summary["pixel_params_digest"].as_str() != Some(pixel_digest.to_hex().as_str()) {
+            return Ok(None);
+        }
+        let index = dir.join("index.parquet");
+        melanoflow_schemas::check_parquet(&index, &melanoflow_schemas::IMAGE_INDEX)?;
+        let df = ParquetReader::new(std::fs::File::open(&index)?).finish()?;
+        let digests = df.column("source_digest")?.str()?;
+        let shard = df.column("shard")?.str()?;
+        let offset = df.column("offset")?.i64()?;
+        let mut by_source = HashMap::with_capacity(df.height());
+        let mut readers = HashMap::new();
+        for ((d, s), o) in digests.iter().zip(shard.iter()).zip(offset.iter()) {
+            if let (Some(d), Some(s), Some(o)) = (d, s, o) {
+                if !readers.contains_key(s) {
+                    readers.insert(s.to_string(), shards::ShardReader::open(&dir.join(s), size)?);
+                }
+                by_source.insert(d.to_string(), (s.to_string(), o as u64));
+            }
+        }
+        Ok(Some(Reuse { dir: dir.to_path_buf(), by_source, readers }))
+    }
+
+    fn get(&self, source_digest: &str) -> Option<Result<Vec<u8>>> {
+        let (shard, offset) = self.by_source.get(source_digest)?;
+        let reader = self.readers.get(shard)?;
+        Some(reader.read(*offset).with_context(|| format!("reading {} from {}", offset, self.dir.join(shard).display())))
+    }
+}
+
+enum Outcome {
+    Pixels { bytes: Vec<u8>, reused: bool },
+    Bad(BadImage),
+}
+
+fn prepare(p: &PreprocessParams, root: &Path, file: &str, digest: &str, reuse: Option<&Reuse>, resizer: &mut Resizer) -> Result<Outcome> {
+    if let Some(hit) = reuse.and_then(|r| r.get(digest)) {
+        return Ok(Outcome::Pixels { bytes: hit?, reused: true });
+    }
+    let path = root.join(file);
+    let bytes = std::fs::read(&path).with_context(|| format!("reading image {}", path.display()))?;
+    let actual = Digest::of_bytes(&bytes).to_hex();
+    if actual != digest {
+        bail!("{} changed since `ingest` recorded it (BLAKE3 {actual}, expected {digest}); run the pipeline again", path.display());
+    }
+    let decoded = match image_ops::decode_rgb8(&bytes) {
+        Ok(img) => img,
+        Err(bad) => return Ok(Outcome::Bad(bad)),
+    };
+    let mut img = match image_ops::resize_center_crop(&decoded, p.size, resizer) {
+        Ok(img) => img,
+        Err(bad) => return Ok(Outcome::Bad(bad)),
+    };
+    if p.color_constancy {
+        image_ops::shades_of_gray(&mut img, p.color_constancy_power);
+    }
+    Ok(Outcome::Pixels { bytes: img.into_raw(), reused: false })
+}
+
+fn run(p: &PreprocessParams, ctx: &StageContext) -> Result<StageReport> {
+    let ingest = ctx.upstream_of_kind("ingest").ok_or_else(|| anyhow!("the upstream must be an `ingest` stage"))?;
+    let rows = read_metadata(&ingest.dir.join("metadata.parquet"))?;
+    let source: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(ingest.dir.join("source.json")).context("reading the ingest stage's source.json")?,
+    )?;
+    let root = ctx.base_dir.join(source["images"].as_str().ok_or_else(|| anyhow!("source.json has no `images`"))?);
+
+    let pixel_digest = pixel_params_digest(p);
+    let reuse = Reuse::load(ctx.previous.as_deref(), &pixel_digest, p.size)?;
+    let per_image = (p.size as u64) * (p.size as u64) * 3;
+    let per_shard = ((p.shard_mb as u64 * 1024 * 1024) / per_image).max(1) as usize;
+
+    let bar = ctx.progress.bar(rows.image_name.len() as u64, "preprocessing images");
+    let (mut decoded, mut reused) = (0usize, 0usize);
+    let mut bad: Vec<(usize, BadImage)> = Vec::new();
+    let mut index: Vec<(usize, String, u64)> = Vec::with_capacity(rows.image_name.len());
+    let mut shard_names = Vec::new();
+    let all: Vec<usize> = (0..rows.image_name.len()).collect();
+    for chunk in all.chunks(per_shard) {
+        let outcomes: Vec<Outcome> = chunk
+            .par_iter()
+            .map_init(Resizer::new, |resizer, &i| {
+                let out = prepare(p, &root, &rows.image_file[i], &rows.image_digest[i], reuse.as_ref(), resizer);
+                bar.inc(1);
+                out
+            })
+            .collect::<Result<_>>()?;
+        let mut pixels: Vec<&[u8]> = Vec::with_capacity(chunk.len());
+        let shard_name = format!("shard-{:05}.safetensors", shard_names.len());
+        for (&i, outcome) in chunk.iter().zip(&outcomes) {
+            match outcome {
+                Outcome::Pixels { bytes, reused: was_reused } => {
+                    index.push((i, shard_name.clone(), pixels.len() as u64));
+                    pixels.push(bytes);
+                    if *was_reused { reused += 1 } else { decoded += 1 }
+                }
+                Outcome::Bad(why) => bad.push((i, why.clone())),
+            }
+        }
+        if !pixels.is_empty() {
+            shards::write_shard(&ctx.out_dir.join(&shard_name), p.size, &pixels)?;
+            shard_names.push(shard_name);
+        }
+    }
+    bar.finish_and_clear();
+
+    let describe_bad = |(i, why): &(usize, BadImage)| format!("{} ({}): {why}", root.join(&rows.image_file[*i]).display(), rows.image_name[*i]);
+    if !bad.is_empty() && p.on_bad_image == OnBadImage::Fail {
+        let list: Vec<String> = bad.iter().map(describe_bad).collect();
+        bail!(
+            "{} bad image(s) (set `on_bad_image = \"skip\"` to leave them out):\n    {}",
+            bad.len(),
+            list.join("\n    ")
+        );
+    }
+    for b in &bad {
+        tracing::warn!("skipped {}", describe_bad(b));
+    }
+
+    let pick = |v: &Vec<String>| -> ArrayRef { Arc::new(index.iter().map(|(i, _, _)| Some(v[*i].as_str())).collect::<StringArray>()) };
+    let columns: Vec<ArrayRef> = vec![
+        pick(&rows.image_name),
+        Arc::new(index.iter().map(|(_, s, _)| Some(s.as_str())).collect::<StringArray>()),
+        Arc::new(index.iter().map(|(_, _, o)| Some(*o as i64)).collect::<Int64Array>()),
+        Arc::new(index.iter().map(|(i, _, _)| Some(rows.target[*i])).collect::<Int32Array>()),
+        pick(&rows.patient_id),
+        pick(&rows.split),
+        pick(&rows.image_digest),
+    ];
+    melanoflow_schemas::write_parquet(&ctx.out_dir.join("index.parquet"), &melanoflow_schemas::IMAGE_INDEX, columns)?;
+    let bad_columns: Vec<ArrayRef> = vec![
+        Arc::new(bad.iter().map(|(i, _)| Some(rows.image_name[*i].as_str())).collect::<StringArray>()),
+        Arc::new(bad.iter().map(|(i, _)| Some(rows.image_file[*i].as_str())).collect::<StringArray>()),
+        Arc::new(bad.iter().map(|(_, why)| Some(why.to_string())).collect::<StringArray>()),
+    ];
+    melanoflow_schemas::write_parquet(&ctx.out_dir.join("bad_images.parquet"), &melanoflow_schemas::BAD_IMAGES, bad_columns)?;
+
+    // Counts of decoded vs reused describe this run, not the artifact: they
+    // stay out of the output so the bytes depend only on the pixels.
+    let summary = serde_json::json!({
+        "images": index.len(),
+        "skipped_bad_images": bad.len(),
+        "size": p.size,
+        "dtype": "uint8",
+        "layout": "NHWC",
+        "channels": "RGB",
+        "color_constancy": p.color_constancy,
+        "shards": shard_names,
+        "pixel_params_digest": pixel_digest.to_hex(),
+    });
+    std::fs::write(ctx.out_dir.join("preprocess.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
+
+    let mut line = format!(
+        "{} images in {} shard(s) at {} px: decoded {decoded}, reused {reused}",
+        index.len(),
+        shard_names.len(),
+        p.size
+    );
+    if !bad.is_empty() {
+        let names: Vec<&str> = bad.iter().take(5).map(|(i, _)| rows.image_name[*i].as_str()).collect();
+        line.push_str(&format!(", skipped {} bad ({}{})", bad.len(), names.join(", "), if bad.len() > 5 { ", ..." } else { "" }));
+    }
+    Ok(StageReport::new(line))
+}
