@@ -175,6 +175,23 @@ mod tests {
     }
 
     #[test]
+    fn exif_orientation_is_applied() {
+        // A 60x40 picture, red in its top-left corner, tagged orientation 6
+        // ("rotate 90 degrees clockwise to display").
+        let img = RgbImage::from_fn(60, 40, |x, y| if x < 15 && y < 10 { Rgb([255, 0, 0]) } else { Rgb([0, 0, 255]) });
+        let mut exif = b"II*\0\x08\0\0\0\x01\0".to_vec();
+        exif.extend_from_slice(&[0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0]);
+        let mut bytes = Vec::new();
+        let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 95);
+        image::ImageEncoder::set_exif_metadata(&mut enc, exif).unwrap();
+        enc.encode_image(&img).unwrap();
+        let out = decode_rgb8(&bytes).unwrap();
+        assert_eq!(out.dimensions(), (40, 60), "rotated to portrait");
+        let corner = out.get_pixel(37, 2);
+        assert!(corner[0] > 200 && corner[2] < 60, "the red corner moved to the top right: {corner:?}");
+    }
+
+    #[test]
     fn bad_inputs_are_named() {
         assert_eq!(decode_rgb8(b""), Err(BadImage::Empty));
         assert_eq!(decode_rgb8(b"hello, world"), Err(BadImage::NotAnImage));
