@@ -19,6 +19,7 @@ test:
 
 bench: build
 	benches/engine_noop.sh
+	benches/preprocess.sh
 
 status: build
 	$(BIN) status --config $(CONFIG)

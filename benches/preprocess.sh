@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Preprocess throughput: melanoflow (zune-jpeg + fast_image_resize, rayon on
+# every core) vs Pillow (multiprocessing pool, one worker per core), decode +
+# resize + centre crop to 256 px, and each tool's decode-only ceiling, in the
+# same run on the same files:
+#   (a) the 100 real ISIC JPEGs in ../shared/realdata (722x540 .. 3072x2304)
+#   (b) 1,000 synthetic 1024x768 JPEGs (drawn by the synth renderer)
+# Also the peak memory (max RSS) of the real `preprocess` stage on 1,000 and
+# 2,000 images, to show it does not grow with the image count.
+# Report: stdout and benches/out/preprocess.md. Pillow comes from benches/.venv.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+OUT=$ROOT/benches/out
+mkdir -p "$OUT"
+cargo build --release --example preprocess_throughput --bin melanoflow 2>&1 | tail -1
+RUST=$ROOT/target/release/examples/preprocess_throughput
+BIN=$ROOT/target/release/melanoflow
+REAL=$ROOT/../shared/realdata/isic_archive_uda1/images
+SYN=$OUT/tmp/syn1024
+if [ ! -d "$SYN" ] || [ "$(ls "$SYN" | wc -l)" -lt 1000 ]; then
+  echo "generating 1,000 synthetic 1024x768 JPEGs in $SYN ..."
+  "$RUST" --generate "$SYN" 1000 1024 768
+fi
+
+PY=$ROOT/benches/.venv/bin/python
+if [ ! -x "$PY" ] || ! "$PY" -c "import PIL" 2>/dev/null; then
+  python3 -m venv "$ROOT/benches/.venv" && "$ROOT/benches/.venv/bin/pip" -q install pillow || true
+fi
+HAVE_PIL=0; "$PY" -c "import PIL" 2>/dev/null && HAVE_PIL=1
+
+run_set() {  # name dir
+  local name=$1 dir=$2
+  [ -d "$dir" ] || { echo "| $name | skipped: $dir is absent | | | |"; return; }
+  local r p
+  r=$("$RUST" "$dir" 256 3)
+  if [ $HAVE_PIL = 1 ]; then p=$("$PY" "$ROOT/benches/pillow_preprocess.py" "$dir" 256 3); else p=""; fi
+  python3 - "$name" "$r" "$p" <<'PYEOF'
+import json, sys
+name, r, p = sys.argv[1], sys.argv[2], sys.argv[3]
+rs = {d["work"]: d for d in map(json.loads, r.splitlines())}
+ps = {d["work"]: d for d in map(json.loads, p.splitlines())} if p else {}
+mf, ceil = rs["decode_resize_crop"]["images_per_s"], rs["decode_only"]["images_per_s"]
+pil = ps.get("decode_resize_crop", {}).get("images_per_s")
+pil_dec = ps.get("decode_only", {}).get("images_per_s")
+fmt = lambda v: f"{v:.0f}" if v else "n/a"
+print(f"| {name} | {rs['decode_only']['images']} | {fmt(mf)} | {fmt(ceil)} | {mf / ceil:.0%} | {fmt(pil)} | {fmt(pil_dec)} | {(mf / pil if pil else 0):.2f}x |")
+PYEOF
+}
+
+peak_rss() {  # n -> max RSS (MiB) of `melanoflow run` preprocessing n of the synthetic images
+  local n=$1 T=$OUT/tmp/rss$n
+  rm -rf "$T"; mkdir -p "$T/data/src/jpeg"
+  echo "image_name,patient_id,sex,age_approx,anatom_site_general_challenge,diagnosis,benign_malignant,target" > "$T/data/src/train.csv"
+  local i=0
+  for f in $(ls "$SYN" | head -n "$n"); do
+    ln -s "$SYN/$f" "$T/data/src/jpeg/$f" 2>/dev/null || true
+    echo "${f%.jpg},IP_$((i / 16)),male,50,torso,unknown,benign,0" >> "$T/data/src/train.csv"; i=$((i + 1))
+  done
+  # Twice as many images: repeat the list under new names.
+  if [ "$n" -gt 1000 ]; then
+    for f in $(ls "$SYN"); do
+      ln -s "$SYN/$f" "$T/data/src/jpeg/B${f}"; echo "B${f%.jpg},IP_B$((i / 16)),male,50,torso,unknown,benign,0" >> "$T/data/src/train.csv"; i=$((i + 1))
+    done
+  fi
+  cat > "$T/data/pipeline.toml" <<TOML
+[stages.ingest]
+kind = "ingest"
+metadata = "src/train.csv"
+images = "src/jpeg"
+[stages.preprocess]
+kind = "preprocess"
+inputs = ["ingest"]
+size = 256
+shard_mb = 64
+TOML
+  /usr/bin/time -f "%M" -o "$T/rss" "$BIN" -q run --config "$T/data/pipeline.toml" >/dev/null
+  echo $(( $(cat "$T/rss") / 1024 ))
+}
+
+{
+  echo "## preprocess throughput, $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"
+  echo
+  echo "decode + resize + centre crop to 256 px, images/s (best of 3). Goal: >= 2x Pillow and >= 80% of the decode-only ceiling."
+  echo
+  echo "| set | images | melanoflow | decode-only ceiling | of ceiling | Pillow ($(nproc) procs) | Pillow decode-only | vs Pillow |"
+  echo "|---|---|---|---|---|---|---|---|"
+  run_set "real ISIC (722x540 .. 3072x2304)" "$REAL"
+  run_set "synthetic 1024x768" "$SYN"
+  [ $HAVE_PIL = 1 ] || echo "(Pillow could not be installed: baseline columns are n/a)"
+  echo
+  if [ -x /usr/bin/time ]; then
+    echo "peak memory of \`melanoflow run\` (ingest + preprocess at 256 px, 64 MiB shards): 1,000 images $(peak_rss 1000) MiB, 2,000 images $(peak_rss 2000) MiB"
+  else
+    echo "peak memory: /usr/bin/time is not installed (apt-get install time)"
+  fi
+} | tee "$OUT/preprocess.md"
+rm -rf "$OUT/tmp/rss1000" "$OUT/tmp/rss2000"
