@@ -47,7 +47,14 @@ mkdir -p "$OUTDIR"
 rm -rf "$W"
 mkdir -p "$W"
 : >"$LOG"
-cleanup() { if [ "${BENCH_KEEP_TMP:-0}" != 1 ]; then rm -rf "$W"; rmdir "$OUTDIR/tmp" 2>/dev/null || true; fi; }
+cleanup() {
+    if [ "${BENCH_KEEP_TMP:-0}" != 1 ]; then
+        say "cleaning up $W ..."
+        rm -rf "$W"
+        rmdir "$OUTDIR/tmp" 2>/dev/null || true
+    fi
+    say "engine_noop: ${SECONDS} s in all"
+}
 trap cleanup EXIT
 log() { printf '%s\n' "$*" >>"$LOG"; }
 
@@ -270,19 +277,22 @@ else
 fi
 
 # --------------------------------------------------------------------------
-# Row 2: ingest over N small images. One pool of files, hard-linked into a
-# melanoflow project and a DVC project per N (same bytes, same inodes).
+# Row 2: ingest over N small images. One project folder per N holds the
+# files, the melanoflow pipeline file and (with DVC) the git + DVC project, so
+# both tools check the very same files. The images of the largest N are
+# written once and hard-linked into the smaller projects (fewer files to
+# write and to delete: unlinking is slow on this disk).
 MAXN=0
 for n in $SIZES; do [ "$n" -gt "$MAXN" ] && MAXN=$n; done
 say ""
 say "== generating $MAXN small images + ISIC train.csv files =="
 python3 - "$W" "$MAXN" $SIZES <<'EOF'
 import os, random, sys
-w, maxn, sizes = sys.argv[1], int(sys.argv[2]), [int(s) for s in sys.argv[3:]]
-pool = os.path.join(w, "pool")
-os.makedirs(pool)
+w, maxn, sizes = sys.argv[1], int(sys.argv[2]), sorted({int(s) for s in sys.argv[3:]}, reverse=True)
 rng = random.Random(2020)
 names = [f"ISIC_{i:07d}" for i in range(1, maxn + 1)]
+pool = os.path.join(w, f"n{maxn}", "src", "images")
+os.makedirs(pool)
 for n in names:
     with open(os.path.join(pool, n + ".jpg"), "wb") as f:
         f.write(os.urandom(200))
@@ -298,14 +308,14 @@ for i, n in enumerate(names):
                 f"{'malignant' if malignant else 'benign'},{int(malignant)}\n")
 header = "image_name,patient_id,sex,age_approx,anatom_site_general_challenge,diagnosis,benign_malignant,target\n"
 for n in sizes:
-    for tool in ("mf", "dvc"):
-        src = os.path.join(w, f"n{n}", tool, "src")
+    src = os.path.join(w, f"n{n}", "src")
+    if n != maxn:
         os.makedirs(os.path.join(src, "images"))
-        with open(os.path.join(src, "train.csv"), "w") as f:
-            f.write(header)
-            f.writelines(rows[:n])
         for name in names[:n]:
             os.link(os.path.join(pool, name + ".jpg"), os.path.join(src, "images", name + ".jpg"))
+    with open(os.path.join(src, "train.csv"), "w") as f:
+        f.write(header)
+        f.writelines(rows[:n])
 EOF
 say "  done in $((SECONDS - T0)) s since start"
 
@@ -313,8 +323,8 @@ for n in $SIZES; do
     label="ingest, $(commas "$n") images"
     say ""
     say "== $label =="
-    mf="$W/n$n/mf"
-    cat >"$mf/pipeline.toml" <<'EOF'
+    P="$W/n$n"
+    cat >"$P/pipeline.toml" <<'EOF'
 [store]
 url = "store"
 [stages.ingest]
@@ -328,16 +338,18 @@ EOF
         *) goal="—"; goal_ms=- ;;
     esac
     say "  populating (melanoflow run) ..."
-    if ! once "$label: melanoflow run (populate)" "$mf" "$BIN" run --config "$mf/pipeline.toml"; then
+    if ! once "$label: melanoflow run (populate)" "$P" "$BIN" run --config "$P/pipeline.toml"; then
         printf '%s\t%s\tfail\tfail\tn/a\tn/a\t%s\t%s\n' "$label" "$((n + 1))" "$goal" "$goal_ms" >>"$ROWS"
         continue
     fi
     dvcdir=""
     if [ -n "$DVC" ]; then
-        dvcdir="$W/n$n/dvc"
-        dvc_project "$dvcdir" ingest "wc -l src/train.csv > out.txt" src/train.csv src/images
+        dvcdir="$P"
+        dvc_project "$P" ingest "wc -l src/train.csv > out.txt" src/train.csv src/images
+        # melanoflow's own files are not part of a DVC-only project.
+        printf '/store/\n/out/\n/.melanoflow/\n' >>"$P/.dvcignore"
     fi
-    bench_row "$label" "$((n + 1))" "$mf/pipeline.toml" "$dvcdir" "$goal" "$goal_ms"
+    bench_row "$label" "$((n + 1))" "$P/pipeline.toml" "$dvcdir" "$goal" "$goal_ms"
 done
 
 ELAPSED=$((SECONDS - T0))

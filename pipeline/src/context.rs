@@ -53,10 +53,10 @@ pub struct Upstream {
 }
 
 /// One external input: a file (manifest with one entry named after the input)
-/// or a folder (entries relative to it).
+/// or a folder, local or remote (entries relative to it).
 pub struct ExternalFiles {
     pub name: String,
-    pub path: PathBuf,
+    pub source: crate::registry::Source,
     pub is_dir: bool,
     pub manifest: Manifest,
 }

@@ -19,8 +19,8 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error(transparent)]
     LockFile(#[from] LockFileError),
-    #[error("stage `{stage}`: input `{name}` not found at {}", path.display())]
-    MissingInput { stage: String, name: String, path: PathBuf },
+    #[error("stage `{stage}`: input `{name}` not found at {location}")]
+    MissingInput { stage: String, name: String, location: String },
     #[error("{}", path.display())]
     Io {
         path: PathBuf,

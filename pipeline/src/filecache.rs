@@ -143,6 +143,22 @@ impl FileHashCache {
         Ok(())
     }
 
+    /// The digest remembered for an object in a remote store, if its size and
+    /// version (ETag or mtime) are unchanged. Keyed by the object's URL.
+    pub fn get_remote(&self, url: &str, size: u64, version: &str) -> Option<Digest> {
+        match self.entries.get(Path::new(url)) {
+            Some((stamp, digest)) if *stamp == remote_stamp(size, version) => Some(*digest),
+            _ => None,
+        }
+    }
+
+    /// Remembers a remote object's digest under its size and version.
+    pub fn put_remote(&mut self, url: &str, size: u64, version: &str, digest: Digest) {
+        self.entries.insert(PathBuf::from(url), (remote_stamp(size, version), digest));
+        self.hashed += 1;
+        self.dirty = true;
+    }
+
     /// Drops every entry under `dir` (a staging folder that was renamed away).
     pub fn forget_under(&mut self, dir: &Path) {
         let before = self.entries.len();
@@ -187,6 +203,13 @@ impl FileHashCache {
                 .collect(),
         ))
     }
+}
+
+/// A remote object's version string folded into the stamp's inode slot
+/// (remote keys are URLs, so they never collide with local paths).
+fn remote_stamp(size: u64, version: &str) -> Stamp {
+    let h = Digest::of_bytes(version.as_bytes());
+    Stamp { size, mtime_ns: -1, inode: u64::from_le_bytes(h.0[..8].try_into().expect("8 bytes")) }
 }
 
 fn is_racy(stamp: Stamp, now: SystemTime) -> bool {

@@ -53,7 +53,39 @@ pub struct ExternalInput {
     /// The parameter it came from (`metadata`, `images`): names the input in
     /// messages and prefixes its manifest entries.
     pub name: String,
-    pub path: PathBuf,
+    pub source: Source,
+}
+
+/// Where an external input lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A file or folder on this machine.
+    Local(PathBuf),
+    /// A folder of objects behind a URL (`s3://bucket/prefix`, `gs://`,
+    /// `az://`, `file:///abs/dir`), listed and read through object_store.
+    Remote(String),
+}
+
+impl Source {
+    /// A parameter value: a URL (`scheme://...`) or a path relative to `base_dir`.
+    pub fn from_param(value: &str, base_dir: &Path) -> Source {
+        if value.contains("://") { Source::Remote(value.to_string()) } else { Source::Local(base_dir.join(value)) }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Local(p) => write!(f, "{}", p.display()),
+            Source::Remote(u) => f.write_str(u),
+        }
+    }
+}
+
+impl ExternalInput {
+    pub fn new(name: &str, value: &str, base_dir: &Path) -> Self {
+        ExternalInput { name: name.to_string(), source: Source::from_param(value, base_dir) }
+    }
 }
 
 /// A stage's parameters after validation: the typed value, and its canonical

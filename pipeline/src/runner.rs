@@ -33,7 +33,8 @@ use crate::fingerprint::{CACHE_VERSION, FingerprintInputs, changed_params, finge
 use crate::fsutil;
 use crate::lockfile::{LockEntry, LockFile, params_to_json, params_to_toml};
 use crate::manifest::{Entry, Manifest};
-use crate::registry::Registry;
+use crate::registry::{Registry, Source};
+use crate::remote;
 use crate::runlock::RunLock;
 use crate::store::{BlobStore, ObjectBlobStore};
 
@@ -423,23 +424,32 @@ impl<'r> Engine<'r> {
         let bar: OnceLock<ProgressBar> = OnceLock::new();
         let progress = self.progress.clone();
         for input in declared {
-            let meta = std::fs::metadata(&input.path).map_err(|_| Error::MissingInput {
-                stage: stage.clone(),
-                name: input.name.clone(),
-                path: input.path.clone(),
-            })?;
             let on_hashed = |n: u64| bar.get_or_init(|| progress.bar(0, "hashing input files")).inc(n);
-            let manifest = if meta.is_dir() {
-                self.cache.manifest_of_dir(&input.path, &on_hashed).map_err(|e| Error::io(&input.path, e))?
-            } else {
-                let (size, digest) = self.cache.digest(&input.path).map_err(|e| Error::io(&input.path, e))?;
-                Manifest::new(vec![Entry { path: input.name.clone(), size, digest }])
+            let missing = || Error::MissingInput { stage: stage.clone(), name: input.name.clone(), location: input.source.to_string() };
+            let (manifest, is_dir) = match &input.source {
+                Source::Local(path) => {
+                    let meta = std::fs::metadata(path).map_err(|_| missing())?;
+                    if meta.is_dir() {
+                        (self.cache.manifest_of_dir(path, &on_hashed).map_err(|e| Error::io(path, e))?, true)
+                    } else {
+                        let (size, digest) = self.cache.digest(path).map_err(|e| Error::io(path, e))?;
+                        (Manifest::new(vec![Entry { path: input.name.clone(), size, digest }]), false)
+                    }
+                }
+                Source::Remote(url) => {
+                    let remote = ObjectBlobStore::open(url, &self.pipeline.base_dir)?;
+                    let m = remote::manifest_of_prefix(&remote, &mut self.cache, &on_hashed)?;
+                    if m.is_empty() {
+                        return Err(missing());
+                    }
+                    (m, true)
+                }
             };
             for e in manifest.entries() {
-                let path = if meta.is_dir() { format!("{}/{}", input.name, e.path) } else { e.path.clone() };
+                let path = if is_dir { format!("{}/{}", input.name, e.path) } else { e.path.clone() };
                 combined.push(Entry { path, ..e.clone() });
             }
-            files.push(ExternalFiles { name: input.name, path: input.path, is_dir: meta.is_dir(), manifest });
+            files.push(ExternalFiles { name: input.name, source: input.source, is_dir, manifest });
         }
         if let Some(b) = bar.get() {
             b.finish_and_clear();

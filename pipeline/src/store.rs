@@ -141,6 +141,54 @@ impl ObjectBlobStore {
     }
 }
 
+/// An object under a store's prefix, as listed.
+#[derive(Clone, Debug)]
+pub struct ObjectInfo {
+    /// Key relative to the store's prefix, `/`-separated.
+    pub key: String,
+    pub size: u64,
+    /// What changes when the object is rewritten: its ETag, else its mtime.
+    pub version: String,
+}
+
+impl ObjectBlobStore {
+    /// Every object under the prefix, with size and version, sorted by key.
+    pub fn list_objects(&self) -> Result<Vec<ObjectInfo>, StoreError> {
+        let strip = self.prefix.as_ref().len();
+        let metas = self
+            .runtime
+            .block_on(self.inner.list(Some(&self.prefix)).try_collect::<Vec<_>>())
+            .map_err(|e| self.backend("list", "", e))?;
+        let mut out: Vec<ObjectInfo> = metas
+            .into_iter()
+            .map(|m| ObjectInfo {
+                key: m.location.as_ref()[strip..].trim_start_matches('/').to_string(),
+                size: m.size,
+                version: m.e_tag.clone().unwrap_or_else(|| m.last_modified.to_rfc3339()),
+            })
+            .filter(|o| !o.key.split('/').any(|part| part.starts_with('.')))
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Fetches several objects with up to `concurrency` requests in flight;
+    /// results in the order of `keys`. A missing key is an error here: the
+    /// caller listed it a moment ago.
+    pub fn get_many(&self, keys: &[&str], concurrency: usize) -> Result<Vec<Bytes>, StoreError> {
+        self.runtime.block_on(async {
+            futures::stream::iter(keys.iter().map(|key| async move {
+                let path = self.path(key);
+                let got = self.inner.get(&path).await.map_err(|e| self.backend("get", key, e))?;
+                got.bytes().await.map_err(|e| self.backend("get", key, e))
+            }))
+            .buffered(concurrency.max(1))
+            .try_collect()
+            .await
+        })
+    }
+}
+
 impl BlobStore for ObjectBlobStore {
     fn describe(&self) -> String {
         self.describe.clone()

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use arrow_array::{ArrayRef, Int32Array, Int64Array, StringArray};
 use melanoflow_pipeline::manifest::Entry;
-use melanoflow_pipeline::{BoxError, ExternalInput, Stage, StageContext, StageReport};
+use melanoflow_pipeline::{BoxError, ExternalFiles, ExternalInput, Source, Stage, StageContext, StageReport};
 use serde::{Deserialize, Serialize};
 
 pub struct Ingest;
@@ -88,6 +88,11 @@ impl Stage for Ingest {
         if !(0.0..1.0).contains(&v) || !(0.0..1.0).contains(&t) || v + t >= 1.0 {
             return Err(format!("`val_fraction` ({v}) and `test_fraction` ({t}) must be >= 0 and sum to less than 1"));
         }
+        for (key, v) in [("metadata", &p.metadata), ("duplicates", &p.duplicates)] {
+            if v.as_deref().is_some_and(|v| v.contains("://")) {
+                return Err(format!("`{key}` must be a local file (only `images` may be an object-store URL)"));
+            }
+        }
         if p.image_extensions.is_empty() {
             return Err("`image_extensions` must list at least one extension".into());
         }
@@ -97,7 +102,7 @@ impl Stage for Ingest {
     fn external_inputs(&self, p: &IngestParams, base_dir: &Path) -> Vec<ExternalInput> {
         [("metadata", &p.metadata), ("images", &p.images), ("duplicates", &p.duplicates)]
             .into_iter()
-            .filter_map(|(name, v)| v.as_ref().map(|v| ExternalInput { name: name.into(), path: base_dir.join(v) }))
+            .filter_map(|(name, v)| v.as_ref().map(|v| ExternalInput::new(name, v, base_dir)))
             .collect()
     }
 
@@ -108,7 +113,8 @@ impl Stage for Ingest {
 
 /// The image folder's files: name -> manifest entry.
 struct ImageFolder<'a> {
-    root: PathBuf,
+    /// For messages: a local path or a URL.
+    root: String,
     /// The folder as later stages should find it: relative to the pipeline
     /// file's folder (machine-independent) when possible.
     portable: String,
@@ -130,16 +136,19 @@ fn locate<'a>(p: &IngestParams, ctx: &'a StageContext) -> Result<(PathBuf, Image
             .collect();
         let root = up.dir.join(UPSTREAM_IMAGES);
         let portable = root.strip_prefix(&ctx.base_dir).unwrap_or(&root).to_string_lossy().into_owned();
-        return Ok((csv, ImageFolder { root, portable, files }));
+        return Ok((csv, ImageFolder { root: root.display().to_string(), portable, files }));
     }
     let csv = ctx.external("metadata").ok_or_else(|| anyhow!("no metadata input"))?;
     let images = ctx.external("images").ok_or_else(|| anyhow!("no images input"))?;
     if !images.is_dir {
-        bail!("`images` ({}) must be a folder", images.path.display());
+        bail!("`images` ({}) must be a folder", images.source);
     }
+    let Source::Local(csv_path) = &csv.source else {
+        bail!("`metadata` ({}) must be a local file: download it first", csv.source);
+    };
     let files = images.manifest.entries().iter().filter(|e| !e.path.contains('/')).map(|e| (e.path.as_str(), e)).collect();
-    let portable = p.images.clone().unwrap_or_else(|| images.path.to_string_lossy().into_owned());
-    Ok((csv.path.clone(), ImageFolder { root: images.path.clone(), portable, files }))
+    let portable = p.images.clone().unwrap_or_else(|| images.source.to_string());
+    Ok((csv_path.clone(), ImageFolder { root: images.source.to_string(), portable, files }))
 }
 
 fn run(p: &IngestParams, ctx: &StageContext) -> Result<StageReport> {
@@ -166,7 +175,7 @@ fn run(p: &IngestParams, ctx: &StageContext) -> Result<StageReport> {
             missing.len(),
             records.len(),
             csv_path.display(),
-            folder.root.display(),
+            folder.root,
             p.image_extensions.join(", ."),
             missing.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
             if missing.len() > 5 { ", ..." } else { "" }
@@ -174,7 +183,8 @@ fn run(p: &IngestParams, ctx: &StageContext) -> Result<StageReport> {
     }
 
     let drops = match (&p.duplicates, ctx.external("duplicates")) {
-        (Some(_), Some(d)) => duplicates::choose(&d.path, &records)?,
+        (Some(_), Some(ExternalFiles { source: Source::Local(path), .. })) => duplicates::choose(path, &records)?,
+        (Some(v), Some(_)) => bail!("`duplicates` ({v}) must be a local file"),
         _ => duplicates::Drops { dropped: Vec::new(), unmatched_pairs: 0 },
     };
     let mut keep = vec![true; records.len()];

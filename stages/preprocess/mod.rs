@@ -12,6 +12,8 @@
 //!   source images decodes 10. The summary says how many were decoded and
 //!   how many reused.
 //! - Every source file is checked against the digest `ingest` recorded.
+//! - Sources are a local folder or an object-store prefix; remote files are
+//!   fetched concurrently in batches of 64, never all at once.
 //! - Bad images (empty, not an image, corrupt or truncated, too small):
 //!   `on_bad_image = "fail"` stops the run naming every one and why;
 //!   `"skip"` leaves them out and lists them in `bad_images.parquet` and the
@@ -22,12 +24,13 @@ pub mod shards;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, bail};
 use arrow_array::{ArrayRef, Int32Array, Int64Array, StringArray};
 use fast_image_resize::Resizer;
-use melanoflow_pipeline::{BoxError, Digest, Stage, StageContext, StageReport};
+use melanoflow_pipeline::store::{BlobStore, ObjectBlobStore};
+use melanoflow_pipeline::{BoxError, Digest, Source, Stage, StageContext, StageReport};
 use polars::prelude::{ParquetReader, SerReader};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -185,20 +188,69 @@ impl Reuse {
     }
 }
 
+/// Where the source images are: a local folder (read inside the parallel
+/// decode loop) or an object-store prefix (fetched concurrently in small
+/// batches ahead of decoding, so memory holds one batch of files, not all).
+enum ImageSource {
+    Local(PathBuf),
+    Remote(ObjectBlobStore),
+}
+
+/// Files fetched ahead from a remote source, at most this many at once.
+const REMOTE_BATCH: usize = 64;
+
+impl ImageSource {
+    fn open(images: &str, base_dir: &Path) -> Result<ImageSource> {
+        Ok(match Source::from_param(images, base_dir) {
+            Source::Local(p) => ImageSource::Local(p),
+            Source::Remote(url) => ImageSource::Remote(ObjectBlobStore::open(&url, base_dir)?),
+        })
+    }
+
+    fn describe(&self, file: &str) -> String {
+        match self {
+            ImageSource::Local(root) => root.join(file).display().to_string(),
+            ImageSource::Remote(store) => format!("{}/{file}", store.describe().trim_end_matches('/')),
+        }
+    }
+
+    /// Fetches `files` ahead of decoding (remote sources only).
+    fn prefetch(&self, files: &[&str]) -> Result<HashMap<String, Vec<u8>>> {
+        match self {
+            ImageSource::Local(_) => Ok(HashMap::new()),
+            ImageSource::Remote(store) => {
+                let bodies = store.get_many(files, 16)?;
+                Ok(files.iter().map(|f| f.to_string()).zip(bodies.into_iter().map(|b| b.to_vec())).collect())
+            }
+        }
+    }
+
+    fn read(&self, file: &str, prefetched: &Mutex<HashMap<String, Vec<u8>>>) -> Result<Vec<u8>> {
+        match self {
+            ImageSource::Local(root) => {
+                let path = root.join(file);
+                std::fs::read(&path).with_context(|| format!("reading image {}", path.display()))
+            }
+            ImageSource::Remote(_) => {
+                let taken = prefetched.lock().expect("not poisoned").remove(file);
+                taken.ok_or_else(|| anyhow!("{} was not fetched", self.describe(file)))
+            }
+        }
+    }
+}
+
 enum Outcome {
     Pixels { bytes: Vec<u8>, reused: bool },
     Bad(BadImage),
 }
 
-fn prepare(p: &PreprocessParams, root: &Path, file: &str, digest: &str, reuse: Option<&Reuse>, resizer: &mut Resizer) -> Result<Outcome> {
-    if let Some(hit) = reuse.and_then(|r| r.get(digest)) {
-        return Ok(Outcome::Pixels { bytes: hit?, reused: true });
-    }
-    let path = root.join(file);
-    let bytes = std::fs::read(&path).with_context(|| format!("reading image {}", path.display()))?;
+fn prepare(p: &PreprocessParams, source: &ImageSource, bytes: Vec<u8>, file: &str, digest: &str, resizer: &mut Resizer) -> Result<Outcome> {
     let actual = Digest::of_bytes(&bytes).to_hex();
     if actual != digest {
-        bail!("{} changed since `ingest` recorded it (BLAKE3 {actual}, expected {digest}); run the pipeline again", path.display());
+        bail!(
+            "{} changed since `ingest` recorded it (BLAKE3 {actual}, expected {digest}); run the pipeline again",
+            source.describe(file)
+        );
     }
     let decoded = match image_ops::decode_rgb8(&bytes) {
         Ok(img) => img,
@@ -220,7 +272,7 @@ fn run(p: &PreprocessParams, ctx: &StageContext) -> Result<StageReport> {
     let source: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(ingest.dir.join("source.json")).context("reading the ingest stage's source.json")?,
     )?;
-    let root = ctx.base_dir.join(source["images"].as_str().ok_or_else(|| anyhow!("source.json has no `images`"))?);
+    let images = ImageSource::open(source["images"].as_str().ok_or_else(|| anyhow!("source.json has no `images`"))?, &ctx.base_dir)?;
 
     let pixel_digest = pixel_params_digest(p);
     let reuse = Reuse::load(ctx.previous.as_deref(), &pixel_digest, p.size)?;
@@ -234,14 +286,32 @@ fn run(p: &PreprocessParams, ctx: &StageContext) -> Result<StageReport> {
     let mut shard_names = Vec::new();
     let all: Vec<usize> = (0..rows.image_name.len()).collect();
     for chunk in all.chunks(per_shard) {
-        let outcomes: Vec<Outcome> = chunk
-            .par_iter()
-            .map_init(Resizer::new, |resizer, &i| {
-                let out = prepare(p, &root, &rows.image_file[i], &rows.image_digest[i], reuse.as_ref(), resizer);
-                bar.inc(1);
-                out
-            })
-            .collect::<Result<_>>()?;
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(chunk.len());
+        let batch_len = if matches!(images, ImageSource::Remote(_)) { REMOTE_BATCH } else { chunk.len() };
+        for batch in chunk.chunks(batch_len) {
+            // Reuse first; fetch (remote) only what must be decoded.
+            let hits: Vec<Option<Result<Vec<u8>>>> = batch.iter().map(|&i| reuse.as_ref().and_then(|r| r.get(&rows.image_digest[i]))).collect();
+            let to_fetch: Vec<&str> = batch.iter().zip(&hits).filter(|(_, h)| h.is_none()).map(|(&i, _)| rows.image_file[i].as_str()).collect();
+            let prefetched = Mutex::new(images.prefetch(&to_fetch)?);
+            let done: Vec<Outcome> = batch
+                .par_iter()
+                .zip(hits)
+                .map_init(Resizer::new, |resizer, (&i, hit)| {
+                    let out = match hit {
+                        Some(pixels) => pixels.map(|bytes| Outcome::Pixels { bytes, reused: true }),
+                        None => {
+                            let file = &rows.image_file[i];
+                            images
+                                .read(file, &prefetched)
+                                .and_then(|bytes| prepare(p, &images, bytes, file, &rows.image_digest[i], resizer))
+                        }
+                    };
+                    bar.inc(1);
+                    out
+                })
+                .collect::<Result<_>>()?;
+            outcomes.extend(done);
+        }
         let mut pixels: Vec<&[u8]> = Vec::with_capacity(chunk.len());
         let shard_name = format!("shard-{:05}.safetensors", shard_names.len());
         for (&i, outcome) in chunk.iter().zip(&outcomes) {
@@ -261,7 +331,7 @@ fn run(p: &PreprocessParams, ctx: &StageContext) -> Result<StageReport> {
     }
     bar.finish_and_clear();
 
-    let describe_bad = |(i, why): &(usize, BadImage)| format!("{} ({}): {why}", root.join(&rows.image_file[*i]).display(), rows.image_name[*i]);
+    let describe_bad = |(i, why): &(usize, BadImage)| format!("{} ({}): {why}", images.describe(&rows.image_file[*i]), rows.image_name[*i]);
     if !bad.is_empty() && p.on_bad_image == OnBadImage::Fail {
         let list: Vec<String> = bad.iter().map(describe_bad).collect();
         bail!(

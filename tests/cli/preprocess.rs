@@ -208,3 +208,25 @@ fn corrupt_jpeg() {
 fn image_too_small_for_size() {
     bad_image(&jpeg(&picture(3, 40, 20)), "too small: 40x20");
 }
+
+#[test]
+fn images_from_an_object_store_url() {
+    // The same images behind a `file://` object-store URL: listed and fetched
+    // through object_store, as an `s3://` prefix would be.
+    let local = project(12, 32, "");
+    local.ok(&["run"]);
+    let url = format!("file://{}", local.path("data/src/jpeg").display());
+    let p = Project::new(&pipeline(32, "").replace("\"src/jpeg\"", &format!("\"{url}\"")));
+    p.write("data/src/train.csv", std::fs::read(local.path("data/src/train.csv")).unwrap());
+    let r = p.ok(&["run"]);
+    assert!(r.line("preprocess").contains("12 images in 1 shard(s) at 32 px: decoded 12"), "{}", r.stdout);
+    assert_eq!(pixels(&p, "preprocess", 32), pixels(&local, "preprocess", 32), "same pixels as from the folder");
+    let source: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p.path("data/out/ingest/source.json")).unwrap()).unwrap();
+    assert_eq!(source["images"], url.as_str());
+    assert_eq!(p.ok(&["run"]).state("ingest"), "cached", "a no-op costs a listing");
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    local.write("data/src/jpeg/ISIC_0000004.jpg", jpeg(&picture(77, 96, 72)));
+    let r = p.ok(&["run"]);
+    assert!(r.line("ingest").contains("input files changed `images/ISIC_0000004.jpg`"), "{}", r.stdout);
+    assert!(r.line("preprocess").contains("decoded 1, reused 11"), "{}", r.stdout);
+}
