@@ -43,7 +43,9 @@ impl Stamp {
 #[derive(Default)]
 pub struct FileHashCache {
     file: Option<PathBuf>,
-    entries: HashMap<PathBuf, (Stamp, Digest)>,
+    /// Keyed by the path's bytes: hashing a `Path` goes component by
+    /// component and showed up in no-op profiles.
+    entries: HashMap<Box<[u8]>, (Stamp, Digest)>,
     dirty: bool,
     /// Files read and hashed (cache misses) since load: the work the cache did not save.
     pub hashed: usize,
@@ -67,7 +69,7 @@ impl FileHashCache {
                 let size = parts.next()?.parse().ok()?;
                 let mtime_ns = parts.next()?.parse().ok()?;
                 let inode = parts.next()?.parse().ok()?;
-                let path = PathBuf::from(parts.next()?);
+                let path: Box<[u8]> = parts.next()?.as_bytes().into();
                 Some((path, (Stamp { size, mtime_ns, inode }, digest)))
             })();
             match parsed {
@@ -101,10 +103,19 @@ impl FileHashCache {
             .iter()
             .map(|p| std::fs::metadata(p).map(|m| Stamp::of(&m)).map_err(|e| with_path(e, p)))
             .collect::<Result<_, _>>()?;
+        self.digest_stamped(paths, &stamps, on_hashed)
+    }
+
+    fn digest_stamped(
+        &mut self,
+        paths: &[PathBuf],
+        stamps: &[Stamp],
+        on_hashed: &(dyn Fn(u64) + Sync),
+    ) -> std::io::Result<Vec<(u64, Digest)>> {
         let mut results: Vec<Option<(u64, Digest)>> = paths
             .iter()
-            .zip(&stamps)
-            .map(|(p, s)| match self.entries.get(p) {
+            .zip(stamps)
+            .map(|(p, s)| match self.entries.get(key(p)) {
                 Some((cached, d)) if cached == s => Some((s.size, *d)),
                 _ => None,
             })
@@ -124,9 +135,9 @@ impl FileHashCache {
             let stamp = stamps[i];
             results[i] = Some((stamp.size, digest));
             if is_racy(stamp, now) {
-                self.entries.remove(&paths[i]);
+                self.entries.remove(key(&paths[i]));
             } else {
-                self.entries.insert(paths[i].clone(), (stamp, digest));
+                self.entries.insert(key(&paths[i]).into(), (stamp, digest));
             }
             self.dirty = true;
         }
@@ -137,7 +148,7 @@ impl FileHashCache {
     pub fn record(&mut self, path: &Path, digest: Digest) -> std::io::Result<()> {
         let stamp = Stamp::of(&std::fs::metadata(path).map_err(|e| with_path(e, path))?);
         if !is_racy(stamp, SystemTime::now()) {
-            self.entries.insert(path.to_path_buf(), (stamp, digest));
+            self.entries.insert(key(path).into(), (stamp, digest));
             self.dirty = true;
         }
         Ok(())
@@ -146,7 +157,7 @@ impl FileHashCache {
     /// The digest remembered for an object in a remote store, if its size and
     /// version (ETag or mtime) are unchanged. Keyed by the object's URL.
     pub fn get_remote(&self, url: &str, size: u64, version: &str) -> Option<Digest> {
-        match self.entries.get(Path::new(url)) {
+        match self.entries.get(url.as_bytes()) {
             Some((stamp, digest)) if *stamp == remote_stamp(size, version) => Some(*digest),
             _ => None,
         }
@@ -154,7 +165,7 @@ impl FileHashCache {
 
     /// Remembers a remote object's digest under its size and version.
     pub fn put_remote(&mut self, url: &str, size: u64, version: &str, digest: Digest) {
-        self.entries.insert(PathBuf::from(url), (remote_stamp(size, version), digest));
+        self.entries.insert(url.as_bytes().into(), (remote_stamp(size, version), digest));
         self.hashed += 1;
         self.dirty = true;
     }
@@ -162,7 +173,9 @@ impl FileHashCache {
     /// Drops every entry under `dir` (a staging folder that was renamed away).
     pub fn forget_under(&mut self, dir: &Path) {
         let before = self.entries.len();
-        self.entries.retain(|p, _| !p.starts_with(dir));
+        let mut prefix = key(dir).to_vec();
+        prefix.push(b'/');
+        self.entries.retain(|p, _| !p.starts_with(&prefix));
         self.dirty |= self.entries.len() != before;
     }
 
@@ -178,7 +191,7 @@ impl FileHashCache {
         text.push_str(HEADER);
         text.push('\n');
         for (path, (s, d)) in rows {
-            let Some(p) = path.to_str() else { continue };
+            let Ok(p) = std::str::from_utf8(path) else { continue };
             text.push_str(&format!("{} {} {} {} {}\n", d, s.size, s.mtime_ns, s.inode, p));
         }
         crate::fsutil::write_atomic(file, text.as_bytes())?;
@@ -193,13 +206,14 @@ impl FileHashCache {
         on_hashed: &(dyn Fn(u64) + Sync),
     ) -> std::io::Result<Manifest> {
         let files = walk_files(root).map_err(|e| with_path(e, root))?;
-        let paths: Vec<PathBuf> = files.iter().map(|(_, p)| p.clone()).collect();
-        let digests = self.digest_many(&paths, on_hashed)?;
+        let stamps: Vec<Stamp> = files.iter().map(|f| Stamp::of(&f.meta)).collect();
+        let paths: Vec<PathBuf> = files.iter().map(|f| f.path.clone()).collect();
+        let digests = self.digest_stamped(&paths, &stamps, on_hashed)?;
         Ok(Manifest::new(
             files
                 .into_iter()
                 .zip(digests)
-                .map(|((rel, _), (size, digest))| Entry { path: rel, size, digest })
+                .map(|(f, (size, digest))| Entry { path: f.rel, size, digest })
                 .collect(),
         ))
     }
@@ -218,6 +232,10 @@ fn is_racy(stamp: Stamp, now: SystemTime) -> bool {
         .map(|d| d.as_nanos() as i128)
         .unwrap_or(i128::MAX);
     now_ns - stamp.mtime_ns < RACY_WINDOW.as_nanos() as i128
+}
+
+fn key(path: &Path) -> &[u8] {
+    path.as_os_str().as_encoded_bytes()
 }
 
 fn with_path(e: std::io::Error, path: &Path) -> std::io::Error {
