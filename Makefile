@@ -6,7 +6,7 @@ CARGO  ?= cargo
 BIN    := target/release/melanoflow
 CONFIG ?= data/pipeline.toml
 
-.PHONY: pipeline test bench build status clean
+.PHONY: pipeline test bench build status clean gpu-check
 
 pipeline: build
 	$(BIN) run --config $(CONFIG)
@@ -20,9 +20,18 @@ test:
 bench: build
 	benches/engine_noop.sh
 	benches/preprocess.sh
+	benches/cyclegan.sh
 
 status: build
 	$(BIN) status --config $(CONFIG)
+
+# A few CycleGAN steps on CPU and GPU, losses side by side (needs an NVIDIA GPU).
+# The CUDA toolkit comes from pip (../shared/cuda/toolkit.sh); the build goes to
+# target-cuda/ so it does not disturb the CPU build.
+gpu-check: pipeline
+	../shared/cuda/toolkit.sh /opt/cu13
+	. /opt/cu13/env.sh && CARGO_TARGET_DIR=target-cuda $(CARGO) build --release --features cuda --example gpu_check
+	LD_LIBRARY_PATH=/opt/cu13/lib:$$LD_LIBRARY_PATH target-cuda/release/examples/gpu_check data/out/preprocess 5
 
 clean:
 	rm -rf data/out data/store data/.melanoflow

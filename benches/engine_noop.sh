@@ -170,6 +170,7 @@ once() {
     (cd "$cwd" && "$@") >"$out" 2>&1 || rc=$?
     cat "$out" >>"$LOG"
     [ "$rc" = 0 ] && return 0
+    [ "$rc" = 124 ] && [ "$1" = timeout ] && rc="124: timed out after $2 s; set BENCH_POPULATE_TIMEOUT"
     NOTES+=("$what failed (exit $rc): \`(cd $cwd && $*)\`: $(tail -3 "$out" | tr '\n' ' ' | cut -c1-400)")
     say "FAILED: $what: (cd $cwd && $*)"
     tail -5 "$out" >&2
@@ -189,7 +190,7 @@ settle() {
 # Checks that a no-op really was one: melanoflow says every stage is cached.
 check_mf_noop() {
     local label=$1 config=$2 out="$W/check.out"
-    if "$BIN" run --config "$config" >"$out" 2>&1 && grep -qE '^[0-9]+ stage\(s\): [0-9]+ cached in ' "$out"; then
+    if "$BIN" run --config "$config" "${MF_ARGS[@]}" >"$out" 2>&1 && grep -qE '^[0-9]+ stage\(s\): [0-9]+ cached in ' "$out"; then
         return 0
     fi
     NOTES+=("$label: the timed melanoflow run was not a no-op: \`$BIN run --config $config\` printed: $(tr '\n' ' ' <"$out" | cut -c1-300)")
@@ -229,11 +230,11 @@ dvc_project() {
 bench_row() {
     local label=$1 files=$2 config=$3 dvcdir=$4 goal=$5 goal_ms=$6
     local mfr=fail mfs=fail dr=n/a ds=n/a
-    settle "$label: melanoflow run (settle)" "$(dirname "$config")" "$BIN" run --config "$config" -q || true
+    settle "$label: melanoflow run (settle)" "$(dirname "$config")" "$BIN" run --config "$config" "${MF_ARGS[@]}" -q || true
     say "  timing melanoflow run (no-op) ..."
-    mfr=$(measure "$label: melanoflow run -q" "$(dirname "$config")" "$BIN" run --config "$config" -q) || mfr=fail
+    mfr=$(measure "$label: melanoflow run -q" "$(dirname "$config")" "$BIN" run --config "$config" "${MF_ARGS[@]}" -q) || mfr=fail
     say "  timing melanoflow status ..."
-    mfs=$(measure "$label: melanoflow status" "$(dirname "$config")" "$BIN" status --config "$config") || mfs=fail
+    mfs=$(measure "$label: melanoflow status" "$(dirname "$config")" "$BIN" status --config "$config" "${MF_ARGS[@]}") || mfs=fail
     check_mf_noop "$label" "$config"
     if [ -n "$DVC" ] && [ -n "$dvcdir" ]; then
         dr=fail ds=fail
@@ -252,16 +253,35 @@ bench_row() {
 }
 
 T0=$SECONDS
+# Extra arguments for every melanoflow command of the current row (--set ...).
+MF_ARGS=()
+POPULATE_TIMEOUT=${BENCH_POPULATE_TIMEOUT:-300}
 
 # --------------------------------------------------------------------------
-# Row 1: the default pipeline.
+# Row 1: the default pipeline. Populating it runs every stage once; a
+# training stage (kind train_cyclegan) is cut to one epoch with --set, passed
+# to every melanoflow command of this row, so that `make bench` stays short:
+# the no-op cost does not depend on how long the training took.
+# BENCH_DEFAULT_SET="STAGE.KEY=VALUE ..." replaces those overrides ("" = none).
 say ""
 say "== default pipeline (data/pipeline.toml) =="
 T="$W/default"
 mkdir -p "$T/data"
 cp data/pipeline.toml "$T/data/pipeline.toml"
-say "  populating (melanoflow run) ..."
-if once "default pipeline: melanoflow run (populate)" "$T" "$BIN" run --config "$T/data/pipeline.toml"; then
+IFS=$'\t' read -r STAGES TRAIN_SET < <(python3 - "$T/data/pipeline.toml" <<'EOF'
+import sys, tomllib
+stages = tomllib.load(open(sys.argv[1], "rb")).get("stages", {})
+sets = [f"{n}.n_epochs=1 {n}.n_epochs_decay=0" for n, t in stages.items() if t.get("kind") == "train_cyclegan"]
+print(" → ".join(stages) or "?", " ".join(sets), sep="\t")
+EOF
+) || STAGES="?"
+DEFAULT_SET=${BENCH_DEFAULT_SET-${TRAIN_SET:-}}
+MF_ARGS=()
+for o in $DEFAULT_SET; do MF_ARGS+=(--set "$o"); done
+label="default pipeline ($STAGES${DEFAULT_SET:+; with --set $DEFAULT_SET})"
+say "  stages: $STAGES${DEFAULT_SET:+ (--set $DEFAULT_SET)}"
+say "  populating (melanoflow run, at most $POPULATE_TIMEOUT s) ..."
+if once "default pipeline: melanoflow run (populate)" "$T" timeout "$POPULATE_TIMEOUT" "$BIN" run --config "$T/data/pipeline.toml" "${MF_ARGS[@]}"; then
     nfiles=$(find "$T/data/out/synth" -type f | wc -l)
     dvcdir=""
     if [ -n "$DVC" ]; then
@@ -271,10 +291,11 @@ if once "default pipeline: melanoflow run (populate)" "$T" "$BIN" run --config "
         # project would not have them, so DVC does not walk them.
         printf '/data/store/\n/data/.melanoflow/\n' >>"$T/.dvcignore"
     fi
-    bench_row "default pipeline (synth + ingest)" "$nfiles" "$T/data/pipeline.toml" "$dvcdir" "—" "-"
+    bench_row "$label" "$nfiles" "$T/data/pipeline.toml" "$dvcdir" "—" "-"
 else
-    printf '%s\t%s\tfail\tfail\tn/a\tn/a\t—\t-\n' "default pipeline (synth + ingest)" "?" >>"$ROWS"
+    printf '%s\t%s\tfail\tfail\tn/a\tn/a\t—\t-\n' "$label" "?" >>"$ROWS"
 fi
+MF_ARGS=()
 
 # --------------------------------------------------------------------------
 # Row 2: ingest over N small images. One project folder per N holds the
@@ -338,7 +359,7 @@ EOF
         *) goal="—"; goal_ms=- ;;
     esac
     say "  populating (melanoflow run) ..."
-    if ! once "$label: melanoflow run (populate)" "$P" "$BIN" run --config "$P/pipeline.toml"; then
+    if ! once "$label: melanoflow run (populate)" "$P" timeout "$POPULATE_TIMEOUT" "$BIN" run --config "$P/pipeline.toml"; then
         printf '%s\t%s\tfail\tfail\tn/a\tn/a\t%s\t%s\n' "$label" "$((n + 1))" "$goal" "$goal_ms" >>"$ROWS"
         continue
     fi
@@ -402,7 +423,7 @@ for line in open(sys.argv[1]):
     print(f"| {label} | {files} | {ms(mr)} | {ms(ms_)} | {ms(dr)} | {ms(ds)} | {ratio(dr, mr)} | {ratio(ds, ms_)} | {goal} |")
 EOF
     echo
-    echo "Times are medians in ms. \"files\": files the no-op must check (synth output folder; or images + train.csv)."
+    echo "Times are medians in ms. \"files\": the files DVC's stage depends on (default pipeline: the synth output folder, which melanoflow checks too, besides its other stages; ingest: images + train.csv)."
     echo "n/a: not measured; fail: the command failed (see notes and $(basename "$LOG"))."
     echo
     echo "<details><summary>min / median / max per measurement (ms)</summary>"

@@ -3,14 +3,17 @@
 //! the Parquet schemas (`melanoflow-schemas`), never the other way round.
 
 pub mod ingest;
+pub mod models;
 pub mod preprocess;
 pub mod synth;
+pub mod train_cyclegan;
 
 use melanoflow_pipeline::Registry;
 
 /// Every stage kind this build knows.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(synth::Synth).register(ingest::Ingest).register(preprocess::Preprocess);
+    r.register(synth::Synth).register(ingest::Ingest).register(preprocess::Preprocess)
+        .register(train_cyclegan::TrainCycleGan);
     r
 }

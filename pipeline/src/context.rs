@@ -27,6 +27,10 @@ pub struct StageContext {
     /// it instead of recomputing them. Read-only; it is replaced only after
     /// this run commits.
     pub previous: Option<PathBuf>,
+    /// A folder that survives a killed run of the same stage with the same
+    /// fingerprint (and nothing else): for checkpoints, so a long training
+    /// run resumes where it stopped. Deleted when the stage commits.
+    pub scratch_dir: PathBuf,
 }
 
 impl StageContext {

@@ -464,6 +464,24 @@ impl<'r> Engine<'r> {
         self.cache.manifest_of_dir(dir, &|_| {}).map(Some).map_err(|e| Error::io(dir, e))
     }
 
+    /// Per stage and fingerprint: `.melanoflow/scratch/STAGE-FINGERPRINT`.
+    fn scratch_dir(&self, name: &str, fp: &Digest) -> PathBuf {
+        self.pipeline.state_dir().join("scratch").join(format!("{name}-{}", fp.short()))
+    }
+
+    /// Drops the stage's scratch folders (checkpoints of this and of abandoned
+    /// fingerprints) once it has committed.
+    fn remove_scratch(&self, name: &str) {
+        let root = self.pipeline.state_dir().join("scratch");
+        let Ok(entries) = std::fs::read_dir(&root) else { return };
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.strip_prefix(name).is_some_and(|rest| rest.starts_with('-') && rest.len() == 13) {
+                let _ = fsutil::remove_dir_if_exists(&e.path());
+            }
+        }
+    }
+
     fn staging_root(&self) -> PathBuf {
         self.pipeline.out_dir.join(".staging")
     }
@@ -503,6 +521,7 @@ impl<'r> Engine<'r> {
             external,
             progress: self.progress.clone(),
             previous,
+            scratch_dir: self.scratch_dir(&name, &fp),
         };
         let kind = self.registry.get(&decl.kind).expect("validated kind");
         let report = match kind.run(&decl.params, &ctx) {
@@ -521,6 +540,7 @@ impl<'r> Engine<'r> {
         let record = RunRecord { kind: decl.kind.clone(), output: digest, files: manifest.len() as u64, bytes: manifest.total_bytes() };
         self.artifacts.put_run(&fp, &record)?;
         self.publish(&name, &staging, &manifest)?;
+        self.remove_scratch(&name);
         Ok((Output { digest, manifest }, report.summary))
     }
 

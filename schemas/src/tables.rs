@@ -75,3 +75,28 @@ pub const BAD_IMAGES: ArtifactSchema = ArtifactSchema {
         ]
     },
 };
+
+/// `train_cyclegan/losses.parquet`: one row per training step.
+pub const CYCLEGAN_LOSSES: ArtifactSchema = ArtifactSchema {
+    name: "cyclegan_losses",
+    version: 1,
+    fields: || {
+        let f = |name: &'static str| Field::new(name, DataType::Float32, false);
+        vec![
+            Field::new("step", DataType::Int64, false),
+            Field::new("epoch", DataType::Int64, false),
+            Field::new("lr", DataType::Float64, false),
+            // Generator side: total, adversarial (A->B judged by D_A, B->A by D_B), cycle, identity.
+            f("loss_g"),
+            f("loss_g_a"),
+            f("loss_g_b"),
+            f("loss_cycle_a"),
+            f("loss_cycle_b"),
+            f("loss_idt_a"),
+            f("loss_idt_b"),
+            // Discriminators.
+            f("loss_d_a"),
+            f("loss_d_b"),
+        ]
+    },
+};

@@ -4,6 +4,7 @@
 
 mod fixture;
 
+mod cyclegan;
 mod engine;
 mod ingest;
 mod preprocess;

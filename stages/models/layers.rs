@@ -1,0 +1,132 @@
+//! Building blocks candle lacks or that the models need in a specific form:
+//! reflection padding (not an op in candle: built from `index_select`),
+//! instance normalisation without affine parameters, LeakyReLU, and
+//! convolutions with biases named like PyTorch's (`weight`, `bias`).
+
+use candle_core::{D, DType, Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, Init, VarBuilder};
+
+/// The init hint for weights: N(0, 0.02), as the reference CycleGAN. (The
+/// actual values are then drawn from the pipeline seed: see `init.rs`.)
+const WEIGHT_INIT: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
+
+/// Pads the last two dimensions by reflection (the edge pixel is not
+/// repeated), like `torch.nn.ReflectionPad2d(p)`. Shape [B, C, H, W] ->
+/// [B, C, H + 2p, W + 2p]; requires p < H and p < W.
+pub fn reflection_pad2d(x: &Tensor, p: usize) -> Result<Tensor> {
+    if p == 0 {
+        return Ok(x.clone());
+    }
+    let (_, _, h, w) = x.dims4()?;
+    let index = |n: usize| -> Result<Tensor> {
+        let idx: Vec<u32> = (0..n + 2 * p)
+            .map(|i| {
+                let j = i as i64 - p as i64;
+                let j = if j < 0 { -j } else if j >= n as i64 { 2 * (n as i64 - 1) - j } else { j };
+                j as u32
+            })
+            .collect();
+        Tensor::from_vec(idx, n + 2 * p, x.device())
+    };
+    let x = x.contiguous()?;
+    x.index_select(&index(w)?, 3)?.index_select(&index(h)?, 2)
+}
+
+/// Instance normalisation over (H, W) per sample and channel, without affine
+/// parameters (PyTorch `InstanceNorm2d(affine=False)`, biased variance).
+pub fn instance_norm(x: &Tensor) -> Result<Tensor> {
+    const EPS: f64 = 1e-5;
+    let mean = x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;
+    centred.broadcast_div(&(var + EPS)?.sqrt()?)
+}
+
+/// LeakyReLU for a slope in [0, 1): max(x, slope * x).
+pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    x.maximum(&(x * slope)?)
+}
+
+/// A 2-D convolution with bias (the reference uses biases with instance norm).
+#[derive(Clone, Debug)]
+pub struct Conv(candle_nn::Conv2d);
+
+impl Conv {
+    pub fn new(cin: usize, cout: usize, k: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get_with_hints((cout, cin, k, k), "weight", WEIGHT_INIT)?;
+        let b = vb.get_with_hints(cout, "bias", Init::Const(0.0))?;
+        let cfg = Conv2dConfig { padding, stride, ..Default::default() };
+        Ok(Conv(candle_nn::Conv2d::new(w, Some(b), cfg)))
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.0.forward(x)
+    }
+}
+
+/// A stride-2 transposed convolution that doubles H and W (kernel 3,
+/// padding 1, output padding 1). Weight shape [cin, cout, 3, 3], as PyTorch.
+#[derive(Clone, Debug)]
+pub struct ConvT(candle_nn::ConvTranspose2d);
+
+impl ConvT {
+    pub fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get_with_hints((cin, cout, 3, 3), "weight", WEIGHT_INIT)?;
+        let b = vb.get_with_hints(cout, "bias", Init::Const(0.0))?;
+        let cfg = ConvTranspose2dConfig { padding: 1, output_padding: 1, stride: 2, dilation: 1 };
+        Ok(ConvT(candle_nn::ConvTranspose2d::new(w, Some(b), cfg)))
+    }
+}
+
+impl Module for ConvT {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.0.forward(x)
+    }
+}
+
+/// Mean squared error against a target tensor of the same shape.
+pub fn mse(x: &Tensor, target: &Tensor) -> Result<Tensor> {
+    (x - target)?.sqr()?.mean_all()
+}
+
+/// Mean absolute error.
+pub fn l1(x: &Tensor, target: &Tensor) -> Result<Tensor> {
+    (x - target)?.abs()?.mean_all()
+}
+
+/// A scalar tensor's value.
+pub fn scalar(x: &Tensor) -> Result<f32> {
+    x.to_dtype(DType::F32)?.to_scalar::<f32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn reflection_pad_matches_torch() {
+        // torch.nn.ReflectionPad2d(2)(torch.arange(9.).reshape(1,1,3,3))[0,0]
+        let x = Tensor::arange(0f32, 9., &Device::Cpu).unwrap().reshape((1, 1, 3, 3)).unwrap();
+        let y = reflection_pad2d(&x, 2).unwrap();
+        let rows: Vec<Vec<f32>> = y.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        assert_eq!(rows[0], [8., 7., 6., 7., 8., 7., 6.]);
+        assert_eq!(rows[2], [2., 1., 0., 1., 2., 1., 0.]);
+        assert_eq!(rows[6], [2., 1., 0., 1., 2., 1., 0.]);
+    }
+
+    #[test]
+    fn instance_norm_zero_mean_unit_variance_per_channel() {
+        let x = Tensor::arange(0f32, 32., &Device::Cpu).unwrap().reshape((1, 2, 4, 4)).unwrap();
+        let x = (x.sqr().unwrap() * 0.1).unwrap();
+        let y = instance_norm(&x).unwrap();
+        for c in 0..2 {
+            let ch = y.get(0).unwrap().get(c).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mean = ch.iter().sum::<f32>() / 16.0;
+            let var = ch.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 16.0;
+            assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-3, "{mean} {var}");
+        }
+    }
+}

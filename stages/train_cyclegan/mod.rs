@@ -1,0 +1,260 @@
+//! Stage `train_cyclegan`: the paper's CycleGAN (benign = domain A,
+//! malignant = domain B) trained in candle on `preprocess`'s train split.
+//!
+//! Outputs: `G_A.safetensors` (benign -> malignant), `G_B.safetensors`
+//! (malignant -> benign), `D_A.safetensors` (judges domain B), `D_B.safetensors`
+//! (judges domain A), with the PyTorch reference's parameter names;
+//! `losses.parquet` (schema `cyclegan_losses/1`, one row per step);
+//! `samples.png` (benign inputs, their malignant translations, the
+//! reconstructions, like the paper's Figure 1); `config.json` (the resolved
+//! configuration); `train.json` (steps and final losses). No timings go into
+//! outputs, so a re-run on the same machine writes the same bytes.
+//!
+//! Checkpoints (every `checkpoint_every` steps) go to the engine's scratch
+//! folder for this fingerprint: kill the process, run again, and training
+//! resumes from the last checkpoint and ends with the same weights as an
+//! uninterrupted run.
+
+pub mod adam;
+pub mod data;
+pub mod grid;
+pub mod train;
+
+#[cfg(test)]
+mod tests;
+
+use anyhow::{Result, anyhow};
+use candle_core::Device;
+use melanoflow_pipeline::{BoxError, Stage, StageContext, StageReport};
+use serde::{Deserialize, Serialize};
+
+use crate::models::cyclegan::{DiscriminatorConfig, GeneratorConfig, Upsample};
+
+pub struct TrainCycleGan;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    /// Sized for 2 CPU cores on the default synthetic data (a few minutes).
+    Default,
+    /// The paper: ngf 64, 9 blocks, batch 8, 360 + 360 epochs (use 224 px; a GPU).
+    Paper,
+}
+
+/// How the discriminators' targets are smoothed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LabelSmoothing {
+    None,
+    /// Real target 0.9 (Salimans et al. 2016).
+    OneSided,
+    /// The paper's notebooks: real = 1 + 0.3 N(0,1), fake = 0.3 N(0,1), per patch.
+    Noisy,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainCycleGanParams {
+    #[serde(default = "defaults::preset")]
+    pub preset: Preset,
+    // Architecture; unset = the preset's value.
+    #[serde(default)]
+    pub ngf: Option<usize>,
+    #[serde(default)]
+    pub n_blocks: Option<usize>,
+    #[serde(default)]
+    pub ndf: Option<usize>,
+    #[serde(default)]
+    pub n_layers_d: Option<usize>,
+    #[serde(default)]
+    pub upsample: Option<Upsample>,
+    /// Generator LeakyReLU slope (the paper's notebooks: 0.01).
+    #[serde(default)]
+    pub slope: Option<f64>,
+    // Training; unset = the preset's value.
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    /// Epochs at the initial learning rate.
+    #[serde(default)]
+    pub n_epochs: Option<usize>,
+    /// Epochs of linear decay to zero after those.
+    #[serde(default)]
+    pub n_epochs_decay: Option<usize>,
+    #[serde(default = "defaults::lr")]
+    pub lr: f64,
+    #[serde(default = "defaults::beta1")]
+    pub beta1: f64,
+    #[serde(default = "defaults::beta2")]
+    pub beta2: f64,
+    #[serde(default = "defaults::lambda_cycle")]
+    pub lambda_cycle: f64,
+    /// Identity loss weight as a fraction of `lambda_cycle` (reference: 0.5; 0 = off, the paper).
+    #[serde(default)]
+    pub lambda_identity: f64,
+    /// Discriminator history of generated images (reference: 50; 0 = off, the paper).
+    #[serde(default)]
+    pub pool_size: usize,
+    #[serde(default = "defaults::label_smoothing")]
+    pub label_smoothing: LabelSmoothing,
+    /// Random flips and 90-degree rotations of training images.
+    #[serde(default = "defaults::augment")]
+    pub augment: bool,
+    #[serde(default = "defaults::checkpoint_every")]
+    pub checkpoint_every: usize,
+    #[serde(default)]
+    pub seed: u64,
+    /// "auto" (CUDA if built with `--features cuda` and a GPU is present), "cpu", or "cuda:N".
+    #[serde(default = "defaults::device")]
+    pub device: String,
+}
+
+mod defaults {
+    use super::*;
+    pub fn preset() -> Preset {
+        Preset::Default
+    }
+    pub fn lr() -> f64 {
+        2e-4
+    }
+    pub fn beta1() -> f64 {
+        0.5
+    }
+    pub fn beta2() -> f64 {
+        0.999
+    }
+    pub fn lambda_cycle() -> f64 {
+        10.0
+    }
+    pub fn label_smoothing() -> LabelSmoothing {
+        LabelSmoothing::None
+    }
+    pub fn augment() -> bool {
+        true
+    }
+    pub fn checkpoint_every() -> usize {
+        100
+    }
+    pub fn device() -> String {
+        "auto".into()
+    }
+}
+
+/// Everything training needs, with the preset applied: saved as `config.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub generator: GeneratorConfig,
+    pub discriminator: DiscriminatorConfig,
+    pub batch_size: usize,
+    pub n_epochs: usize,
+    pub n_epochs_decay: usize,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub lambda_cycle: f64,
+    pub lambda_identity: f64,
+    pub pool_size: usize,
+    pub label_smoothing: LabelSmoothing,
+    pub augment: bool,
+    pub checkpoint_every: usize,
+    pub seed: u64,
+}
+
+impl TrainCycleGanParams {
+    pub fn resolve(&self) -> Config {
+        let (ngf, nb, ndf, batch, epochs) = match self.preset {
+            Preset::Default => (16, 3, 16, 4, 25),
+            Preset::Paper => (64, 9, 64, 8, 360),
+        };
+        Config {
+            generator: GeneratorConfig {
+                ngf: self.ngf.unwrap_or(ngf),
+                n_blocks: self.n_blocks.unwrap_or(nb),
+                upsample: self.upsample.unwrap_or(Upsample::Transposed),
+                slope: self.slope.unwrap_or(0.01),
+            },
+            discriminator: DiscriminatorConfig { ndf: self.ndf.unwrap_or(ndf), n_layers: self.n_layers_d.unwrap_or(3) },
+            batch_size: self.batch_size.unwrap_or(batch),
+            n_epochs: self.n_epochs.unwrap_or(epochs),
+            n_epochs_decay: self.n_epochs_decay.unwrap_or(epochs),
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            lambda_cycle: self.lambda_cycle,
+            lambda_identity: self.lambda_identity,
+            pool_size: self.pool_size,
+            label_smoothing: self.label_smoothing,
+            augment: self.augment,
+            checkpoint_every: self.checkpoint_every,
+            seed: self.seed,
+        }
+    }
+}
+
+/// Parses `device`: "auto", "cpu" or "cuda:N".
+pub fn select_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" if candle_core::utils::cuda_is_available() => Ok(Device::new_cuda(0)?),
+        "auto" => Ok(Device::Cpu),
+        other => {
+            let n: usize = other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| anyhow!("device `{other}`: expected \"auto\", \"cpu\" or \"cuda:N\""))?;
+            if !candle_core::utils::cuda_is_available() {
+                return Err(anyhow!("device `{other}`: this build has no CUDA support (build with `--features cuda`)"));
+            }
+            Ok(Device::new_cuda(n)?)
+        }
+    }
+}
+
+impl Stage for TrainCycleGan {
+    type Params = TrainCycleGanParams;
+    const KIND: &'static str = "train_cyclegan";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str = "CycleGAN benign -> malignant (ResNet generator, PatchGAN, LSGAN + cycle loss) -> safetensors, losses, sample grid";
+
+    fn check(&self, p: &TrainCycleGanParams, inputs: &[String]) -> Result<(), String> {
+        if inputs.len() != 1 {
+            return Err("takes exactly one upstream: a `preprocess` stage".into());
+        }
+        let c = p.resolve();
+        let positive = [
+            ("ngf", c.generator.ngf),
+            ("ndf", c.discriminator.ndf),
+            ("n_layers_d", c.discriminator.n_layers),
+            ("batch_size", c.batch_size),
+            ("checkpoint_every", c.checkpoint_every),
+        ];
+        if let Some((k, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("`{k}` must be at least 1"));
+        }
+        if c.n_epochs + c.n_epochs_decay == 0 {
+            return Err("`n_epochs` + `n_epochs_decay` must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&c.generator.slope) {
+            return Err(format!("`slope` must be within [0, 1), not {}", c.generator.slope));
+        }
+        if !(0.0..1.0).contains(&c.beta1) || !(0.0..1.0).contains(&c.beta2) || c.lr <= 0.0 {
+            return Err("`lr` must be positive and `beta1`, `beta2` within [0, 1)".into());
+        }
+        if let Err(e) = select_device_spec_ok(&p.device) {
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn run(&self, p: &TrainCycleGanParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
+        Ok(train::run(p, ctx)?)
+    }
+}
+
+/// Checks the device string's form (whether the device exists is checked when the stage runs).
+fn select_device_spec_ok(spec: &str) -> Result<(), String> {
+    match spec {
+        "auto" | "cpu" => Ok(()),
+        s if s.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()) => Ok(()),
+        s => Err(format!("`device` must be \"auto\", \"cpu\" or \"cuda:N\", not \"{s}\"")),
+    }
+}
