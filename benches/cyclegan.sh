@@ -38,7 +38,7 @@ row() {  # label size ngf ndf blocks batch steps
   echo
   echo "| configuration | candle | PyTorch | candle / PyTorch |"
   echo "|---|---|---|---|"
-  row "default preset: 64 px, ngf 16, 3 blocks, batch 4" 64 16 16 3 4 5
+  row "default preset: 64 px, ngf 8, 2 blocks, batch 4" 64 8 8 2 4 5
   row "paper architecture: 128 px, ngf 64, 9 blocks, batch 1" 128 64 64 9 1 3
   [ $HAVE_TORCH = 1 ] && echo "(PyTorch $("$PY" -c 'import torch; print(torch.__version__)'))" || echo "(PyTorch could not be installed with pip: baseline not measured)"
 } | tee "$OUT/cyclegan.md"

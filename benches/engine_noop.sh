@@ -278,7 +278,7 @@ EOF
 DEFAULT_SET=${BENCH_DEFAULT_SET-${TRAIN_SET:-}}
 MF_ARGS=()
 for o in $DEFAULT_SET; do MF_ARGS+=(--set "$o"); done
-label="default pipeline ($STAGES${DEFAULT_SET:+; with --set $DEFAULT_SET})"
+label="default pipeline ($STAGES)${DEFAULT_SET:+ ¹}"
 say "  stages: $STAGES${DEFAULT_SET:+ (--set $DEFAULT_SET)}"
 say "  populating (melanoflow run, at most $POPULATE_TIMEOUT s) ..."
 if once "default pipeline: melanoflow run (populate)" "$T" timeout "$POPULATE_TIMEOUT" "$BIN" run --config "$T/data/pipeline.toml" "${MF_ARGS[@]}"; then
@@ -424,6 +424,11 @@ for line in open(sys.argv[1]):
 EOF
     echo
     echo "Times are medians in ms. \"files\": the files DVC's stage depends on (default pipeline: the synth output folder, which melanoflow checks too, besides its other stages; ingest: images + train.csv)."
+    if [ -n "${DEFAULT_SET:-}" ]; then
+        why="from BENCH_DEFAULT_SET"
+        [ -z "${BENCH_DEFAULT_SET+x}" ] && why="training cut to one epoch so that populating stays short; a no-op does not depend on how long training took (BENCH_DEFAULT_SET changes this)"
+        echo "¹ Every melanoflow command of this row adds \`$(printf -- '--set %s ' $DEFAULT_SET | sed 's/ $//')\`: $why."
+    fi
     echo "n/a: not measured; fail: the command failed (see notes and $(basename "$LOG"))."
     echo
     echo "<details><summary>min / median / max per measurement (ms)</summary>"

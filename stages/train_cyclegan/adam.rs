@@ -41,11 +41,14 @@ impl Adam {
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         for (_, var, m, v) in &mut self.params {
             let Some(g) = grads.get(var) else { continue };
-            *m = ((&*m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
-            *v = ((&*v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            // Detached: otherwise each moment would keep the previous step's
+            // whole autograd graph alive, and memory would grow every step.
+            let g = g.detach();
+            *m = ((&*m * self.beta1)? + (&g * (1.0 - self.beta1))?)?.detach();
+            *v = ((&*v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?.detach();
             let denom = ((v.sqrt()? / bc2.sqrt())? + self.eps)?;
             let update = (m.div(&denom)? * (self.lr / bc1))?;
-            var.set(&var.as_tensor().sub(&update)?)?;
+            var.set(&var.as_tensor().detach().sub(&update)?)?;
         }
         Ok(())
     }

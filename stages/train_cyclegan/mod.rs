@@ -35,7 +35,8 @@ pub struct TrainCycleGan;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Preset {
-    /// Sized for 2 CPU cores on the default synthetic data (a few minutes).
+    /// Sized for 2 CPU cores on the default synthetic data (about 4 minutes):
+    /// ngf 8, 2 blocks, ndf 8, batch 4, 12 + 12 epochs.
     Default,
     /// The paper: ngf 64, 9 blocks, batch 8, 360 + 360 epochs (use 224 px; a GPU).
     Paper,
@@ -162,7 +163,9 @@ pub struct Config {
 impl TrainCycleGanParams {
     pub fn resolve(&self) -> Config {
         let (ngf, nb, ndf, batch, epochs) = match self.preset {
-            Preset::Default => (16, 3, 16, 4, 25),
+            // Measured on 2 cores: ~0.73 s per step at 64 px, 312 steps on the
+            // default data (50 malignant training images): under 4 minutes.
+            Preset::Default => (8, 2, 8, 4, 12),
             Preset::Paper => (64, 9, 64, 8, 360),
         };
         Config {

@@ -65,7 +65,7 @@ fn trains_and_writes_weights_losses_and_a_sample_grid() {
 
 #[test]
 fn a_killed_training_run_resumes_from_its_checkpoint() {
-    let p = Project::new(&tiny(60));
+    let p = Project::new(&tiny(8));
     p.ok(&["run", "preprocess"]);
     let mut child = p.spawn(&["run"]);
     // Wait for a checkpoint, then SIGKILL.
