@@ -7,8 +7,10 @@
 # command: one warm-up, then the median of 5 runs (hyperfine if installed,
 # else a python3 perf_counter loop; the same timer for both tools).
 #
-#   1. the default pipeline (data/pipeline.toml: synth 4,000 JPEGs + ingest);
-#      DVC: one stage depending on the synth output folder.
+#   1. the default pipeline (a copy of data/pipeline.toml: synth's 4,000
+#      JPEGs and every stage after it; a train_cyclegan stage is cut to one
+#      epoch with --set so that populating stays short); DVC: one stage
+#      depending on the synth output folder.
 #   2. an ingest-only pipeline over a source folder of N small images plus an
 #      ISIC-format train.csv, N = 5,000, 33,126 (ISIC 2020) and 50,000; DVC:
 #      one stage `ingest` whose deps are the CSV and the image folder.
@@ -17,7 +19,9 @@
 # asserts. Knobs (environment): MELANOFLOW (binary, default
 # target/release/melanoflow), BENCH_SIZES ("5000 33126 50000"), BENCH_RUNS (5),
 # BENCH_WARMUP (1), BENCH_TIMER (hyperfine|python), BENCH_KEEP_TMP=1 (keep the
-# temp folder), BENCH_NO_DVC=1 (melanoflow alone).
+# temp folder), BENCH_NO_DVC=1 (melanoflow alone), BENCH_DEFAULT_SET (the
+# --set overrides for row 1, "" = none), BENCH_POPULATE_TIMEOUT (300 s per
+# populating run), BENCH_SETTLE_S (3: pause after populating, see settle()).
 # DVC comes from a venv at benches/.venv (created with pip if missing).
 
 set -euo pipefail

@@ -62,6 +62,8 @@ impl FileHashCache {
     pub fn load(file: &Path) -> Self {
         let mut cache = FileHashCache { file: Some(file.to_path_buf()), ..Default::default() };
         let Ok(text) = std::fs::read_to_string(file) else { return cache };
+        // Rows are ~170 bytes: reserve once instead of rehashing as it grows.
+        cache.entries.reserve(text.len() / 150);
         for line in text.lines().skip(1) {
             let mut parts = line.splitn(5, ' ');
             let parsed = (|| {
