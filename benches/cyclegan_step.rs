@@ -1,16 +1,17 @@
-//! Milliseconds per CycleGAN training step in candle (the stage's own loop
-//! body: 2 generators + 2 discriminators forward, backward, two Adam steps),
+//! Milliseconds per CycleGAN training step in candle (the stage's own
+//! `train_step`: 2 generators + 2 discriminators forward, backward, two Adam
+//! steps),
 //! for `benches/cyclegan.sh` to print beside PyTorch.
 //!
 //!   cyclegan_step --size 128 --ngf 64 --ndf 64 --blocks 9 --batch 1 --steps 5 --warmup 2
 
 use std::time::Instant;
 
-use candle_core::{Device, Module, Tensor};
-use melanoflow::models::layers::{l1, mse};
+use candle_core::{Device, Tensor};
+use melanoflow::train_cyclegan::TrainCycleGanParams;
 use melanoflow::train_cyclegan::adam::Adam;
-use melanoflow::train_cyclegan::train::Nets;
-use melanoflow::train_cyclegan::{Preset, TrainCycleGanParams};
+use melanoflow::train_cyclegan::train::{Nets, Pool, train_step};
+use rand::SeedableRng;
 
 fn arg(args: &[String], name: &str, default: usize) -> usize {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(|v| v.parse().expect("a number")).unwrap_or(default)
@@ -23,33 +24,19 @@ fn main() -> anyhow::Result<()> {
     let params: TrainCycleGanParams = serde_json::from_value(serde_json::json!({
         "preset": "default", "ngf": ngf, "ndf": ndf, "n_blocks": blocks, "batch_size": batch, "device": "cpu"
     }))?;
-    let _ = Preset::Default;
     let cfg = params.resolve();
     let device = Device::Cpu;
     let nets = Nets::new(&cfg, &device)?;
-    let vars = |ks: &[usize]| -> Vec<_> { ks.iter().flat_map(|&k| melanoflow::train_cyclegan::adam::named_vars(nets.vars[k].0, &nets.vars[k].1)).collect() };
-    let mut adam_g = Adam::new(vars(&[0, 1]), 2e-4, 0.5, 0.999)?;
-    let mut adam_d = Adam::new(vars(&[2, 3]), 2e-4, 0.5, 0.999)?;
+    let mut adam_g = Adam::new(nets.named(&[0, 1]), cfg.lr, cfg.beta1, cfg.beta2)?;
+    let mut adam_d = Adam::new(nets.named(&[2, 3]), cfg.lr, cfg.beta1, cfg.beta2)?;
+    let (mut pool_a, mut pool_b) = (Pool::new(cfg.pool_size), Pool::new(cfg.pool_size));
     let real_a = Tensor::rand(-1f32, 1., (batch, 3, size, size), &device)?;
     let real_b = Tensor::rand(-1f32, 1., (batch, 3, size, size), &device)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut times = Vec::new();
     for i in 0..warmup + steps {
         let t = Instant::now();
-        let fake_b = nets.g_a.forward(&real_a)?;
-        let rec_a = nets.g_b.forward(&fake_b)?;
-        let fake_a = nets.g_b.forward(&real_b)?;
-        let rec_b = nets.g_a.forward(&fake_a)?;
-        let pb = nets.d_a.forward(&fake_b)?;
-        let pa = nets.d_b.forward(&fake_a)?;
-        let loss_g = (((mse(&pb, &pb.ones_like()?)? + mse(&pa, &pa.ones_like()?)?)? + (l1(&rec_a, &real_a)? * 10.0)?)? + (l1(&rec_b, &real_b)? * 10.0)?)?;
-        adam_g.step(&loss_g.backward()?)?;
-        let (fb, fa) = (fake_b.detach(), fake_a.detach());
-        let rb = nets.d_a.forward(&real_b)?;
-        let ra = nets.d_b.forward(&real_a)?;
-        let loss_d_a = ((mse(&rb, &rb.ones_like()?)? + mse(&nets.d_a.forward(&fb)?, &rb.zeros_like()?)?)? * 0.5)?;
-        let loss_d_b = ((mse(&ra, &ra.ones_like()?)? + mse(&nets.d_b.forward(&fa)?, &ra.zeros_like()?)?)? * 0.5)?;
-        let loss_d = (loss_d_a + loss_d_b)?;
-        adam_d.step(&loss_d.backward()?)?;
+        train_step(&cfg, &nets, &mut adam_g, &mut adam_d, &mut pool_a, &mut pool_b, &real_a, &real_b, &mut rng)?;
         if i >= warmup {
             times.push(t.elapsed().as_secs_f64() * 1000.0);
         }

@@ -1,5 +1,5 @@
-//! Throughput of `preprocess`'s pixel work (decode + resize + centre crop to
-//! `size`) on a folder of JPEGs, using every core (rayon), next to the
+//! Throughput of `preprocess`'s pixel work (decode + bicubic resize + centre
+//! crop to `size`; also with Lanczos3) on a folder of JPEGs, using every core (rayon), next to the
 //! decode-only ceiling. `benches/preprocess.sh` runs it beside Pillow.
 //!
 //!   preprocess_throughput DIR [SIZE=256] [REPEATS=3]
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use fast_image_resize::Resizer;
-use melanoflow::preprocess::image_ops::{decode_rgb8, resize_center_crop};
+use melanoflow::preprocess::image_ops::{ResizeFilter, decode_rgb8, resize_center_crop};
 use rand::SeedableRng;
 use rayon::prelude::*;
 
@@ -73,9 +73,11 @@ fn main() {
         let bytes = std::fs::read(p).unwrap();
         std::hint::black_box(decode_rgb8(&bytes).unwrap());
     });
-    measure("decode_resize_crop", &files, repeats, &|p, r| {
-        let bytes = std::fs::read(p).unwrap();
-        let img = decode_rgb8(&bytes).unwrap();
-        std::hint::black_box(resize_center_crop(&img, size, r).unwrap());
-    });
+    for (name, filter) in [("decode_resize_crop", ResizeFilter::Bicubic), ("decode_resize_crop_lanczos3", ResizeFilter::Lanczos3)] {
+        measure(name, &files, repeats, &|p, r| {
+            let bytes = std::fs::read(p).unwrap();
+            let img = decode_rgb8(&bytes).unwrap();
+            std::hint::black_box(resize_center_crop(&img, size, filter, r).unwrap());
+        });
+    }
 }

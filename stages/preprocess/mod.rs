@@ -35,7 +35,7 @@ use polars::prelude::{ParquetReader, SerReader};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use image_ops::BadImage;
+use image_ops::{BadImage, ResizeFilter};
 
 pub struct Preprocess;
 
@@ -52,6 +52,9 @@ pub struct PreprocessParams {
     /// Output width and height in pixels.
     #[serde(default = "defaults::size")]
     pub size: u32,
+    /// Resampling filter: "bicubic" (Catmull-Rom, as Pillow), "lanczos3", "bilinear".
+    #[serde(default = "defaults::resize_filter")]
+    pub resize_filter: ResizeFilter,
     /// Shades-of-Gray colour constancy.
     #[serde(default)]
     pub color_constancy: bool,
@@ -68,6 +71,9 @@ pub struct PreprocessParams {
 mod defaults {
     pub fn size() -> u32 {
         64
+    }
+    pub fn resize_filter() -> super::ResizeFilter {
+        super::ResizeFilter::Bicubic
     }
     pub fn power() -> f64 {
         6.0
@@ -141,6 +147,7 @@ fn pixel_params_digest(p: &PreprocessParams) -> Digest {
     let json = serde_json::json!({
         "version": VERSION,
         "size": p.size,
+        "resize_filter": p.resize_filter,
         "color_constancy": p.color_constancy,
         "color_constancy_power": if p.color_constancy { p.color_constancy_power } else { 0.0 },
     });
@@ -256,7 +263,7 @@ fn prepare(p: &PreprocessParams, source: &ImageSource, bytes: Vec<u8>, file: &st
         Ok(img) => img,
         Err(bad) => return Ok(Outcome::Bad(bad)),
     };
-    let mut img = match image_ops::resize_center_crop(&decoded, p.size, resizer) {
+    let mut img = match image_ops::resize_center_crop(&decoded, p.size, p.resize_filter, resizer) {
         Ok(img) => img,
         Err(bad) => return Ok(Outcome::Bad(bad)),
     };

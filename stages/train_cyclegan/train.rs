@@ -55,7 +55,7 @@ impl Nets {
         Ok(nets)
     }
 
-    fn named(&self, which: &[usize]) -> Vec<(String, candle_core::Var)> {
+    pub fn named(&self, which: &[usize]) -> Vec<(String, candle_core::Var)> {
         which.iter().flat_map(|&k| named_vars(&format!("{}.", self.vars[k].0), &self.vars[k].1)).collect()
     }
 }
@@ -69,6 +69,10 @@ pub struct Pool {
 }
 
 impl Pool {
+    pub fn new(size: usize) -> Pool {
+        Pool { images: Vec::new(), size }
+    }
+
     fn query(&mut self, batch: &Tensor, rng: &mut impl Rng) -> Result<Tensor> {
         if self.size == 0 {
             return Ok(batch.clone());
@@ -140,6 +144,64 @@ fn targets(like: &Tensor, smoothing: LabelSmoothing, rng: &mut impl Rng) -> Resu
     })
 }
 
+/// One training step on a batch: the generators' update, then the
+/// discriminators'. Returns the losses (step, epoch and lr left at 0).
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    cfg: &Config,
+    nets: &Nets,
+    adam_g: &mut Adam,
+    adam_d: &mut Adam,
+    pool_a: &mut Pool,
+    pool_b: &mut Pool,
+    real_a: &Tensor,
+    real_b: &Tensor,
+    rng: &mut impl Rng,
+) -> Result<LossRow> {
+    let mut row = LossRow::default();
+    // Generators: fool both discriminators, reconstruct both ways.
+    let fake_b = nets.g_a.forward(real_a)?;
+    let rec_a = nets.g_b.forward(&fake_b)?;
+    let fake_a = nets.g_b.forward(real_b)?;
+    let rec_b = nets.g_a.forward(&fake_a)?;
+    let pred_fake_b = nets.d_a.forward(&fake_b)?;
+    let pred_fake_a = nets.d_b.forward(&fake_a)?;
+    let loss_g_a = mse(&pred_fake_b, &pred_fake_b.ones_like()?)?;
+    let loss_g_b = mse(&pred_fake_a, &pred_fake_a.ones_like()?)?;
+    let loss_cycle_a = (l1(&rec_a, real_a)? * cfg.lambda_cycle)?;
+    let loss_cycle_b = (l1(&rec_b, real_b)? * cfg.lambda_cycle)?;
+    let mut loss_g = (((&loss_g_a + &loss_g_b)? + &loss_cycle_a)? + &loss_cycle_b)?;
+    if cfg.lambda_identity > 0.0 {
+        let w = cfg.lambda_cycle * cfg.lambda_identity;
+        let idt_a = (l1(&nets.g_a.forward(real_b)?, real_b)? * w)?;
+        let idt_b = (l1(&nets.g_b.forward(real_a)?, real_a)? * w)?;
+        row.idt_a = scalar(&idt_a)?;
+        row.idt_b = scalar(&idt_b)?;
+        loss_g = ((loss_g + idt_a)? + idt_b)?;
+    }
+    adam_g.step(&loss_g.backward()?)?;
+
+    // Discriminators: real vs (possibly historical) fakes.
+    let fake_b = pool_b.query(&fake_b.detach(), rng)?;
+    let fake_a = pool_a.query(&fake_a.detach(), rng)?;
+    let pred_real_b = nets.d_a.forward(real_b)?;
+    let (real_t, fake_t) = targets(&pred_real_b, cfg.label_smoothing, rng)?;
+    let loss_d_a = ((mse(&pred_real_b, &real_t)? + mse(&nets.d_a.forward(&fake_b)?, &fake_t)?)? * 0.5)?;
+    let pred_real_a = nets.d_b.forward(real_a)?;
+    let (real_t, fake_t) = targets(&pred_real_a, cfg.label_smoothing, rng)?;
+    let loss_d_b = ((mse(&pred_real_a, &real_t)? + mse(&nets.d_b.forward(&fake_a)?, &fake_t)?)? * 0.5)?;
+    adam_d.step(&(&loss_d_a + &loss_d_b)?.backward()?)?;
+
+    row.g = scalar(&loss_g)?;
+    row.g_a = scalar(&loss_g_a)?;
+    row.g_b = scalar(&loss_g_b)?;
+    row.cycle_a = scalar(&loss_cycle_a)?;
+    row.cycle_b = scalar(&loss_cycle_b)?;
+    row.d_a = scalar(&loss_d_a)?;
+    row.d_b = scalar(&loss_d_b)?;
+    Ok(row)
+}
+
 pub struct Trained {
     pub nets: Nets,
     pub losses: Vec<LossRow>,
@@ -161,14 +223,11 @@ pub fn train(
     let nets = Nets::new(cfg, device)?;
     let mut adam_g = Adam::new(nets.named(&[0, 1]), cfg.lr, cfg.beta1, cfg.beta2)?;
     let mut adam_d = Adam::new(nets.named(&[2, 3]), cfg.lr, cfg.beta1, cfg.beta2)?;
-    let mut pool_a = Pool { images: vec![], size: cfg.pool_size };
-    let mut pool_b = Pool { images: vec![], size: cfg.pool_size };
+    let mut pool_a = Pool::new(cfg.pool_size);
+    let mut pool_b = Pool::new(cfg.pool_size);
     let mut losses: Vec<LossRow> = Vec::new();
-    let mut start = 0u64;
     let resumed_from = load_checkpoint(scratch, device, &nets, &mut adam_g, &mut adam_d, &mut pool_a, &mut pool_b, &mut losses)?;
-    if let Some(step) = resumed_from {
-        start = step;
-    }
+    let start = resumed_from.unwrap_or(0);
     let steps_per_epoch = images.malignant.len().div_ceil(cfg.batch_size) as u64;
     let total_steps = steps_per_epoch * (cfg.n_epochs + cfg.n_epochs_decay) as u64;
     let mut step = 0u64;
@@ -191,48 +250,8 @@ pub fn train(
             let b_refs: Vec<_> = batch.iter().map(|(_, b)| *b).collect();
             let real_a = images.batch(&a_refs, cfg.augment, &mut rng, device)?;
             let real_b = images.batch(&b_refs, cfg.augment, &mut rng, device)?;
-            let mut row = LossRow { step, epoch: epoch as u64, lr, ..Default::default() };
-
-            // Generators: fool both discriminators, reconstruct both ways.
-            let fake_b = nets.g_a.forward(&real_a)?;
-            let rec_a = nets.g_b.forward(&fake_b)?;
-            let fake_a = nets.g_b.forward(&real_b)?;
-            let rec_b = nets.g_a.forward(&fake_a)?;
-            let pred_fake_b = nets.d_a.forward(&fake_b)?;
-            let pred_fake_a = nets.d_b.forward(&fake_a)?;
-            let loss_g_a = mse(&pred_fake_b, &pred_fake_b.ones_like()?)?;
-            let loss_g_b = mse(&pred_fake_a, &pred_fake_a.ones_like()?)?;
-            let loss_cycle_a = (l1(&rec_a, &real_a)? * cfg.lambda_cycle)?;
-            let loss_cycle_b = (l1(&rec_b, &real_b)? * cfg.lambda_cycle)?;
-            let mut loss_g = (((&loss_g_a + &loss_g_b)? + &loss_cycle_a)? + &loss_cycle_b)?;
-            if cfg.lambda_identity > 0.0 {
-                let w = cfg.lambda_cycle * cfg.lambda_identity;
-                let idt_a = (l1(&nets.g_a.forward(&real_b)?, &real_b)? * w)?;
-                let idt_b = (l1(&nets.g_b.forward(&real_a)?, &real_a)? * w)?;
-                row.idt_a = scalar(&idt_a)?;
-                row.idt_b = scalar(&idt_b)?;
-                loss_g = ((loss_g + idt_a)? + idt_b)?;
-            }
-            adam_g.step(&loss_g.backward()?)?;
-
-            // Discriminators: real vs (possibly historical) fakes.
-            let fake_b = pool_b.query(&fake_b.detach(), &mut rng)?;
-            let fake_a = pool_a.query(&fake_a.detach(), &mut rng)?;
-            let pred_real_b = nets.d_a.forward(&real_b)?;
-            let (real_t, fake_t) = targets(&pred_real_b, cfg.label_smoothing, &mut rng)?;
-            let loss_d_a = ((mse(&pred_real_b, &real_t)? + mse(&nets.d_a.forward(&fake_b)?, &fake_t)?)? * 0.5)?;
-            let pred_real_a = nets.d_b.forward(&real_a)?;
-            let (real_t, fake_t) = targets(&pred_real_a, cfg.label_smoothing, &mut rng)?;
-            let loss_d_b = ((mse(&pred_real_a, &real_t)? + mse(&nets.d_b.forward(&fake_a)?, &fake_t)?)? * 0.5)?;
-            adam_d.step(&(&loss_d_a + &loss_d_b)?.backward()?)?;
-
-            row.g = scalar(&loss_g)?;
-            row.g_a = scalar(&loss_g_a)?;
-            row.g_b = scalar(&loss_g_b)?;
-            row.cycle_a = scalar(&loss_cycle_a)?;
-            row.cycle_b = scalar(&loss_cycle_b)?;
-            row.d_a = scalar(&loss_d_a)?;
-            row.d_b = scalar(&loss_d_b)?;
+            let mut row = train_step(cfg, &nets, &mut adam_g, &mut adam_d, &mut pool_a, &mut pool_b, &real_a, &real_b, &mut rng)?;
+            (row.step, row.epoch, row.lr) = (step, epoch as u64, lr);
             if !row.g.is_finite() || !row.d_a.is_finite() || !row.d_b.is_finite() {
                 return Err(anyhow!("training diverged at step {step}: {row:?}"));
             }
