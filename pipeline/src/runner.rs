@@ -107,6 +107,13 @@ pub struct RunOptions {
     pub wait: bool,
 }
 
+impl RunOptions {
+    /// `--force` re-runs the named stages, or every stage when none is named.
+    fn forces(&self, stage: &str) -> bool {
+        self.force && (self.targets.is_empty() || self.targets.iter().any(|t| t == stage))
+    }
+}
+
 /// A stage's committed output: its digest and file list.
 #[derive(Clone)]
 struct Output {
@@ -189,8 +196,7 @@ impl<'r> Engine<'r> {
                 let upstream: Vec<(String, Digest)> = decl.inputs.iter().map(|n| (n.clone(), outputs[n])).collect();
                 let ext = self.resolve_external(i)?;
                 let fp = self.fingerprint_of(i, &upstream, &ext);
-                let forced = opts.force && opts.targets.iter().any(|t| *t == name);
-                match self.decide(i, fp, &upstream, &ext, forced)? {
+                match self.decide(i, fp, &upstream, &ext, opts.forces(&name))? {
                     Decision::Cached(out) => {
                         outputs.insert(name.clone(), out.digest);
                         StageOutcome { stage: name, kind, state: State::Cached, reasons: vec![], fingerprint: Some(fp), output: Some(out.digest), summary: None, seconds: 0.0 }
@@ -247,8 +253,7 @@ impl<'r> Engine<'r> {
         let upstream: Vec<(String, Digest)> = decl.inputs.iter().map(|n| (n.clone(), outputs[n].digest)).collect();
         let ext = self.resolve_external(i)?;
         let fp = self.fingerprint_of(i, &upstream, &ext);
-        let forced = opts.force && opts.targets.iter().any(|t| *t == name);
-        let mut decision = self.decide(i, fp, &upstream, &ext, forced)?;
+        let mut decision = self.decide(i, fp, &upstream, &ext, opts.forces(&name))?;
         if let Decision::Restore { output, reasons } = &decision {
             match self.restore(&name, *output) {
                 Ok(out) => decision = Decision::Restored(out, reasons.clone()),

@@ -242,10 +242,7 @@ impl Stage for TrainCycleGan {
         if !(0.0..1.0).contains(&c.beta1) || !(0.0..1.0).contains(&c.beta2) || c.lr <= 0.0 {
             return Err("`lr` must be positive and `beta1`, `beta2` within [0, 1)".into());
         }
-        if let Err(e) = select_device_spec_ok(&p.device) {
-            return Err(e);
-        }
-        Ok(())
+        check_device_spec(&p.device)
     }
 
     fn run(&self, p: &TrainCycleGanParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
@@ -254,7 +251,7 @@ impl Stage for TrainCycleGan {
 }
 
 /// Checks the device string's form (whether the device exists is checked when the stage runs).
-fn select_device_spec_ok(spec: &str) -> Result<(), String> {
+fn check_device_spec(spec: &str) -> Result<(), String> {
     match spec {
         "auto" | "cpu" => Ok(()),
         s if s.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()) => Ok(()),

@@ -84,6 +84,10 @@ fn early_cutoff_a_rerun_with_identical_output_leaves_downstream_cached() {
     assert_eq!(p.lock(), lock, "synth wrote the same bytes: same output digest");
     let r = p.ok(&["run"]);
     assert_eq!(r.state("ingest"), "cached", "same bytes from synth: ingest must not re-run");
+    // `--force` with no stage named forces every stage.
+    let r = p.ok(&["run", "--force"]);
+    assert_eq!((r.state("synth"), r.state("ingest")), ("ran".into(), "ran".into()));
+    assert_eq!(p.lock(), lock);
 }
 
 #[test]
