@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use fast_image_resize::Resizer;
-use melanoflow::preprocess::image_ops::{ResizeFilter, decode_rgb8, resize_center_crop};
+use melanoflow::preprocess::image_ops::{ResizeFilter, decode_rgb8, decode_rgb8_at_least, resize_center_crop};
 use rand::SeedableRng;
 use rayon::prelude::*;
 
@@ -72,6 +72,11 @@ fn main() {
     measure("decode_only", &files, repeats, &|p, _| {
         let bytes = std::fs::read(p).unwrap();
         std::hint::black_box(decode_rgb8(&bytes).unwrap());
+    });
+    measure("dct_scaled_resize_crop", &files, repeats, &|p, r| {
+        let bytes = std::fs::read(p).unwrap();
+        let (img, _) = decode_rgb8_at_least(&bytes, size).unwrap();
+        std::hint::black_box(resize_center_crop(&img, size, ResizeFilter::Bicubic, r).unwrap());
     });
     for (name, filter) in [("decode_resize_crop", ResizeFilter::Bicubic), ("decode_resize_crop_lanczos3", ResizeFilter::Lanczos3)] {
         measure(name, &files, repeats, &|p, r| {

@@ -102,6 +102,17 @@ impl Progress {
         bar.set_message(what.to_string());
         bar
     }
+
+    /// A counter for work of unknown size (files hashed, objects fetched).
+    pub fn counter(&self, what: &str) -> ProgressBar {
+        let bar = ProgressBar::with_draw_target(
+            None,
+            if self.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() },
+        );
+        bar.set_style(ProgressStyle::with_template("  {msg:<24} {human_pos} {per_sec}").expect("valid template"));
+        bar.set_message(what.to_string());
+        bar
+    }
 }
 
 /// Joins a `/`-separated manifest path onto a folder.

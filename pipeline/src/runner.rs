@@ -429,7 +429,7 @@ impl<'r> Engine<'r> {
         let bar: OnceLock<ProgressBar> = OnceLock::new();
         let progress = self.progress.clone();
         for input in declared {
-            let on_hashed = |n: u64| bar.get_or_init(|| progress.bar(0, "hashing input files")).inc(n);
+            let on_hashed = |n: u64| bar.get_or_init(|| progress.counter("hashing input files")).inc(n);
             let missing = || Error::MissingInput { stage: stage.clone(), name: input.name.clone(), location: input.source.to_string() };
             let (manifest, is_dir) = match &input.source {
                 Source::Local(path) => {

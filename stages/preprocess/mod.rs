@@ -55,6 +55,10 @@ pub struct PreprocessParams {
     /// Resampling filter: "bicubic" (Catmull-Rom, as Pillow), "lanczos3", "bilinear".
     #[serde(default = "defaults::resize_filter")]
     pub resize_filter: ResizeFilter,
+    /// Decode large JPEGs at a reduced DCT scale (1/4, 1/8) when the result
+    /// is still at least `size` on its shorter side (as Pillow's `draft`).
+    #[serde(default = "defaults::dct_downscale")]
+    pub dct_downscale: bool,
     /// Shades-of-Gray colour constancy.
     #[serde(default)]
     pub color_constancy: bool,
@@ -74,6 +78,9 @@ mod defaults {
     }
     pub fn resize_filter() -> super::ResizeFilter {
         super::ResizeFilter::Bicubic
+    }
+    pub fn dct_downscale() -> bool {
+        true
     }
     pub fn power() -> f64 {
         6.0
@@ -148,6 +155,7 @@ fn pixel_params_digest(p: &PreprocessParams) -> Digest {
         "version": VERSION,
         "size": p.size,
         "resize_filter": p.resize_filter,
+        "dct_downscale": p.dct_downscale,
         "color_constancy": p.color_constancy,
         "color_constancy_power": if p.color_constancy { p.color_constancy_power } else { 0.0 },
     });
@@ -259,10 +267,21 @@ fn prepare(p: &PreprocessParams, source: &ImageSource, bytes: Vec<u8>, file: &st
             source.describe(file)
         );
     }
-    let decoded = match image_ops::decode_rgb8(&bytes) {
-        Ok(img) => img,
+    let decoded = if p.dct_downscale {
+        image_ops::decode_rgb8_at_least(&bytes, p.size)
+    } else {
+        image_ops::decode_rgb8(&bytes).map(|img| {
+            let dims = img.dimensions();
+            (img, dims)
+        })
+    };
+    let (decoded, (w, h)) = match decoded {
+        Ok(x) => x,
         Err(bad) => return Ok(Outcome::Bad(bad)),
     };
+    if w.min(h) < p.size {
+        return Ok(Outcome::Bad(BadImage::TooSmall { width: w, height: h, size: p.size }));
+    }
     let mut img = match image_ops::resize_center_crop(&decoded, p.size, p.resize_filter, resizer) {
         Ok(img) => img,
         Err(bad) => return Ok(Outcome::Bad(bad)),

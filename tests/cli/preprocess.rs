@@ -106,7 +106,7 @@ fn real_isic_jpegs_match_an_independent_decode_and_resize() {
     let dir = real.join("isic_archive_uda1");
     let labels = std::fs::read_to_string(dir.join("labels.csv")).unwrap();
     // Ten real images (there is no patient id in this collection: one patient each).
-    let p = Project::new(&pipeline(256, "").replace("src/jpeg", &dir.join("images").display().to_string()));
+    let p = Project::new(&pipeline(256, "dct_downscale = false").replace("src/jpeg", &dir.join("images").display().to_string()));
     let mut csv = format!("{HEADER}\n");
     for line in labels.lines().skip(1).step_by(10) {
         let f: Vec<&str> = line.split(',').collect();
@@ -121,6 +121,15 @@ fn real_isic_jpegs_match_an_independent_decode_and_resize() {
         // Two bicubic implementations (fixed-point SIMD vs float) on the
         // same square: measured mean 0.15, max 7 on these photographs.
         assert!(mean < 0.5 && max < 16, "{name}: mean {mean:.2}, max {max}");
+    }
+    // The default decodes the largest photographs at 1/4 or 1/8 DCT scale:
+    // still close to the full decode.
+    let r = p.ok(&["run", "--set", "preprocess.dct_downscale=true"]);
+    assert!(r.line("preprocess").contains("decoded 10"), "{}", r.stdout);
+    for (name, px) in pixels(&p, "preprocess", 256) {
+        let bytes = std::fs::read(dir.join(format!("images/{name}.jpg"))).unwrap();
+        let (mean, _) = diff(&px, reference(&bytes, 256).as_raw());
+        assert!(mean < 2.0, "{name}: mean {mean:.2} with DCT downscaling");
     }
 }
 
