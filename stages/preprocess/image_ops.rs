@@ -68,18 +68,20 @@ pub fn decode_rgb8_at_least(bytes: &[u8], min_side: u32) -> Result<(RgbImage, (u
         let dims = img.dimensions();
         return Ok((img, dims));
     }
-    let mut d = jpeg_decoder::Decoder::new(bytes);
-    d.read_info().map_err(|e| BadImage::Corrupt(e.to_string()))?;
-    let info = d.info().ok_or_else(|| BadImage::Corrupt("no image header".into()))?;
+    // zune reads the headers (cheap) to decide; it decodes in full below 4x.
+    let mut zune = zune_decoder(bytes);
+    zune.decode_headers().map_err(|e| BadImage::Corrupt(e.to_string()))?;
+    let info = zune.info().ok_or_else(|| BadImage::Corrupt("no image header".into()))?;
     let (w, h) = (info.width as u32, info.height as u32);
     let short = w.min(h).max(1);
-    if short < 4 * min_side || !matches!(info.pixel_format, jpeg_decoder::PixelFormat::RGB24) {
+    let ycbcr = matches!(zune.input_colorspace(), Some(ColorSpace::YCbCr | ColorSpace::RGB));
+    if short < 4 * min_side || !ycbcr {
         // Below a 4x reduction jpeg-decoder's slower entropy decoding eats the
         // gain (measured: 1024x768 -> 256 px at 1/2 scale was 25% slower than
-        // zune in full); unusual colour spaces also go to zune.
-        let img = decode_rgb8(bytes)?;
-        return Ok((img, (w, h)));
+        // zune in full); unusual colour spaces also stay with zune.
+        return Ok((finish_zune(zune)?, (w, h)));
     }
+    let mut d = jpeg_decoder::Decoder::new(bytes);
     let want = |side: u32| (side as u64 * min_side as u64).div_ceil(short as u64) as u16;
     let (sw, sh) = d.scale(want(w), want(h)).map_err(|e| BadImage::Corrupt(e.to_string()))?;
     let pixels = d.decode().map_err(|e| BadImage::Corrupt(e.to_string()))?;
@@ -110,13 +112,20 @@ fn oriented(img: RgbImage, orientation: Option<image::metadata::Orientation>) ->
     }
 }
 
-fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, BadImage> {
+fn zune_decoder(bytes: &[u8]) -> zune_jpeg::JpegDecoder<ZCursor<&[u8]>> {
     let options = DecoderOptions::default()
         .set_strict_mode(true)
         .jpeg_set_out_colorspace(ColorSpace::RGB)
         .set_max_width(1 << 15)
         .set_max_height(1 << 15);
-    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options)
+}
+
+fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, BadImage> {
+    finish_zune(zune_decoder(bytes))
+}
+
+fn finish_zune(mut decoder: zune_jpeg::JpegDecoder<ZCursor<&[u8]>>) -> Result<RgbImage, BadImage> {
     let pixels = decoder.decode().map_err(|e| BadImage::Corrupt(e.to_string()))?;
     let info = decoder.info().ok_or_else(|| BadImage::Corrupt("no image header".into()))?;
     let img = RgbImage::from_raw(info.width as u32, info.height as u32, pixels)
