@@ -88,12 +88,13 @@ impl Progress {
         Progress { quiet }
     }
 
+    fn target(&self) -> ProgressDrawTarget {
+        if self.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() }
+    }
+
     /// A bar counting `len` items with a rate (`items/s`) and an ETA.
     pub fn bar(&self, len: u64, what: &str) -> ProgressBar {
-        let bar = ProgressBar::with_draw_target(
-            Some(len),
-            if self.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() },
-        );
+        let bar = ProgressBar::with_draw_target(Some(len), self.target());
         bar.set_style(
             ProgressStyle::with_template("  {msg:<24} [{bar:30}] {human_pos}/{human_len} {per_sec} eta {eta}")
                 .expect("valid template")
@@ -105,10 +106,7 @@ impl Progress {
 
     /// A counter for work of unknown size (files hashed, objects fetched).
     pub fn counter(&self, what: &str) -> ProgressBar {
-        let bar = ProgressBar::with_draw_target(
-            None,
-            if self.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() },
-        );
+        let bar = ProgressBar::with_draw_target(None, self.target());
         bar.set_style(ProgressStyle::with_template("  {msg:<24} {human_pos} {per_sec}").expect("valid template"));
         bar.set_message(what.to_string());
         bar

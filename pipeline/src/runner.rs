@@ -189,28 +189,24 @@ impl<'r> Engine<'r> {
             let decl = &self.pipeline.stages[i];
             let (name, kind) = (decl.name.clone(), decl.kind.clone());
             let pending: Vec<&String> = decl.inputs.iter().filter(|n| !outputs.contains_key(*n)).collect();
-            let outcome = if !pending.is_empty() {
-                let reasons = pending.iter().map(|n| format!("upstream `{n}` will run")).collect();
-                StageOutcome { stage: name, kind, state: State::WouldRun, reasons, fingerprint: None, output: None, summary: None, seconds: 0.0 }
+            // (state, reasons, fingerprint, output digest)
+            let (state, reasons, fp, output) = if !pending.is_empty() {
+                (State::WouldRun, pending.iter().map(|n| format!("upstream `{n}` will run")).collect(), None, None)
             } else {
                 let upstream: Vec<(String, Digest)> = decl.inputs.iter().map(|n| (n.clone(), outputs[n])).collect();
                 let ext = self.resolve_external(i)?;
                 let fp = self.fingerprint_of(i, &upstream, &ext);
                 match self.decide(i, fp, &upstream, &ext, opts.forces(&name))? {
-                    Decision::Cached(out) => {
-                        outputs.insert(name.clone(), out.digest);
-                        StageOutcome { stage: name, kind, state: State::Cached, reasons: vec![], fingerprint: Some(fp), output: Some(out.digest), summary: None, seconds: 0.0 }
-                    }
-                    Decision::Restore { output, reasons } => {
-                        outputs.insert(name.clone(), output);
-                        StageOutcome { stage: name, kind, state: State::WouldRestore, reasons, fingerprint: Some(fp), output: Some(output), summary: None, seconds: 0.0 }
-                    }
-                    Decision::Run { reasons } => {
-                        StageOutcome { stage: name, kind, state: State::WouldRun, reasons, fingerprint: Some(fp), output: None, summary: None, seconds: 0.0 }
-                    }
+                    Decision::Cached(out) => (State::Cached, vec![], Some(fp), Some(out.digest)),
+                    Decision::Restore { output, reasons } => (State::WouldRestore, reasons, Some(fp), Some(output)),
+                    Decision::Run { reasons } => (State::WouldRun, reasons, Some(fp), None),
                     Decision::Restored(..) => unreachable!("decide never restores"),
                 }
             };
+            if let Some(d) = output {
+                outputs.insert(name.clone(), d);
+            }
+            let outcome = StageOutcome { stage: name, kind, state, reasons, fingerprint: fp, output, summary: None, seconds: 0.0 };
             outcomes.push(outcome);
         }
         self.save_cache();

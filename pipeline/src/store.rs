@@ -154,11 +154,23 @@ pub struct ObjectInfo {
 impl ObjectBlobStore {
     /// Every object under the prefix, with size and version, sorted by key.
     pub fn list_objects(&self) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut out = self.list_under("")?;
+        out.retain(|o| !o.key.split('/').any(|part| part.starts_with('.')));
+        Ok(out)
+    }
+
+    /// Objects under `prefix` (relative to the store's), keys relative to the
+    /// store's prefix, sorted.
+    fn list_under(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let path = match prefix.trim_end_matches('/') {
+            "" => self.prefix.clone(),
+            p => self.path(p),
+        };
         let strip = self.prefix.as_ref().len();
         let metas = self
             .runtime
-            .block_on(self.inner.list(Some(&self.prefix)).try_collect::<Vec<_>>())
-            .map_err(|e| self.backend("list", "", e))?;
+            .block_on(self.inner.list(Some(&path)).try_collect::<Vec<_>>())
+            .map_err(|e| self.backend("list", prefix, e))?;
         let mut out: Vec<ObjectInfo> = metas
             .into_iter()
             .map(|m| ObjectInfo {
@@ -166,7 +178,6 @@ impl ObjectBlobStore {
                 size: m.size,
                 version: m.e_tag.clone().unwrap_or_else(|| m.last_modified.to_rfc3339()),
             })
-            .filter(|o| !o.key.split('/').any(|part| part.starts_with('.')))
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
@@ -284,19 +295,7 @@ impl BlobStore for ObjectBlobStore {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let path = self.path(prefix.trim_end_matches('/'));
-        let strip = self.prefix.as_ref().len();
-        self.runtime
-            .block_on(self.inner.list(Some(&path)).map_ok(|m| m.location).try_collect::<Vec<_>>())
-            .map(|locs| {
-                let mut keys: Vec<String> = locs
-                    .into_iter()
-                    .map(|l| l.as_ref()[strip..].trim_start_matches('/').to_string())
-                    .collect();
-                keys.sort();
-                keys
-            })
-            .map_err(|e| self.backend("list", prefix, e))
+        Ok(self.list_under(prefix)?.into_iter().map(|o| o.key).collect())
     }
 
     fn delete(&self, key: &str) -> Result<(), StoreError> {
