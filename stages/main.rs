@@ -1,5 +1,18 @@
-//! The `melanoflow` binary: the engine's CLI with this crate's stage kinds.
+//! The `melanoflow` binary: the engine's CLI with this crate's stage kinds
+//! and application commands.
+
+use melanoflow_pipeline::cli::{AppCommand, main_with};
 
 fn main() -> std::process::ExitCode {
-    melanoflow_pipeline::cli::main(melanoflow::registry())
+    main_with(
+        melanoflow::registry(),
+        &[
+            AppCommand { name: "metrics", about: "Print the comparison table of the last evaluate run", run: melanoflow::evaluate::metrics_command },
+            AppCommand {
+                name: "convert-weights",
+                about: "Convert legacy PyTorch EfficientNet weights to safetensors (make weights)",
+                run: melanoflow::weights::convert_command,
+            },
+        ],
+    )
 }

@@ -1,4 +1,5 @@
-//! The command line: `run`, `status`, `dag`, `gc`, `verify`, `kinds`.
+//! The command line: `run`, `status`, `dag`, `gc`, `verify`, `kinds`, plus
+//! the commands the application adds ([`AppCommand`]: e.g. `metrics`).
 //!
 //! `main` parses arguments, loads and validates the pipeline file (every error
 //! there is reported before anything runs), dispatches, prints the error chain
@@ -78,13 +79,58 @@ pub enum Command {
     Verify,
     /// List the stage kinds this binary knows.
     Kinds,
+    /// A command of the application (`melanoflow help` lists them).
+    #[command(external_subcommand)]
+    App(Vec<String>),
+}
+
+/// A subcommand the application adds beside the engine's. It parses its own
+/// arguments (`args[0]` is its name) and gets the global options.
+pub struct AppCommand {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub run: fn(&AppInvocation) -> Result<ExitCode, crate::BoxError>,
+}
+
+/// What an application command is called with.
+pub struct AppInvocation<'a> {
+    /// The pipeline file (`-c`), not yet loaded: commands that need no
+    /// pipeline (a weights converter) must not fail without one.
+    pub config: &'a std::path::Path,
+    pub overrides: &'a [Override],
+    pub quiet: bool,
+    pub registry: &'a Registry,
+    /// The command's name and its arguments.
+    pub args: &'a [String],
+}
+
+/// Loads the invocation's pipeline file with its overrides.
+impl AppInvocation<'_> {
+    pub fn pipeline(&self) -> Result<config::Pipeline, Error> {
+        Ok(config::load(self.config, self.registry, self.overrides)?)
+    }
 }
 
 /// Runs the CLI with the given stage kinds; returns the process exit code.
 pub fn main(registry: Registry) -> ExitCode {
-    let cli = Cli::parse();
+    main_with(registry, &[])
+}
+
+/// Runs the CLI with the given stage kinds and application commands.
+pub fn main_with(registry: Registry, app: &[AppCommand]) -> ExitCode {
+    use clap::{CommandFactory, FromArgMatches};
+    let listing: String = app.iter().map(|c| format!("  {:<10} {}\n", c.name, c.about)).collect();
+    let command = Cli::command().after_help(format!("Application commands:\n{listing}"));
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     init_logging(cli.quiet, cli.verbose);
-    match dispatch(&cli, &registry) {
+    let result = match &cli.command {
+        Command::App(args) => run_app(&cli, &registry, app, args),
+        _ => dispatch(&cli, &registry),
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             let _ = std::io::stdout().flush();
@@ -95,7 +141,7 @@ pub fn main(registry: Registry) -> ExitCode {
                 source = cause.source();
             }
             match e {
-                Error::Config(_) | Error::UnknownStage { .. } => ExitCode::from(2),
+                Error::Config(_) | Error::UnknownStage { .. } | Error::UnknownCommand(_) => ExitCode::from(2),
                 _ => ExitCode::FAILURE,
             }
         }
@@ -112,6 +158,13 @@ fn init_logging(quiet: bool, verbose: u8) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MELANOFLOW_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+fn run_app(cli: &Cli, registry: &Registry, app: &[AppCommand], args: &[String]) -> Result<ExitCode, Error> {
+    let name = args.first().map(String::as_str).unwrap_or_default();
+    let command = app.iter().find(|c| c.name == name).ok_or_else(|| Error::UnknownCommand(name.to_string()))?;
+    let invocation = AppInvocation { config: &cli.config, overrides: &cli.overrides, quiet: cli.quiet, registry, args };
+    (command.run)(&invocation).map_err(|source| Error::Command { command: name.to_string(), source })
 }
 
 fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
@@ -194,6 +247,7 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
             Ok(if r.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Kinds => unreachable!("handled above"),
+        Command::App(_) => unreachable!("handled by run_app"),
     }
 }
 

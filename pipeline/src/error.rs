@@ -37,6 +37,14 @@ pub enum Error {
     Busy { path: PathBuf, pid: String },
     #[error("no stage named `{name}`; the pipeline has: {known}")]
     UnknownStage { name: String, known: String },
+    #[error("`{command}` failed")]
+    Command {
+        command: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("unknown command `{0}`; see `melanoflow --help`")]
+    UnknownCommand(String),
 }
 
 impl Error {

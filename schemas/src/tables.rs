@@ -100,3 +100,52 @@ pub const CYCLEGAN_LOSSES: ArtifactSchema = ArtifactSchema {
         ]
     },
 };
+
+/// `generate/provenance.parquet`: where each synthetic malignant image came from.
+pub const SYNTHETIC_PROVENANCE: ArtifactSchema = ArtifactSchema {
+    name: "synthetic_provenance",
+    version: 1,
+    fields: || {
+        vec![
+            Field::new("image_name", DataType::Utf8, false),
+            // The benign training image the generator translated.
+            Field::new("source_image", DataType::Utf8, false),
+            Field::new("source_patient_id", DataType::Utf8, false),
+            // BLAKE3 of the generator's safetensors file.
+            Field::new("generator_digest", DataType::Utf8, false),
+        ]
+    },
+};
+
+/// `train_classifier/predictions.parquet`: the selected checkpoint's
+/// probability of malignancy for every validation and test image, per seed.
+pub const PREDICTIONS: ArtifactSchema = ArtifactSchema {
+    name: "predictions",
+    version: 1,
+    fields: || {
+        vec![
+            Field::new("seed", DataType::Int64, false),
+            Field::new("image_name", DataType::Utf8, false),
+            Field::new("patient_id", DataType::Utf8, false),
+            Field::new("split", DataType::Utf8, false),
+            Field::new("target", DataType::Int32, false),
+            Field::new("score", DataType::Float64, false),
+        ]
+    },
+};
+
+/// `train_classifier/history.parquet`: one row per seed and epoch.
+pub const CLASSIFIER_HISTORY: ArtifactSchema = ArtifactSchema {
+    name: "classifier_history",
+    version: 1,
+    fields: || {
+        vec![
+            Field::new("seed", DataType::Int64, false),
+            Field::new("epoch", DataType::Int64, false),
+            Field::new("lr", DataType::Float64, false),
+            Field::new("train_loss", DataType::Float64, false),
+            Field::new("val_loss", DataType::Float64, false),
+            Field::new("val_auc", DataType::Float64, false),
+        ]
+    },
+};

@@ -2,6 +2,9 @@
 //! struct of layers built by `new(cfg, vb)`, weight names scoped with
 //! `vb.pp(..)` to match the PyTorch reference implementations, `impl Module`.
 
+pub mod adam;
 pub mod cyclegan;
+pub mod efficientnet;
 pub mod init;
+pub mod kernels;
 pub mod layers;

@@ -39,6 +39,34 @@ pub fn write_shard(path: &Path, size: u32, images: &[&[u8]]) -> Result<()> {
     Ok(())
 }
 
+/// The side length of a shard's square images, from its header.
+pub fn image_size(path: &Path) -> Result<u32> {
+    let (_, header) = read_header(path)?;
+    match header["images"]["shape"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).collect::<Vec<_>>()) {
+        Some(shape) if shape.len() == 4 && shape[1] == shape[2] && shape[3] == 3 => Ok(shape[1] as u32),
+        other => bail!("{}: expected a tensor `images` of shape [N, S, S, 3], found {other:?}", path.display()),
+    }
+}
+
+/// The header length and the parsed JSON header of a safetensors file.
+fn read_header(path: &Path) -> Result<(u64, serde_json::Value)> {
+    let file = File::open(path).with_context(|| format!("opening shard {}", path.display()))?;
+    read_header_of(&file, path)
+}
+
+fn read_header_of(file: &File, path: &Path) -> Result<(u64, serde_json::Value)> {
+    let mut len = [0u8; 8];
+    file.read_exact_at(&mut len, 0).with_context(|| format!("reading {}", path.display()))?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > 1 << 20 {
+        bail!("{}: not a safetensors shard (header of {header_len} bytes)", path.display());
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut header, 8).with_context(|| format!("reading {}", path.display()))?;
+    let header = serde_json::from_slice(&header).with_context(|| format!("{}: safetensors header is not JSON", path.display()))?;
+    Ok((header_len, header))
+}
+
 /// Random access to the images of one shard, without reading it whole.
 pub struct ShardReader {
     file: File,
@@ -50,16 +78,7 @@ pub struct ShardReader {
 impl ShardReader {
     pub fn open(path: &Path, size: u32) -> Result<ShardReader> {
         let file = File::open(path).with_context(|| format!("opening shard {}", path.display()))?;
-        let mut len = [0u8; 8];
-        file.read_exact_at(&mut len, 0).with_context(|| format!("reading {}", path.display()))?;
-        let header_len = u64::from_le_bytes(len);
-        if header_len > 1 << 20 {
-            bail!("{}: not a safetensors shard (header of {header_len} bytes)", path.display());
-        }
-        let mut header = vec![0u8; header_len as usize];
-        file.read_exact_at(&mut header, 8)?;
-        let header: serde_json::Value = serde_json::from_slice(&header)
-            .with_context(|| format!("{}: safetensors header is not JSON", path.display()))?;
+        let (header_len, header) = read_header_of(&file, path)?;
         let shape: Vec<u64> = header["images"]["shape"]
             .as_array()
             .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())

@@ -6,27 +6,20 @@
 //! An epoch pairs every malignant training image with a benign one drawn at
 //! random, as in the paper.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
-use polars::prelude::{ParquetReader, SerReader};
 use rand::Rng;
 use rand::seq::SliceRandom;
 
-use crate::preprocess::shards::ShardReader;
 
-/// Where one image lives: shard file and index in it.
-#[derive(Clone, Debug)]
-pub struct ImageRef {
-    pub shard: String,
-    pub offset: u64,
-}
+pub use crate::imageset::ImageRecord as ImageRef;
+use crate::imageset::ImageSet;
 
 pub struct Images {
     pub size: u32,
-    readers: HashMap<String, ShardReader>,
+    set: ImageSet,
     pub benign: Vec<ImageRef>,
     pub malignant: Vec<ImageRef>,
     /// Benign images to show in the sample grid: validation split first.
@@ -34,50 +27,20 @@ pub struct Images {
 }
 
 impl Images {
-    /// Reads `index.parquet` and opens the shards of a `preprocess` output.
+    /// The training images of a `preprocess` output, by class.
     pub fn open(dir: &Path) -> Result<Images> {
-        let summary: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("preprocess.json")).context("reading preprocess.json")?,
-        )?;
-        let size = summary["size"].as_u64().context("preprocess.json has no size")? as u32;
-        let index = dir.join("index.parquet");
-        melanoflow_schemas::check_parquet(&index, &melanoflow_schemas::IMAGE_INDEX)?;
-        let df = ParquetReader::new(std::fs::File::open(&index)?).finish()?;
-        let shard = df.column("shard")?.str()?.clone();
-        let offset = df.column("offset")?.i64()?.clone();
-        let target = df.column("target")?.i32()?.clone();
-        let split = df.column("split")?.str()?.clone();
-        let mut images = Images { size, readers: HashMap::new(), benign: vec![], malignant: vec![], preview: vec![] };
-        let mut val_benign = Vec::new();
-        for i in 0..df.height() {
-            let (Some(s), Some(o), Some(t), Some(sp)) = (shard.get(i), offset.get(i), target.get(i), split.get(i)) else {
-                bail!("{}: row {i} has a null", index.display());
-            };
-            if !images.readers.contains_key(s) {
-                images.readers.insert(s.to_string(), ShardReader::open(&dir.join(s), size)?);
-            }
-            let r = ImageRef { shard: s.to_string(), offset: o as u64 };
-            match (sp, t) {
-                ("train", 1) => images.malignant.push(r),
-                ("train", _) => images.benign.push(r),
-                ("val", 0) => val_benign.push(r),
-                _ => {}
-            }
+        let set = ImageSet::open(dir)?;
+        let (malignant, benign): (Vec<ImageRef>, Vec<ImageRef>) = set.split("train").cloned().partition(|r| r.malignant);
+        if malignant.is_empty() || benign.is_empty() {
+            bail!("the train split needs both classes: {} benign, {} malignant images", benign.len(), malignant.len());
         }
-        if images.malignant.is_empty() || images.benign.is_empty() {
-            bail!(
-                "the train split needs both classes: {} benign, {} malignant images",
-                images.benign.len(),
-                images.malignant.len()
-            );
-        }
-        images.preview = val_benign.into_iter().chain(images.benign.iter().cloned()).take(8).collect();
-        Ok(images)
+        let preview = set.split("val").filter(|r| !r.malignant).chain(benign.iter()).take(8).cloned().collect();
+        Ok(Images { size: set.size, set, benign, malignant, preview })
     }
 
     /// Pixels of one image, HWC RGB.
     pub fn pixels(&self, r: &ImageRef) -> Result<Vec<u8>> {
-        self.readers[&r.shard].read(r.offset)
+        self.set.pixels(r)
     }
 
     /// A batch as a [B, 3, S, S] tensor in [-1, 1], optionally with a random

@@ -15,7 +15,6 @@
 //! resumes from the last checkpoint and ends with the same weights as an
 //! uninterrupted run.
 
-pub mod adam;
 pub mod data;
 pub mod grid;
 pub mod train;
@@ -251,7 +250,7 @@ impl Stage for TrainCycleGan {
 }
 
 /// Checks the device string's form (whether the device exists is checked when the stage runs).
-fn check_device_spec(spec: &str) -> Result<(), String> {
+pub fn check_device_spec(spec: &str) -> Result<(), String> {
     match spec {
         "auto" | "cpu" => Ok(()),
         s if s.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()) => Ok(()),

@@ -78,7 +78,7 @@ fn tiny(seed: u64) -> Config {
 fn weights(nets: &Nets) -> Vec<(String, Vec<f32>)> {
     let mut out = Vec::new();
     for (stem, vm) in &nets.vars {
-        for (name, var) in super::adam::named_vars(&format!("{stem}."), vm) {
+        for (name, var) in crate::models::adam::named_vars(&format!("{stem}."), vm) {
             out.push((name, var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()));
         }
     }
@@ -130,7 +130,7 @@ fn every_variable_gets_a_finite_nonzero_gradient() {
     .unwrap();
     let grads = loss.backward().unwrap();
     for (stem, vm) in &nets.vars {
-        for (name, var) in super::adam::named_vars(&format!("{stem}."), vm) {
+        for (name, var) in crate::models::adam::named_vars(&format!("{stem}."), vm) {
             let g = grads.get(&var).unwrap_or_else(|| panic!("no gradient for {name}"));
             let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert!(v.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");

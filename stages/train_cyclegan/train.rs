@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::adam::{Adam, named_vars};
+use crate::models::adam::{Adam, named_vars};
 use super::data::{Images, epoch_pairs};
 use super::{Config, LabelSmoothing, TrainCycleGanParams, select_device};
 use crate::models::cyclegan::{Discriminator, Generator};

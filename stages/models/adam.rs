@@ -3,6 +3,7 @@
 //! The update is PyTorch's `torch.optim.Adam` (no weight decay):
 //!   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
 //!   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+//! with optional decoupled weight decay (`torch.optim.AdamW`): p -= lr wd p first.
 
 use std::collections::HashMap;
 
@@ -17,6 +18,8 @@ pub struct Adam {
     beta1: f64,
     beta2: f64,
     eps: f64,
+    /// Decoupled weight decay (0 = Adam).
+    pub weight_decay: f64,
     /// Steps taken.
     pub t: u64,
 }
@@ -31,7 +34,7 @@ impl Adam {
                 Ok((n, var, zeros.clone(), zeros))
             })
             .collect::<Result<_>>()?;
-        Ok(Adam { params, lr, beta1, beta2, eps: 1e-8, t: 0 })
+        Ok(Adam { params, lr, beta1, beta2, eps: 1e-8, weight_decay: 0.0, t: 0 })
     }
 
     /// One update of every variable that has a gradient in `grads`.
@@ -48,7 +51,9 @@ impl Adam {
             *v = ((&*v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?.detach();
             let denom = ((v.sqrt()? / bc2.sqrt())? + self.eps)?;
             let update = (m.div(&denom)? * (self.lr / bc1))?;
-            var.set(&var.as_tensor().detach().sub(&update)?)?;
+            let p = var.as_tensor().detach();
+            let p = if self.weight_decay > 0.0 { (&p * (1.0 - self.lr * self.weight_decay))? } else { p };
+            var.set(&p.sub(&update)?)?;
         }
         Ok(())
     }

@@ -1,0 +1,261 @@
+//! Stage `generate`: synthetic malignant images from the CycleGAN's
+//! benign -> malignant generator (`G_A`), to balance the classifier's
+//! training set.
+//!
+//! Sources are benign images of the *training* split only, drawn without
+//! replacement in an order fixed by the seed, until the malignant class
+//! (real + synthetic) reaches `target_ratio` of the benign one. Validation
+//! and test images are never read, so no test pixel can leak into training.
+//! Each synthetic image belongs to its source's patient and split (train).
+//!
+//! Outputs, in `preprocess`'s layout so the classifier reads both alike:
+//! `shard-NNNNN.safetensors` + `index.parquet` (target 1, split train),
+//! `provenance.parquet` (synthetic name, source image, source patient,
+//! generator digest), `samples.png` (sources above their translations) and
+//! `generate.json`. The generator runs in evaluation mode (instance norm, no
+//! dropout): the same weights and sources give the same bytes.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use arrow_array::{ArrayRef, Int32Array, Int64Array, StringArray};
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use melanoflow_pipeline::{BoxError, Stage, StageContext, StageReport};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::imageset::{ImageRecord, ImageSet};
+use crate::models::cyclegan::Generator;
+use crate::preprocess::shards::write_shard;
+use crate::train_cyclegan::{Config as CycleGanConfig, check_device_spec, select_device};
+
+pub struct Generate;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateParams {
+    /// Malignant (real + synthetic) : benign in the training split; 1.0 = balanced.
+    #[serde(default = "defaults::target_ratio")]
+    pub target_ratio: f64,
+    /// Images per generator forward pass.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
+    /// Shard size limit, MiB.
+    #[serde(default = "defaults::shard_mb")]
+    pub shard_mb: u64,
+    /// Orders the benign sources.
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "defaults::device")]
+    pub device: String,
+}
+
+mod defaults {
+    pub fn target_ratio() -> f64 {
+        1.0
+    }
+    pub fn batch_size() -> usize {
+        16
+    }
+    pub fn shard_mb() -> u64 {
+        256
+    }
+    pub fn device() -> String {
+        "auto".into()
+    }
+}
+
+impl Stage for Generate {
+    type Params = GenerateParams;
+    const KIND: &'static str = "generate";
+    const VERSION: u32 = 1;
+    const ABOUT: &'static str = "translate benign training images with the CycleGAN generator -> synthetic malignant shards + provenance";
+
+    fn check(&self, p: &GenerateParams, inputs: &[String]) -> Result<(), String> {
+        if inputs.len() != 2 {
+            return Err("takes two upstreams: a `preprocess` stage and a `train_cyclegan` stage".into());
+        }
+        if !(p.target_ratio > 0.0 && p.target_ratio <= 1.0) {
+            return Err(format!("`target_ratio` must be within (0, 1], not {}", p.target_ratio));
+        }
+        if p.batch_size == 0 || p.shard_mb == 0 {
+            return Err("`batch_size` and `shard_mb` must be at least 1".into());
+        }
+        check_device_spec(&p.device)
+    }
+
+    fn run(&self, p: &GenerateParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
+        Ok(run(p, ctx)?)
+    }
+}
+
+/// The benign training images to translate, in generation order: as many as
+/// it takes for `malignant + n >= target_ratio * benign`. Only training-split
+/// records are ever returned.
+pub fn choose_sources<'a>(set: &'a ImageSet, target_ratio: f64, seed: u64) -> Result<Vec<&'a ImageRecord>> {
+    let mut benign: Vec<&ImageRecord> = set.split("train").filter(|r| !r.malignant).collect();
+    let malignant = set.split("train").filter(|r| r.malignant).count();
+    let wanted = (target_ratio * benign.len() as f64).round() as usize;
+    let n = wanted.saturating_sub(malignant);
+    if n > benign.len() {
+        bail!("target_ratio {target_ratio} needs {n} synthetic images but the train split has only {} benign sources", benign.len());
+    }
+    // Sorted first so the draw depends on the names, not the index order.
+    benign.sort_by(|a, b| a.image_name.cmp(&b.image_name));
+    benign.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    benign.truncate(n);
+    Ok(benign)
+}
+
+/// [-1, 1] CHW batch -> HWC RGB bytes per image.
+fn to_pixels(t: &Tensor) -> Result<Vec<Vec<u8>>> {
+    let t = ((t.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?.round()?.permute((0, 2, 3, 1))?.to_dtype(DType::U8)?;
+    let (b, ..) = t.dims4()?;
+    (0..b).map(|i| Ok(t.get(i)?.flatten_all()?.to_vec1::<u8>()?)).collect()
+}
+
+fn run(p: &GenerateParams, ctx: &StageContext) -> Result<StageReport> {
+    let pre = ctx.upstream_of_kind("preprocess").ok_or_else(|| anyhow!("one upstream must be a `preprocess` stage"))?;
+    let gan = ctx.upstream_of_kind("train_cyclegan").ok_or_else(|| anyhow!("one upstream must be a `train_cyclegan` stage"))?;
+    let set = ImageSet::open(&pre.dir)?;
+    let sources = choose_sources(&set, p.target_ratio, p.seed)?;
+
+    let device = select_device(&p.device)?;
+    let cfg: CycleGanConfig = serde_json::from_str(
+        &std::fs::read_to_string(gan.dir.join("config.json")).with_context(|| format!("reading {}", gan.dir.join("config.json").display()))?,
+    )
+    .context("train_cyclegan's config.json")?;
+    let mut varmap = VarMap::new();
+    let generator = Generator::new(&cfg.generator, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+    let weights = gan.dir.join("G_A.safetensors");
+    varmap.load(&weights).with_context(|| format!("loading {}", weights.display()))?;
+    let generator_digest = gan.manifest.get("G_A.safetensors").map(|e| e.digest.to_hex()).context("train_cyclegan's output has no G_A.safetensors")?;
+
+    let side = set.size as usize;
+    let per_shard = ((p.shard_mb << 20) / (side * side * 3) as u64).max(1) as usize;
+    let bar = ctx.progress.bar(sources.len() as u64, "generating synthetic malignant images");
+    let mut synthetic: Vec<Vec<u8>> = Vec::with_capacity(sources.len());
+    let mut grid_rows: Option<(Tensor, Tensor)> = None;
+    for batch in sources.chunks(p.batch_size) {
+        let mut data = Vec::with_capacity(batch.len() * 3 * side * side);
+        for r in batch {
+            let px = set.pixels(r)?;
+            for c in 0..3 {
+                data.extend((0..side * side).map(|i| px[i * 3 + c] as f32 / 127.5 - 1.0));
+            }
+        }
+        let x = Tensor::from_vec(data, (batch.len(), 3, side, side), &device)?;
+        let y = generator.forward(&x)?;
+        if grid_rows.is_none() {
+            let k = batch.len().min(8);
+            grid_rows = Some((x.narrow(0, 0, k)?, y.narrow(0, 0, k)?));
+        }
+        synthetic.extend(to_pixels(&y)?);
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish_and_clear();
+
+    let names: Vec<String> = sources.iter().map(|r| format!("SYN_{}", r.image_name)).collect();
+    let mut shard_col = Vec::with_capacity(names.len());
+    let mut offset_col = Vec::with_capacity(names.len());
+    for (k, chunk) in synthetic.chunks(per_shard).enumerate() {
+        let shard = format!("shard-{k:05}.safetensors");
+        let refs: Vec<&[u8]> = chunk.iter().map(|v| v.as_slice()).collect();
+        write_shard(&ctx.out_dir.join(&shard), set.size, &refs)?;
+        for i in 0..chunk.len() {
+            shard_col.push(shard.clone());
+            offset_col.push(i as i64);
+        }
+    }
+    let n = names.len();
+    let strings = |v: Vec<String>| -> ArrayRef { Arc::new(StringArray::from(v)) };
+    melanoflow_schemas::write_parquet(
+        &ctx.out_dir.join("index.parquet"),
+        &melanoflow_schemas::IMAGE_INDEX,
+        vec![
+            strings(names.clone()),
+            strings(shard_col),
+            Arc::new(Int64Array::from(offset_col)),
+            Arc::new(Int32Array::from(vec![1; n])),
+            strings(sources.iter().map(|r| r.patient_id.clone()).collect()),
+            strings(vec!["train".to_string(); n]),
+            // The pixels' origin: this generator applied to the source image.
+            strings(vec![generator_digest.clone(); n]),
+        ],
+    )?;
+    melanoflow_schemas::write_parquet(
+        &ctx.out_dir.join("provenance.parquet"),
+        &melanoflow_schemas::SYNTHETIC_PROVENANCE,
+        vec![
+            strings(names),
+            strings(sources.iter().map(|r| r.image_name.clone()).collect()),
+            strings(sources.iter().map(|r| r.patient_id.clone()).collect()),
+            strings(vec![generator_digest.clone(); n]),
+        ],
+    )?;
+    if let Some((x, y)) = &grid_rows {
+        crate::train_cyclegan::grid::write_grid(&ctx.out_dir.join("samples.png"), &[x, y])?;
+    }
+    let benign = set.split("train").filter(|r| !r.malignant).count();
+    let malignant = set.split("train").filter(|r| r.malignant).count();
+    let summary = serde_json::json!({
+        "size": set.size,
+        "synthetic": n,
+        "train_benign": benign,
+        "train_malignant": malignant,
+        "target_ratio": p.target_ratio,
+        "generator_digest": generator_digest,
+    });
+    std::fs::write(ctx.out_dir.join("generate.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
+    Ok(StageReport::new(format!(
+        "{n} synthetic malignant images from benign training images ({malignant} real malignant, {benign} benign: ratio {:.2})",
+        (malignant + n) as f64 / benign.max(1) as f64
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, split: &str, malignant: bool) -> ImageRecord {
+        ImageRecord {
+            image_name: name.into(),
+            patient_id: format!("P_{name}"),
+            split: split.into(),
+            malignant,
+            shard: "s".into(),
+            offset: 0,
+        }
+    }
+
+    fn set(records: Vec<ImageRecord>) -> ImageSet {
+        ImageSet::from_records(records, 8)
+    }
+
+    #[test]
+    fn sources_are_benign_training_images_only_and_balance_the_classes() {
+        let mut records = Vec::new();
+        for i in 0..40 {
+            records.push(record(&format!("tr{i:02}"), "train", i < 4));
+            records.push(record(&format!("va{i:02}"), "val", i < 2));
+            records.push(record(&format!("te{i:02}"), "test", i < 2));
+        }
+        let s = set(records);
+        let chosen = choose_sources(&s, 1.0, 7).unwrap();
+        // 36 benign, 4 malignant: 32 synthetic images balance them.
+        assert_eq!(chosen.len(), 32);
+        assert!(chosen.iter().all(|r| r.split == "train" && !r.malignant));
+        let unique: std::collections::HashSet<_> = chosen.iter().map(|r| &r.image_name).collect();
+        assert_eq!(unique.len(), 32);
+        assert_eq!(choose_sources(&s, 0.5, 7).unwrap().len(), 14);
+        // Deterministic for a seed, different for another.
+        let names = |seed| choose_sources(&s, 0.5, seed).unwrap().iter().map(|r| r.image_name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(7), names(7));
+        assert_ne!(names(7), names(8));
+        // Already balanced enough: nothing to generate.
+        assert!(choose_sources(&s, 0.1, 7).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,525 @@
+//! EfficientNet B0-B4 (Tan & Le 2019) and EfficientNet-Lite0 in candle, with
+//! BatchNorm that trains (batch statistics and running averages in training
+//! mode, running averages in evaluation), dropout and stochastic depth drawn
+//! from the caller's seeded generator, and a head with any number of logits
+//! (one for melanoma).
+//!
+//! Parameter names follow torchvision's `efficientnet_b*` (`features.0.0.weight`,
+//! `features.N.M.block.K...`, `classifier.1.weight`), so torchvision state dicts
+//! load as they are and saved weights load into torchvision. Lite0 has no
+//! squeeze-excitation module: its block indices skip it (expand 0, depthwise 1,
+//! project 2), which is what `weights::legacy_pth` maps the
+//! `efficientnet_pytorch`-style Lite0 weights to.
+//!
+//! Why not candle-transformers' EfficientNet: its BatchNorm is fixed in
+//! inference mode and its fields are private, so it cannot be fine-tuned.
+//!
+//! 1x1 convolutions (expand, project, head, squeeze-excitation) are batched
+//! matrix products, whose backward is two more matrix products; candle's conv2d
+//! backward would go through its direct-loop transposed convolution.
+
+use candle_core::{D, DType, Module, Result, Tensor};
+use candle_nn::{BatchNorm, BatchNormConfig, Init, ModuleT, VarBuilder};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::kernels::depthwise::depthwise_conv2d;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Variant {
+    B0,
+    B1,
+    B2,
+    B3,
+    B4,
+    Lite0,
+}
+
+impl Variant {
+    /// (width multiplier, depth multiplier, native resolution, dropout): torchvision's table.
+    fn scaling(self) -> (f64, f64, usize, f64) {
+        match self {
+            Variant::B0 | Variant::Lite0 => (1.0, 1.0, 224, 0.2),
+            Variant::B1 => (1.0, 1.1, 240, 0.2),
+            Variant::B2 => (1.1, 1.2, 260, 0.3),
+            Variant::B3 => (1.2, 1.4, 300, 0.3),
+            Variant::B4 => (1.4, 1.8, 380, 0.4),
+        }
+    }
+
+    /// The resolution the variant was designed (and pretrained) at.
+    pub fn native_resolution(self) -> usize {
+        self.scaling().2
+    }
+
+    fn is_lite(self) -> bool {
+        self == Variant::Lite0
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EfficientNetConfig {
+    pub variant: Variant,
+    /// Logits out of the head (1 for a binary classifier with BCE).
+    pub num_classes: usize,
+    /// Dropout before the head; `None` = the variant's (0.2 - 0.4).
+    pub dropout: Option<f64>,
+    /// Stochastic depth: the last block is dropped with this probability,
+    /// earlier ones linearly less (torchvision: 0.2).
+    pub stochastic_depth: f64,
+    /// TensorFlow "SAME" padding for stride-2 convolutions (pad bottom/right
+    /// more), which weights ported from TensorFlow (Lite0) were trained with.
+    pub tf_same_padding: bool,
+}
+
+impl EfficientNetConfig {
+    pub fn new(variant: Variant, num_classes: usize) -> Self {
+        EfficientNetConfig { variant, num_classes, dropout: None, stochastic_depth: 0.2, tf_same_padding: variant.is_lite() }
+    }
+
+    fn bn_config(&self) -> BatchNormConfig {
+        // torchvision: eps 1e-5, momentum 0.1; the TensorFlow-trained Lite
+        // weights: eps 1e-3 and a running-average decay of 0.99.
+        let (eps, momentum) = if self.variant.is_lite() { (1e-3, 0.01) } else { (1e-5, 0.1) };
+        BatchNormConfig { eps, remove_mean: true, affine: true, momentum }
+    }
+}
+
+/// One stage of MBConv blocks in B0 terms: (expand ratio, kernel, stride, in, out, repeats).
+const B0_STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 2),
+    (6, 5, 2, 24, 40, 2),
+    (6, 3, 2, 40, 80, 3),
+    (6, 5, 1, 80, 112, 3),
+    (6, 5, 2, 112, 192, 4),
+    (6, 3, 1, 192, 320, 1),
+];
+
+/// torchvision's `_make_divisible(v, 8)`.
+fn make_divisible(v: f64) -> usize {
+    let d = 8.0;
+    let new = ((v + d / 2.0) / d).floor().max(1.0) * d;
+    let new = if new < 0.9 * v { new + d } else { new };
+    new as usize
+}
+
+/// The per-stage block layout of a variant: (expand ratio, kernel, stride, in, out, repeats).
+pub fn stage_layout(variant: Variant) -> Vec<(usize, usize, usize, usize, usize, usize)> {
+    let (width, depth, _, _) = variant.scaling();
+    B0_STAGES
+        .iter()
+        .map(|&(e, k, s, i, o, r)| {
+            (e, k, s, make_divisible(i as f64 * width), make_divisible(o as f64 * width), (r as f64 * depth).ceil() as usize)
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Activation {
+    Silu,
+    Relu6,
+}
+
+impl Activation {
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Silu => x.silu(),
+            Activation::Relu6 => x.clamp(0f32, 6f32),
+        }
+    }
+}
+
+/// Randomness for training-time regularisation; `None` = evaluation mode.
+pub type TrainRng<'a> = Option<&'a mut dyn rand::RngCore>;
+
+/// A k x k convolution (no bias), BatchNorm, optional activation:
+/// torchvision's `Conv2dNormActivation`, names `N.0.weight` and `N.1.*`.
+struct ConvBn {
+    weight: Tensor,
+    bn: BatchNorm,
+    stride: usize,
+    depthwise: bool,
+    tf_same: bool,
+    act: Option<Activation>,
+}
+
+impl ConvBn {
+    #[allow(clippy::too_many_arguments)]
+    fn new(cin: usize, cout: usize, k: usize, stride: usize, depthwise: bool, act: Option<Activation>, cfg: &EfficientNetConfig, vb: VarBuilder) -> Result<Self> {
+        let shape = if depthwise { (cout, 1, k, k) } else { (cout, cin, k, k) };
+        // Kaiming normal, fan-out mode (torchvision's init); the values are
+        // redrawn from the pipeline seed by `init_weights`.
+        let weight = vb.pp("0").get_with_hints(shape, "weight", Init::Const(0.0))?;
+        let bn = candle_nn::batch_norm(cout, cfg.bn_config(), vb.pp("1"))?;
+        Ok(ConvBn { weight, bn, stride, depthwise, tf_same: cfg.tf_same_padding, act })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (_, _, k, _) = self.weight.dims4()?;
+        let x = if k == 1 {
+            conv1x1(x, &self.weight)?
+        } else {
+            let (x, pad) = self.pad(x, k)?;
+            if self.depthwise {
+                depthwise_conv2d(&x, &self.weight, self.stride, pad)?
+            } else {
+                x.conv2d(&self.weight, pad, self.stride, 1, 1)?
+            }
+        };
+        let x = self.bn.forward_t(&x, train)?;
+        match self.act {
+            Some(a) => a.apply(&x),
+            None => Ok(x),
+        }
+    }
+
+    /// Symmetric padding k/2 (torchvision), or TensorFlow's SAME padding for
+    /// stride 2, which puts the extra row and column at the bottom and right.
+    fn pad(&self, x: &Tensor, k: usize) -> Result<(Tensor, usize)> {
+        if !(self.tf_same && self.stride == 2) {
+            return Ok((x.clone(), k / 2));
+        }
+        let (_, _, h, w) = x.dims4()?;
+        // SAME: output ceil(n / 2), total padding (out - 1) * 2 + k - n.
+        let total = |n: usize| ((n.div_ceil(2) - 1) * 2 + k).saturating_sub(n);
+        let (th, tw) = (total(h), total(w));
+        let x = x.pad_with_zeros(2, th / 2, th - th / 2)?.pad_with_zeros(3, tw / 2, tw - tw / 2)?;
+        Ok((x, 0))
+    }
+}
+
+/// A 1x1 convolution as a batched matrix product: [O, C] x [B, C, HW].
+fn conv1x1(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let o = weight.dim(0)?;
+    let y = weight.reshape((o, c))?.broadcast_matmul(&x.reshape((b, c, h * w))?)?;
+    y.reshape((b, o, h, w))
+}
+
+/// Squeeze-and-excitation: global average, 1x1 reduce (SiLU), 1x1 expand
+/// (sigmoid), channel-wise scale. Names `fc1.*`, `fc2.*`.
+struct SqueezeExcite {
+    fc1: candle_nn::Linear,
+    fc2: candle_nn::Linear,
+}
+
+impl SqueezeExcite {
+    fn new(channels: usize, squeezed: usize, vb: VarBuilder) -> Result<Self> {
+        // Stored as [out, in, 1, 1] like torchvision's Conv2d, used as Linear.
+        let linear = |cin: usize, cout: usize, vb: VarBuilder| -> Result<candle_nn::Linear> {
+            let w = vb.get_with_hints((cout, cin, 1, 1), "weight", Init::Const(0.0))?;
+            let b = vb.get_with_hints(cout, "bias", Init::Const(0.0))?;
+            Ok(candle_nn::Linear::new(w.reshape((cout, cin))?, Some(b)))
+        };
+        Ok(SqueezeExcite { fc1: linear(channels, squeezed, vb.pp("fc1"))?, fc2: linear(squeezed, channels, vb.pp("fc2"))? })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let s = x.flatten_from(2)?.mean(D::Minus1)?;
+        let s = self.fc1.forward(&s)?.silu()?;
+        let s = candle_nn::ops::sigmoid(&self.fc2.forward(&s)?)?;
+        x.broadcast_mul(&s.unsqueeze(2)?.unsqueeze(3)?)
+    }
+}
+
+/// Inverted residual block (MBConv).
+struct MbConv {
+    expand: Option<ConvBn>,
+    depthwise: ConvBn,
+    se: Option<SqueezeExcite>,
+    project: ConvBn,
+    residual: bool,
+    /// Probability that the block is skipped for a sample in training.
+    drop_prob: f64,
+}
+
+impl MbConv {
+    #[allow(clippy::too_many_arguments)]
+    fn new(expand_ratio: usize, k: usize, stride: usize, cin: usize, cout: usize, drop_prob: f64, cfg: &EfficientNetConfig, vb: VarBuilder) -> Result<Self> {
+        let act = if cfg.variant.is_lite() { Activation::Relu6 } else { Activation::Silu };
+        let hidden = make_divisible(cin as f64 * expand_ratio as f64);
+        let mut idx = 0;
+        let mut next = || {
+            idx += 1;
+            (idx - 1).to_string()
+        };
+        let expand = if expand_ratio != 1 { Some(ConvBn::new(cin, hidden, 1, 1, false, Some(act), cfg, vb.pp(next()))?) } else { None };
+        let depthwise = ConvBn::new(hidden, hidden, k, stride, true, Some(act), cfg, vb.pp(next()))?;
+        let se = if cfg.variant.is_lite() { None } else { Some(SqueezeExcite::new(hidden, (cin / 4).max(1), vb.pp(next()))?) };
+        let project = ConvBn::new(hidden, cout, 1, 1, false, None, cfg, vb.pp(next()))?;
+        Ok(MbConv { expand, depthwise, se, project, residual: stride == 1 && cin == cout, drop_prob })
+    }
+
+    fn forward_t(&self, x: &Tensor, rng: &mut TrainRng) -> Result<Tensor> {
+        let train = rng.is_some();
+        let mut h = match &self.expand {
+            Some(e) => e.forward_t(x, train)?,
+            None => x.clone(),
+        };
+        h = self.depthwise.forward_t(&h, train)?;
+        if let Some(se) = &self.se {
+            h = se.forward(&h)?;
+        }
+        h = self.project.forward_t(&h, train)?;
+        if !self.residual {
+            return Ok(h);
+        }
+        if let Some(rng) = rng.as_deref_mut()
+            && self.drop_prob > 0.0
+        {
+            h = h.broadcast_mul(&keep_mask(h.dim(0)?, 1, self.drop_prob, rng, h.device())?.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        h + x
+    }
+}
+
+/// A [rows, cols] mask of 0 or 1/(1-p) (inverted dropout), drawn from `rng`.
+fn keep_mask(rows: usize, cols: usize, p: f64, rng: &mut dyn rand::RngCore, device: &candle_core::Device) -> Result<Tensor> {
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let v: Vec<f32> = (0..rows * cols).map(|_| if rng.random::<f64>() < p { 0.0 } else { scale }).collect();
+    Tensor::from_vec(v, (rows, cols), device)
+}
+
+pub struct EfficientNet {
+    stem: ConvBn,
+    blocks: Vec<MbConv>,
+    head: ConvBn,
+    classifier: candle_nn::Linear,
+    dropout: f64,
+    pub config: EfficientNetConfig,
+}
+
+impl EfficientNet {
+    pub fn new(cfg: &EfficientNetConfig, vb: VarBuilder) -> Result<Self> {
+        let (width, _, _, dropout) = cfg.variant.scaling();
+        let lite = cfg.variant.is_lite();
+        let act = if lite { Activation::Relu6 } else { Activation::Silu };
+        let layout = stage_layout(cfg.variant);
+        let features = vb.pp("features");
+        // Lite keeps the stem and head widths fixed whatever the width multiplier.
+        let stem_out = if lite { 32 } else { make_divisible(32.0 * width) };
+        let stem = ConvBn::new(3, stem_out, 3, 2, false, Some(act), cfg, features.pp("0"))?;
+        let total: usize = layout.iter().map(|s| s.5).sum();
+        let mut blocks = Vec::with_capacity(total);
+        for (si, &(e, k, s, cin, cout, repeats)) in layout.iter().enumerate() {
+            for j in 0..repeats {
+                let (cin, stride) = if j == 0 { (cin, s) } else { (cout, 1) };
+                let drop_prob = cfg.stochastic_depth * blocks.len() as f64 / total as f64;
+                let vb = features.pp((si + 1).to_string()).pp(j.to_string()).pp("block");
+                blocks.push(MbConv::new(e, k, stride, cin, cout, drop_prob, cfg, vb)?);
+            }
+        }
+        let last = layout[6].4;
+        let head_out = if lite { 1280 } else { 4 * last };
+        let head = ConvBn::new(last, head_out, 1, 1, false, Some(act), cfg, features.pp("8"))?;
+        let cls = vb.pp("classifier").pp("1");
+        let w = cls.get_with_hints((cfg.num_classes, head_out), "weight", Init::Const(0.0))?;
+        let b = cls.get_with_hints(cfg.num_classes, "bias", Init::Const(0.0))?;
+        Ok(EfficientNet {
+            stem,
+            blocks,
+            head,
+            classifier: candle_nn::Linear::new(w, Some(b)),
+            dropout: cfg.dropout.unwrap_or(dropout),
+            config: cfg.clone(),
+        })
+    }
+
+    /// Logits [B, num_classes] for images [B, 3, H, W] (ImageNet-normalised).
+    /// With `rng`, the model is in training mode: BatchNorm uses and updates
+    /// batch statistics, dropout and stochastic depth draw from `rng`.
+    pub fn forward_t(&self, x: &Tensor, mut rng: TrainRng) -> Result<Tensor> {
+        let train = rng.is_some();
+        let mut h = self.stem.forward_t(x, train)?;
+        for b in &self.blocks {
+            h = b.forward_t(&h, &mut rng)?;
+        }
+        h = self.head.forward_t(&h, train)?;
+        let mut pooled = h.flatten_from(2)?.mean(D::Minus1)?;
+        if let Some(rng) = rng.as_deref_mut()
+            && self.dropout > 0.0
+        {
+            pooled = pooled.mul(&keep_mask(pooled.dim(0)?, pooled.dim(1)?, self.dropout, rng, pooled.device())?)?;
+        }
+        self.classifier.forward(&pooled)
+    }
+}
+
+/// Draws every weight from the seed, in name order: convolutions Kaiming
+/// normal (fan-out), the classifier uniform(+-1/sqrt(out)), BatchNorm
+/// weight 1 / bias 0 / running mean 0 / running var 1, other biases 0
+/// (torchvision's `EfficientNet.__init__`).
+pub fn init_weights(varmap: &candle_nn::VarMap, seed: u64) -> Result<()> {
+    use rand::SeedableRng;
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let n = var.elem_count();
+        // The only one-dimensional weights are BatchNorm scales.
+        let values: Vec<f32> = if name.ends_with("running_var") || (dims.len() == 1 && name.ends_with(".weight")) {
+            vec![1.0; n]
+        } else if name.ends_with(".bias") || name.ends_with("running_mean") {
+            vec![0.0; n]
+        } else if name.starts_with("classifier") {
+            let r = 1.0 / (dims[0] as f32).sqrt();
+            (0..n).map(|_| rng.random_range(-r..r)).collect()
+        } else {
+            // Kaiming normal, fan_out = out channels x kernel area.
+            let fan_out = dims[0] * dims[2..].iter().product::<usize>();
+            let std = (2.0 / fan_out as f32).sqrt();
+            (0..n).map(|_| std * super::init::standard_normal(&mut rng)).collect()
+        };
+        var.set(&Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// What loading pretrained weights did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub loaded: usize,
+    /// Variables left at their initial values (the new head, when its shape differs).
+    pub kept_initial: Vec<String>,
+}
+
+/// Copies a torchvision-layout state dict into the model's variables. Every
+/// feature variable must be present with the right shape; the classifier is
+/// taken only when its shape matches (a 1000-class ImageNet head does not fit a
+/// one-logit head and stays freshly initialised).
+pub fn load_pretrained(varmap: &candle_nn::VarMap, tensors: &std::collections::HashMap<String, Tensor>) -> std::result::Result<LoadReport, String> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut report = LoadReport { loaded: 0, kept_initial: vec![] };
+    for name in names {
+        let var = &data[name];
+        match tensors.get(name.as_str()) {
+            Some(t) if t.dims() == var.dims() => {
+                let t = t.to_dtype(DType::F32).and_then(|t| t.to_device(var.device())).map_err(|e| e.to_string())?;
+                var.set(&t).map_err(|e| e.to_string())?;
+                report.loaded += 1;
+            }
+            other if name.starts_with("classifier") => {
+                let _ = other;
+                report.kept_initial.push(name.clone());
+            }
+            Some(t) => return Err(format!("`{name}` has shape {:?} in the weights file, the model expects {:?}", t.dims(), var.dims())),
+            None => return Err(format!("`{name}` is missing from the weights file")),
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    /// `noise` and `value` of tests/reference/efficientnet_reference.py.
+    fn noise(a: f64) -> f64 {
+        let v = a.sin() * 43758.5453;
+        2.0 * (v - v.floor()) - 1.0
+    }
+
+    fn value(name: &str, k: usize, i: usize, dims: &[usize]) -> f64 {
+        let s = noise(0.37 * i as f64 + 0.11 * k as f64 + 1.0);
+        if name.ends_with("running_var") {
+            1.0 + 0.5 * s.abs()
+        } else if name.ends_with("running_mean") || name.ends_with("bias") {
+            0.1 * s
+        } else if dims.len() == 1 {
+            1.0 + 0.1 * s
+        } else {
+            s * 3.0 / (dims[1..].iter().product::<usize>() as f64).sqrt()
+        }
+    }
+
+    fn reference_model(variant: Variant) -> (VarMap, EfficientNet) {
+        let vm = VarMap::new();
+        let cfg = EfficientNetConfig { dropout: Some(0.0), stochastic_depth: 0.0, ..EfficientNetConfig::new(variant, 1) };
+        let model = EfficientNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        {
+            let data = vm.data().lock().unwrap();
+            let mut names: Vec<&String> = data.keys().collect();
+            names.sort();
+            for (k, name) in names.into_iter().enumerate() {
+                let var = &data[name];
+                let v: Vec<f32> = (0..var.elem_count()).map(|i| value(name, k, i, var.dims()) as f32).collect();
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            }
+        }
+        (vm, model)
+    }
+
+    fn input() -> Tensor {
+        let v: Vec<f32> = (0..2 * 3 * 64 * 64).map(|i| noise(0.05 * i as f64) as f32).collect();
+        Tensor::from_vec(v, (2, 3, 64, 64), &Device::Cpu).unwrap()
+    }
+
+    /// Logits from tests/reference/efficientnet_reference.py (torch 2.x,
+    /// torchvision 0.29 `efficientnet_b0(num_classes=1, dropout=0,
+    /// stochastic_depth_prob=0)`, every tensor set by the formula above).
+    #[test]
+    fn b0_forward_matches_torchvision_in_eval_and_train_mode() {
+        let (vm, model) = reference_model(Variant::B0);
+        // torchvision's parameter count, plus BatchNorm buffers (which candle keeps as variables).
+        assert_eq!(vm.all_vars().iter().map(|v| v.elem_count()).sum::<usize>(), 4_008_829 + bn_buffer_count(&vm));
+        let x = input();
+        let eval: Vec<f32> = model.forward_t(&x, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (got, want) in eval.iter().zip([0.160057932138443f32, 0.16236701607704163]) {
+            assert!((got - want).abs() < 2e-5, "eval logits {eval:?}");
+        }
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        let train: Vec<f32> = model.forward_t(&x, Some(&mut rng)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (got, want) in train.iter().zip([0.23474647104740143f32, 0.5319917798042297]) {
+            assert!((got - want).abs() < 2e-4, "train logits {train:?}");
+        }
+        // The training pass moved the running mean like PyTorch's (momentum 0.1).
+        let data = vm.data().lock().unwrap();
+        let rm: Vec<f32> = data["features.0.1.running_mean"].as_tensor().narrow(0, 0, 4).unwrap().to_vec1().unwrap();
+        for (got, want) in rm.iter().zip([0.04543698579072952f32, 0.021913748234510422, 0.00902032945305109, -0.016324782744050026]) {
+            assert!((got - want).abs() < 1e-5, "running mean {rm:?}");
+        }
+    }
+
+    /// Elements of BatchNorm running statistics (buffers in PyTorch, not parameters).
+    fn bn_buffer_count(vm: &VarMap) -> usize {
+        let data = vm.data().lock().unwrap();
+        data.iter().filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var")).map(|(_, v)| v.elem_count()).sum()
+    }
+
+    #[test]
+    fn variants_have_torchvision_widths_and_lite0_has_the_converter_names() {
+        let widths = |v| stage_layout(v).iter().map(|s| (s.4, s.5)).collect::<Vec<_>>();
+        assert_eq!(widths(Variant::B0), [(16, 1), (24, 2), (40, 2), (80, 3), (112, 3), (192, 4), (320, 1)]);
+        // torchvision efficientnet_b4: 24, 32, 56, 112, 160, 272, 448 with 2,4,4,6,6,8,2 blocks.
+        assert_eq!(widths(Variant::B4), [(24, 2), (32, 4), (56, 4), (112, 6), (160, 6), (272, 8), (448, 2)]);
+        let (vm, _) = reference_model(Variant::Lite0);
+        let data = vm.data().lock().unwrap();
+        for name in ["features.1.0.block.0.0.weight", "features.1.0.block.1.0.weight", "features.2.0.block.2.1.running_var", "features.8.0.weight", "classifier.1.weight"] {
+            assert!(data.contains_key(name), "{name}");
+        }
+        assert!(!data.keys().any(|n| n.contains("fc1")), "Lite0 has no squeeze-excitation");
+        assert_eq!(data["features.8.0.weight"].dims(), [1280, 320, 1, 1]);
+    }
+
+    #[test]
+    fn tf_same_padding_pads_bottom_right_for_stride_two() {
+        let vm = VarMap::new();
+        let cfg = EfficientNetConfig::new(Variant::Lite0, 1);
+        let conv = ConvBn::new(1, 1, 3, 2, false, None, &cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let x = Tensor::ones((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let (p, pad) = conv.pad(&x, 3).unwrap();
+        assert_eq!((p.dims4().unwrap(), pad), ((1, 1, 5, 5), 0));
+        let rows: Vec<Vec<f32>> = p.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        assert_eq!(rows[0], [1., 1., 1., 1., 0.], "no padding on top/left, one on bottom/right");
+        assert_eq!(rows[4], [0.; 5]);
+    }
+}

@@ -1,0 +1,1146 @@
+//! Fast depthwise 2-D convolution for candle on CPU.
+//!
+//! candle 0.11 runs a grouped convolution with `groups == channels` as one
+//! convolution per channel followed by a `cat`, and its input gradient goes
+//! through a direct-loop `conv_transpose2d`; for EfficientNet's depthwise
+//! layers that is ~10x (forward) to ~100x (backward) slower than PyTorch on
+//! the same cores. This module replaces that with three direct kernels:
+//!
+//! * forward:        `y[n,c] = x[n,c] ⋆ w[c]` (cross-correlation, stride `s`, zero padding `p`),
+//! * input gradient: the transposed kernel, scattering `w[c] · dy[n,c]` back onto `dx[n,c]`,
+//! * weight gradient: `dw[c] = Σ_n x[n,c] ⋆ dy[n,c]`.
+//!
+//! Promises:
+//! * [`depthwise_conv2d`] computes the same function as candle's
+//!   `x.conv2d(w, padding, stride, 1, C)` (NCHW, weight `[C, 1, Kh, Kw]`, no
+//!   bias, output `(H + 2p - K)/s + 1`), forward and both gradients, to f32
+//!   rounding (summation order differs, and FMA is used where the CPU has it).
+//! * The fast path is taken only on CPU with F32 input and weight and while
+//!   [`fast_kernels_enabled`]; anything else (CUDA, Metal, F16/BF16/F64, or the
+//!   switch turned off) calls candle's own op, so GPUs keep their kernels.
+//! * Gradients are first order: the backward ops are not themselves
+//!   differentiable (no double backward through this op).
+//! * Any input layout is accepted (non-contiguous tensors are made contiguous).
+//!
+//! Design: every kernel works one `(n, c)` plane (or one channel, for the weight
+//! gradient) at a time, in parallel with rayon. The input plane is first copied
+//! into a zero-padded, *stride-phased* scratch buffer: padded row `r` is stored
+//! as `s` sub-rows, sub-row `φ` holding padded columns `φ, φ+s, φ+2s, …`. Output
+//! column `ox` at tap `kx` reads padded column `s·ox + kx`, which is element
+//! `ox + kx/s` of sub-row `kx % s` — so for any stride, one tap over one output
+//! row is a contiguous `out[..] += w · buf[off..off+Wo]`, which LLVM vectorises,
+//! and no bounds tests remain in the inner loops. On x86-64 the kernels are
+//! compiled a second time with AVX2+FMA and picked at run time.
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+static FAST_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fast CPU kernels on or off (process-wide; default on). When off,
+/// [`depthwise_conv2d`] uses candle's own grouped `conv2d`, the reference.
+pub fn set_fast_kernels(enabled: bool) {
+    FAST_KERNELS.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`depthwise_conv2d`] takes the fast CPU kernels (when the device and
+/// dtype allow it).
+pub fn fast_kernels_enabled() -> bool {
+    FAST_KERNELS.load(Ordering::Relaxed)
+}
+
+/// y = depthwise_conv2d(x [N,C,H,W], w [C,1,K,K]) with stride and symmetric zero padding, no bias.
+///
+/// Non-square kernels `[C,1,Kh,Kw]` work too. Output `[N, C, (H+2p-Kh)/s+1, (W+2p-Kw)/s+1]`.
+pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let (_, c, _, _) = x.dims4()?;
+    let fast = fast_kernels_enabled()
+        && x.device().is_cpu()
+        && w.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32;
+    if !fast {
+        return x.conv2d(w, padding, stride, 1, c);
+    }
+    // `contiguous` is a no-op (same tensor, same gradient node) when the
+    // layout already is; otherwise it is a differentiable copy.
+    x.contiguous()?.apply_op2(&w.contiguous()?, DepthwiseConv { stride, padding })
+}
+
+// ---------------------------------------------------------------------------
+// Geometry and the phased scratch layout
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct Geom {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    s: usize,
+    p: usize,
+    ho: usize,
+    wo: usize,
+    /// Padded height `h + 2p`.
+    hp: usize,
+    /// Length of one phase sub-row: `ceil((w + 2p) / s)`.
+    l: usize,
+    /// Scratch offset between consecutive output rows: `s` padded rows.
+    row_step: usize,
+    /// Per tap `ky*kw+kx`: scratch offset of its first value for output row 0.
+    /// Precomputed because `kx / s` and `kx % s` with a run-time `s` are
+    /// integer divisions, far costlier than the few FMAs per tap.
+    taps: Vec<usize>,
+    /// Largest entry of `taps`.
+    max_tap: usize,
+}
+
+impl Geom {
+    fn new(
+        (n, c, h, w): (usize, usize, usize, usize),
+        (kh, kw): (usize, usize),
+        s: usize,
+        p: usize,
+    ) -> Result<Self> {
+        if s == 0 {
+            bail!("depthwise_conv2d: stride must be >= 1");
+        }
+        if kh == 0 || kw == 0 {
+            bail!("depthwise_conv2d: empty kernel {kh}x{kw}");
+        }
+        let (hp, wp) = (h + 2 * p, w + 2 * p);
+        if hp < kh || wp < kw {
+            bail!("depthwise_conv2d: kernel {kh}x{kw} larger than padded input {hp}x{wp}");
+        }
+        let l = wp.div_ceil(s);
+        // Tap (ky, kx) of output column ox reads padded (s·oy+ky, s·ox+kx):
+        // sub-row kx % s of padded row s·oy+ky, element ox + kx / s. In
+        // bounds: the last value read, padded column s(wo-1)+kx <= w+2p-1,
+        // is sub-row element < l.
+        let taps: Vec<usize> = (0..kh)
+            .flat_map(|ky| (0..kw).map(move |kx| (ky * s + kx % s) * l + kx / s))
+            .collect();
+        let max_tap = taps.iter().copied().max().unwrap_or(0);
+        Ok(Self {
+            n,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            s,
+            p,
+            ho: (hp - kh) / s + 1,
+            wo: (wp - kw) / s + 1,
+            hp,
+            l,
+            row_step: s * s * l,
+            taps,
+            max_tap,
+        })
+    }
+
+    /// Size of the phased scratch plane.
+    fn buf_len(&self) -> usize {
+        self.hp * self.s * self.l
+    }
+
+
+    /// For phase `ph` of a padded row: the first input column that lands in it,
+    /// the sub-row element it lands on, and how many input columns land in it.
+    #[inline(always)]
+    fn phase_span(&self, ph: usize) -> (usize, usize, usize) {
+        let s = self.s;
+        let ix0 = (ph + s - self.p % s) % s;
+        let j0 = (ix0 + self.p) / s;
+        let count = if ix0 < self.w { (self.w - ix0).div_ceil(s) } else { 0 };
+        (ix0, j0, count)
+    }
+
+    /// Offset of the first sub-row of input row `iy` (padded row `iy + p`).
+    #[inline(always)]
+    fn row_offset(&self, iy: usize) -> usize {
+        (iy + self.p) * self.s * self.l
+    }
+}
+
+/// For stride 2, the parts of one padded row's two sub-rows (`row2`, length
+/// `2l`) that hold the even and the odd input columns, each starting at input
+/// column 0 resp. 1.
+fn stride2_phases<'a>(g: &Geom, row2: &'a mut [f32]) -> (&'a mut [f32], &'a mut [f32]) {
+    let (p0, p1) = row2.split_at_mut(g.l);
+    // Even input columns land in phase p % 2.
+    let (pe, po) = if g.p % 2 == 0 { (p0, p1) } else { (p1, p0) };
+    (&mut pe[g.phase_span(g.p % 2).1..], &mut po[g.phase_span(1 - g.p % 2).1..])
+}
+
+fn stride2_phases_ref<'a>(g: &Geom, row2: &'a [f32]) -> (&'a [f32], &'a [f32]) {
+    let (p0, p1) = row2.split_at(g.l);
+    let (pe, po) = if g.p % 2 == 0 { (p0, p1) } else { (p1, p0) };
+    (&pe[g.phase_span(g.p % 2).1..], &po[g.phase_span(1 - g.p % 2).1..])
+}
+
+/// Copies an input plane `[h, w]` into the interior of a phased scratch plane.
+/// Only interior cells are written, so padding cells keep whatever they held —
+/// zero, if the buffer was zeroed once when allocated.
+fn fill_phased(g: &Geom, src: &[f32], buf: &mut [f32]) {
+    for (iy, row) in src.chunks_exact(g.w).enumerate() {
+        let base = g.row_offset(iy);
+        if g.s == 1 {
+            buf[base + g.p..base + g.p + g.w].copy_from_slice(row);
+            continue;
+        }
+        if g.s == 2 {
+            let (even, odd) = stride2_phases(g, &mut buf[base..base + 2 * g.l]);
+            let pairs = g.w / 2;
+            // Fixed-length slices and plain indexing: LLVM turns this into
+            // vector loads + shuffles (the generic step_by loop stays scalar).
+            if g.w % 2 == 1 {
+                even[pairs] = row[g.w - 1];
+            }
+            let (row2, even, odd) = (&row[..2 * pairs], &mut even[..pairs], &mut odd[..pairs]);
+            for k in 0..pairs {
+                even[k] = row2[2 * k];
+                odd[k] = row2[2 * k + 1];
+            }
+            continue;
+        }
+        for ph in 0..g.s {
+            let (ix0, j0, count) = g.phase_span(ph);
+            let dst = &mut buf[base + ph * g.l + j0..][..count];
+            for (d, &v) in dst.iter_mut().zip(row[ix0..].iter().step_by(g.s)) {
+                *d = v;
+            }
+        }
+    }
+}
+
+/// Inverse of [`fill_phased`]: reads the interior of a phased plane into `[h, w]`.
+fn extract_phased(g: &Geom, buf: &[f32], dst: &mut [f32]) {
+    for (iy, row) in dst.chunks_exact_mut(g.w).enumerate() {
+        let base = g.row_offset(iy);
+        if g.s == 1 {
+            row.copy_from_slice(&buf[base + g.p..base + g.p + g.w]);
+            continue;
+        }
+        if g.s == 2 {
+            let (even, odd) = stride2_phases_ref(g, &buf[base..base + 2 * g.l]);
+            let pairs = g.w / 2;
+            if g.w % 2 == 1 {
+                row[g.w - 1] = even[pairs];
+            }
+            let (row2, even, odd) = (&mut row[..2 * pairs], &even[..pairs], &odd[..pairs]);
+            for k in 0..pairs {
+                row2[2 * k] = even[k];
+                row2[2 * k + 1] = odd[k];
+            }
+            continue;
+        }
+        for ph in 0..g.s {
+            let (ix0, j0, count) = g.phase_span(ph);
+            let src = &buf[base + ph * g.l + j0..][..count];
+            for (d, &v) in row[ix0..].iter_mut().step_by(g.s).zip(src) {
+                *d = v;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Inner kernels. Generic over FMA so the same source is compiled once for the
+// baseline target and once inside `#[target_feature(enable = "avx2,fma")]`
+// wrappers (`#[inline(always)]` lets the wide instructions reach the loops).
+// ---------------------------------------------------------------------------
+
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    // `mul_add` is a single instruction only where FMA is enabled; elsewhere it
+    // would call libm's `fmaf`, so the baseline build keeps mul + add.
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// `v[at..at + B]` as an array, without a bounds check.
+///
+/// The register-blocked loops below read a few strips per FMA; per-access
+/// bounds checks (and the spills they cause) made them 3x slower. Each caller
+/// asserts once, up front, that every index it will use is in bounds.
+///
+/// # Safety
+/// `at + B <= v.len()`.
+#[inline(always)]
+unsafe fn strip<const B: usize>(v: &[f32], at: usize) -> &[f32; B] {
+    debug_assert!(at + B <= v.len());
+    // SAFETY: in bounds per the contract; [f32; B] has f32's alignment.
+    unsafe { &*(v.as_ptr().add(at) as *const [f32; B]) }
+}
+
+/// `out[i] += a * x[i]`.
+#[inline(always)]
+fn axpy<const FMA: bool>(out: &mut [f32], a: f32, x: &[f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = madd::<FMA>(a, v, *o);
+    }
+}
+
+/// Forward for output columns `x0..x0+B` of row `oy`: the `B` sums stay in
+/// registers across all taps (one load + one FMA per tap and column), instead
+/// of reloading and storing the output row once per tap. Taps alternate
+/// between `U` accumulator sets so that `U·B/8` independent FMA chains hide
+/// the FMA latency.
+#[inline(always)]
+fn fwd_strip<const FMA: bool, const B: usize, const U: usize>(
+    g: &Geom,
+    buf: &[f32],
+    wk: &[f32],
+    oy: usize,
+    x0: usize,
+    orow: &mut [f32],
+) {
+    let mut acc = [[0f32; B]; U];
+    let base = oy * g.row_step + x0;
+    // Every read below is `buf[base + t..][..B]` with `t <= max_tap`.
+    assert!(base + g.max_tap + B <= buf.len());
+    let (wk, taps) = (&wk[..g.taps.len()], &g.taps[..]);
+    let full = taps.len() / U * U;
+    for (wu, tu) in wk[..full].chunks_exact(U).zip(taps[..full].chunks_exact(U)) {
+        for u in 0..U {
+            // SAFETY: asserted above.
+            let src = unsafe { strip::<B>(buf, base + tu[u]) };
+            for i in 0..B {
+                acc[u][i] = madd::<FMA>(wu[u], src[i], acc[u][i]);
+            }
+        }
+    }
+    for (u, (&wv, &t)) in wk[full..].iter().zip(&taps[full..]).enumerate() {
+        // SAFETY: asserted above.
+        let src = unsafe { strip::<B>(buf, base + t) };
+        for i in 0..B {
+            acc[u][i] = madd::<FMA>(wv, src[i], acc[u][i]);
+        }
+    }
+    let out: &mut [f32; B] = (&mut orow[x0..x0 + B]).try_into().unwrap();
+    *out = acc[0];
+    for a in &acc[1..] {
+        for i in 0..B {
+            out[i] += a[i];
+        }
+    }
+}
+
+/// Forward for row `oy` in strips of width `B` (needs `wo >= B`). The last
+/// strip is shifted left to end at `wo`, overlapping the previous one:
+/// recomputing a few outputs is cheaper than a scalar tail. (A plain loop, not
+/// a closure: closures do not inherit the caller's target features, and
+/// `mul_add` outside an FMA context becomes a libm call.)
+#[inline(always)]
+fn fwd_row<const FMA: bool, const B: usize, const U: usize>(
+    g: &Geom,
+    buf: &[f32],
+    wk: &[f32],
+    oy: usize,
+    orow: &mut [f32],
+) {
+    let mut x0 = 0;
+    while x0 + B <= g.wo {
+        fwd_strip::<FMA, B, U>(g, buf, wk, oy, x0, orow);
+        x0 += B;
+    }
+    if x0 < g.wo {
+        fwd_strip::<FMA, B, U>(g, buf, wk, oy, g.wo - B, orow);
+    }
+}
+
+/// Forward for one plane: `buf` holds the phased input, `wk` the `kh*kw` taps.
+#[inline(always)]
+fn fwd_plane_impl<const FMA: bool>(g: &Geom, buf: &[f32], wk: &[f32], out: &mut [f32]) {
+    for (oy, orow) in out.chunks_exact_mut(g.wo).enumerate() {
+        match g.wo {
+            // 8 independent FMA chains (of 8 lanes) in each case.
+            32.. => fwd_row::<FMA, 32, 2>(g, buf, wk, oy, orow),
+            16.. => fwd_row::<FMA, 16, 4>(g, buf, wk, oy, orow),
+            8.. => fwd_row::<FMA, 8, 4>(g, buf, wk, oy, orow),
+            _ => {
+                orow.fill(0.0);
+                for (&wv, &t) in wk.iter().zip(&g.taps) {
+                    axpy::<FMA>(orow, wv, &buf[oy * g.row_step + t..][..g.wo]);
+                }
+            }
+        }
+    }
+}
+
+/// Input gradient for one plane, scattered into a phased buffer `buf`
+/// (zeroed here): output `(oy, ox)` fed padded input `(s·oy+ky, s·ox+kx)` with
+/// weight `w[ky,kx]`, so it sends `w[ky,kx]·dy[oy,ox]` back to the same cell.
+#[inline(always)]
+fn grad_input_plane_impl<const FMA: bool>(g: &Geom, gy: &[f32], wk: &[f32], buf: &mut [f32]) {
+    buf.fill(0.0);
+    for (oy, grow) in gy.chunks_exact(g.wo).enumerate() {
+        for (&wv, &t) in wk.iter().zip(&g.taps) {
+            axpy::<FMA>(&mut buf[oy * g.row_step + t..][..g.wo], wv, grow);
+        }
+    }
+}
+
+/// Weight-gradient partial sums of taps `t0..t0+G` for output columns
+/// `x0..x0+B` of one plane: `acc[tap][ox] += Σ_oy dy[oy,ox] · xpad[s·oy+ky,
+/// s·ox+kx]`. The `G·B` sums stay in registers while `oy` runs, and each `dy`
+/// strip loaded serves `G` taps: a term costs ~1 + 1/G loads instead of 2
+/// (loads, not FMAs, bound this kernel) and the `G·B/8` chains hide FMA
+/// latency. Sums are reduced over columns once per channel, by the caller.
+#[inline(always)]
+fn grad_weight_taps<const FMA: bool, const B: usize, const G: usize>(
+    g: &Geom,
+    buf: &[f32],
+    gy: &[f32],
+    x0: usize,
+    t0: usize,
+    acc: &mut [f32],
+) {
+    let offs: [usize; G] = std::array::from_fn(|j| g.taps[t0 + j] + x0);
+    // Reads below: gy[oy·wo + x0..][..B] and buf[oy·row_step + offs[j]..][..B]
+    // for oy < ho; the largest oy bounds them all.
+    assert!(g.ho >= 1 && x0 + B <= g.wo && g.ho * g.wo <= gy.len());
+    assert!(offs.iter().all(|&o| (g.ho - 1) * g.row_step + o + B <= buf.len()));
+    let mut sum = [[0f32; B]; G];
+    for oy in 0..g.ho {
+        // SAFETY: asserted above.
+        let dy = unsafe { strip::<B>(gy, oy * g.wo + x0) };
+        for j in 0..G {
+            // SAFETY: asserted above.
+            let src = unsafe { strip::<B>(buf, oy * g.row_step + offs[j]) };
+            for i in 0..B {
+                sum[j][i] = madd::<FMA>(dy[i], src[i], sum[j][i]);
+            }
+        }
+    }
+    for (j, sum) in sum.iter().enumerate() {
+        let acc: &mut [f32; B] = (&mut acc[(t0 + j) * g.wo + x0..][..B]).try_into().unwrap();
+        for i in 0..B {
+            acc[i] += sum[i];
+        }
+    }
+}
+
+/// All taps for output columns `x0..x0+B`, `G` at a time.
+#[inline(always)]
+fn grad_weight_strip<const FMA: bool, const B: usize, const G: usize>(
+    g: &Geom,
+    buf: &[f32],
+    gy: &[f32],
+    x0: usize,
+    acc: &mut [f32],
+) {
+    let taps = g.taps.len();
+    let full = taps / G * G;
+    for t0 in (0..full).step_by(G) {
+        grad_weight_taps::<FMA, B, G>(g, buf, gy, x0, t0, acc);
+    }
+    for t0 in full..taps {
+        grad_weight_taps::<FMA, B, 1>(g, buf, gy, x0, t0, acc);
+    }
+}
+
+/// Weight-gradient partial sums for one plane; `acc` is `kh*kw` rows of `wo`
+/// (one sum per tap and output column). Columns go in strips of 16, 8, 4,
+/// then 1 — disjoint, since a sum must not count a column twice.
+#[inline(always)]
+fn grad_weight_plane_impl<const FMA: bool>(g: &Geom, buf: &[f32], gy: &[f32], acc: &mut [f32]) {
+    let mut x0 = 0;
+    while x0 + 16 <= g.wo {
+        grad_weight_strip::<FMA, 16, 3>(g, buf, gy, x0, acc);
+        x0 += 16;
+    }
+    if x0 + 8 <= g.wo {
+        grad_weight_strip::<FMA, 8, 3>(g, buf, gy, x0, acc);
+        x0 += 8;
+    }
+    if x0 + 4 <= g.wo {
+        grad_weight_strip::<FMA, 4, 3>(g, buf, gy, x0, acc);
+        x0 += 4;
+    }
+    while x0 < g.wo {
+        grad_weight_strip::<FMA, 1, 3>(g, buf, gy, x0, acc);
+        x0 += 1;
+    }
+}
+
+/// Defines `$name(args)` that runs `$impl::<true>` compiled for AVX2+FMA when
+/// the CPU has both, else `$impl::<false>` for the baseline target.
+macro_rules! dispatch {
+    ($name:ident, $wide:ident, $impl:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $wide($($arg: $ty),*) {
+            $impl::<true>($($arg),*)
+        }
+
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports the features `$wide` is compiled for.
+                return unsafe { $wide($($arg),*) };
+            }
+            // aarch64 has FMA in its baseline; other targets keep mul + add.
+            $impl::<{ cfg!(target_arch = "aarch64") }>($($arg),*)
+        }
+    };
+}
+
+dispatch!(fwd_plane, fwd_plane_avx2, fwd_plane_impl,
+    (g: &Geom, buf: &[f32], wk: &[f32], out: &mut [f32]));
+dispatch!(grad_input_plane, grad_input_plane_avx2, grad_input_plane_impl,
+    (g: &Geom, gy: &[f32], wk: &[f32], buf: &mut [f32]));
+dispatch!(grad_weight_plane, grad_weight_plane_avx2, grad_weight_plane_impl,
+    (g: &Geom, buf: &[f32], gy: &[f32], acc: &mut [f32]));
+
+// ---------------------------------------------------------------------------
+// Whole-tensor drivers (rayon over planes / channels)
+// ---------------------------------------------------------------------------
+
+fn forward(g: &Geom, x: &[f32], wt: &[f32]) -> Vec<f32> {
+    let plane_out = g.ho * g.wo;
+    let mut out = vec![0f32; g.n * g.c * plane_out];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(plane_out).enumerate().for_each_init(
+        // Zeroed once: fill_phased only rewrites interior cells, so the
+        // padding stays zero for every plane this buffer serves.
+        || vec![0f32; g.buf_len()],
+        |buf, (nc, out)| {
+            let ch = nc % g.c;
+            fill_phased(g, &x[nc * g.h * g.w..][..g.h * g.w], buf);
+            fwd_plane(g, buf, &wt[ch * g.kh * g.kw..][..g.kh * g.kw], out);
+        },
+    );
+    out
+}
+
+/// How the input gradient is computed for one geometry.
+struct GradInputPlan<'a> {
+    g: Geom,
+    /// Stride 1, square kernel, `p <= K-1`: `dx = dy ⋆ flip(w)` with padding
+    /// `K-1-p`, i.e. the forward kernel (register-blocked, written straight
+    /// into `dx`) on this geometry. `None`: scatter through a phased buffer.
+    transposed: Option<Geom>,
+    /// `kh*kw` taps per channel; flipped when `transposed` is set.
+    weights: Cow<'a, [f32]>,
+}
+
+impl<'a> GradInputPlan<'a> {
+    fn new(g: &Geom, wt: &'a [f32]) -> Result<Self> {
+        let taps = g.kh * g.kw;
+        if g.s == 1 && g.kh == g.kw && g.p < g.kh {
+            let t = Geom::new((g.n, g.c, g.ho, g.wo), (g.kh, g.kw), 1, g.kh - 1 - g.p)?;
+            debug_assert_eq!((t.ho, t.wo), (g.h, g.w));
+            let flipped = wt.chunks_exact(taps).flat_map(|w| w.iter().rev().copied()).collect();
+            return Ok(Self { g: g.clone(), transposed: Some(t), weights: Cow::Owned(flipped) });
+        }
+        Ok(Self { g: g.clone(), transposed: None, weights: Cow::Borrowed(wt) })
+    }
+
+    fn buf_len(&self) -> usize {
+        self.transposed.as_ref().unwrap_or(&self.g).buf_len()
+    }
+
+    /// `dx` plane `(n, ch)` from its `dy` plane; `buf` holds `buf_len()` values
+    /// and, on the transposed path, must keep zero padding between calls.
+    fn plane(&self, ch: usize, gy: &[f32], buf: &mut [f32], dx: &mut [f32]) {
+        let taps = self.g.kh * self.g.kw;
+        let wk = &self.weights[ch * taps..][..taps];
+        match &self.transposed {
+            Some(t) => {
+                fill_phased(t, gy, buf);
+                fwd_plane(t, buf, wk, dx);
+            }
+            None => {
+                grad_input_plane(&self.g, gy, wk, buf);
+                // Gradient that landed on padding cells is dropped: those
+                // inputs are constant zeros.
+                extract_phased(&self.g, buf, dx);
+            }
+        }
+    }
+}
+
+fn grad_input(g: &Geom, gy: &[f32], wt: &[f32]) -> Result<Vec<f32>> {
+    let plan = GradInputPlan::new(g, wt)?;
+    let (plane_in, plane_out) = (g.h * g.w, g.ho * g.wo);
+    let mut dx = vec![0f32; g.n * g.c * plane_in];
+    if dx.is_empty() {
+        return Ok(dx);
+    }
+    dx.par_chunks_mut(plane_in).enumerate().for_each_init(
+        || vec![0f32; plan.buf_len()],
+        |buf, (nc, dx)| plan.plane(nc % g.c, &gy[nc * plane_out..][..plane_out], buf, dx),
+    );
+    Ok(dx)
+}
+
+fn grad_weight(g: &Geom, x: &[f32], gy: &[f32]) -> Vec<f32> {
+    let taps = g.kh * g.kw;
+    let mut dw = vec![0f32; g.c * taps];
+    if dw.is_empty() {
+        return dw;
+    }
+    // One task per channel: the batch sum stays inside a task, so no
+    // cross-thread reduction is needed.
+    dw.par_chunks_mut(taps).enumerate().for_each_init(
+        || (vec![0f32; g.buf_len()], vec![0f32; taps * g.wo]),
+        |(buf, acc), (ch, dw)| {
+            acc.fill(0.0);
+            for n in 0..g.n {
+                let nc = n * g.c + ch;
+                fill_phased(g, &x[nc * g.h * g.w..][..g.h * g.w], buf);
+                grad_weight_plane(g, buf, &gy[nc * g.ho * g.wo..][..g.ho * g.wo], acc);
+            }
+            for (d, a) in dw.iter_mut().zip(acc.chunks_exact(g.wo)) {
+                *d = a.iter().sum();
+            }
+        },
+    );
+    dw
+}
+
+// ---------------------------------------------------------------------------
+// candle custom ops
+// ---------------------------------------------------------------------------
+
+/// The values of an F32 CPU tensor in row-major order, borrowed when the
+/// layout is contiguous, gathered otherwise.
+fn f32_values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
+    let data = s.as_slice::<f32>()?;
+    if let Some((start, end)) = l.contiguous_offsets() {
+        return Ok(Cow::Borrowed(&data[start..end]));
+    }
+    let (dims, strides) = (l.dims(), l.stride());
+    let count = l.shape().elem_count();
+    let mut out = Vec::with_capacity(count);
+    let mut idx = vec![0usize; dims.len()];
+    let mut off = l.start_offset();
+    for _ in 0..count {
+        out.push(data[off]);
+        // Odometer increment over the strided index.
+        for d in (0..dims.len()).rev() {
+            idx[d] += 1;
+            off += strides[d];
+            if idx[d] < dims[d] {
+                break;
+            }
+            off -= strides[d] * dims[d];
+            idx[d] = 0;
+        }
+    }
+    Ok(Cow::Owned(out))
+}
+
+fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
+    match *l.dims() {
+        [a, b, c, d] => Ok((a, b, c, d)),
+        ref dims => bail!("depthwise_conv2d: {what} must be 4-D, got {dims:?}"),
+    }
+}
+
+/// Checks `w` is `[C, 1, Kh, Kw]` for `C` channels and returns `(Kh, Kw)`.
+fn kernel_dims(l: &Layout, c: usize) -> Result<(usize, usize)> {
+    let (co, ci, kh, kw) = dims4(l, "weight")?;
+    if co != c || ci != 1 {
+        bail!("depthwise_conv2d: weight must be [{c}, 1, K, K], got {:?}", l.dims());
+    }
+    Ok((kh, kw))
+}
+
+/// Forward op: `x` (arg 1) ⋆ `w` (arg 2).
+#[derive(Clone, Copy, Debug)]
+struct DepthwiseConv {
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp2 for DepthwiseConv {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xd = dims4(l1, "input")?;
+        let g = Geom::new(xd, kernel_dims(l2, xd.1)?, self.stride, self.padding)?;
+        let (x, wt) = (f32_values(s1, l1)?, f32_values(s2, l2)?);
+        let y = forward(&g, &x, &wt);
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.c, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, h, wd) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        let (stride, padding) = (self.stride, self.padding);
+        // Skip a gradient nobody will read (e.g. an input that tracks no graph).
+        let dx = if x.track_op() {
+            Some(grad_res.apply_op2_no_bwd(w, &DepthwiseGradInput { stride, padding, h, w: wd })?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(grad_res, &DepthwiseGradWeight { stride, padding, kh, kw })?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// Input gradient: `dy` (arg 1) and `w` (arg 2) → `dx [N, C, h, w]`.
+#[derive(Clone, Copy, Debug)]
+struct DepthwiseGradInput {
+    stride: usize,
+    padding: usize,
+    /// Input spatial size (several sizes give the same output size).
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp2 for DepthwiseGradInput {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, ho, wo) = dims4(l1, "output gradient")?;
+        let k = kernel_dims(l2, c)?;
+        let g = Geom::new((n, c, self.h, self.w), k, self.stride, self.padding)?;
+        if (g.ho, g.wo) != (ho, wo) {
+            bail!("depthwise_conv2d: output gradient is {ho}x{wo}, expected {}x{}", g.ho, g.wo);
+        }
+        let (gy, wt) = (f32_values(s1, l1)?, f32_values(s2, l2)?);
+        let dx = grad_input(&g, &gy, &wt)?;
+        Ok((CpuStorage::F32(dx), Shape::from((n, c, self.h, self.w))))
+    }
+}
+
+/// Weight gradient: `x` (arg 1) and `dy` (arg 2) → `dw [C, 1, Kh, Kw]`.
+#[derive(Clone, Copy, Debug)]
+struct DepthwiseGradWeight {
+    stride: usize,
+    padding: usize,
+    kh: usize,
+    kw: usize,
+}
+
+impl CustomOp2 for DepthwiseGradWeight {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xd = dims4(l1, "input")?;
+        let g = Geom::new(xd, (self.kh, self.kw), self.stride, self.padding)?;
+        if dims4(l2, "output gradient")? != (g.n, g.c, g.ho, g.wo) {
+            bail!(
+                "depthwise_conv2d: output gradient is {:?}, expected {:?}",
+                l2.dims(),
+                [g.n, g.c, g.ho, g.wo]
+            );
+        }
+        let (x, gy) = (f32_values(s1, l1)?, f32_values(s2, l2)?);
+        let dw = grad_weight(&g, &x, &gy);
+        Ok((CpuStorage::F32(dw), Shape::from((g.c, 1, self.kh, self.kw))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use std::sync::{RwLock, RwLockReadGuard};
+    use std::time::Instant;
+
+    /// Tests that assume the switch is on hold it shared; the test that flips
+    /// it holds it exclusively, so parallel tests never see it off.
+    static SWITCH: RwLock<()> = RwLock::new(());
+
+    fn switch_on() -> RwLockReadGuard<'static, ()> {
+        let guard = SWITCH.read().unwrap_or_else(|e| e.into_inner());
+        assert!(fast_kernels_enabled());
+        guard
+    }
+
+    fn random(rng: &mut ChaCha8Rng, dims: &[usize]) -> Tensor {
+        let n = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    /// max|a-b| / max|b|, with the denominator floored so all-zero references
+    /// compare absolutely.
+    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
+        assert!(a.iter().all(|v| v.is_finite()));
+        diff / scale.max(1e-3)
+    }
+
+    /// Output, input gradient, weight gradient of `conv` against a random cotangent `r`.
+    fn run(
+        conv: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+        x: &Var,
+        w: &Var,
+        r: &Tensor,
+    ) -> (Tensor, Tensor, Tensor) {
+        let y = conv(x.as_tensor(), w.as_tensor()).unwrap();
+        let grads = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = grads.get(x.as_tensor()).unwrap().clone();
+        let gw = grads.get(w.as_tensor()).unwrap().clone();
+        (y, gx, gw)
+    }
+
+    /// candle's grouped `conv2d`, differentiable for every shape. candle 0.11's
+    /// conv2d backward derives the transposed conv's `output_padding` from the
+    /// height only and fails with a shape mismatch when
+    /// `(H+2p-K) % s != (W+2p-K) % s` (e.g. 8x7, stride 2). For those shapes
+    /// the padding is applied explicitly and the rows/columns no window reads
+    /// are cropped, so candle's conv runs with padding 0 and no remainder.
+    fn candle_reference(x: &Tensor, w: &Tensor, s: usize, p: usize) -> Result<Tensor> {
+        let (_, c, h, wd) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        if (h + 2 * p - kh) % s == (wd + 2 * p - kw) % s {
+            return x.conv2d(w, p, s, 1, c);
+        }
+        let used_h = (h + 2 * p - kh) / s * s + kh;
+        let used_w = (wd + 2 * p - kw) / s * s + kw;
+        let xp = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+        xp.narrow(2, 0, used_h)?.narrow(3, 0, used_w)?.conv2d(w, 0, s, 1, c)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check(n: usize, c: usize, h: usize, wd: usize, k: usize, s: usize, p: usize, seed: u64) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let x = Var::from_tensor(&random(&mut rng, &[n, c, h, wd])).unwrap();
+        let w = Var::from_tensor(&random(&mut rng, &[c, 1, k, k])).unwrap();
+        let (ho, wo) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
+        let r = random(&mut rng, &[n, c, ho, wo]);
+        let fast = run(|x, w| depthwise_conv2d(x, w, s, p), &x, &w, &r);
+        let reference = run(|x, w| candle_reference(x, w, s, p), &x, &w, &r);
+        let case = format!("n{n} c{c} {h}x{wd} k{k} s{s} p{p}");
+        let direct = x.conv2d(&w, p, s, 1, c).unwrap();
+        assert!(rel_err(&fast.0, &direct) <= 1e-5, "{case}: y vs conv2d");
+        assert_eq!(fast.0.dims(), &[n, c, ho, wo], "{case}");
+        for (what, a, b) in [
+            ("y", &fast.0, &reference.0),
+            ("dx", &fast.1, &reference.1),
+            ("dw", &fast.2, &reference.2),
+        ] {
+            let e = rel_err(a, b);
+            assert!(e <= 1e-5, "{case}: {what} rel err {e:e}");
+        }
+    }
+
+    #[test]
+    fn matches_candle_on_edge_shapes() {
+        let _on = switch_on();
+        let mut seed = 0;
+        // Odd sizes, single channel, batch 1 and 3, both kernels, both strides,
+        // padding 0 and K/2, and 1x1 planes that are all padding but the centre.
+        for &(n, c, h, w) in &[(1, 1, 7, 9), (3, 4, 13, 13), (1, 3, 9, 7), (3, 1, 5, 6), (2, 5, 8, 8)] {
+            for k in [3, 5] {
+                for s in [1, 2] {
+                    for p in [0, k / 2] {
+                        if h + 2 * p < k || w + 2 * p < k {
+                            continue;
+                        }
+                        seed += 1;
+                        check(n, c, h, w, k, s, p, seed);
+                    }
+                }
+            }
+        }
+        for (k, s) in [(3, 1), (3, 2), (5, 1), (5, 2)] {
+            seed += 1;
+            check(1, 1, 1, 1, k, s, k / 2, seed);
+            check(3, 2, 2, 3, k, s, k / 2, seed);
+        }
+    }
+
+    #[test]
+    fn matches_candle_on_random_shapes() {
+        let _on = switch_on();
+        let mut rng = ChaCha8Rng::seed_from_u64(42);
+        for case in 0..40 {
+            let k: usize = if rng.random_bool(0.5) { 3 } else { 5 };
+            let s = rng.random_range(1..=2);
+            let p = if rng.random_bool(0.5) { k / 2 } else { rng.random_range(0..=k) };
+            let h = rng.random_range(k.saturating_sub(2 * p).max(1)..=20);
+            let w = rng.random_range(k.saturating_sub(2 * p).max(1)..=20);
+            let n = rng.random_range(1..=3);
+            let c = rng.random_range(1..=6);
+            check(n, c, h, w, k, s, p, 1000 + case);
+        }
+        // A typical EfficientNet size, to cover long rows.
+        check(2, 8, 56, 56, 3, 2, 1, 7);
+        check(1, 4, 28, 28, 5, 1, 2, 8);
+    }
+
+    #[test]
+    fn non_contiguous_inputs_and_untracked_input() {
+        let _on = switch_on();
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let (n, c, h, wd, k, s, p) = (2, 3, 11, 8, 3, 2, 1);
+        // x and w are transposed views of the variables.
+        let xb = Var::from_tensor(&random(&mut rng, &[n, c, wd, h])).unwrap();
+        let wb = Var::from_tensor(&random(&mut rng, &[c, 1, k, k])).unwrap();
+        let r = random(&mut rng, &[n, c, (h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1]);
+        let grads = |conv: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>| {
+            let x = xb.as_tensor().transpose(2, 3).unwrap();
+            let w = wb.as_tensor().transpose(2, 3).unwrap();
+            assert!(!x.is_contiguous() && !w.is_contiguous());
+            let y = conv(&x, &w).unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, g.get(&xb).unwrap().clone(), g.get(&wb).unwrap().clone())
+        };
+        let fast = grads(&|x, w| depthwise_conv2d(x, w, s, p));
+        let reference = grads(&|x, w| candle_reference(x, w, s, p));
+        assert!(rel_err(&fast.0, &reference.0) <= 1e-5);
+        assert!(rel_err(&fast.1, &reference.1) <= 1e-5);
+        assert!(rel_err(&fast.2, &reference.2) <= 1e-5);
+
+        // The custom op also gathers strided storage itself.
+        let x = xb.as_tensor().detach().transpose(2, 3).unwrap();
+        let op = DepthwiseConv { stride: s, padding: p };
+        let w = wb.as_tensor().detach().transpose(2, 3).unwrap();
+        let y = x.apply_op2_no_bwd(&w, &op).unwrap();
+        assert!(rel_err(&y, &reference.0) <= 1e-5);
+
+        // An input outside the graph gets no gradient; the weight still does.
+        let x = xb.as_tensor().detach().transpose(2, 3).unwrap().contiguous().unwrap();
+        let y = depthwise_conv2d(&x, wb.as_tensor(), s, p).unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_none());
+        let yr = candle_reference(&x, wb.as_tensor(), s, p).unwrap();
+        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(rel_err(g.get(&wb).unwrap(), gr.get(&wb).unwrap()) <= 1e-5);
+    }
+
+    #[test]
+    fn other_dtypes_fall_back_to_candle() {
+        let _on = switch_on();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let x = random(&mut rng, &[2, 3, 9, 9]).to_dtype(DType::F64).unwrap();
+        let w = random(&mut rng, &[3, 1, 3, 3]).to_dtype(DType::F64).unwrap();
+        let y = depthwise_conv2d(&x, &w, 2, 1).unwrap();
+        assert_eq!(y.dtype(), DType::F64);
+        let reference = x.conv2d(&w, 1, 2, 1, 3).unwrap();
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            reference.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let _on = switch_on();
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let x = random(&mut rng, &[1, 2, 2, 2]);
+        let w = random(&mut rng, &[2, 1, 3, 3]);
+        assert!(depthwise_conv2d(&x, &w, 1, 0).is_err(), "kernel larger than input");
+        assert!(depthwise_conv2d(&x, &w, 0, 1).is_err(), "stride 0");
+        let w3 = random(&mut rng, &[3, 1, 3, 3]);
+        assert!(depthwise_conv2d(&x, &w3, 1, 1).is_err(), "channel mismatch");
+        let w2 = random(&mut rng, &[2, 2, 3, 3]);
+        assert!(depthwise_conv2d(&x, &w2, 1, 1).is_err(), "not depthwise");
+    }
+
+    #[test]
+    fn switch_selects_candle_path() {
+        let _exclusive = SWITCH.write().unwrap_or_else(|e| e.into_inner());
+        /// Turns the kernels back on even if an assertion fails.
+        struct Restore;
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                set_fast_kernels(true);
+            }
+        }
+        let _restore = Restore;
+
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (c, k, s, p) = (4, 5, 2, 2);
+        let x = Var::from_tensor(&random(&mut rng, &[3, c, 13, 11])).unwrap();
+        let w = Var::from_tensor(&random(&mut rng, &[c, 1, k, k])).unwrap();
+        let r = random(&mut rng, &[3, c, 7, 6]);
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let reference = run(|x, w| x.conv2d(w, p, s, 1, c), &x, &w, &r);
+
+        assert!(fast_kernels_enabled(), "default is on");
+        set_fast_kernels(false);
+        assert!(!fast_kernels_enabled());
+        let off = run(|x, w| depthwise_conv2d(x, w, s, p), &x, &w, &r);
+        // Same ops in the same order: bit-identical to candle.
+        assert_eq!(bits(&off.0), bits(&reference.0));
+        assert_eq!(bits(&off.1), bits(&reference.1));
+        assert_eq!(bits(&off.2), bits(&reference.2));
+
+        set_fast_kernels(true);
+        assert!(fast_kernels_enabled());
+        let on = run(|x, w| depthwise_conv2d(x, w, s, p), &x, &w, &r);
+        assert!(rel_err(&on.0, &reference.0) <= 1e-5);
+        assert!(rel_err(&on.1, &reference.1) <= 1e-5);
+        assert!(rel_err(&on.2, &reference.2) <= 1e-5);
+    }
+
+    fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
+        f(); // warm-up: page faults, thread pool start
+        let mut t: Vec<f64> = (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[runs / 2]
+    }
+
+    /// `RAYON_NUM_THREADS=2 cargo test --release -- --ignored --nocapture bench_depthwise`
+    #[test]
+    #[ignore = "benchmark; run explicitly"]
+    fn bench_depthwise() {
+        let _on = switch_on();
+        let runs_fast = 7;
+        let runs_candle: usize = std::env::var("CANDLE_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+        println!("threads: {}", rayon::current_num_threads());
+        println!(
+            "{:<28} {:>9} {:>9} {:>11} {:>10} {:>10}",
+            "case", "fast fwd", "fast bwd", "fast bwd-k", "candle fwd", "candle bwd"
+        );
+        for (n, c, hw, k, s) in [(8, 96, 112, 3, 2), (8, 144, 56, 5, 1), (8, 480, 14, 3, 1)] {
+            let p = k / 2;
+            let mut rng = ChaCha8Rng::seed_from_u64(1);
+            let x = Var::from_tensor(&random(&mut rng, &[n, c, hw, hw])).unwrap();
+            let w = Var::from_tensor(&random(&mut rng, &[c, 1, k, k])).unwrap();
+            let (xt, wt) = (x.as_tensor(), w.as_tensor());
+
+            let fast_fwd = median_ms(runs_fast, || {
+                depthwise_conv2d(xt, wt, s, p).unwrap();
+            });
+            let y = depthwise_conv2d(xt, wt, s, p).unwrap();
+            // Through candle's backward(): includes seeding dy = ones and
+            // accumulating into zero-initialised gradient slots.
+            let fast_bwd = median_ms(runs_fast, || {
+                y.backward().unwrap();
+            });
+            // The two gradient kernels alone.
+            let gy = y.ones_like().unwrap();
+            let op = DepthwiseConv { stride: s, padding: p };
+            let fast_bwd_k = median_ms(runs_fast, || {
+                op.bwd(xt, wt, &y, &gy).unwrap();
+            });
+
+            let candle_fwd = median_ms(runs_candle, || {
+                xt.conv2d(wt, p, s, 1, c).unwrap();
+            });
+            let y = xt.conv2d(wt, p, s, 1, c).unwrap();
+            let candle_bwd = median_ms(runs_candle, || {
+                y.backward().unwrap();
+            });
+            println!(
+                "{:<28} {:>9.1} {:>9.1} {:>11.1} {:>10.1} {:>10.1}",
+                format!("[{n},{c},{hw},{hw}] k{k} s{s} p{p}"),
+                fast_fwd,
+                fast_bwd,
+                fast_bwd_k,
+                candle_fwd,
+                candle_bwd
+            );
+        }
+    }
+}
+#[cfg(test)]
+mod probe_tmp {
+    use super::*;
+    use std::time::Instant;
+    fn best(mut f: impl FnMut()) -> f64 {
+        f();
+        (0..15).map(|_| { let s = Instant::now(); f(); s.elapsed().as_secs_f64()*1e3 }).fold(f64::MAX, f64::min)
+    }
+    #[test] #[ignore]
+    fn probe_gw_only() {
+        let (n, c, hw, k, s) = (8usize, 144usize, 56usize, 5usize, 1usize);
+        let g = Geom::new((n, c, hw, hw), (k, k), s, k / 2).unwrap();
+        let x: Vec<f32> = (0..n*c*hw*hw).map(|i| (i % 17) as f32 * 0.1).collect();
+        let gy: Vec<f32> = (0..n*c*g.ho*g.wo).map(|i| (i % 7) as f32 * 0.1).collect();
+        let (pi, po, t) = (g.h * g.w, g.ho * g.wo, g.kh * g.kw);
+        let mut buf = vec![0f32; g.buf_len()];
+        let mut acc = vec![0f32; t * g.wo];
+        fill_phased(&g, &x[..pi], &mut buf);
+        let which = std::env::var("WHICH").unwrap_or_default();
+        let st = Instant::now();
+        for _ in 0..5 { for nc in 0..n*c {
+            if which == "fwd" { fwd_plane(&g, &buf, &x[..t], &mut acc[..po.min(t * g.wo)]); } else {
+            grad_weight_plane(&g, &buf, &gy[nc*po..][..po], &mut acc); }
+        } }
+        println!("per pass {:.2} ms", st.elapsed().as_secs_f64() * 1e3 / 5.0);
+        std::hint::black_box(&acc);
+    }
+    /// Serial, preallocated: kernel time only (min of 15), in ms on ONE core.
+    #[test] #[ignore]
+    fn probe_parts() {
+        for (n, c, hw, k, s) in [(8usize, 96usize, 112usize, 3usize, 2usize), (8, 144, 56, 5, 1), (8, 480, 14, 3, 1)] {
+            let g = Geom::new((n, c, hw, hw), (k, k), s, k / 2).unwrap();
+            let x: Vec<f32> = (0..n*c*hw*hw).map(|i| (i % 17) as f32 * 0.1).collect();
+            let wt: Vec<f32> = (0..c*k*k).map(|i| (i % 5) as f32 * 0.1).collect();
+            let gy: Vec<f32> = (0..n*c*g.ho*g.wo).map(|i| (i % 7) as f32 * 0.1).collect();
+            let (pi, po, t) = (g.h * g.w, g.ho * g.wo, g.kh * g.kw);
+            let mut buf = vec![0f32; g.buf_len()];
+            let mut out = vec![0f32; n * c * po];
+            let mut dx = vec![0f32; n * c * pi];
+            let mut acc = vec![0f32; t * g.wo];
+            let tfill = best(|| for nc in 0..n*c { fill_phased(&g, &x[nc*pi..][..pi], &mut buf); });
+            let tf = best(|| for nc in 0..n*c {
+                fill_phased(&g, &x[nc*pi..][..pi], &mut buf);
+                fwd_plane(&g, &buf, &wt[(nc % c) * t..][..t], &mut out[nc*po..][..po]);
+            });
+            let plan = GradInputPlan::new(&g, &wt).unwrap();
+            let mut gbuf = vec![0f32; plan.buf_len()];
+            let tgi = best(|| for nc in 0..n*c { plan.plane(nc % c, &gy[nc*po..][..po], &mut gbuf, &mut dx[nc*pi..][..pi]); });
+            let tgw = best(|| for nc in 0..n*c {
+                fill_phased(&g, &x[nc*pi..][..pi], &mut buf);
+                grad_weight_plane(&g, &buf, &gy[nc*po..][..po], &mut acc);
+            });
+            std::hint::black_box((&out, &dx, &acc));
+            println!("{n} {c} {hw} k{k} s{s} (1 core, min): fill {tfill:.2} fwd {tf:.2} gin {tgi:.2} gw {tgw:.2}");
+        }
+    }
+}
