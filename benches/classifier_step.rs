@@ -1,12 +1,13 @@
 //! Times one EfficientNet training step (forward, backward, Adam) on CPU:
 //! `cargo run --release --example classifier_step -- [variant] [size] [batch] [steps]`.
-//! Prints milliseconds per step with melanoflow's kernels and with candle's own ops.
+//! Prints milliseconds per step with melanoflow's kernels and with candle's own
+//! ops (`MODES=fast` or `MODES=candle` for one of them).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use melanoflow::models::adam::{Adam, named_vars};
 use melanoflow::models::efficientnet::{EfficientNet, EfficientNetConfig, Variant, init_weights};
-use melanoflow::models::kernels::depthwise::set_fast_kernels;
+use melanoflow::models::kernels::set_fast_kernels;
 use rand::SeedableRng;
 
 fn main() -> anyhow::Result<()> {
@@ -16,7 +17,9 @@ fn main() -> anyhow::Result<()> {
     let batch: usize = args.get(3).map_or(Ok(32), |s| s.parse())?;
     let steps: usize = args.get(4).map_or(Ok(5), |s| s.parse())?;
     let device = Device::Cpu;
-    for fast in [true, false] {
+    melanoflow::tune_allocator();
+    let modes = std::env::var("MODES").unwrap_or_else(|_| "fast,candle".into());
+    for fast in [true, false].into_iter().filter(|f| modes.contains(if *f { "fast" } else { "candle" })) {
         set_fast_kernels(fast);
         let vm = VarMap::new();
         let model = EfficientNet::new(&EfficientNetConfig::new(variant, 1), VarBuilder::from_varmap(&vm, DType::F32, &device))?;

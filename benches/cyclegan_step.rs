@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use melanoflow::train_cyclegan::TrainCycleGanParams;
-use melanoflow::train_cyclegan::adam::Adam;
+use melanoflow::models::adam::Adam;
 use melanoflow::train_cyclegan::train::{Nets, Pool, train_step};
 use rand::SeedableRng;
 

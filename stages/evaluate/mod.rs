@@ -161,6 +161,7 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
         let train: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(up.dir.join("train.json")).with_context(|| format!("reading {}/train.json", up.name))?)?;
         let preds = read_predictions(&up.dir.join("predictions.parquet"))?;
         let mut seeds = Vec::new();
+        let mut first_curve = 0;
         for s in train["seeds"].as_array().context("train.json lacks `seeds`")? {
             let seed = s["seed"].as_u64().context("seed")?;
             let test: Vec<&Prediction> = preds.iter().filter(|x| x.seed == seed && x.split == "test").collect();
@@ -168,11 +169,11 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
             let err = |what: &str, e: metrics::MetricError| anyhow!("arm `{}` seed {seed}: {what}: {e}", up.name);
             let auc = roc_auc(&scores, &labels).map_err(|e| err("test ROC-AUC", e))?;
             let curve = roc_curve(&scores, &labels).map_err(|e| err("ROC curve", e))?;
-            roc_series.push(plot::RocSeries {
-                label: if seeds.is_empty() { format!("{} (AUC {auc:.3})", up.name) } else { String::new() },
-                points: curve,
-                color_index: k,
-            });
+            // The first seed's curve carries the legend; its label is filled in below.
+            roc_series.push(plot::RocSeries { label: String::new(), points: curve, color_index: k });
+            if seeds.is_empty() {
+                first_curve = roc_series.len() - 1;
+            }
             if seeds.is_empty() {
                 curves.push((format!("{} val ROC-AUC", up.name), read_val_auc(&up.dir.join("history.parquet"), seed)?));
             }
@@ -189,6 +190,11 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
                 val_auc: s["best_val_auc"].as_f64().unwrap_or(f64::NAN),
             });
         }
+        let aucs: Vec<f64> = seeds.iter().map(|s| s.auc).collect();
+        roc_series[first_curve].label = match aucs.len() {
+            1 => format!("{} (AUC {:.3})", up.name, aucs[0]),
+            n => format!("{} (AUC {:.3}, mean of {n})", up.name, metrics::mean_std(&aucs).0),
+        };
         arms.push(ArmSummary { arm: up.name.clone(), description: describe(&train, &gans), seeds });
     }
     if test_sizes.len() > 1 {
@@ -197,7 +203,7 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
 
     let out = &ctx.out_dir;
     plot::roc_png(&out.join("roc.png"), &roc_series)?;
-    plot::loss_curves_png(&out.join("training.png"), &curves, "Validation ROC-AUC per epoch")?;
+    plot::loss_curves_png(&out.join("training.png"), &curves, "Validation ROC-AUC per epoch", "Epoch")?;
     let mut images: Vec<(String, String)> = vec![
         ("ROC curves on the test split (thin: further seeds)".into(), "roc.png".into()),
         ("Classifier validation ROC-AUC per epoch (first seed of each arm)".into(), "training.png".into()),
@@ -210,7 +216,7 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
         gan_curves.extend(cyclegan_curves(&u.dir.join("losses.parquet"), &u.name)?);
     }
     if !gan_curves.is_empty() {
-        plot::loss_curves_png(&out.join("cyclegan_losses.png"), &gan_curves, "CycleGAN losses per epoch")?;
+        plot::loss_curves_png(&out.join("cyclegan_losses.png"), &gan_curves, "CycleGAN losses (mean per epoch)", "Epoch")?;
         images.push(("CycleGAN generator and discriminator losses (epoch means)".into(), "cyclegan_losses.png".into()));
     }
 

@@ -39,8 +39,8 @@ pub fn roc_png(path: &Path, curves: &[RocSeries]) -> Result<()> {
 /// Draws training curves (x = position in the vector, i.e. the step or
 /// epoch index; y auto-scaled) titled `title`, one colour per series, and
 /// writes a 720x480 PNG.
-pub fn loss_curves_png(path: &Path, series: &[(String, Vec<f32>)], title: &str) -> Result<()> {
-    save(&render_loss_curves(series, title).0, path)
+pub fn loss_curves_png(path: &Path, series: &[(String, Vec<f32>)], title: &str, x_label: &str) -> Result<()> {
+    save(&render_loss_curves(series, title, x_label).0, path)
 }
 
 fn save(image: &RgbImage, path: &Path) -> Result<()> {
@@ -347,7 +347,7 @@ fn render_roc(curves: &[RocSeries]) -> (RgbImage, Option<Rect>) {
 }
 
 /// The training-curve chart, and its legend's rectangle (for tests).
-fn render_loss_curves(series: &[(String, Vec<f32>)], title: &str) -> (RgbImage, Option<Rect>) {
+fn render_loss_curves(series: &[(String, Vec<f32>)], title: &str, x_label: &str) -> (RgbImage, Option<Rect>) {
     let mut canvas = Canvas::new(720, 480);
     let finite = || series.iter().flat_map(|(_, v)| v.iter().map(|&y| y as f64)).filter(|y| y.is_finite());
     let (mut low, mut high) = finite().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), y| (l.min(y), h.max(y)));
@@ -370,7 +370,7 @@ fn render_loss_curves(series: &[(String, Vec<f32>)], title: &str) -> (RgbImage, 
     };
     let frame = Frame { area, x_range, y_range };
     canvas.text(360, 20, title, TEXT_SCALE, (0.5, 0.0), false);
-    frame.draw_axes(&mut canvas, &x_ticks, &y_ticks, "Index (step or epoch)", "");
+    frame.draw_axes(&mut canvas, &x_ticks, &y_ticks, x_label, "");
     // Each run of finite values is its own line, so a NaN shows as a gap.
     let mut pieces: Vec<Line> = Vec::new();
     for (color_index, (label, values)) in series.iter().enumerate() {
@@ -598,11 +598,11 @@ mod tests {
         render_roc(&[]);
         let long = RocSeries { label: "x".repeat(300), points: vec![(0.0, 0.0), (1.0, 1.0)], color_index: 3 };
         render_roc(&[long]);
-        render_loss_curves(&[], "");
-        render_loss_curves(&[("flat".into(), vec![0.5; 3]), ("one".into(), vec![2.0])], "t");
-        render_loss_curves(&[("nan".into(), vec![f32::NAN, 1.0, f32::INFINITY, 0.5, 0.4])], "gaps");
-        render_loss_curves(&[("all nan".into(), vec![f32::NAN; 4]), ("zero".into(), vec![0.0])], "");
-        render_loss_curves(&[("huge".into(), vec![1e9, 3e9]), ("tiny".into(), vec![1e-7, 3e-7])], "");
+        render_loss_curves(&[], "", "Epoch");
+        render_loss_curves(&[("flat".into(), vec![0.5; 3]), ("one".into(), vec![2.0])], "t", "Epoch");
+        render_loss_curves(&[("nan".into(), vec![f32::NAN, 1.0, f32::INFINITY, 0.5, 0.4])], "gaps", "Epoch");
+        render_loss_curves(&[("all nan".into(), vec![f32::NAN; 4]), ("zero".into(), vec![0.0])], "", "Epoch");
+        render_loss_curves(&[("huge".into(), vec![1e9, 3e9]), ("tiny".into(), vec![1e-7, 3e-7])], "", "Epoch");
     }
 
     #[test]
@@ -621,14 +621,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("melanoflow-loss-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("loss.png");
-        loss_curves_png(&path, &series, "CycleGAN training losses").unwrap();
+        loss_curves_png(&path, &series, "CycleGAN training losses", "Epoch").unwrap();
         let image = image::ImageReader::open(&path).unwrap().decode().unwrap().to_rgb8();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(image.dimensions(), (720, 480));
         for index in 0..3 {
             assert!(has_color(&image, series_color(index)));
         }
-        let legend = render_loss_curves(&series, "").1.unwrap();
+        let legend = render_loss_curves(&series, "", "Epoch").1.unwrap();
         assert!(count_in(&image, legend, INK) > 100);
     }
 
@@ -668,6 +668,6 @@ mod tests {
                 (0..500).map(|i| 0.7 - 0.2 * (i as f32 / 500.0) + 0.05 * ((i * 13) as f32).cos()).collect(),
             ),
         ];
-        loss_curves_png(Path::new("/tmp/melanoflow-plot-preview-loss.png"), &series, "CycleGAN losses").unwrap();
+        loss_curves_png(Path::new("/tmp/melanoflow-plot-preview-loss.png"), &series, "CycleGAN losses", "Epoch").unwrap();
     }
 }

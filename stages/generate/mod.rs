@@ -37,7 +37,9 @@ pub struct Generate;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateParams {
-    /// Malignant (real + synthetic) : benign in the training split; 1.0 = balanced.
+    /// Malignant (real + synthetic) : benign in the training split; 1.0 = balanced,
+    /// above 1 grows the malignant class beyond the benign one (at most one
+    /// synthetic image per benign source).
     #[serde(default = "defaults::target_ratio")]
     pub target_ratio: f64,
     /// Images per generator forward pass.
@@ -78,8 +80,8 @@ impl Stage for Generate {
         if inputs.len() != 2 {
             return Err("takes two upstreams: a `preprocess` stage and a `train_cyclegan` stage".into());
         }
-        if !(p.target_ratio > 0.0 && p.target_ratio <= 1.0) {
-            return Err(format!("`target_ratio` must be within (0, 1], not {}", p.target_ratio));
+        if !(p.target_ratio > 0.0 && p.target_ratio <= 10.0) {
+            return Err(format!("`target_ratio` must be within (0, 10], not {}", p.target_ratio));
         }
         if p.batch_size == 0 || p.shard_mb == 0 {
             return Err("`batch_size` and `shard_mb` must be at least 1".into());

@@ -13,17 +13,11 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use polars::prelude::*;
 
-/// Columns every metadata file must have.
-pub const REQUIRED: &[&str] = &[
-    "image_name",
-    "patient_id",
-    "sex",
-    "age_approx",
-    "anatom_site_general_challenge",
-    "diagnosis",
-    "benign_malignant",
-    "target",
-];
+/// Columns every metadata file must have (`patient_id` unless each image is
+/// its own patient). The anatomical site may be missing or named
+/// `anatom_site_general` (ISIC archive exports); it is then null.
+pub const REQUIRED: &[&str] = &["image_name", "patient_id", "sex", "age_approx", "diagnosis", "benign_malignant", "target"];
+const SITE_COLUMNS: [&str; 2] = ["anatom_site_general_challenge", "anatom_site_general"];
 /// How many problems to list before saying "and N more".
 const MAX_LISTED: usize = 20;
 
@@ -81,12 +75,18 @@ pub fn is_plain_file_name(name: &str) -> bool {
         && !name.contains(['/', '\\', '\0', ':'])
 }
 
-/// Reads and validates a metadata CSV.
-pub fn read(path: &Path) -> Result<Records> {
+/// Reads and validates a metadata CSV. With `patient_per_image`, the file
+/// needs no `patient_id` column: each image is its own patient (named after it).
+pub fn read(path: &Path, patient_per_image: bool) -> Result<Records> {
     let df = read_text_csv(path)?;
     let file = path.display().to_string();
     let names: Vec<String> = df.get_column_names().iter().map(|s| s.to_string()).collect();
-    let missing: Vec<&str> = REQUIRED.iter().copied().filter(|c| !names.iter().any(|n| n == c)).collect();
+    let missing: Vec<&str> = REQUIRED
+        .iter()
+        .copied()
+        .filter(|c| !(patient_per_image && *c == "patient_id"))
+        .filter(|c| !names.iter().any(|n| n == c))
+        .collect();
     if !missing.is_empty() {
         bail!(
             "{file}: missing column(s) {}; found {}",
@@ -96,11 +96,14 @@ pub fn read(path: &Path) -> Result<Records> {
     }
     let col = |name: &str| text_column(&df, name);
     let image_name = col("image_name")?;
-    let patient_id = col("patient_id")?;
+    let patient_id = if patient_per_image { image_name.iter().map(|n| n.as_ref().map(|n| format!("IP_{n}"))).collect() } else { col("patient_id")? };
     let lesion_id = if names.iter().any(|n| n == "lesion_id") { col("lesion_id")? } else { vec![None; df.height()] };
     let sex = col("sex")?;
     let age = col("age_approx")?;
-    let site = col("anatom_site_general_challenge")?;
+    let site = match SITE_COLUMNS.iter().find(|c| names.iter().any(|n| n == *c)) {
+        Some(c) => col(c)?,
+        None => vec![None; df.height()],
+    };
     let diagnosis = col("diagnosis")?;
     let benign_malignant = col("benign_malignant")?;
     let target = col("target")?;

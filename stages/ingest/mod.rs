@@ -52,6 +52,10 @@ pub struct IngestParams {
     pub test_fraction: f64,
     #[serde(default = "defaults::seed")]
     pub seed: u64,
+    /// The metadata has no `patient_id` (an ISIC archive export): each image
+    /// is its own patient, so the split cannot keep a patient's lesions together.
+    #[serde(default)]
+    pub patient_per_image: bool,
 }
 
 mod defaults {
@@ -153,7 +157,7 @@ fn locate<'a>(p: &IngestParams, ctx: &'a StageContext) -> Result<(PathBuf, Image
 
 fn run(p: &IngestParams, ctx: &StageContext) -> Result<StageReport> {
     let (csv_path, folder) = locate(p, ctx)?;
-    let records = metadata_csv::read(&csv_path)?;
+    let records = metadata_csv::read(&csv_path, p.patient_per_image)?;
     let rows_read = records.len();
 
     // Every row's image must exist: report how many are missing and which.

@@ -18,11 +18,12 @@
 //! matrix products, whose backward is two more matrix products; candle's conv2d
 //! backward would go through its direct-loop transposed convolution.
 
-use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{BatchNorm, BatchNormConfig, Init, ModuleT, VarBuilder};
+use candle_core::{D, DType, Module, Result, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::kernels::batchnorm::{Act, batch_norm_act_eval, batch_norm_act_train};
 use super::kernels::depthwise::depthwise_conv2d;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,11 +79,10 @@ impl EfficientNetConfig {
         EfficientNetConfig { variant, num_classes, dropout: None, stochastic_depth: 0.2, tf_same_padding: variant.is_lite() }
     }
 
-    fn bn_config(&self) -> BatchNormConfig {
-        // torchvision: eps 1e-5, momentum 0.1; the TensorFlow-trained Lite
-        // weights: eps 1e-3 and a running-average decay of 0.99.
-        let (eps, momentum) = if self.variant.is_lite() { (1e-3, 0.01) } else { (1e-5, 0.1) };
-        BatchNormConfig { eps, remove_mean: true, affine: true, momentum }
+    /// BatchNorm (eps, momentum). torchvision: 1e-5, 0.1; the TensorFlow-trained
+    /// Lite weights: 1e-3 and a running-average decay of 0.99.
+    fn bn_config(&self) -> (f64, f64) {
+        if self.variant.is_lite() { (1e-3, 0.01) } else { (1e-5, 0.1) }
     }
 }
 
@@ -116,18 +116,41 @@ pub fn stage_layout(variant: Variant) -> Vec<(usize, usize, usize, usize, usize,
         .collect()
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Activation {
-    Silu,
-    Relu6,
+/// BatchNorm2d with PyTorch's names and semantics (biased batch variance to
+/// normalise, unbiased into the running average), fused with the activation
+/// that follows it (one pass forward, one backward: see `kernels::batchnorm`).
+struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    momentum: f64,
 }
 
-impl Activation {
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Activation::Silu => x.silu(),
-            Activation::Relu6 => x.clamp(0f32, 6f32),
+impl BatchNorm {
+    fn new(channels: usize, (eps, momentum): (f64, f64), vb: VarBuilder) -> Result<Self> {
+        // The VarMap's own tensors, so the running averages are saved with the weights.
+        let var = |name, init| -> Result<Var> { Var::from_tensor(&vb.get_with_hints(channels, name, init)?) };
+        Ok(BatchNorm {
+            weight: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+            running_mean: var("running_mean", Init::Const(0.0))?,
+            running_var: var("running_var", Init::Const(1.0))?,
+            eps,
+            momentum,
+        })
+    }
+
+    fn forward_act(&self, x: &Tensor, train: bool, act: Act) -> Result<Tensor> {
+        if !train {
+            return batch_norm_act_eval(x, &self.weight, &self.bias, self.running_mean.as_tensor(), self.running_var.as_tensor(), self.eps, act);
         }
+        let (y, mean, var) = batch_norm_act_train(x, &self.weight, &self.bias, self.eps, act)?;
+        let m = self.momentum;
+        self.running_mean.set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?)?;
+        self.running_var.set(&((self.running_var.as_tensor() * (1.0 - m))? + (var * m)?)?)?;
+        Ok(y)
     }
 }
 
@@ -142,17 +165,17 @@ struct ConvBn {
     stride: usize,
     depthwise: bool,
     tf_same: bool,
-    act: Option<Activation>,
+    act: Act,
 }
 
 impl ConvBn {
     #[allow(clippy::too_many_arguments)]
-    fn new(cin: usize, cout: usize, k: usize, stride: usize, depthwise: bool, act: Option<Activation>, cfg: &EfficientNetConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cin: usize, cout: usize, k: usize, stride: usize, depthwise: bool, act: Act, cfg: &EfficientNetConfig, vb: VarBuilder) -> Result<Self> {
         let shape = if depthwise { (cout, 1, k, k) } else { (cout, cin, k, k) };
         // Kaiming normal, fan-out mode (torchvision's init); the values are
         // redrawn from the pipeline seed by `init_weights`.
         let weight = vb.pp("0").get_with_hints(shape, "weight", Init::Const(0.0))?;
-        let bn = candle_nn::batch_norm(cout, cfg.bn_config(), vb.pp("1"))?;
+        let bn = BatchNorm::new(cout, cfg.bn_config(), vb.pp("1"))?;
         Ok(ConvBn { weight, bn, stride, depthwise, tf_same: cfg.tf_same_padding, act })
     }
 
@@ -168,11 +191,7 @@ impl ConvBn {
                 x.conv2d(&self.weight, pad, self.stride, 1, 1)?
             }
         };
-        let x = self.bn.forward_t(&x, train)?;
-        match self.act {
-            Some(a) => a.apply(&x),
-            None => Ok(x),
-        }
+        self.bn.forward_act(&x, train, self.act)
     }
 
     /// Symmetric padding k/2 (torchvision), or TensorFlow's SAME padding for
@@ -238,17 +257,17 @@ struct MbConv {
 impl MbConv {
     #[allow(clippy::too_many_arguments)]
     fn new(expand_ratio: usize, k: usize, stride: usize, cin: usize, cout: usize, drop_prob: f64, cfg: &EfficientNetConfig, vb: VarBuilder) -> Result<Self> {
-        let act = if cfg.variant.is_lite() { Activation::Relu6 } else { Activation::Silu };
+        let act = if cfg.variant.is_lite() { Act::Relu6 } else { Act::Silu };
         let hidden = make_divisible(cin as f64 * expand_ratio as f64);
         let mut idx = 0;
         let mut next = || {
             idx += 1;
             (idx - 1).to_string()
         };
-        let expand = if expand_ratio != 1 { Some(ConvBn::new(cin, hidden, 1, 1, false, Some(act), cfg, vb.pp(next()))?) } else { None };
-        let depthwise = ConvBn::new(hidden, hidden, k, stride, true, Some(act), cfg, vb.pp(next()))?;
+        let expand = if expand_ratio != 1 { Some(ConvBn::new(cin, hidden, 1, 1, false, act, cfg, vb.pp(next()))?) } else { None };
+        let depthwise = ConvBn::new(hidden, hidden, k, stride, true, act, cfg, vb.pp(next()))?;
         let se = if cfg.variant.is_lite() { None } else { Some(SqueezeExcite::new(hidden, (cin / 4).max(1), vb.pp(next()))?) };
-        let project = ConvBn::new(hidden, cout, 1, 1, false, None, cfg, vb.pp(next()))?;
+        let project = ConvBn::new(hidden, cout, 1, 1, false, Act::Identity, cfg, vb.pp(next()))?;
         Ok(MbConv { expand, depthwise, se, project, residual: stride == 1 && cin == cout, drop_prob })
     }
 
@@ -295,12 +314,12 @@ impl EfficientNet {
     pub fn new(cfg: &EfficientNetConfig, vb: VarBuilder) -> Result<Self> {
         let (width, _, _, dropout) = cfg.variant.scaling();
         let lite = cfg.variant.is_lite();
-        let act = if lite { Activation::Relu6 } else { Activation::Silu };
+        let act = if lite { Act::Relu6 } else { Act::Silu };
         let layout = stage_layout(cfg.variant);
         let features = vb.pp("features");
         // Lite keeps the stem and head widths fixed whatever the width multiplier.
         let stem_out = if lite { 32 } else { make_divisible(32.0 * width) };
-        let stem = ConvBn::new(3, stem_out, 3, 2, false, Some(act), cfg, features.pp("0"))?;
+        let stem = ConvBn::new(3, stem_out, 3, 2, false, act, cfg, features.pp("0"))?;
         let total: usize = layout.iter().map(|s| s.5).sum();
         let mut blocks = Vec::with_capacity(total);
         for (si, &(e, k, s, cin, cout, repeats)) in layout.iter().enumerate() {
@@ -313,7 +332,7 @@ impl EfficientNet {
         }
         let last = layout[6].4;
         let head_out = if lite { 1280 } else { 4 * last };
-        let head = ConvBn::new(last, head_out, 1, 1, false, Some(act), cfg, features.pp("8"))?;
+        let head = ConvBn::new(last, head_out, 1, 1, false, act, cfg, features.pp("8"))?;
         let cls = vb.pp("classifier").pp("1");
         let w = cls.get_with_hints((cfg.num_classes, head_out), "weight", Init::Const(0.0))?;
         let b = cls.get_with_hints(cfg.num_classes, "bias", Init::Const(0.0))?;
@@ -514,7 +533,7 @@ mod tests {
     fn tf_same_padding_pads_bottom_right_for_stride_two() {
         let vm = VarMap::new();
         let cfg = EfficientNetConfig::new(Variant::Lite0, 1);
-        let conv = ConvBn::new(1, 1, 3, 2, false, None, &cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let conv = ConvBn::new(1, 1, 3, 2, false, Act::Identity, &cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         let x = Tensor::ones((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap();
         let (p, pad) = conv.pad(&x, 3).unwrap();
         assert_eq!((p.dims4().unwrap(), pad), ((1, 1, 5, 5), 0));

@@ -137,8 +137,8 @@ impl Stage for TrainClassifier {
         if !(p.lr > 0.0) || p.weight_decay < 0.0 {
             return Err("`lr` must be positive and `weight_decay` non-negative".into());
         }
-        if !(p.target_ratio > 0.0 && p.target_ratio <= 1.0) {
-            return Err(format!("`target_ratio` must be within (0, 1], not {}", p.target_ratio));
+        if !(p.target_ratio > 0.0 && p.target_ratio <= 10.0) {
+            return Err(format!("`target_ratio` must be within (0, 10], not {}", p.target_ratio));
         }
         if p.image_size.is_some_and(|s| s < 32) {
             return Err("`image_size` must be at least 32 (EfficientNet downsamples 32x)".into());

@@ -4,6 +4,7 @@
 
 mod fixture;
 
+mod classifier;
 mod cyclegan;
 mod engine;
 mod ingest;

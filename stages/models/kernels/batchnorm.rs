@@ -1,0 +1,1540 @@
+//! Fused BatchNorm + activation for candle on CPU, with its own backward.
+//!
+//! candle 0.11's `BatchNorm::forward_train` is a chain of ~10 generic ops
+//! (transpose + contiguous copy, mean, broadcast_sub, sqr, mean, broadcast_div,
+//! sqrt, mul, add, transpose back), followed by the activation, and backprop
+//! walks the same chain in reverse; each step allocates and streams a full
+//! activation-sized temporary. On CPU that, not the GEMMs, dominates an
+//! EfficientNet training step. This module does the whole thing in two passes
+//! over the data forward (statistics; `y`) and two backward (`Σg`, `Σg·xhat`;
+//! `dx`), with no activation-sized temporaries besides the outputs.
+//!
+//! Math, per channel `c` over the `M = N·H·W` values of the batch:
+//! * forward: `xhat = (x − μ)·invstd`, `invstd = 1/sqrt(σ² + eps)` with σ² the
+//!   biased batch variance, `z = γ·xhat + β`, `y = act(z)`;
+//! * backward, with `g = dy·act'(z)`: `dβ = Σg`, `dγ = Σ g·xhat`,
+//!   `dx = γ·invstd·(g − dβ/M − xhat·dγ/M)` (training), `dx = γ·invstd·g` (eval).
+//!
+//! Promises:
+//! * [`batch_norm_act_train`] and [`batch_norm_act_eval`] compute the same
+//!   function as candle's BatchNorm (training resp. evaluation mode) followed by
+//!   `silu()`, `clamp(0, 6)` or nothing, forward and first-order gradients with
+//!   respect to `x`, `gamma` and `beta`, to f32 rounding (statistics are
+//!   accumulated in f64, so they are usually *more* accurate than candle's; the
+//!   mean is carried as an f32 hi+lo pair, so inputs with `|mean| ≫ std` keep
+//!   their precision).
+//! * The fast path is taken only on CPU with F32 tensors and while
+//!   [`fast_kernels_enabled`] is on; anything else (CUDA, Metal, other dtypes,
+//!   the switch off) computes the same thing with plain candle ops, so GPUs keep
+//!   candle's kernels and the reference stays testable.
+//! * Gradients are first order: the backward op is not itself differentiable.
+//!   In evaluation mode, when `mean` or `var` tracks a graph, the candle path is
+//!   used so that their gradients exist too.
+//! * Inputs may be `[N, C]`, `[N, C, H, W]` or any `[N, C, ...]`, in any
+//!   layout (non-contiguous tensors are made contiguous); `gamma`, `beta`,
+//!   `mean`, `var` must be `[C]`.
+//! * Training mode needs `M ≥ 2` (as PyTorch does): the unbiased variance it
+//!   returns is undefined for one value per channel.
+//! * SiLU uses a polynomial `exp` (Cephes `expf`, ≤ ~2 ulp, inputs clamped to
+//!   [−87, 88]), so the element loops vectorise; NaNs propagate through every
+//!   activation. ReLU6's derivative is 1 inside (0, 6), 0 outside and ½ at
+//!   exactly 0 or 6 — candle's `maximum`/`minimum` convention.
+//!
+//! Design: x is NCHW, so channel `c` is `N` blocks of `H·W` contiguous values
+//! (one *plane* per `(n, c)`). Every pass runs over runs of whole planes in
+//! parallel with rayon: reductions produce per-plane partial results (mean and
+//! centred sum of squares, combined per channel with Chan's formula, or
+//! `Σg, Σg·(x−μ)`), and element passes look up their plane's channel
+//! coefficients. Inner loops are branch-free element loops (LLVM vectorises
+//! them); on x86-64 they are compiled a second time with AVX2+FMA and picked at
+//! run time.
+
+use std::borrow::Cow;
+use std::mem::MaybeUninit;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+use super::fast_kernels_enabled;
+
+/// The activation applied after the affine transform.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    Identity,
+    /// `z·sigmoid(z)` (candle's `silu`).
+    Silu,
+    /// `min(max(z, 0), 6)` (candle's `clamp(0, 6)`).
+    Relu6,
+}
+
+impl Act {
+    /// The activation as candle ops (the fallback path).
+    fn apply_candle(self, z: &Tensor) -> Result<Tensor> {
+        match self {
+            Act::Identity => Ok(z.clone()),
+            Act::Silu => z.silu(),
+            Act::Relu6 => z.clamp(0f32, 6f32),
+        }
+    }
+}
+
+/// Training mode: normalises x [N, C, H, W] (or [N, C]) with the batch's per-channel mean and biased variance
+/// over (N, H, W), then y = act(gamma * xhat + beta). Returns y and the batch mean and *unbiased* variance
+/// (what PyTorch folds into running_var), each [C], detached.
+///
+/// `mean` and `var` have x's dtype. Errors when a channel has fewer than two values (`N·H·W < 2`).
+pub fn batch_norm_act_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    act: Act,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let what = "batch_norm_act_train";
+    let g = Geom::new(x.dims(), what)?;
+    check_channel_params(what, g.c, &[("gamma", gamma), ("beta", beta)])?;
+    if g.m() < 2 {
+        bail!(
+            "{what}: need more than one value per channel when training, got input {:?}",
+            x.dims()
+        );
+    }
+    if !fast_path(&[x, gamma, beta]) {
+        return train_candle(x, gamma, beta, eps, act, &g);
+    }
+    let saved = Arc::new(OnceLock::new());
+    let op = BnAct {
+        act,
+        mode: Mode::Train { eps },
+        saved: Arc::clone(&saved),
+    };
+    // `contiguous` is a no-op (same tensor, same graph node) when the layout
+    // already is; otherwise a differentiable copy, so both the forward and the
+    // backward read plain slices.
+    let y = x.contiguous()?.apply_op3(gamma, beta, op)?;
+    let Some(s) = saved.get() else {
+        bail!("{what}: forward kernel did not record its statistics");
+    };
+    let mean = Tensor::from_vec(s.mean_hi.clone(), g.c, x.device())?;
+    let var = Tensor::from_vec(s.var_unbiased.clone(), g.c, x.device())?;
+    Ok((y, mean, var))
+}
+
+/// Evaluation mode with given running statistics: y = act(gamma * (x - mean) / sqrt(var + eps) + beta).
+///
+/// Differentiable (first order) with respect to x, gamma and beta; also with respect to `mean` and
+/// `var` when they track a graph (that case takes the candle path).
+pub fn batch_norm_act_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+    act: Act,
+) -> Result<Tensor> {
+    let what = "batch_norm_act_eval";
+    let g = Geom::new(x.dims(), what)?;
+    let params = [
+        ("gamma", gamma),
+        ("beta", beta),
+        ("mean", mean),
+        ("var", var),
+    ];
+    check_channel_params(what, g.c, &params)?;
+    // Running statistics are buffers; the fused backward has no gradient for
+    // them, so a graph through them needs candle's ops.
+    if !fast_path(&[x, gamma, beta, mean, var]) || mean.track_op() || var.track_op() {
+        return eval_candle(x, gamma, beta, mean, var, eps, act, &g);
+    }
+    let mean = mean.to_vec1::<f32>()?;
+    let invstd = var
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|&v| 1.0 / (v as f64 + eps).sqrt())
+        .collect();
+    let op = BnAct {
+        act,
+        mode: Mode::Eval { mean, invstd },
+        saved: Arc::new(OnceLock::new()),
+    };
+    x.contiguous()?.apply_op3(gamma, beta, op)
+}
+
+fn fast_path(ts: &[&Tensor]) -> bool {
+    fast_kernels_enabled()
+        && ts
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+fn check_channel_params(what: &str, c: usize, params: &[(&str, &Tensor)]) -> Result<()> {
+    for (name, t) in params {
+        if t.dims() != [c] {
+            bail!(
+                "{what}: {name} must be [{c}] (one value per channel), got {:?}",
+                t.dims()
+            );
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// candle-op path (other devices and dtypes, or the switch off)
+// ---------------------------------------------------------------------------
+
+/// candle_nn computes half-precision BatchNorm in F32; so does this path.
+fn internal_dtype(d: DType) -> DType {
+    match d {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
+/// `[1, C, 1, ...]`: a per-channel vector shaped to broadcast against x.
+fn per_channel(t: &Tensor, rank: usize, c: usize, dtype: DType) -> Result<Tensor> {
+    let mut dims = vec![1; rank];
+    dims[1] = c;
+    t.to_dtype(dtype)?.reshape(dims)
+}
+
+fn train_candle(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    act: Act,
+    g: &Geom,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (dtype, rank) = (x.dtype(), x.rank());
+    let dt = internal_dtype(dtype);
+    let xi = x.to_dtype(dt)?;
+    let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
+    let mean = xi.mean_keepdim(reduce.as_slice())?;
+    let xc = xi.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(reduce.as_slice())?;
+    let xhat = xc.broadcast_div(&(&var + eps)?.sqrt()?)?;
+    let z = xhat
+        .broadcast_mul(&per_channel(gamma, rank, g.c, dt)?)?
+        .broadcast_add(&per_channel(beta, rank, g.c, dt)?)?;
+    let y = act.apply_candle(&z)?.to_dtype(dtype)?;
+    let m = g.m() as f64;
+    let mean = mean.flatten_all()?.detach().to_dtype(dtype)?;
+    let var = (var.flatten_all()?.detach() * (m / (m - 1.0)))?.to_dtype(dtype)?;
+    Ok((y, mean, var))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn eval_candle(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+    act: Act,
+    g: &Geom,
+) -> Result<Tensor> {
+    let (dtype, rank) = (x.dtype(), x.rank());
+    let dt = internal_dtype(dtype);
+    let std = (per_channel(var, rank, g.c, dt)? + eps)?.sqrt()?;
+    let z = x
+        .to_dtype(dt)?
+        .broadcast_sub(&per_channel(mean, rank, g.c, dt)?)?
+        .broadcast_div(&std)?
+        .broadcast_mul(&per_channel(gamma, rank, g.c, dt)?)?
+        .broadcast_add(&per_channel(beta, rank, g.c, dt)?)?;
+    act.apply_candle(&z)?.to_dtype(dtype)
+}
+
+// ---------------------------------------------------------------------------
+// Geometry and per-channel state
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    n: usize,
+    c: usize,
+    /// Values per plane: the product of the dims after C (1 for `[N, C]`).
+    hw: usize,
+}
+
+impl Geom {
+    fn new(dims: &[usize], what: &str) -> Result<Self> {
+        if dims.len() < 2 {
+            bail!("{what}: input must be [N, C, ...], got {dims:?}");
+        }
+        Ok(Self {
+            n: dims[0],
+            c: dims[1],
+            hw: dims[2..].iter().product(),
+        })
+    }
+
+    /// Values per channel.
+    fn m(&self) -> usize {
+        self.n * self.hw
+    }
+
+    fn planes(&self) -> usize {
+        self.n * self.c
+    }
+
+    fn is_empty(&self) -> bool {
+        self.planes() * self.hw == 0
+    }
+
+    /// Planes per rayon task: enough that a task streams ~16K values, so tiny
+    /// planes (4x4 late in EfficientNet, 1x1 for `[N, C]`) don't pay per-task
+    /// overhead, while large tensors still split into many tasks.
+    fn planes_per_task(&self) -> usize {
+        (TASK_ELEMS / self.hw.max(1)).max(1)
+    }
+}
+
+const TASK_ELEMS: usize = 1 << 14;
+
+/// What the forward computed per channel, kept for the backward.
+struct Saved {
+    /// The mean as `hi + lo` (both f32): `(x − hi) − lo` is exact-ish even when
+    /// `|μ| ≫ σ`, where a single f32 μ would cost `ulp(μ)/σ` of precision.
+    mean_hi: Vec<f32>,
+    mean_lo: Vec<f32>,
+    invstd: Vec<f64>,
+    /// `γ·invstd`, the slope from `x − μ` to `z`.
+    a: Vec<f32>,
+    beta: Vec<f32>,
+    /// Training only (empty in eval mode): `Σ(x−μ)²/(M−1)`.
+    var_unbiased: Vec<f32>,
+}
+
+impl Saved {
+    fn chan(&self) -> Chan<'_> {
+        Chan {
+            mean_hi: &self.mean_hi,
+            mean_lo: &self.mean_lo,
+            a: &self.a,
+            beta: &self.beta,
+        }
+    }
+}
+
+/// Per-channel coefficients the element kernels read, each `[C]`.
+#[derive(Clone, Copy)]
+struct Chan<'a> {
+    mean_hi: &'a [f32],
+    mean_lo: &'a [f32],
+    a: &'a [f32],
+    beta: &'a [f32],
+}
+
+// ---------------------------------------------------------------------------
+// Scalar building blocks, generic over FMA (see `dispatch!`)
+// ---------------------------------------------------------------------------
+
+const IDENTITY: u8 = 0;
+const SILU: u8 = 1;
+const RELU6: u8 = 2;
+
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    // `mul_add` is one instruction only where FMA is enabled; elsewhere it
+    // would call libm's `fmaf`, so the baseline build keeps mul + add.
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+#[inline(always)]
+fn madd64<const FMA: bool>(a: f64, b: f64, c: f64) -> f64 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// `e^x` for f32, Cephes `expf`: `x = n·ln2 + r`, `|r| ≤ ln2/2`, degree-6
+/// polynomial for `e^r`, `2^n` built in the exponent bits. Unlike `f32::exp`
+/// (a libm call) it is straight-line code, so loops around it vectorise.
+/// Inputs are clamped to [−87, 88] (results stay normal, no overflow); NaN
+/// stays NaN (the comparisons are false for it).
+#[inline(always)]
+fn exp<const FMA: bool>(x: f32) -> f32 {
+    const LO: f32 = -87.0;
+    const HI: f32 = 88.0;
+    // 1.5·2^23: adding it rounds to an integer that lands in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4; // 0.693359375, exactly; n·LN2_HI is exact
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = if x < LO { LO } else { x };
+    let x = if x > HI { HI } else { x };
+    let kf = madd::<FMA>(x, std::f32::consts::LOG2_E, MAGIC);
+    let n = kf - MAGIC;
+    let r = madd::<FMA>(n, -LN2_HI, x);
+    let r = madd::<FMA>(n, -LN2_LO, r);
+    let mut p = 1.987_569_1e-4;
+    p = madd::<FMA>(p, r, 1.398_199_9e-3);
+    p = madd::<FMA>(p, r, 8.333_452e-3);
+    p = madd::<FMA>(p, r, 4.166_579_6e-2);
+    p = madd::<FMA>(p, r, 1.666_666_5e-1);
+    p = madd::<FMA>(p, r, 0.5); // Cephes: 5.0000001201e-1, which rounds to 0.5 in f32
+    let er = madd::<FMA>(p, r * r, r) + 1.0;
+    // kf's bits are 0x4B40_0000 + n; adding the bias and shifting by 23 drops
+    // the magic's bits and leaves n + 127 (in 1..=254) in the exponent field.
+    let scale = f32::from_bits(kf.to_bits().wrapping_add(127) << 23);
+    er * scale
+}
+
+#[inline(always)]
+fn act_fwd<const FMA: bool, const ACT: u8>(z: f32) -> f32 {
+    match ACT {
+        // candle's silu is `z / (1 + e^-z)` too.
+        SILU => z / (1.0 + exp::<FMA>(-z)),
+        RELU6 => {
+            let t = if z < 0.0 { 0.0 } else { z };
+            if t > 6.0 { 6.0 } else { t }
+        }
+        _ => z,
+    }
+}
+
+/// `act'(z)`.
+#[inline(always)]
+fn act_grad<const FMA: bool, const ACT: u8>(z: f32) -> f32 {
+    match ACT {
+        SILU => {
+            let s = 1.0 / (1.0 + exp::<FMA>(-z));
+            s * (1.0 + z * (1.0 - s))
+        }
+        RELU6 => {
+            // candle's clamp is maximum(0) then minimum(6), whose backward
+            // splits the gradient in half on ties: ½ at exactly 0 or 6.
+            let inside = (z > 0.0) & (z < 6.0);
+            let edge = (z == 0.0) | (z == 6.0);
+            if inside {
+                1.0
+            } else if edge {
+                0.5
+            } else {
+                0.0
+            }
+        }
+        _ => 1.0,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Plane kernels: one call handles a run of consecutive planes; plane `i` of
+// the run is plane `p0 + i` of the tensor, channel `(p0 + i) % C`.
+// ---------------------------------------------------------------------------
+
+/// Accumulator lanes: independent f64 sums the compiler keeps in vector
+/// registers (no reassociation of one float sum needed), reduced per plane.
+const LANES: usize = 8;
+
+/// Per plane: (mean, Σ(x − mean)²), two passes over the (cache-resident) plane
+/// with f64 accumulators.
+#[inline(always)]
+fn moments_impl<const FMA: bool>(x: &[f32], hw: usize, out: &mut [(f64, f64)]) {
+    for (xp, o) in x.chunks_exact(hw).zip(out) {
+        let (body, tail) = xp.as_chunks::<LANES>();
+        let mut acc = [0f64; LANES];
+        for v in body {
+            for i in 0..LANES {
+                acc[i] += v[i] as f64;
+            }
+        }
+        let sum = acc.iter().sum::<f64>() + tail.iter().map(|&v| v as f64).sum::<f64>();
+        let mean = sum / hw as f64;
+        let mut acc = [0f64; LANES];
+        for v in body {
+            for i in 0..LANES {
+                let d = v[i] as f64 - mean;
+                acc[i] = madd64::<FMA>(d, d, acc[i]);
+            }
+        }
+        let tail_m2 = tail.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>();
+        *o = (mean, acc.iter().sum::<f64>() + tail_m2);
+    }
+}
+
+/// `y = act((x − μ)·a + β)`; also the eval forward (μ, a from running stats).
+#[inline(always)]
+fn forward_impl<const FMA: bool, const ACT: u8>(
+    x: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    hw: usize,
+    p0: usize,
+    ch: Chan,
+) {
+    let c = ch.a.len();
+    for (i, (xp, yp)) in x.chunks_exact(hw).zip(y.chunks_exact_mut(hw)).enumerate() {
+        let k = (p0 + i) % c;
+        let (mh, ml, a, b) = (ch.mean_hi[k], ch.mean_lo[k], ch.a[k], ch.beta[k]);
+        for (o, &v) in yp.iter_mut().zip(xp) {
+            o.write(act_fwd::<FMA, ACT>(madd::<FMA>((v - mh) - ml, a, b)));
+        }
+    }
+}
+
+/// Adds `v` into f64 lanes (the tail into lane 0).
+#[inline(always)]
+fn add_lanes(acc: &mut [f64; LANES], v: &[f32]) {
+    let (body, tail) = v.as_chunks::<LANES>();
+    for c in body {
+        for i in 0..LANES {
+            acc[i] += c[i] as f64;
+        }
+    }
+    for &t in tail {
+        acc[0] += t as f64;
+    }
+}
+
+/// Values per block of [`grad_sums_impl`]'s stack buffers (2 KiB, L1-resident).
+const BLOCK: usize = 256;
+
+/// Per plane: (Σg, Σg·(x−μ)) with `g = dy·act'(z)`, z recomputed exactly as
+/// the forward did (so ReLU6's mask agrees with y).
+///
+/// Two loops per block: the element loop writes `g` and `g·(x−μ)` to stack
+/// buffers (a plain map that vectorises, exp included), the second adds them
+/// into f64 lanes. One fused loop would put the whole activation derivative
+/// inside the lane accumulation, which LLVM leaves scalar (~7x slower for SiLU).
+#[inline(always)]
+fn grad_sums_impl<const FMA: bool, const ACT: u8>(
+    x: &[f32],
+    dy: &[f32],
+    hw: usize,
+    p0: usize,
+    ch: Chan,
+    out: &mut [(f64, f64)],
+) {
+    let c = ch.a.len();
+    let (mut gb, mut gdb) = ([0f32; BLOCK], [0f32; BLOCK]);
+    for (i, ((xp, dp), o)) in x
+        .chunks_exact(hw)
+        .zip(dy.chunks_exact(hw))
+        .zip(out)
+        .enumerate()
+    {
+        let k = (p0 + i) % c;
+        let (mh, ml, a, b) = (ch.mean_hi[k], ch.mean_lo[k], ch.a[k], ch.beta[k]);
+        let (mut sg, mut sgd) = ([0f64; LANES], [0f64; LANES]);
+        for (xc, dc) in xp.chunks(BLOCK).zip(dp.chunks(BLOCK)) {
+            let (gs, gds) = (&mut gb[..xc.len()], &mut gdb[..xc.len()]);
+            for (((g, gd), &v), &d) in gs.iter_mut().zip(gds.iter_mut()).zip(xc).zip(dc) {
+                let dev = (v - mh) - ml;
+                *g = d * act_grad::<FMA, ACT>(madd::<FMA>(dev, a, b));
+                *gd = *g * dev;
+            }
+            add_lanes(&mut sg, gs);
+            add_lanes(&mut sgd, gds);
+        }
+        *o = (sg.iter().sum(), sgd.iter().sum());
+    }
+}
+
+/// `dx = a·g − (k0 + (x−μ)·k2)` with `(k0, k2) = k[channel]`: training has
+/// `k0 = a·Σg/M`, `k2 = a·invstd²·Σg(x−μ)/M`; eval has `k0 = k2 = 0`.
+#[inline(always)]
+fn grad_input_impl<const FMA: bool, const ACT: u8>(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+    hw: usize,
+    p0: usize,
+    ch: Chan,
+    k: &[(f32, f32)],
+) {
+    let c = ch.a.len();
+    let planes = x
+        .chunks_exact(hw)
+        .zip(dy.chunks_exact(hw))
+        .zip(dx.chunks_exact_mut(hw));
+    for (i, ((xp, dp), op)) in planes.enumerate() {
+        let j = (p0 + i) % c;
+        let (mh, ml, a, b) = (ch.mean_hi[j], ch.mean_lo[j], ch.a[j], ch.beta[j]);
+        let (k0, k2) = k[j];
+        for ((o, &v), &d) in op.iter_mut().zip(xp).zip(dp) {
+            let dev = (v - mh) - ml;
+            let g = d * act_grad::<FMA, ACT>(madd::<FMA>(dev, a, b));
+            o.write(madd::<FMA>(a, g, -madd::<FMA>(dev, k2, k0)));
+        }
+    }
+}
+
+/// Defines `$name(args)` that runs `$impl::<true, ..>` compiled for AVX2+FMA
+/// when the CPU has both, else `$impl::<false, ..>` for the baseline target.
+/// The `act` form adds the activation as a const parameter `ACT`.
+macro_rules! dispatch {
+    ($name:ident, $wide:ident, $impl:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $wide($($arg: $ty),*) {
+            $impl::<true>($($arg),*)
+        }
+
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports the features `$wide` is compiled for.
+                return unsafe { $wide($($arg),*) };
+            }
+            // aarch64 has FMA in its baseline; other targets keep mul + add.
+            $impl::<{ cfg!(target_arch = "aarch64") }>($($arg),*)
+        }
+    };
+    ($name:ident, $wide:ident, $impl:ident, act, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $wide<const ACT: u8>($($arg: $ty),*) {
+            $impl::<true, ACT>($($arg),*)
+        }
+
+        fn $name<const ACT: u8>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports the features `$wide` is compiled for.
+                return unsafe { $wide::<ACT>($($arg),*) };
+            }
+            $impl::<{ cfg!(target_arch = "aarch64") }, ACT>($($arg),*)
+        }
+    };
+}
+
+dispatch!(moments, moments_avx2, moments_impl, (x: &[f32], hw: usize, out: &mut [(f64, f64)]));
+dispatch!(forward_planes, forward_planes_avx2, forward_impl, act,
+    (x: &[f32], y: &mut [MaybeUninit<f32>], hw: usize, p0: usize, ch: Chan));
+dispatch!(grad_sums, grad_sums_avx2, grad_sums_impl, act,
+    (x: &[f32], dy: &[f32], hw: usize, p0: usize, ch: Chan, out: &mut [(f64, f64)]));
+dispatch!(grad_input_planes, grad_input_planes_avx2, grad_input_impl, act,
+    (x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], hw: usize, p0: usize, ch: Chan, k: &[(f32, f32)]));
+
+/// `$f::<ACT>(args)` for the runtime activation `$act`.
+macro_rules! with_act {
+    ($act:expr, $f:ident($($arg:expr),*)) => {
+        match $act {
+            Act::Identity => $f::<IDENTITY>($($arg),*),
+            Act::Silu => $f::<SILU>($($arg),*),
+            Act::Relu6 => $f::<RELU6>($($arg),*),
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------
+// Whole-tensor drivers (rayon over runs of planes)
+// ---------------------------------------------------------------------------
+
+/// Per-channel `(mean, invstd, unbiased var)` of x, from per-plane moments.
+fn batch_stats(g: &Geom, x: &[f32], eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f32>) {
+    let mut planes = vec![(0f64, 0f64); g.planes()];
+    if !g.is_empty() {
+        let ppt = g.planes_per_task();
+        planes
+            .par_chunks_mut(ppt)
+            .zip(x.par_chunks(ppt * g.hw))
+            .for_each(|(out, xs)| moments(xs, g.hw, out));
+    }
+    let (m, hw) = (g.m() as f64, g.hw as f64);
+    let mut mean = Vec::with_capacity(g.c);
+    let mut invstd = Vec::with_capacity(g.c);
+    let mut var_unbiased = Vec::with_capacity(g.c);
+    for k in 0..g.c {
+        let chan = || (0..g.n).map(|n| planes[n * g.c + k]);
+        // Equal-size groups: the mean is the mean of plane means, and
+        // Σ(x−μ)² = Σ_planes [m2_p + hw·(μ_p − μ)²] (Chan et al.).
+        let mu = chan().map(|(mp, _)| mp).sum::<f64>() / g.n as f64;
+        let m2 = chan()
+            .map(|(mp, m2p)| m2p + hw * (mp - mu) * (mp - mu))
+            .sum::<f64>();
+        mean.push(mu);
+        invstd.push(1.0 / (m2 / m + eps).sqrt());
+        var_unbiased.push((m2 / (m - 1.0)) as f32);
+    }
+    (mean, invstd, var_unbiased)
+}
+
+/// A `len`-value output written in full by `fill` (each element exactly once),
+/// without zeroing it first: a zeroing pass would be one more full write of an
+/// activation-sized buffer (allocators often hand back recycled memory, so
+/// `vec![0.0; len]` is a real memset).
+fn filled(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: `fill` initialised all `len` values. Callers pass a buffer of
+    // `planes·hw` values split into runs of whole planes, and the plane
+    // kernels write every value of every plane they are given.
+    unsafe { v.set_len(len) };
+    v
+}
+
+fn forward(g: &Geom, x: &[f32], s: &Saved, act: Act) -> Vec<f32> {
+    let (ppt, ch) = (g.planes_per_task(), s.chan());
+    filled(x.len(), |y| {
+        if g.is_empty() {
+            return;
+        }
+        y.par_chunks_mut(ppt * g.hw)
+            .zip(x.par_chunks(ppt * g.hw))
+            .enumerate()
+            .for_each(|(t, (ys, xs))| with_act!(act, forward_planes(xs, ys, g.hw, t * ppt, ch)));
+    })
+}
+
+/// Per-channel `(Σg, Σg·(x−μ))`.
+fn channel_grad_sums(g: &Geom, x: &[f32], dy: &[f32], s: &Saved, act: Act) -> Vec<(f64, f64)> {
+    let mut planes = vec![(0f64, 0f64); g.planes()];
+    if !g.is_empty() {
+        let (ppt, ch) = (g.planes_per_task(), s.chan());
+        let runs = planes
+            .par_chunks_mut(ppt)
+            .zip(x.par_chunks(ppt * g.hw))
+            .zip(dy.par_chunks(ppt * g.hw));
+        runs.enumerate().for_each(|(t, ((out, xs), ds))| {
+            with_act!(act, grad_sums(xs, ds, g.hw, t * ppt, ch, out))
+        });
+    }
+    (0..g.c)
+        .map(|k| {
+            (0..g.n)
+                .map(|n| planes[n * g.c + k])
+                .fold((0.0, 0.0), |(a, b), (pa, pb)| (a + pa, b + pb))
+        })
+        .collect()
+}
+
+fn grad_input(g: &Geom, x: &[f32], dy: &[f32], s: &Saved, k: &[(f32, f32)], act: Act) -> Vec<f32> {
+    let (ppt, ch) = (g.planes_per_task(), s.chan());
+    filled(x.len(), |dx| {
+        if g.is_empty() {
+            return;
+        }
+        let runs = dx
+            .par_chunks_mut(ppt * g.hw)
+            .zip(x.par_chunks(ppt * g.hw))
+            .zip(dy.par_chunks(ppt * g.hw));
+        runs.enumerate().for_each(|(t, ((dxs, xs), ds))| {
+            with_act!(act, grad_input_planes(xs, ds, dxs, g.hw, t * ppt, ch, k))
+        });
+    })
+}
+
+// ---------------------------------------------------------------------------
+// candle custom ops
+// ---------------------------------------------------------------------------
+
+/// The values of an F32 CPU tensor in row-major order, borrowed when the
+/// layout is contiguous, gathered otherwise (whole runs at a time where the
+/// trailing dims are contiguous, as for a view that narrows an outer dim).
+fn f32_values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
+    let data = s.as_slice::<f32>()?;
+    if let Some((start, end)) = l.contiguous_offsets() {
+        return Ok(Cow::Borrowed(&data[start..end]));
+    }
+    let (dims, strides) = (l.dims(), l.stride());
+    // Trailing dims that are laid out densely form one run of `run` values.
+    let (mut outer, mut run) = (dims.len(), 1);
+    while outer > 0 && (strides[outer - 1] == run || dims[outer - 1] == 1) {
+        run *= dims[outer - 1];
+        outer -= 1;
+    }
+    let count = l.shape().elem_count();
+    let mut out = Vec::with_capacity(count);
+    if count == 0 {
+        return Ok(Cow::Owned(out));
+    }
+    let mut idx = vec![0usize; outer];
+    let mut off = l.start_offset();
+    for _ in 0..count / run {
+        out.extend_from_slice(&data[off..off + run]);
+        // Odometer increment over the strided outer index.
+        for d in (0..outer).rev() {
+            idx[d] += 1;
+            off += strides[d];
+            if idx[d] < dims[d] {
+                break;
+            }
+            off -= strides[d] * dims[d];
+            idx[d] = 0;
+        }
+    }
+    Ok(Cow::Owned(out))
+}
+
+enum Mode {
+    /// Batch statistics, computed by the forward.
+    Train { eps: f64 },
+    /// Given statistics: `mean` and `1/sqrt(var + eps)` per channel.
+    Eval { mean: Vec<f32>, invstd: Vec<f64> },
+}
+
+/// Forward op over (x, gamma, beta). `saved` is shared with the caller (who
+/// reads the batch statistics) and, through candle's graph, with `bwd`.
+struct BnAct {
+    act: Act,
+    mode: Mode,
+    saved: Arc<OnceLock<Saved>>,
+}
+
+impl CustomOp3 for BnAct {
+    fn name(&self) -> &'static str {
+        "batch-norm-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), self.name())?;
+        let (gamma, beta) = (f32_values(s2, l2)?, f32_values(s3, l3)?);
+        if gamma.len() != g.c || beta.len() != g.c {
+            bail!("batch-norm-act: gamma and beta must have {} values", g.c);
+        }
+        if self.saved.get().is_some() {
+            bail!("batch-norm-act: op instance already ran (its statistics belong to that run)");
+        }
+        let x = f32_values(s1, l1)?;
+        let (mean, invstd, var_unbiased) = match &self.mode {
+            Mode::Train { eps } => {
+                if g.m() < 2 {
+                    bail!(
+                        "batch-norm-act: need more than one value per channel, got {:?}",
+                        l1.dims()
+                    );
+                }
+                batch_stats(&g, &x, *eps)
+            }
+            Mode::Eval { mean, invstd } => (
+                mean.iter().map(|&v| v as f64).collect(),
+                invstd.clone(),
+                Vec::new(),
+            ),
+        };
+        if mean.len() != g.c {
+            bail!(
+                "batch-norm-act: statistics for {} channels, input has {}",
+                mean.len(),
+                g.c
+            );
+        }
+        let mean_hi: Vec<f32> = mean.iter().map(|&v| v as f32).collect();
+        let saved = Saved {
+            mean_lo: mean
+                .iter()
+                .zip(&mean_hi)
+                .map(|(&v, &h)| (v - h as f64) as f32)
+                .collect(),
+            mean_hi,
+            a: gamma
+                .iter()
+                .zip(&invstd)
+                .map(|(&gm, &i)| (gm as f64 * i) as f32)
+                .collect(),
+            beta: beta.to_vec(),
+            invstd,
+            var_unbiased,
+        };
+        let y = forward(&g, &x, &saved, self.act);
+        // Cannot fail: checked empty above, and candle runs an op's forward once.
+        let _ = self.saved.set(saved);
+        Ok((CpuStorage::F32(y), Shape::from(l1.dims())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(saved) = self.saved.get() else {
+            bail!("batch-norm-act: backward without a forward");
+        };
+        let (want_dx, want_dgamma, want_dbeta) = (x.track_op(), gamma.track_op(), beta.track_op());
+        let op = BnActGrad {
+            act: self.act,
+            train: matches!(self.mode, Mode::Train { .. }),
+            want_dx,
+            want_params: want_dgamma || want_dbeta,
+            saved,
+            params: OnceLock::new(),
+        };
+        // An op2 (not a direct storage read) so candle takes the storage
+        // locks the way it does for any op.
+        let dx = x.apply_op2_no_bwd(grad_res, &op)?;
+        let dx = want_dx.then_some(dx);
+        let (dgamma, dbeta) = match op.params.into_inner() {
+            Some((dg, db)) if op.want_params => {
+                let c = dg.len();
+                let dg = want_dgamma
+                    .then(|| Tensor::from_vec(dg, c, x.device()))
+                    .transpose()?;
+                let db = want_dbeta
+                    .then(|| Tensor::from_vec(db, c, x.device()))
+                    .transpose()?;
+                (dg, db)
+            }
+            _ => (None, None),
+        };
+        Ok((dx, dgamma, dbeta))
+    }
+}
+
+/// Backward op over (x, dy): returns dx (an empty tensor when x needs no
+/// gradient) and leaves `(dgamma, dbeta)` in `params`.
+struct BnActGrad<'a> {
+    act: Act,
+    train: bool,
+    want_dx: bool,
+    want_params: bool,
+    saved: &'a Saved,
+    params: OnceLock<(Vec<f32>, Vec<f32>)>,
+}
+
+impl CustomOp2 for BnActGrad<'_> {
+    fn name(&self) -> &'static str {
+        "batch-norm-act-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), self.name())?;
+        if l2.dims() != l1.dims() {
+            bail!(
+                "batch-norm-act: output gradient is {:?}, expected {:?}",
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let s = self.saved;
+        let (x, dy) = (f32_values(s1, l1)?, f32_values(s2, l2)?);
+        // Training's dx needs the sums; eval's needs them only for dγ, dβ.
+        let sums = if self.train || self.want_params {
+            channel_grad_sums(&g, &x, &dy, s, self.act)
+        } else {
+            Vec::new()
+        };
+        let m = g.m() as f64;
+        let k: Vec<(f32, f32)> = if self.train {
+            sums.iter()
+                .enumerate()
+                .map(|(j, &(sg, sgd))| {
+                    let (a, inv) = (s.a[j] as f64, s.invstd[j]);
+                    ((a * sg / m) as f32, (a * inv * inv * sgd / m) as f32)
+                })
+                .collect()
+        } else {
+            vec![(0.0, 0.0); g.c]
+        };
+        let dgamma = sums
+            .iter()
+            .zip(&s.invstd)
+            .map(|(&(_, sgd), &inv)| (sgd * inv) as f32)
+            .collect();
+        let dbeta = sums.iter().map(|&(sg, _)| sg as f32).collect();
+        let _ = self.params.set((dgamma, dbeta));
+        if !self.want_dx {
+            return Ok((CpuStorage::F32(Vec::new()), Shape::from(0)));
+        }
+        let dx = grad_input(&g, &x, &dy, s, &k, self.act);
+        Ok((CpuStorage::F32(dx), Shape::from(l1.dims())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::set_fast_kernels;
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use std::sync::RwLockReadGuard;
+    use std::time::Instant;
+
+    use super::super::SWITCH;
+
+    fn switch_on() -> RwLockReadGuard<'static, ()> {
+        let guard = SWITCH.read().unwrap_or_else(|e| e.into_inner());
+        assert!(fast_kernels_enabled());
+        guard
+    }
+
+    const ACTS: [Act; 3] = [Act::Identity, Act::Silu, Act::Relu6];
+    const EPS: f64 = 1e-5;
+    const TOL: f64 = 1e-5;
+
+    fn uniform(rng: &mut ChaCha8Rng, dims: &[usize], lo: f32, hi: f32) -> Tensor {
+        let n = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    }
+
+    /// max|a-b| / max|b|, the denominator floored so near-zero references
+    /// compare absolutely.
+    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        let (a, b) = (values(a), values(b));
+        assert!(a.iter().all(|v| v.is_finite()), "non-finite result");
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
+        diff / scale.max(1e-3)
+    }
+
+    /// candle_nn 0.11's `BatchNorm::forward_train` (channels first, flattened),
+    /// then the activation as candle ops. Returns y, mean, unbiased var.
+    fn reference_train(
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        act: Act,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let xt = x.transpose(0, 1)?;
+        let tdims = xt.dims().to_vec();
+        let xf = xt.flatten_from(1)?.contiguous()?;
+        let mean = xf.mean_keepdim(1)?;
+        let xc = xf.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(1)?;
+        let xhat = xc.broadcast_div(&(&var + EPS)?.sqrt()?)?;
+        let z = xhat
+            .broadcast_mul(&gamma.reshape(((), 1))?)?
+            .broadcast_add(&beta.reshape(((), 1))?)?;
+        let y = act.apply_candle(&z.reshape(tdims)?.transpose(0, 1)?)?;
+        let m = xf.dim(1)? as f64;
+        Ok((
+            y,
+            mean.flatten_all()?,
+            (var.flatten_all()? * (m / (m - 1.0)))?,
+        ))
+    }
+
+    fn reference_eval(
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        mean: &Tensor,
+        var: &Tensor,
+        act: Act,
+    ) -> Result<Tensor> {
+        let mut dims = vec![1; x.rank()];
+        dims[1] = x.dim(1)?;
+        let r = |t: &Tensor| t.reshape(dims.as_slice());
+        let z = x
+            .broadcast_sub(&r(mean)?)?
+            .broadcast_div(&(r(var)? + EPS)?.sqrt()?)?
+            .broadcast_mul(&r(gamma)?)?
+            .broadcast_add(&r(beta)?)?;
+        act.apply_candle(&z)
+    }
+
+    /// y, mean, var, dx, dgamma, dbeta.
+    type Outs = [Tensor; 6];
+
+    /// A training-mode BatchNorm: (x, gamma, beta) → (y, mean, unbiased var).
+    type TrainFn<'a> = &'a dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)>;
+
+    /// Runs `f` on fresh variables holding x, gamma, beta (in `dtype`) and
+    /// backprops `sum(y * r)`.
+    fn run(f: TrainFn, [x, gamma, beta, r]: &[Tensor; 4], dtype: DType) -> Outs {
+        let var = |t: &Tensor| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap();
+        let (xv, gv, bv) = (var(x), var(gamma), var(beta));
+        let (y, mean, v) = f(xv.as_tensor(), gv.as_tensor(), bv.as_tensor()).unwrap();
+        let grads = (&y * r.to_dtype(dtype).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = |v: &Var| grads.get(v.as_tensor()).expect("gradient").clone();
+        [y, mean, v, g(&xv), g(&gv), g(&bv)]
+    }
+
+    const NAMES: [&str; 6] = ["y", "mean", "var", "dx", "dgamma", "dbeta"];
+
+    fn assert_close(case: &str, got: &Outs, want: &Outs, tol: f64) {
+        for ((name, a), b) in NAMES.iter().zip(got).zip(want) {
+            let e = rel_err(a, b);
+            assert!(e <= tol, "{case}: {name} rel err {e:e}");
+        }
+    }
+
+    /// x around 0.5 with spread ~1.2; gamma of both signs and beta up to 4, so
+    /// z crosses both ReLU6 corners and SiLU's curved part.
+    fn inputs(seed: u64, dims: &[usize]) -> [Tensor; 4] {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let c = dims[1];
+        [
+            uniform(&mut rng, dims, -1.5, 2.5),
+            uniform(&mut rng, &[c], -2.5, 2.5),
+            uniform(&mut rng, &[c], -1.0, 4.0),
+            uniform(&mut rng, dims, -1.0, 1.0),
+        ]
+    }
+
+    fn fused_train(
+        act: Act,
+    ) -> impl Fn(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        move |x, g, b| batch_norm_act_train(x, g, b, EPS, act)
+    }
+
+    fn reference_train_fn(
+        act: Act,
+    ) -> impl Fn(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        move |x, g, b| reference_train(x, g, b, act)
+    }
+
+    const SHAPES: [&[usize]; 8] = [
+        &[2, 3, 5, 7],
+        &[4, 16, 8, 8],
+        &[3, 5],
+        &[1, 4, 3, 3],
+        &[3, 2, 1, 1],
+        &[3, 4, 6],
+        &[5, 7, 3, 5],
+        &[8, 6, 28, 28],
+    ];
+
+    #[test]
+    fn train_matches_candle_reference() {
+        let _on = switch_on();
+        for (i, dims) in SHAPES.iter().enumerate() {
+            for act in ACTS {
+                let data = inputs(i as u64, dims);
+                let fast = run(&fused_train(act), &data, DType::F32);
+                let reference = run(&reference_train_fn(act), &data, DType::F32);
+                assert_eq!(fast[0].dims(), *dims);
+                assert_eq!(fast[1].dims(), &dims[1..2]);
+                assert_close(&format!("{dims:?} {act:?}"), &fast, &reference, TOL);
+            }
+        }
+    }
+
+    /// Against the reference evaluated in f64 (same f32 inputs): the fused
+    /// op's error is f32 rounding, even when `|mean| ≫ std` (where a plain f32
+    /// BatchNorm, like the candle reference in f32, loses digits).
+    #[test]
+    fn train_matches_f64_reference_with_large_offsets() {
+        let _on = switch_on();
+        for (seed, (dims, offset, spread)) in [
+            (&[4usize, 5, 6, 6][..], 20.0f32, 0.05f32),
+            (&[64, 3][..], -300.0, 1.0),
+            (&[2, 4, 9, 9][..], 0.0, 1.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut data = inputs(100 + seed as u64, dims);
+            data[0] = ((&data[0] * spread as f64).unwrap() + offset as f64).unwrap();
+            for act in ACTS {
+                let fast = run(&fused_train(act), &data, DType::F32);
+                let exact = run(&reference_train_fn(act), &data, DType::F64);
+                assert_close(&format!("{dims:?} +{offset} {act:?}"), &fast, &exact, TOL);
+            }
+        }
+    }
+
+    fn eval_stats(seed: u64, c: usize) -> (Tensor, Tensor) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (
+            uniform(&mut rng, &[c], -0.5, 1.5),
+            uniform(&mut rng, &[c], 0.2, 3.0),
+        )
+    }
+
+    #[test]
+    fn eval_matches_candle_reference() {
+        let _on = switch_on();
+        for (i, dims) in SHAPES.iter().enumerate() {
+            let (mean, var) = eval_stats(50 + i as u64, dims[1]);
+            for act in ACTS {
+                let data = inputs(i as u64, dims);
+                let with =
+                    |f: fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, Act) -> Result<Tensor>| {
+                        let (mean, var) = (mean.clone(), var.clone());
+                        move |x: &Tensor, g: &Tensor, b: &Tensor| {
+                            let y = f(x, g, b, &mean, &var, act)?;
+                            // Pad the tuple; mean/var slots compare the inputs to themselves.
+                            Ok((y, mean.clone(), var.clone()))
+                        }
+                    };
+                let fast = run(
+                    &with(|x, g, b, m, v, a| batch_norm_act_eval(x, g, b, m, v, EPS, a)),
+                    &data,
+                    DType::F32,
+                );
+                let reference = run(&with(reference_eval), &data, DType::F32);
+                assert_close(&format!("eval {dims:?} {act:?}"), &fast, &reference, TOL);
+            }
+        }
+    }
+
+    #[test]
+    fn eval_with_tracked_statistics_takes_candle_path() {
+        let _on = switch_on();
+        let dims = [3, 4, 5, 5];
+        let [x, gamma, beta, r] = inputs(7, &dims);
+        let (mean, var) = eval_stats(8, 4);
+        let (mv, vv) = (
+            Var::from_tensor(&mean).unwrap(),
+            Var::from_tensor(&var).unwrap(),
+        );
+        let y = batch_norm_act_eval(
+            &x,
+            &gamma,
+            &beta,
+            mv.as_tensor(),
+            vv.as_tensor(),
+            EPS,
+            Act::Silu,
+        )
+        .unwrap();
+        let gr = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let yr =
+            reference_eval(&x, &gamma, &beta, mv.as_tensor(), vv.as_tensor(), Act::Silu).unwrap();
+        let grr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(rel_err(&y, &yr) <= TOL);
+        for v in [&mv, &vv] {
+            assert!(rel_err(gr.get(v).unwrap(), grr.get(v).unwrap()) <= TOL);
+        }
+    }
+
+    #[test]
+    fn non_contiguous_and_untracked_inputs() {
+        let _on = switch_on();
+        let [x, gamma, beta, r] = inputs(11, &[3, 4, 7, 5]);
+        // x is a transposed view of a [3, 4, 5, 7] variable.
+        let xv = Var::from_tensor(&x.transpose(2, 3).unwrap().contiguous().unwrap()).unwrap();
+        let (gv, bv) = (
+            Var::from_tensor(&gamma).unwrap(),
+            Var::from_tensor(&beta).unwrap(),
+        );
+        for act in ACTS {
+            let grads = |f: TrainFn| {
+                let xt = xv.as_tensor().transpose(2, 3).unwrap();
+                assert!(!xt.is_contiguous());
+                let (y, m, v) = f(&xt, gv.as_tensor(), bv.as_tensor()).unwrap();
+                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let get = |t: &Tensor| g.get(t).unwrap().clone();
+                [
+                    y,
+                    m,
+                    v,
+                    get(xv.as_tensor()),
+                    get(gv.as_tensor()),
+                    get(bv.as_tensor()),
+                ]
+            };
+            let fast = grads(&fused_train(act));
+            let reference = grads(&reference_train_fn(act));
+            assert_close(&format!("strided {act:?}"), &fast, &reference, TOL);
+
+            // The op also gathers strided storage itself (no contiguous copy first).
+            let saved = Arc::new(OnceLock::new());
+            let op = BnAct {
+                act,
+                mode: Mode::Train { eps: EPS },
+                saved,
+            };
+            let xt = x
+                .transpose(2, 3)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .transpose(2, 3)
+                .unwrap();
+            let y = xt.apply_op3_no_bwd(&gamma, &beta, &op).unwrap();
+            assert!(rel_err(&y, &reference[0]) <= TOL);
+
+            // A channel slice: strided, but gathered in whole H·W runs.
+            let wide = Tensor::cat(&[&x, &x.affine(0.5, 1.0).unwrap()], 1).unwrap();
+            let xs = wide.narrow(1, 2, 4).unwrap();
+            assert!(!xs.is_contiguous());
+            let op = BnAct {
+                act,
+                mode: Mode::Train { eps: EPS },
+                saved: Arc::new(OnceLock::new()),
+            };
+            let y = xs.apply_op3_no_bwd(&gamma, &beta, &op).unwrap();
+            let (yr, _, _) = reference_train(&xs, &gamma, &beta, act).unwrap();
+            assert!(rel_err(&y, &yr) <= TOL);
+
+            // An input outside the graph gets no gradient; the parameters still do.
+            let (y, _, _) =
+                batch_norm_act_train(&x, gv.as_tensor(), bv.as_tensor(), EPS, act).unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(g.get(&x).is_none());
+            let (yr, _, _) = reference_train(&x, gv.as_tensor(), bv.as_tensor(), act).unwrap();
+            let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&gv, &bv] {
+                assert!(rel_err(g.get(v).unwrap(), gr.get(v).unwrap()) <= TOL);
+            }
+        }
+    }
+
+    #[test]
+    fn other_dtypes_take_candle_path() {
+        let _on = switch_on();
+        let dims = [2, 3, 4, 4];
+        for act in ACTS {
+            let data = inputs(21, &dims);
+            let fast = run(&fused_train(act), &data, DType::F64);
+            let reference = run(&reference_train_fn(act), &data, DType::F64);
+            assert_eq!(fast[0].dtype(), DType::F64);
+            assert_eq!(fast[1].dtype(), DType::F64);
+            assert_close(&format!("f64 {act:?}"), &fast, &reference, 1e-12);
+        }
+    }
+
+    #[test]
+    fn switch_selects_candle_path() {
+        let _exclusive = SWITCH.write().unwrap_or_else(|e| e.into_inner());
+        /// Turns the kernels back on even if an assertion fails.
+        struct Restore;
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                set_fast_kernels(true);
+            }
+        }
+        let _restore = Restore;
+        assert!(fast_kernels_enabled(), "default is on");
+        set_fast_kernels(false);
+        for (i, dims) in [&[2usize, 3, 5, 7][..], &[3, 5], &[4, 16, 8, 8]]
+            .into_iter()
+            .enumerate()
+        {
+            for act in ACTS {
+                let data = inputs(30 + i as u64, dims);
+                let off = run(&fused_train(act), &data, DType::F32);
+                let reference = run(&reference_train_fn(act), &data, DType::F32);
+                assert_close(&format!("off {dims:?} {act:?}"), &off, &reference, TOL);
+
+                let (mean, var) = eval_stats(40 + i as u64, dims[1]);
+                let [x, g, b, _] = &data;
+                let y = batch_norm_act_eval(x, g, b, &mean, &var, EPS, act).unwrap();
+                let yr = reference_eval(x, g, b, &mean, &var, act).unwrap();
+                assert!(rel_err(&y, &yr) <= TOL, "off eval {dims:?} {act:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let _on = switch_on();
+        let [x, gamma, beta, _] = inputs(5, &[2, 3, 4, 4]);
+        let (mean, var) = eval_stats(6, 3);
+        let four = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        assert!(
+            batch_norm_act_train(&x, &four, &beta, EPS, Act::Silu).is_err(),
+            "gamma size"
+        );
+        assert!(
+            batch_norm_act_train(&x, &gamma, &four, EPS, Act::Silu).is_err(),
+            "beta size"
+        );
+        assert!(
+            batch_norm_act_eval(&x, &gamma, &beta, &four, &var, EPS, Act::Silu).is_err(),
+            "mean size"
+        );
+        assert!(
+            batch_norm_act_eval(&x, &gamma, &beta, &mean, &four, EPS, Act::Silu).is_err(),
+            "var size"
+        );
+        let flat = x.flatten_all().unwrap();
+        assert!(
+            batch_norm_act_train(&flat, &gamma, &beta, EPS, Act::Silu).is_err(),
+            "rank 1"
+        );
+        // One value per channel: no unbiased variance (PyTorch refuses too).
+        let single = x
+            .narrow(0, 0, 1)
+            .unwrap()
+            .narrow(2, 0, 1)
+            .unwrap()
+            .narrow(3, 0, 1)
+            .unwrap();
+        assert!(
+            batch_norm_act_train(&single, &gamma, &beta, EPS, Act::Silu).is_err(),
+            "M = 1"
+        );
+        // ... which eval mode handles.
+        let y = batch_norm_act_eval(&single, &gamma, &beta, &mean, &var, EPS, Act::Silu).unwrap();
+        let yr = reference_eval(&single, &gamma, &beta, &mean, &var, Act::Silu).unwrap();
+        assert!(rel_err(&y, &yr) <= TOL);
+    }
+
+    #[test]
+    fn nan_propagates() {
+        let _on = switch_on();
+        let [x, gamma, beta, _] = inputs(9, &[2, 3, 4, 4]);
+        let mut v = values(&x).into_iter().map(|v| v as f32).collect::<Vec<_>>();
+        v[5] = f32::NAN; // channel 0
+        let x = Tensor::from_vec(v, x.dims(), &Device::Cpu).unwrap();
+        for act in ACTS {
+            let (y, mean, _) = batch_norm_act_train(&x, &gamma, &beta, EPS, act).unwrap();
+            let chan = |c: usize| values(&y.narrow(1, c, 1).unwrap());
+            assert!(chan(0).iter().all(|v| v.is_nan()), "{act:?}");
+            assert!(
+                chan(1).iter().chain(&chan(2)).all(|v| v.is_finite()),
+                "{act:?}"
+            );
+            assert!(values(&mean)[0].is_nan());
+        }
+    }
+
+    /// With two values per channel `xhat = ±1` for any data, so the true dx is
+    /// tiny (O(eps/σ²)) and every f32 computation of it is all cancellation:
+    /// candle's own f32 result is off by ~3e-4 relative to the f64 one. Measured
+    /// against the size of the cancelling terms, `|γ·invstd·dy|`, the error is
+    /// f32 rounding.
+    #[test]
+    fn two_values_per_channel() {
+        let _on = switch_on();
+        for act in ACTS {
+            let data = inputs(4, &[2, 3, 1, 1]);
+            let fast = run(&fused_train(act), &data, DType::F32);
+            let exact = run(&reference_train_fn(act), &data, DType::F64);
+            let (gamma, r, var) = (values(&data[1]), values(&data[3]), values(&exact[2]));
+            // Biased variance = unbiased / 2 for M = 2.
+            let slope = gamma
+                .iter()
+                .zip(&var)
+                .map(|(g, v)| g.abs() / (v / 2.0 + EPS).sqrt())
+                .fold(0.0, f64::max);
+            let scale = slope * r.iter().map(|v| v.abs()).fold(0.0, f64::max);
+            let (dx, dx_exact) = (values(&fast[3]), values(&exact[3]));
+            let err = dx
+                .iter()
+                .zip(&dx_exact)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                err <= TOL * scale,
+                "{act:?}: dx err {err:e}, scale {scale:e}"
+            );
+            let others = [0, 1, 2, 4, 5].map(|i| (NAMES[i], rel_err(&fast[i], &exact[i])));
+            assert!(others.iter().all(|&(_, e)| e <= TOL), "{act:?}: {others:?}");
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = [0f64; 2];
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let want = (x as f64).exp();
+            for (w, got) in worst.iter_mut().zip([exp::<false>(x), exp::<true>(x)]) {
+                *w = w.max((got as f64 - want).abs() / want);
+            }
+            x += 0.000_731;
+        }
+        // 2^-22: within ~2 ulp.
+        assert!(worst.iter().all(|&w| w < 2.4e-7), "{worst:?}");
+        assert!(exp::<false>(f32::NAN).is_nan());
+        assert_eq!(exp::<false>(-1000.0), exp::<false>(-87.0));
+        assert!(exp::<false>(1000.0).is_finite());
+        assert_eq!(exp::<false>(0.0), 1.0);
+    }
+
+    fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
+        f(); // warm-up: page faults, thread pool start
+        let mut t: Vec<f64> = (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[runs / 2]
+    }
+
+    /// `RAYON_NUM_THREADS=2 cargo test --release -- --ignored --nocapture bench_batchnorm`
+    ///
+    /// Columns, ms (median): forward; the backward op alone (`bwd` on a given
+    /// dy); candle's `backward()` from y (adds seeding dy = ones and
+    /// accumulating into zero-initialised gradient slots); forward + backward.
+    #[test]
+    #[ignore = "benchmark; run explicitly"]
+    fn bench_batchnorm() {
+        let _on = switch_on();
+        let runs = 7;
+        println!("threads: {}", rayon::current_num_threads());
+        println!(
+            "{:<18} {:>9} {:>9} {:>9} {:>9} | {:>10} {:>10} {:>10}",
+            "case (SiLU)",
+            "fused fwd",
+            "bwd op",
+            "backward",
+            "f+b",
+            "candle fwd",
+            "backward",
+            "f+b"
+        );
+        for dims in [[32usize, 96, 32, 32], [32, 480, 4, 4]] {
+            let data = inputs(1, &dims);
+            let xv = Var::from_tensor(&data[0]).unwrap();
+            let gv = Var::from_tensor(&data[1]).unwrap();
+            let bv = Var::from_tensor(&data[2]).unwrap();
+            let (x, g, b) = (xv.as_tensor(), gv.as_tensor(), bv.as_tensor());
+            let mut row = Vec::new();
+
+            let op = BnAct {
+                act: Act::Silu,
+                mode: Mode::Train { eps: EPS },
+                saved: Arc::new(OnceLock::new()),
+            };
+            let y = x.apply_op3_no_bwd(g, b, &op).unwrap();
+            let dy = y.ones_like().unwrap();
+            let bwd_op = median_ms(runs, || {
+                op.bwd(x, g, b, &y, &dy).unwrap();
+            });
+
+            let fused = fused_train(Act::Silu);
+            let reference = reference_train_fn(Act::Silu);
+            for f in [&fused as TrainFn, &reference] {
+                row.push(median_ms(runs, || {
+                    f(x, g, b).unwrap();
+                }));
+                let (y, _, _) = f(x, g, b).unwrap();
+                row.push(median_ms(runs, || {
+                    y.backward().unwrap();
+                }));
+                row.push(median_ms(runs, || {
+                    f(x, g, b).unwrap().0.backward().unwrap();
+                }));
+            }
+            println!(
+                "{:<18} {:>9.2} {:>9.2} {:>9.2} {:>9.2} | {:>10.2} {:>10.2} {:>10.2}",
+                format!("{dims:?}"),
+                row[0],
+                bwd_op,
+                row[1],
+                row[2],
+                row[3],
+                row[4],
+                row[5]
+            );
+        }
+    }
+}

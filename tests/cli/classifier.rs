@@ -1,0 +1,210 @@
+//! The back half of the pipeline through the binary, on a tiny configuration:
+//! `generate`, three `train_classifier` arms and `evaluate`, then
+//! `melanoflow metrics`; what is cached after a parameter change; the
+//! weight converter command; the real-image pipeline's ingest.
+
+use crate::fixture::*;
+
+const CHAIN: &str = r#"
+[stages.synth]
+kind = "synth"
+count = 240
+malignant_fraction = 0.15
+image_size = 32
+patients = 60
+seed = 5
+
+[stages.ingest]
+kind = "ingest"
+inputs = ["synth"]
+val_fraction = 0.2
+test_fraction = 0.2
+
+[stages.preprocess]
+kind = "preprocess"
+inputs = ["ingest"]
+size = 32
+
+[stages.gan]
+kind = "train_cyclegan"
+inputs = ["preprocess"]
+ngf = 4
+n_blocks = 1
+ndf = 4
+n_layers_d = 2
+n_epochs = 1
+n_epochs_decay = 0
+device = "cpu"
+
+[stages.generate]
+kind = "generate"
+inputs = ["preprocess", "gan"]
+device = "cpu"
+
+[stages.none]
+kind = "train_classifier"
+inputs = ["preprocess"]
+augmentation = "none"
+variant = "lite0"
+epochs = 1
+batch_size = 16
+device = "cpu"
+
+[stages.classical]
+kind = "train_classifier"
+inputs = ["preprocess"]
+augmentation = "classical"
+variant = "lite0"
+epochs = 1
+batch_size = 16
+seeds = [0, 1]
+device = "cpu"
+
+[stages.cyclegan]
+kind = "train_classifier"
+inputs = ["preprocess", "generate"]
+augmentation = "cyclegan"
+variant = "lite0"
+epochs = 1
+batch_size = 16
+device = "cpu"
+
+[stages.evaluate]
+kind = "evaluate"
+inputs = ["none", "classical", "cyclegan", "gan"]
+bootstrap_resamples = 200
+"#;
+
+fn read_parquet(path: &std::path::Path) -> polars::prelude::DataFrame {
+    use polars::prelude::*;
+    ParquetReader::new(std::fs::File::open(path).unwrap()).finish().unwrap()
+}
+
+#[test]
+fn generate_train_evaluate_and_print_the_table() {
+    let p = Project::new(CHAIN);
+    let r = p.ok(&["run"]);
+    for stage in ["generate", "none", "classical", "cyclegan", "evaluate"] {
+        assert_eq!(r.state(stage), "ran", "{stage}");
+    }
+
+    // generate: sources are benign training images only, and balance the classes.
+    let meta = read_parquet(&p.path("data/out/ingest/metadata.parquet"));
+    let (names, splits, targets) = (meta.column("image_name").unwrap().str().unwrap(), meta.column("split").unwrap().str().unwrap(), meta.column("target").unwrap().i32().unwrap());
+    let mut split_of = std::collections::HashMap::new();
+    let (mut benign, mut malignant) = (0, 0);
+    for i in 0..meta.height() {
+        let (n, s, t) = (names.get(i).unwrap(), splits.get(i).unwrap(), targets.get(i).unwrap());
+        split_of.insert(n.to_string(), (s.to_string(), t));
+        if s == "train" {
+            if t == 1 { malignant += 1 } else { benign += 1 }
+        }
+    }
+    let prov = read_parquet(&p.path("data/out/generate/provenance.parquet"));
+    assert_eq!(prov.height(), benign - malignant, "synthetic images balance the training split");
+    let sources = prov.column("source_image").unwrap().str().unwrap();
+    for i in 0..prov.height() {
+        let (split, target) = &split_of[sources.get(i).unwrap()];
+        assert_eq!((split.as_str(), *target), ("train", 0), "generate read a {split} image");
+    }
+    melanoflow_schemas::check_parquet(&p.path("data/out/generate/index.parquet"), &melanoflow_schemas::IMAGE_INDEX).unwrap();
+
+    // train_classifier: predictions for every val and test image, per seed.
+    let preds = read_parquet(&p.path("data/out/classical/predictions.parquet"));
+    let eval_images = split_of.values().filter(|(s, _)| s != "train").count();
+    assert_eq!(preds.height(), 2 * eval_images, "two seeds x (val + test)");
+    let scores = preds.column("score").unwrap().f64().unwrap();
+    assert!((0..scores.len()).all(|i| scores.get(i).is_some_and(|s| (0.0..=1.0).contains(&s))));
+    for f in ["model-seed0.safetensors", "model-seed1.safetensors", "history.parquet", "train.json"] {
+        assert!(p.path("data/out/classical").join(f).is_file(), "{f}");
+    }
+    let w = candle_core::safetensors::load(p.path("data/out/classical/model-seed0.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(w["classifier.1.weight"].dims(), [1, 1280], "torchvision names, one logit");
+
+    // evaluate: every arm, numbers in range, the figures and the report.
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p.path("data/out/evaluate/metrics.json")).unwrap()).unwrap();
+    let arms = m["arms"].as_array().unwrap();
+    assert_eq!(arms.iter().map(|a| a["arm"].as_str().unwrap()).collect::<Vec<_>>(), ["none", "classical", "cyclegan"]);
+    assert_eq!(arms[1]["seeds"].as_array().unwrap().len(), 2);
+    for a in arms {
+        for s in a["seeds"].as_array().unwrap() {
+            let (auc, lo, hi) = (s["auc"].as_f64().unwrap(), s["auc_ci"]["low"].as_f64().unwrap(), s["auc_ci"]["high"].as_f64().unwrap());
+            assert!((0.0..=1.0).contains(&auc) && lo <= auc + 1e-9 && auc <= hi + 1e-9, "{s}");
+        }
+    }
+    assert!(arms[2]["description"].as_str().unwrap().contains("`gan`"), "the CycleGAN arm names its generator: {}", arms[2]["description"]);
+    let roc = image::open(p.path("data/out/evaluate/roc.png")).unwrap();
+    assert_eq!((roc.width(), roc.height()), (640, 640));
+    let html = std::fs::read_to_string(p.path("data/out/evaluate/report.html")).unwrap();
+    assert!(html.contains("<table") && html.contains("data:image/png;base64,") && html.contains("cyclegan"));
+    assert!(std::fs::read_to_string(p.path("data/out/evaluate/report.md")).unwrap().contains("| classical |"));
+
+    // `melanoflow metrics` prints the table.
+    let t = p.ok(&["metrics"]);
+    assert!(t.stdout.contains("Test ROC-AUC") && t.stdout.contains("classical") && t.stdout.contains("0.79"), "{}", t.stdout);
+
+    // Changing one arm's parameter re-runs that arm and evaluate only.
+    let r = p.ok(&["run", "--set", "cyclegan.lr=0.002"]);
+    assert_eq!(r.state("cyclegan"), "ran");
+    assert_eq!(r.state("evaluate"), "ran");
+    for stage in ["gan", "generate", "none", "classical"] {
+        assert_eq!(r.state(stage), "cached", "{stage}");
+    }
+}
+
+#[test]
+fn a_bad_arm_declaration_is_a_pipeline_error() {
+    let p = Project::new(&CHAIN.replace("inputs = [\"preprocess\", \"generate\"]\naugmentation = \"cyclegan\"", "inputs = [\"preprocess\"]\naugmentation = \"cyclegan\""));
+    let r = p.fails(&["status"]);
+    assert!(r.stderr.contains("takes two upstreams: a `preprocess` and a `generate` stage"), "{}", r.stderr);
+    assert_eq!(r.status.code(), Some(2));
+}
+
+#[test]
+fn metrics_before_a_run_says_what_to_do() {
+    let p = Project::new(CHAIN);
+    let r = p.fails(&["metrics"]);
+    assert!(r.stderr.contains("run `melanoflow run evaluate` first"), "{}", r.stderr);
+}
+
+#[test]
+fn convert_weights_rejects_a_file_that_is_not_a_legacy_checkpoint() {
+    let p = Project::new(CHAIN);
+    p.write("bad.pth", b"PK\x03\x04 this is a zip file");
+    let r = p.fails(&["convert-weights", "bad.pth", "out.safetensors"]);
+    assert!(r.stderr.contains("bad.pth"), "{}", r.stderr);
+    assert!(!p.path("out.safetensors").exists(), "nothing half-written");
+}
+
+/// The real-image pipeline's ingest: 100 ISIC archive images without
+/// patient ids, each image its own patient.
+#[test]
+fn real_images_ingest_with_one_patient_per_image() {
+    let Some(real) = realdata() else { return };
+    let p = Project::new(&format!(
+        r#"
+[stages.ingest]
+kind = "ingest"
+metadata = "{dir}/labels.csv"
+images = "{dir}/images"
+patient_per_image = true
+val_fraction = 0.2
+test_fraction = 0.2
+
+[stages.preprocess]
+kind = "preprocess"
+inputs = ["ingest"]
+size = 64
+"#,
+        dir = real.join("isic_archive_uda1").display()
+    ));
+    let r = p.ok(&["run"]);
+    assert!(r.line("ingest").contains("100 rows"), "{}", r.line("ingest"));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p.path("data/out/ingest/ingest.json")).unwrap()).unwrap();
+    assert_eq!(s["patients"], 100);
+    assert_eq!(s["malignant"], 50);
+    for split in ["train", "val", "test"] {
+        let m = s["splits"][split]["malignant_rate"].as_f64().unwrap();
+        assert!((m - 0.5).abs() < 0.1, "{split}: {m}");
+    }
+}
