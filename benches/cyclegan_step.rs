@@ -18,6 +18,7 @@ fn arg(args: &[String], name: &str, default: usize) -> usize {
 }
 
 fn main() -> anyhow::Result<()> {
+    melanoflow::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
     let (size, ngf, ndf, blocks, batch) = (arg(&args, "--size", 128), arg(&args, "--ngf", 64), arg(&args, "--ndf", 64), arg(&args, "--blocks", 9), arg(&args, "--batch", 1));
     let (steps, warmup) = (arg(&args, "--steps", 5), arg(&args, "--warmup", 2));

@@ -14,9 +14,9 @@
 //! Why not candle-transformers' EfficientNet: its BatchNorm is fixed in
 //! inference mode and its fields are private, so it cannot be fine-tuned.
 //!
-//! 1x1 convolutions (expand, project, head, squeeze-excitation) are batched
-//! matrix products, whose backward is two more matrix products; candle's conv2d
-//! backward would go through its direct-loop transposed convolution.
+//! On CPU the convolutions and BatchNorm run on `kernels` (depthwise and 1x1
+//! convolutions, BatchNorm fused with its activation, each with its own
+//! backward); candle's generic ops are several to a hundred times slower there.
 
 use candle_core::{D, DType, Module, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::kernels::batchnorm::{Act, batch_norm_act_eval, batch_norm_act_train};
 use super::kernels::depthwise::depthwise_conv2d;
+use super::kernels::pointwise::pointwise_conv2d;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -182,7 +183,7 @@ impl ConvBn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (_, _, k, _) = self.weight.dims4()?;
         let x = if k == 1 {
-            conv1x1(x, &self.weight)?
+            pointwise_conv2d(x, &self.weight)?
         } else {
             let (x, pad) = self.pad(x, k)?;
             if self.depthwise {
@@ -209,13 +210,6 @@ impl ConvBn {
     }
 }
 
-/// A 1x1 convolution as a batched matrix product: [O, C] x [B, C, HW].
-fn conv1x1(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let o = weight.dim(0)?;
-    let y = weight.reshape((o, c))?.broadcast_matmul(&x.reshape((b, c, h * w))?)?;
-    y.reshape((b, o, h, w))
-}
 
 /// Squeeze-and-excitation: global average, 1x1 reduce (SiLU), 1x1 expand
 /// (sigmoid), channel-wise scale. Names `fc1.*`, `fc2.*`.

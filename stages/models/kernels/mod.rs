@@ -5,6 +5,7 @@
 
 pub mod batchnorm;
 pub mod depthwise;
+pub mod pointwise;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -1,0 +1,1720 @@
+//! Dense 2-D convolution and transposed convolution for candle on CPU, with
+//! their own backward, as im2col + `gemm` products.
+//!
+//! candle 0.11 runs a CPU `conv2d` forward as a direct loop, and its input
+//! gradient — and `conv_transpose2d`, forward and all — through a direct-loop
+//! `conv_transpose2d`; a CycleGAN training step (ResNet generator, PatchGAN
+//! discriminator) was ~8x slower than PyTorch on the same cores. Here every
+//! convolution is a matrix product with the `gemm` crate (the one candle's
+//! matmul calls). For one batch item, with `K = C·Kh·Kw` and `col(x)` the
+//! `[K, Ho·Wo]` im2col matrix of the input `x [C, H, W]` (row `(c, ky, kx)`,
+//! column `(oy, ox)` holds `x[c, s·oy+ky−p, s·ox+kx−p]`, zero in the padding):
+//!
+//! * forward:         `y  = W · col(x)`                  (`[O, K]·[K, Ho·Wo]`),
+//! * input gradient:  `dx = col2im(Wᵀ · dy)`             (`[K, O]·[O, Ho·Wo]`, then
+//!   every column entry is added back onto the input cell it was copied from),
+//! * weight gradient: `dW = Σ_n dy_n · col(x_n)ᵀ`        (`[O, Ho·Wo]·[Ho·Wo, K]`),
+//!   accumulated in place (gemm's `read_dst`).
+//!
+//! A transposed convolution is the input gradient of the convolution that
+//! maps its output back to its input, so it reuses the same three kernels:
+//! its forward is the input-gradient kernel, its input gradient the forward
+//! kernel, and its weight gradient the weight-gradient kernel with the roles
+//! of input and output swapped. Three custom ops cover both functions.
+//!
+//! Promises:
+//! * [`conv2d`] computes candle's `x.conv2d(w, padding, stride, 1, 1)` (NCHW,
+//!   weight `[O, C, Kh, Kw]`, no bias, output `(H + 2p − Kh)/s + 1`) and
+//!   [`conv_transpose2d`] candle's `x.conv_transpose2d(w, padding,
+//!   output_padding, stride, 1)` (weight `[Cin, Cout, Kh, Kw]`, output
+//!   `(H − 1)·s − 2p + Kh + output_padding`), forward and both gradients, to
+//!   f32 rounding (the summation order differs).
+//! * The fast path is taken only on CPU with F32 input and weight and while
+//!   [`fast_kernels_enabled`]; anything else (CUDA, Metal, other dtypes, or the
+//!   switch off) calls candle's own op, so GPUs keep candle's kernels.
+//! * Gradients are first order: the backward ops are not themselves
+//!   differentiable (no double backward through these ops). A gradient whose
+//!   argument tracks no graph (e.g. the image fed to the first layer) is not
+//!   computed.
+//! * Any input layout is accepted (non-contiguous tensors are gathered).
+//! * Unlike candle 0.11's conv2d backward, which takes the transposed conv's
+//!   `output_padding` from the height alone and fails when
+//!   `(H + 2p − Kh) mod s ≠ (W + 2p − Kw) mod s`, every shape the forward
+//!   accepts has gradients.
+//! * `output_padding` must be smaller than `stride` (PyTorch's rule; the
+//!   extra rows would receive nothing).
+//! * Scratch memory is bounded: an im2col tile holds about [`COL_BUDGET`]
+//!   floats (at least one output row), one per worker thread; the weight
+//!   gradient keeps one `[O, K]` partial sum per worker.
+//!
+//! Parallelism: work is cut into units — (batch item, tile of output rows)
+//! for the forward and the weight gradient, (batch item, group of input
+//! channels) for the input gradient, whose column-to-image scatter overlaps
+//! between row tiles but never between channels — and the units are dealt out
+//! in contiguous runs, one run per rayon worker, each with one scratch
+//! buffer. Thin batches (CycleGAN trains with batch 1) are cut finer so there
+//! are about two units per thread; when even that leaves fewer units than
+//! threads (small feature maps), gemm's own rayon parallelism splits each
+//! product.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::fast_kernels_enabled;
+
+/// y = conv2d(x [N, C, H, W], w [O, C, Kh, Kw]) with stride and symmetric zero
+/// padding, no bias: `[N, O, (H+2p−Kh)/s+1, (W+2p−Kw)/s+1]`.
+///
+/// Same function as candle's `x.conv2d(w, padding, stride, 1, 1)`.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if !fast_path(x, w) {
+        return x.conv2d(w, padding, stride, 1, 1);
+    }
+    // `contiguous` is a no-op (same tensor, same gradient node) when the
+    // layout already is; otherwise it is a differentiable copy.
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, ConvFwd { stride, padding })
+}
+
+/// y = conv_transpose2d(x [N, Cin, H, W], w [Cin, Cout, Kh, Kw]) (PyTorch's
+/// weight layout), no bias: `[N, Cout, (H−1)s − 2p + Kh + op, (W−1)s − 2p + Kw + op]`.
+///
+/// Same function as candle's `x.conv_transpose2d(w, padding, output_padding, stride, 1)`.
+pub fn conv_transpose2d(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    output_padding: usize,
+) -> Result<Tensor> {
+    if !fast_path(x, w) {
+        return x.conv_transpose2d(w, padding, output_padding, stride, 1);
+    }
+    let (_, _, h, wd) = x.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    if h == 0 || wd == 0 {
+        bail!("conv_transpose2d: empty {h}x{wd} input");
+    }
+    if output_padding >= stride.max(1) {
+        bail!(
+            "conv_transpose2d: output_padding {output_padding} must be smaller than stride {stride}"
+        );
+    }
+    // Output size; "(H−1)s + K + op < 2p" would be an empty output.
+    let out = |i: usize, k: usize| ((i - 1) * stride + k + output_padding).checked_sub(2 * padding);
+    let (Some(ho), Some(wo)) = (out(h, kh), out(wd, kw)) else {
+        bail!(
+            "conv_transpose2d: padding {padding} too large for a {h}x{wd} input and {kh}x{kw} kernel"
+        );
+    };
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        ConvData {
+            stride,
+            padding,
+            h: ho,
+            w: wo,
+        },
+    )
+}
+
+fn fast_path(x: &Tensor, w: &Tensor) -> bool {
+    fast_kernels_enabled()
+        && x.device().is_cpu()
+        && w.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+}
+
+// ---------------------------------------------------------------------------
+// Geometry and work split
+// ---------------------------------------------------------------------------
+
+/// Floats per im2col scratch tile (1 MiB): small enough to stay in L2/L3
+/// between im2col writing it and gemm packing it, large enough (hundreds of
+/// columns at typical `K`) that gemm's per-call packing of the `[O, K]`
+/// operand is amortised.
+const COL_BUDGET: usize = 1 << 18;
+
+/// Columns a row tile is not cut below just to make more parallel units: a
+/// thinner product re-packs the weight operand (and, for the weight gradient,
+/// re-reads and re-writes the `[O, K]` sum) for too little work.
+const MIN_TILE_COLS: usize = 256;
+
+/// Rows (`channels·Kh·Kw`) of the input-gradient product a channel group is
+/// not cut below, for the same reason.
+const MIN_GROUP_ROWS: usize = 64;
+
+/// One convolution, always in the forward direction: an "image" `[n, c, h, w]`
+/// maps to an "output" `[n, o, ho, wo]` through a weight `[o, c, kh, kw]`.
+/// (For a transposed convolution the image is its output.)
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    s: usize,
+    p: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geom {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        (n, c, h, w): (usize, usize, usize, usize),
+        o: usize,
+        (kh, kw): (usize, usize),
+        s: usize,
+        p: usize,
+    ) -> Result<Self> {
+        if s == 0 {
+            bail!("conv2d: stride must be >= 1");
+        }
+        if kh == 0 || kw == 0 {
+            bail!("conv2d: empty {kh}x{kw} kernel");
+        }
+        let (hp, wp) = (h + 2 * p, w + 2 * p);
+        if hp < kh || wp < kw {
+            bail!("conv2d: kernel {kh}x{kw} larger than padded input {hp}x{wp}");
+        }
+        Ok(Self {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            s,
+            p,
+            ho: (hp - kh) / s + 1,
+            wo: (wp - kw) / s + 1,
+        })
+    }
+
+    /// Depth of the products: rows of `col(x)`.
+    fn k(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    fn taps(&self) -> usize {
+        self.kh * self.kw
+    }
+
+    fn img_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    fn pixels(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// 1x1, stride 1, no padding: `col(x)` is `x` itself (as `[C, H·W]`), so
+    /// the products read and write the NCHW buffers directly.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.s == 1 && self.p == 0
+    }
+}
+
+/// The output indices `o < out_len` whose tap at kernel offset `k` reads an
+/// input index `s·o + k − p` inside `0..len`.
+fn valid_range(k: usize, s: usize, p: usize, len: usize, out_len: usize) -> Range<usize> {
+    let lo = if k >= p { 0 } else { (p - k).div_ceil(s) };
+    let hi = if len + p > k {
+        ((len + p - 1 - k) / s + 1).min(out_len)
+    } else {
+        0
+    };
+    lo.min(hi)..hi
+}
+
+/// `part`-th of `parts` near-equal contiguous pieces of `0..len`.
+fn split(len: usize, parts: usize, part: usize) -> Range<usize> {
+    len * part / parts..len * (part + 1) / parts
+}
+
+/// How work is cut: threads to use and the im2col tile budget. A parameter
+/// (not read inside the kernels) so tests can force every split.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    threads: usize,
+    budget: usize,
+}
+
+impl Plan {
+    fn current() -> Self {
+        Self {
+            threads: rayon::current_num_threads().max(1),
+            budget: COL_BUDGET,
+        }
+    }
+
+    /// Units to aim for: two per thread, so that a batch of 3 on 2 threads
+    /// (or an uneven last tile) does not leave a thread idle for a third of
+    /// the time.
+    fn target_units(&self) -> usize {
+        if self.threads == 1 {
+            1
+        } else {
+            2 * self.threads
+        }
+    }
+
+    fn workers(&self, units: usize) -> usize {
+        self.threads.min(units).max(1)
+    }
+
+    /// gemm's own parallelism inside each unit: none when the units keep every
+    /// thread busy, else the spare threads per worker.
+    fn inner(&self, units: usize) -> Parallelism {
+        if units >= self.threads {
+            Parallelism::None
+        } else {
+            Parallelism::Rayon(self.threads.div_ceil(units.max(1)))
+        }
+    }
+
+    /// Output rows per tile when a tile's scratch has `col_rows` rows per
+    /// output column (0: no scratch), `items` batch items share the threads.
+    /// Tiles are evened out so the last is not a sliver.
+    fn tile_rows(&self, g: &Geom, col_rows: usize, items: usize) -> usize {
+        let want_tiles = self.target_units().div_ceil(items.max(1));
+        let by_par =
+            g.ho.div_ceil(want_tiles)
+                .max(MIN_TILE_COLS.div_ceil(g.wo.max(1)));
+        even_rows(g.ho, self.budget_rows(g, col_rows).min(by_par))
+    }
+
+    /// Output rows per tile that keep a scratch of `col_rows` rows per output
+    /// column within the budget (at least one row; all rows for no scratch).
+    fn budget_rows(&self, g: &Geom, col_rows: usize) -> usize {
+        let rows = match col_rows {
+            0 => g.ho,
+            r => self.budget / (r * g.wo.max(1)),
+        };
+        even_rows(g.ho, rows)
+    }
+}
+
+/// Rows per tile for at most `rows` rows in each of the fewest tiles covering
+/// `ho`, evened out so the last tile is not a sliver.
+fn even_rows(ho: usize, rows: usize) -> usize {
+    let rows = rows.clamp(1, ho.max(1));
+    ho.div_ceil(ho.div_ceil(rows).max(1)).max(1)
+}
+
+// ---------------------------------------------------------------------------
+// im2col / col2im
+// ---------------------------------------------------------------------------
+
+/// `dst[j] = src[s·j]`.
+#[inline(always)]
+fn gather(src: &[f32], s: usize, dst: &mut [f32]) {
+    let len = dst.len();
+    if len == 0 {
+        return;
+    }
+    match s {
+        1 => dst.copy_from_slice(&src[..len]),
+        // Fixed-length slices and plain indexing let LLVM vectorise with
+        // shuffles; the generic `step_by` loop stays scalar.
+        2 => {
+            let src = &src[..2 * len - 1];
+            for (j, d) in dst.iter_mut().enumerate() {
+                *d = src[2 * j];
+            }
+        }
+        s => {
+            for (d, &v) in dst.iter_mut().zip(src.iter().step_by(s)) {
+                *d = v;
+            }
+        }
+    }
+}
+
+/// `dst[s·j] += src[j]`.
+#[inline(always)]
+fn scatter_add(src: &[f32], s: usize, dst: &mut [f32]) {
+    let len = src.len();
+    if len == 0 {
+        return;
+    }
+    match s {
+        1 => {
+            for (d, &v) in dst[..len].iter_mut().zip(src) {
+                *d += v;
+            }
+        }
+        2 => {
+            let dst = &mut dst[..2 * len - 1];
+            for (j, &v) in src.iter().enumerate() {
+                dst[2 * j] += v;
+            }
+        }
+        s => {
+            for (d, &v) in dst.iter_mut().step_by(s).zip(src) {
+                *d += v;
+            }
+        }
+    }
+}
+
+/// Where row `row = (c, ky, kx)` of `col(x)` reads: the channel, the output
+/// rows and columns whose taps land inside the image, and the kernel offsets.
+struct ColRow {
+    c: usize,
+    ky: usize,
+    kx: usize,
+    ys: Range<usize>,
+    xs: Range<usize>,
+}
+
+impl ColRow {
+    fn new(g: &Geom, row: usize) -> Self {
+        let (ky, kx) = ((row / g.kw) % g.kh, row % g.kw);
+        Self {
+            c: row / g.taps(),
+            ky,
+            kx,
+            ys: valid_range(ky, g.s, g.p, g.h, g.ho),
+            xs: valid_range(kx, g.s, g.p, g.w, g.wo),
+        }
+    }
+
+    /// Offset in the channel plane of the input cell that output `(oy,
+    /// xs.start)` reads, if that output row reads inside the image at all.
+    fn start(&self, g: &Geom, oy: usize) -> Option<usize> {
+        (self.ys.contains(&oy) && !self.xs.is_empty())
+            .then(|| (g.s * oy + self.ky - g.p) * g.w + g.s * self.xs.start + self.kx - g.p)
+    }
+}
+
+/// Fills `col` (`[rows of col(x), |oys|·wo]`) with `col(x)` for output rows
+/// `oys` of one item `img` (`[c, h, w]`).
+fn im2col(g: &Geom, img: &[f32], oys: Range<usize>, col: &mut [f32]) {
+    let plane = g.h * g.w;
+    for (row, crow) in col.chunks_exact_mut(oys.len() * g.wo).enumerate() {
+        let cr = ColRow::new(g, row);
+        let src = &img[cr.c * plane..][..plane];
+        for (oy, dst) in oys.clone().zip(crow.chunks_exact_mut(g.wo)) {
+            match cr.start(g, oy) {
+                None => dst.fill(0.0),
+                Some(at) => {
+                    dst[..cr.xs.start].fill(0.0);
+                    dst[cr.xs.end..].fill(0.0);
+                    gather(&src[at..], g.s, &mut dst[cr.xs.clone()]);
+                }
+            }
+        }
+    }
+}
+
+/// Adds every entry of `col` (`[cg·kh·kw, |oys|·wo]`, rows `(c, ky, kx)` for
+/// `cg` channels) onto the input cell of `dx` (`[cg, h, w]`) that [`im2col`]
+/// copies it from. Entries on padding are dropped: those inputs are constants.
+fn col2im(g: &Geom, col: &[f32], oys: Range<usize>, dx: &mut [f32]) {
+    let plane = g.h * g.w;
+    for (row, crow) in col.chunks_exact(oys.len() * g.wo).enumerate() {
+        let cr = ColRow::new(g, row);
+        let dst = &mut dx[cr.c * plane..][..plane];
+        for (oy, src) in oys.clone().zip(crow.chunks_exact(g.wo)) {
+            if let Some(at) = cr.start(g, oy) {
+                scatter_add(&src[cr.xs.clone()], g.s, &mut dst[at..]);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// gemm
+// ---------------------------------------------------------------------------
+
+/// A read-only matrix operand: element `(i, j)` at `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl Mat<'_> {
+    /// Whether every element of a `rows x cols` view lies inside `data`.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst[at + i·dst_rs + j] = Σ_l lhs(i, l)·rhs(l, j)` for `i < m`, `j < n`,
+/// `l < k` (`+=` when `accumulate`).
+///
+/// # Safety
+/// `dst` is valid for reads and writes of `len` floats, and while the call
+/// runs nothing else reads or writes the cells it writes (in particular
+/// neither operand overlaps them). Everything else is checked here.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into(
+    (dst, len): (*mut f32, usize),
+    at: usize,
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    parallelism: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        dst_rs >= n && at + (m - 1) * dst_rs + n <= len && lhs.fits(m, k) && rhs.fits(k, n),
+        "conv2d: gemm operand out of bounds"
+    );
+    // SAFETY: the views are in bounds (checked above); dst rows do not overlap
+    // (dst_rs ≥ n); exclusive access to the written cells is the caller's
+    // contract.
+    unsafe {
+        if k == 0 {
+            // An empty sum; gemm is not asked to handle it.
+            if !accumulate {
+                for i in 0..m {
+                    std::slice::from_raw_parts_mut(dst.add(at + i * dst_rs), n).fill(0.0);
+                }
+            }
+            return;
+        }
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.add(at),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            // dst = alpha·dst + beta·lhs·rhs; alpha is ignored unless read_dst.
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// [`gemm_into`] a slice at offset 0 (safe: the slice is exclusively borrowed).
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    dst: &mut [f32],
+    dst_rs: usize,
+    mnk: (usize, usize, usize),
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    parallelism: Parallelism,
+) {
+    // SAFETY: `dst` is a unique borrow, so no operand or thread aliases it.
+    unsafe {
+        gemm_into(
+            (dst.as_mut_ptr(), dst.len()),
+            0,
+            dst_rs,
+            mnk,
+            accumulate,
+            lhs,
+            rhs,
+            parallelism,
+        )
+    }
+}
+
+/// An output buffer that parallel workers write into, each through
+/// [`gemm_into`] into cells no other worker touches.
+#[derive(Clone, Copy)]
+struct SharedDst {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: a plain pointer to a buffer that outlives the workers (they run
+// inside a rayon call that borrows it); disjointness of the writes is the
+// obligation of each `gemm_into` call site.
+unsafe impl Send for SharedDst {}
+unsafe impl Sync for SharedDst {}
+
+impl SharedDst {
+    /// Pointer and length, for [`gemm_into`]. (A method, so that closures
+    /// capture the whole `Sync` struct rather than its raw-pointer field.)
+    fn raw(&self) -> (*mut f32, usize) {
+        (self.ptr, self.len)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The three kernels (whole tensors)
+// ---------------------------------------------------------------------------
+
+/// Runs `work(worker, units)` for `workers` contiguous runs of `0..units` in
+/// parallel.
+fn for_workers(units: usize, workers: usize, work: impl Fn(Range<usize>) + Sync) {
+    if workers <= 1 {
+        work(0..units);
+    } else {
+        (0..workers)
+            .into_par_iter()
+            .for_each(|i| work(split(units, workers, i)));
+    }
+}
+
+/// Forward: `out[n] = W · col(img[n])`, `[n, o, ho, wo]`. `wt` is `[o, K]`.
+fn conv_forward(g: &Geom, img: &[f32], wt: &[f32], plan: Plan) -> Vec<f32> {
+    let (k, pix) = (g.k(), g.pixels());
+    let mut out = vec![0f32; g.n * g.o * pix];
+    if out.is_empty() {
+        return out;
+    }
+    let rows = plan.tile_rows(g, if g.pointwise() { 0 } else { k }, g.n);
+    let tiles = g.ho.div_ceil(rows);
+    let units = g.n * tiles;
+    let par = plan.inner(units);
+    let lhs = Mat {
+        data: wt,
+        rs: k,
+        cs: 1,
+    };
+    let dst = SharedDst {
+        ptr: out.as_mut_ptr(),
+        len: out.len(),
+    };
+    for_workers(units, plan.workers(units), |run| {
+        let mut col = match g.pointwise() {
+            true => Vec::new(),
+            false => vec![0f32; k * rows * g.wo],
+        };
+        for u in run {
+            let (n, t) = (u / tiles, u % tiles);
+            let oys = t * rows..((t + 1) * rows).min(g.ho);
+            let (p0, pt) = (oys.start * g.wo, oys.len() * g.wo);
+            let img = &img[n * g.img_len()..][..g.img_len()];
+            let rhs = if g.pointwise() {
+                Mat {
+                    data: &img[p0..],
+                    rs: pix,
+                    cs: 1,
+                }
+            } else {
+                im2col(g, img, oys, &mut col[..k * pt]);
+                Mat {
+                    data: &col[..k * pt],
+                    rs: pt,
+                    cs: 1,
+                }
+            };
+            // SAFETY: `out` outlives this call; unit (n, t) is the only one
+            // writing columns p0..p0+pt of item n's rows, and the operands are
+            // other buffers.
+            unsafe {
+                gemm_into(
+                    dst.raw(),
+                    n * g.o * pix + p0,
+                    pix,
+                    (g.o, pt, k),
+                    false,
+                    lhs,
+                    rhs,
+                    par,
+                )
+            };
+        }
+    });
+    out
+}
+
+/// Weight gradient: `dW = Σ_n dy[n] · col(img[n])ᵀ`, `[o, K]`. One partial sum
+/// per worker over its run of (item, row tile) units, added up at the end.
+fn conv_grad_weight(g: &Geom, img: &[f32], gy: &[f32], plan: Plan) -> Vec<f32> {
+    let (k, pix) = (g.k(), g.pixels());
+    let mut dw = vec![0f32; g.o * k];
+    if dw.is_empty() || g.n * pix == 0 {
+        return dw; // nothing to compute, or an empty sum
+    }
+    let rows = plan.tile_rows(g, if g.pointwise() { 0 } else { k }, g.n);
+    let tiles = g.ho.div_ceil(rows);
+    let units = g.n * tiles;
+    let par = plan.inner(units);
+    let workers = plan.workers(units);
+    let sum_run = |run: Range<usize>, acc: &mut [f32]| {
+        let mut col = match g.pointwise() {
+            true => Vec::new(),
+            false => vec![0f32; k * rows * g.wo],
+        };
+        for u in run {
+            let (n, t) = (u / tiles, u % tiles);
+            let oys = t * rows..((t + 1) * rows).min(g.ho);
+            let (p0, pt) = (oys.start * g.wo, oys.len() * g.wo);
+            let img = &img[n * g.img_len()..][..g.img_len()];
+            // dy[n][:, tile] is [o, pt] row-major; col(x)ᵀ is col(x) read
+            // column-wise.
+            let lhs = Mat {
+                data: &gy[n * g.o * pix + p0..],
+                rs: pix,
+                cs: 1,
+            };
+            let rhs = if g.pointwise() {
+                Mat {
+                    data: &img[p0..],
+                    rs: 1,
+                    cs: pix,
+                }
+            } else {
+                im2col(g, img, oys, &mut col[..k * pt]);
+                Mat {
+                    data: &col[..k * pt],
+                    rs: 1,
+                    cs: pt,
+                }
+            };
+            matmul(acc, k, (g.o, k, pt), true, lhs, rhs, par);
+        }
+    };
+    if workers == 1 {
+        sum_run(0..units, &mut dw);
+        return dw;
+    }
+    // The first worker sums straight into `dw`.
+    let mut extra = vec![vec![0f32; g.o * k]; workers - 1];
+    std::iter::once(&mut dw[..])
+        .chain(extra.iter_mut().map(|v| &mut v[..]))
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(i, acc)| sum_run(split(units, workers, i), acc));
+    const CHUNK: usize = 1 << 12;
+    dw.par_chunks_mut(CHUNK).enumerate().for_each(|(i, d)| {
+        for e in &extra {
+            for (acc, v) in d.iter_mut().zip(&e[i * CHUNK..]) {
+                *acc += v;
+            }
+        }
+    });
+    dw
+}
+
+/// Input gradient: `dx[n] = col2im(Wᵀ · dy[n])`, `[n, c, h, w]`. Units are
+/// (item, group of input channels): a channel's cells receive only its own
+/// rows of `Wᵀ · dy`, so units write disjoint, contiguous parts of `dx`, while
+/// the row tiles inside a unit (whose scatters overlap) run in turn.
+fn conv_grad_input(g: &Geom, gy: &[f32], wt: &[f32], plan: Plan) -> Vec<f32> {
+    let (k, pix, taps, plane) = (g.k(), g.pixels(), g.taps(), g.h * g.w);
+    let mut dx = vec![0f32; g.n * g.c * plane];
+    if dx.is_empty() || g.o * pix == 0 {
+        return dx; // nothing to compute, or an empty sum
+    }
+    let max_groups = (g.c * taps / MIN_GROUP_ROWS).clamp(1, g.c);
+    let groups = plan.target_units().div_ceil(g.n).min(max_groups);
+    let units = g.n * groups;
+    let par = plan.inner(units);
+    let workers = plan.workers(units);
+    let channels = |u: usize| split(g.c, groups, u % groups);
+    // Offset in `dx` where unit `u` (or, for u = units, the end) starts.
+    let total = dx.len();
+    let start = |u: usize| match u {
+        u if u == units => total,
+        u => (u / groups * g.c + channels(u).start) * plane,
+    };
+    let max_cg = g.c.div_ceil(groups);
+    // Tiles here only bound the scratch: they run in turn.
+    let rows = plan.budget_rows(g, max_cg * taps);
+    // Cut `dx` into the workers' contiguous runs.
+    let mut runs = Vec::with_capacity(workers);
+    let mut rest = &mut dx[..];
+    let mut at = 0;
+    for i in 0..workers {
+        let run = split(units, workers, i);
+        let end = start(run.end);
+        let (head, tail) = rest.split_at_mut(end - at);
+        runs.push((run, head));
+        rest = tail;
+        at = end;
+    }
+    runs.into_par_iter().for_each(|(run, out)| {
+        let mut colg = match g.pointwise() {
+            true => Vec::new(),
+            false => vec![0f32; max_cg * taps * rows * g.wo],
+        };
+        let base = start(run.start);
+        for u in run {
+            let cs = channels(u);
+            let dxg = &mut out[start(u) - base..][..cs.len() * plane];
+            let gy = &gy[u / groups * g.o * pix..][..g.o * pix];
+            let m = cs.len() * taps;
+            // Rows (c, ky, kx) of Wᵀ for this group: W read column-wise.
+            let lhs = Mat {
+                data: &wt[cs.start * taps..],
+                rs: 1,
+                cs: k,
+            };
+            if g.pointwise() {
+                let rhs = Mat {
+                    data: gy,
+                    rs: pix,
+                    cs: 1,
+                };
+                matmul(dxg, pix, (m, pix, g.o), false, lhs, rhs, par);
+                continue;
+            }
+            for oy0 in (0..g.ho).step_by(rows) {
+                let oys = oy0..(oy0 + rows).min(g.ho);
+                let (p0, pt) = (oy0 * g.wo, oys.len() * g.wo);
+                let rhs = Mat {
+                    data: &gy[p0..],
+                    rs: pix,
+                    cs: 1,
+                };
+                let colg = &mut colg[..m * pt];
+                matmul(colg, pt, (m, pt, g.o), false, lhs, rhs, par);
+                col2im(g, colg, oys, dxg);
+            }
+        }
+    });
+    dx
+}
+
+// ---------------------------------------------------------------------------
+// candle custom ops
+// ---------------------------------------------------------------------------
+
+/// The values of an F32 CPU tensor in row-major order, borrowed when the
+/// layout is contiguous, gathered otherwise (whole runs at a time where the
+/// trailing dims are contiguous).
+fn f32_values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
+    let data = s.as_slice::<f32>()?;
+    if let Some((start, end)) = l.contiguous_offsets() {
+        return Ok(Cow::Borrowed(&data[start..end]));
+    }
+    let (dims, strides) = (l.dims(), l.stride());
+    // Trailing dims that are laid out densely form one run of `run` values.
+    let (mut outer, mut run) = (dims.len(), 1);
+    while outer > 0 && (strides[outer - 1] == run || dims[outer - 1] == 1) {
+        run *= dims[outer - 1];
+        outer -= 1;
+    }
+    let count = l.shape().elem_count();
+    let mut out = Vec::with_capacity(count);
+    if count == 0 {
+        return Ok(Cow::Owned(out));
+    }
+    let mut idx = vec![0usize; outer];
+    let mut off = l.start_offset();
+    for _ in 0..count / run {
+        out.extend_from_slice(&data[off..off + run]);
+        // Odometer increment over the strided outer index.
+        for d in (0..outer).rev() {
+            idx[d] += 1;
+            off += strides[d];
+            if idx[d] < dims[d] {
+                break;
+            }
+            off -= strides[d] * dims[d];
+            idx[d] = 0;
+        }
+    }
+    Ok(Cow::Owned(out))
+}
+
+fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
+    match *l.dims() {
+        [a, b, c, d] => Ok((a, b, c, d)),
+        ref d => bail!("conv2d: {what} must be 4-D, got {d:?}"),
+    }
+}
+
+/// Convolution `x` (arg 1, `[n, c, h, w]`) ⋆ `w` (arg 2, `[o, c, kh, kw]`).
+/// Also the input gradient of a transposed convolution.
+#[derive(Clone, Copy, Debug)]
+struct ConvFwd {
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp2 for ConvFwd {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xd = dims4(l1, "input")?;
+        let (o, c, kh, kw) = dims4(l2, "weight")?;
+        if c != xd.1 {
+            bail!(
+                "conv2d: input has {} channels, weight {:?} expects {c}",
+                xd.1,
+                l2.dims()
+            );
+        }
+        let g = Geom::new(xd, o, (kh, kw), self.stride, self.padding)?;
+        let (x, wt) = (f32_values(s1, l1)?, f32_values(s2, l2)?);
+        let y = conv_forward(&g, &x, &wt, Plan::current());
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, h, wd) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        let (stride, padding) = (self.stride, self.padding);
+        // Skip a gradient nobody will read (e.g. an image that tracks no graph).
+        let dx = match x.track_op() {
+            true => Some(grad_res.apply_op2_no_bwd(
+                w,
+                &ConvData {
+                    stride,
+                    padding,
+                    h,
+                    w: wd,
+                },
+            )?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(x.apply_op2_no_bwd(
+                grad_res,
+                &ConvGradWeight {
+                    stride,
+                    padding,
+                    kh,
+                    kw,
+                },
+            )?),
+            false => None,
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// The input gradient of a convolution, i.e. a transposed convolution: `dy`
+/// (arg 1, `[n, o, ho, wo]`) and `w` (arg 2, `[o, c, kh, kw]`) → `[n, c, h, w]`.
+#[derive(Clone, Copy, Debug)]
+struct ConvData {
+    stride: usize,
+    padding: usize,
+    /// Image size: several give the same `ho x wo` (stride > 1).
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp2 for ConvData {
+    fn name(&self) -> &'static str {
+        "conv-transpose2d-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, o, ho, wo) = dims4(l1, "input")?;
+        let (wo_, c, kh, kw) = dims4(l2, "weight")?;
+        if wo_ != o {
+            bail!(
+                "conv_transpose2d: input has {o} channels, weight {:?} expects {wo_}",
+                l2.dims()
+            );
+        }
+        let g = Geom::new(
+            (n, c, self.h, self.w),
+            o,
+            (kh, kw),
+            self.stride,
+            self.padding,
+        )?;
+        if (g.ho, g.wo) != (ho, wo) {
+            bail!(
+                "conv_transpose2d: {ho}x{wo} input does not map onto {}x{} (maps from {}x{})",
+                self.h,
+                self.w,
+                g.ho,
+                g.wo
+            );
+        }
+        let (gy, wt) = (f32_values(s1, l1)?, f32_values(s2, l2)?);
+        let dx = conv_grad_input(&g, &gy, &wt, Plan::current());
+        Ok((CpuStorage::F32(dx), Shape::from((n, c, self.h, self.w))))
+    }
+
+    /// As a transposed convolution `x ⋆ᵀ w`: its input gradient is the
+    /// convolution of the output gradient, its weight gradient the
+    /// convolution's weight gradient with image and output swapped.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, kh, kw) = w.dims4()?;
+        let (stride, padding) = (self.stride, self.padding);
+        let dx = match x.track_op() {
+            true => Some(grad_res.apply_op2_no_bwd(w, &ConvFwd { stride, padding })?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(grad_res.apply_op2_no_bwd(
+                x,
+                &ConvGradWeight {
+                    stride,
+                    padding,
+                    kh,
+                    kw,
+                },
+            )?),
+            false => None,
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// Weight gradient of a convolution: image (arg 1, `[n, c, h, w]`) and output
+/// gradient (arg 2, `[n, o, ho, wo]`) → `[o, c, kh, kw]`.
+#[derive(Clone, Copy, Debug)]
+struct ConvGradWeight {
+    stride: usize,
+    padding: usize,
+    kh: usize,
+    kw: usize,
+}
+
+impl CustomOp2 for ConvGradWeight {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xd = dims4(l1, "input")?;
+        let (n, o, ho, wo) = dims4(l2, "output gradient")?;
+        let g = Geom::new(xd, o, (self.kh, self.kw), self.stride, self.padding)?;
+        if (n, ho, wo) != (g.n, g.ho, g.wo) {
+            bail!(
+                "conv2d: output gradient is {:?}, expected {:?}",
+                l2.dims(),
+                [g.n, o, g.ho, g.wo]
+            );
+        }
+        let (x, gy) = (f32_values(s1, l1)?, f32_values(s2, l2)?);
+        let dw = conv_grad_weight(&g, &x, &gy, Plan::current());
+        Ok((CpuStorage::F32(dw), Shape::from((o, g.c, self.kh, self.kw))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use std::sync::RwLockReadGuard;
+    use std::time::Instant;
+
+    use super::super::{SWITCH, set_fast_kernels};
+
+    fn switch_on() -> RwLockReadGuard<'static, ()> {
+        let guard = SWITCH.read().unwrap_or_else(|e| e.into_inner());
+        assert!(fast_kernels_enabled());
+        guard
+    }
+
+    fn random_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn random(rng: &mut ChaCha8Rng, dims: &[usize]) -> Tensor {
+        let v = random_vec(rng, dims.iter().product());
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs(v: &[f32]) -> f32 {
+        v.iter().map(|y| y.abs()).fold(0f32, f32::max)
+    }
+
+    /// max|a−b| / max|b|, the denominator floored so that all-zero references
+    /// compare absolutely.
+    fn rel_err_vec(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        assert!(a.iter().all(|v| v.is_finite()));
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        diff / max_abs(b).max(1e-3)
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        rel_err_vec(&values(a), &values(b))
+    }
+
+    /// Output, input gradient, weight gradient of `conv` against a random cotangent `r`.
+    fn run(
+        conv: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+        x: &Var,
+        w: &Var,
+        r: &Tensor,
+    ) -> (Tensor, Tensor, Tensor) {
+        let y = conv(x.as_tensor(), w.as_tensor()).unwrap();
+        let grads = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = grads.get(x.as_tensor()).unwrap().clone();
+        let gw = grads.get(w.as_tensor()).unwrap().clone();
+        (y, gx, gw)
+    }
+
+    /// candle's `conv2d`, differentiable for every shape. candle 0.11's conv2d
+    /// backward derives the transposed conv's `output_padding` from the height
+    /// only and fails with a shape mismatch when `(H+2p−Kh) % s != (W+2p−Kw) %
+    /// s`. For those shapes the padding is applied explicitly and the
+    /// rows/columns no window reads are cropped, so candle's conv runs with
+    /// padding 0 and no remainder.
+    fn candle_reference(x: &Tensor, w: &Tensor, s: usize, p: usize) -> Result<Tensor> {
+        let (_, _, h, wd) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        if (h + 2 * p - kh) % s == (wd + 2 * p - kw) % s {
+            return x.conv2d(w, p, s, 1, 1);
+        }
+        let used_h = (h + 2 * p - kh) / s * s + kh;
+        let used_w = (wd + 2 * p - kw) / s * s + kw;
+        let xp = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+        xp.narrow(2, 0, used_h)?
+            .narrow(3, 0, used_w)?
+            .conv2d(w, 0, s, 1, 1)
+    }
+
+    /// Tolerance: 1e-5 relative throughout (sums of up to 16·49 = 784 terms
+    /// per output and a few thousand per weight-gradient entry stay well
+    /// inside it).
+    const TOL: f32 = 1e-5;
+
+    /// conv2d of `[n, ci, h, wd]` with `[co, ci, kh, kw]`: forward against
+    /// candle's conv2d, both gradients against [`candle_reference`].
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        n: usize,
+        (ci, co): (usize, usize),
+        (h, wd): (usize, usize),
+        (kh, kw): (usize, usize),
+        s: usize,
+        p: usize,
+        seed: u64,
+    ) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let x = Var::from_tensor(&random(&mut rng, &[n, ci, h, wd])).unwrap();
+        let w = Var::from_tensor(&random(&mut rng, &[co, ci, kh, kw])).unwrap();
+        let (ho, wo) = ((h + 2 * p - kh) / s + 1, (wd + 2 * p - kw) / s + 1);
+        let r = random(&mut rng, &[n, co, ho, wo]);
+        let case = format!("n{n} {ci}->{co} {h}x{wd} k{kh}x{kw} s{s} p{p}");
+        let fast = run(|x, w| conv2d(x, w, s, p), &x, &w, &r);
+        assert_eq!(fast.0.dims(), &[n, co, ho, wo], "{case}");
+        let direct = x.conv2d(&w, p, s, 1, 1).unwrap();
+        let e = rel_err(&fast.0, &direct);
+        assert!(e <= TOL, "{case}: y vs conv2d rel err {e:e}");
+        let reference = run(|x, w| candle_reference(x, w, s, p), &x, &w, &r);
+        for (what, a, b) in [("dx", &fast.1, &reference.1), ("dw", &fast.2, &reference.2)] {
+            let e = rel_err(a, b);
+            assert!(e <= TOL, "{case}: {what} rel err {e:e}");
+        }
+    }
+
+    /// conv_transpose2d of `[n, ci, h, wd]` with `[ci, co, kh, kw]`, forward and
+    /// both gradients against candle's conv_transpose2d.
+    #[allow(clippy::too_many_arguments)]
+    fn check_t(
+        n: usize,
+        (ci, co): (usize, usize),
+        (h, wd): (usize, usize),
+        (kh, kw): (usize, usize),
+        s: usize,
+        p: usize,
+        op: usize,
+        seed: u64,
+    ) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let x = Var::from_tensor(&random(&mut rng, &[n, ci, h, wd])).unwrap();
+        let w = Var::from_tensor(&random(&mut rng, &[ci, co, kh, kw])).unwrap();
+        let (ho, wo) = (
+            (h - 1) * s + kh + op - 2 * p,
+            (wd - 1) * s + kw + op - 2 * p,
+        );
+        let r = random(&mut rng, &[n, co, ho, wo]);
+        let case = format!("T n{n} {ci}->{co} {h}x{wd} k{kh}x{kw} s{s} p{p} op{op}");
+        let fast = run(|x, w| conv_transpose2d(x, w, s, p, op), &x, &w, &r);
+        assert_eq!(fast.0.dims(), &[n, co, ho, wo], "{case}");
+        let reference = run(|x, w| x.conv_transpose2d(w, p, op, s, 1), &x, &w, &r);
+        for (what, a, b) in [
+            ("y", &fast.0, &reference.0),
+            ("dx", &fast.1, &reference.1),
+            ("dw", &fast.2, &reference.2),
+        ] {
+            let e = rel_err(a, b);
+            assert!(e <= TOL, "{case}: {what} rel err {e:e}");
+        }
+    }
+
+    #[test]
+    fn conv2d_matches_candle_on_random_shapes() {
+        let _on = switch_on();
+        let mut rng = ChaCha8Rng::seed_from_u64(42);
+        for case in 0..48 {
+            let k: usize = [1, 3, 4, 7][rng.random_range(0..4)];
+            let s = rng.random_range(1..=2);
+            let p: usize = [0, 1, 3][rng.random_range(0..3)];
+            let lo = k.saturating_sub(2 * p).max(1);
+            let h = rng.random_range(lo..=lo + 13);
+            let w = rng.random_range(lo..=lo + 13);
+            let n = [1, 3][rng.random_range(0..2)];
+            let ci = rng.random_range(1..=16);
+            let co = rng.random_range(1..=16);
+            check(n, (ci, co), (h, w), (k, k), s, p, 1000 + case);
+        }
+    }
+
+    #[test]
+    fn conv2d_matches_candle_on_edge_shapes() {
+        let _on = switch_on();
+        let mut seed = 0;
+        // The CycleGAN's and EfficientNet stem's layers, shrunk; shapes that
+        // trip candle's own backward (8x7 at stride 2); pointwise (1x1, s1,
+        // p0: no im2col); 1x1 planes that are all padding but one cell.
+        for &(n, ci, co, h, w, k, s, p) in &[
+            (1, 3, 8, 14, 14, 7, 1, 0),
+            (2, 8, 16, 12, 12, 3, 2, 1),
+            (1, 16, 16, 9, 9, 3, 1, 1),
+            (3, 6, 5, 8, 7, 3, 2, 1),
+            (3, 6, 5, 8, 7, 4, 2, 1),
+            (2, 3, 8, 16, 16, 4, 2, 1),
+            (3, 3, 4, 13, 11, 3, 2, 1),
+            (2, 12, 7, 5, 6, 1, 1, 0),
+            (1, 5, 9, 7, 7, 1, 2, 0),
+            (1, 4, 3, 6, 5, 1, 1, 1),
+            (2, 2, 3, 1, 1, 3, 1, 1),
+            (2, 2, 3, 1, 1, 7, 2, 3),
+        ] {
+            seed += 1;
+            check(n, (ci, co), (h, w), (k, k), s, p, seed);
+        }
+        // candle's own backward fails on the 8x7 stride-2 shape above: the
+        // reason the reference pads and crops.
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let x = Var::from_tensor(&random(&mut rng, &[1, 2, 8, 7])).unwrap();
+        let w = random(&mut rng, &[2, 2, 3, 3]);
+        let y = x.as_tensor().conv2d(&w, 1, 2, 1, 1).unwrap();
+        assert!(y.sum_all().unwrap().backward().is_err());
+    }
+
+    #[test]
+    fn conv2d_matches_candle_beyond_the_models() {
+        let _on = switch_on();
+        // Non-square kernels, stride 3, padding up to and beyond the kernel.
+        let mut seed = 2000;
+        for &(kh, kw) in &[(3, 5), (1, 7), (7, 1), (2, 4)] {
+            for s in [1, 2, 3] {
+                for p in [0, 1, 3, 5] {
+                    for &(h, w) in &[(9, 11), (14, 13)] {
+                        seed += 1;
+                        check(2, (3, 4), (h, w), (kh, kw), s, p, seed);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn conv_transpose2d_matches_candle() {
+        let _on = switch_on();
+        let mut seed = 3000;
+        // The CycleGAN's upsampling (k3 s2 p1 op1), stride 1, DCGAN-style
+        // k4 s2 p1, odd and non-square sizes, pointwise.
+        for &(k, s, p, op) in &[
+            (3, 2, 1, 1),
+            (3, 1, 1, 0),
+            (4, 2, 1, 0),
+            (7, 1, 3, 0),
+            (3, 2, 0, 1),
+            (1, 1, 0, 0),
+            (5, 3, 2, 2),
+        ] {
+            for &(n, ci, co, h, w) in &[(1, 16, 8, 7, 9), (3, 5, 11, 4, 4), (2, 1, 3, 6, 5)] {
+                seed += 1;
+                check_t(n, (ci, co), (h, w), (k, k), s, p, op, seed);
+            }
+        }
+        check_t(2, (4, 6), (5, 7), (3, 5), 2, 1, 1, 3100);
+        check_t(1, (3, 2), (1, 1), (3, 3), 2, 1, 1, 3101);
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for case in 0..16 {
+            let k: usize = [1, 3, 4, 7][rng.random_range(0..4)];
+            let s = rng.random_range(1..=2);
+            let p = rng.random_range(0..=(k - 1) / 2);
+            let op = rng.random_range(0..s);
+            let n = [1, 3][rng.random_range(0..2)];
+            let (h, w) = (rng.random_range(1..=12), rng.random_range(1..=12));
+            let (ci, co) = (rng.random_range(1..=16), rng.random_range(1..=16));
+            check_t(n, (ci, co), (h, w), (k, k), s, p, op, 3200 + case);
+        }
+    }
+
+    /// Every way of cutting the work (threads, tile budget down to one row,
+    /// channel groups, gemm's inner parallelism) gives the same result.
+    #[test]
+    fn all_work_splits_agree() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for &(n, c, h, w, o, k, s, p) in &[
+            (1, 5, 13, 11, 7, 3, 2, 1),
+            (3, 16, 9, 10, 4, 3, 1, 1),
+            (2, 20, 6, 7, 9, 1, 1, 0),
+            (1, 3, 20, 20, 8, 7, 1, 3),
+            (5, 9, 5, 4, 3, 4, 2, 1),
+        ] {
+            let g = Geom::new((n, c, h, w), o, (k, k), s, p).unwrap();
+            let img = random_vec(&mut rng, g.n * g.img_len());
+            let wt = random_vec(&mut rng, g.o * g.k());
+            let gy = random_vec(&mut rng, g.n * g.o * g.pixels());
+            let one = Plan {
+                threads: 1,
+                budget: usize::MAX / 2,
+            };
+            let y = conv_forward(&g, &img, &wt, one);
+            let dx = conv_grad_input(&g, &gy, &wt, one);
+            let dw = conv_grad_weight(&g, &img, &gy, one);
+            for threads in [1, 2, 3, 5, 16] {
+                for budget in [1, 300, COL_BUDGET] {
+                    let plan = Plan { threads, budget };
+                    let case = format!("{g:?} {plan:?}");
+                    let e = rel_err_vec(&conv_forward(&g, &img, &wt, plan), &y);
+                    assert!(e <= TOL, "{case}: y {e:e}");
+                    let e = rel_err_vec(&conv_grad_input(&g, &gy, &wt, plan), &dx);
+                    assert!(e <= TOL, "{case}: dx {e:e}");
+                    let e = rel_err_vec(&conv_grad_weight(&g, &img, &gy, plan), &dw);
+                    assert!(e <= TOL, "{case}: dw {e:e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn non_contiguous_inputs_and_untracked_input() {
+        let _on = switch_on();
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let (n, ci, co, h, wd, k, s, p) = (2, 3, 4, 11, 8, 3, 2, 1);
+        // x and w are transposed views of the variables.
+        let xb = Var::from_tensor(&random(&mut rng, &[n, ci, wd, h])).unwrap();
+        let wb = Var::from_tensor(&random(&mut rng, &[co, ci, k, k])).unwrap();
+        let (ho, wo) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
+        let r = random(&mut rng, &[n, co, ho, wo]);
+        let grads = |conv: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>| {
+            let x = xb.as_tensor().transpose(2, 3).unwrap();
+            let w = wb.as_tensor().transpose(2, 3).unwrap();
+            assert!(!x.is_contiguous() && !w.is_contiguous());
+            let y = conv(&x, &w).unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, g.get(&xb).unwrap().clone(), g.get(&wb).unwrap().clone())
+        };
+        let fast = grads(&|x, w| conv2d(x, w, s, p));
+        let reference = grads(&|x, w| candle_reference(x, w, s, p));
+        assert!(rel_err(&fast.0, &reference.0) <= TOL);
+        assert!(rel_err(&fast.1, &reference.1) <= TOL);
+        assert!(rel_err(&fast.2, &reference.2) <= TOL);
+
+        // The custom ops also gather strided storage themselves, including
+        // a broadcast (stride-0) output gradient.
+        let x = xb.as_tensor().detach().transpose(2, 3).unwrap();
+        let w = wb.as_tensor().detach().transpose(2, 3).unwrap();
+        let y = x
+            .apply_op2_no_bwd(
+                &w,
+                &ConvFwd {
+                    stride: s,
+                    padding: p,
+                },
+            )
+            .unwrap();
+        assert!(rel_err(&y, &reference.0) <= TOL);
+        let ones = Tensor::ones(1, DType::F32, &Device::Cpu)
+            .unwrap()
+            .broadcast_as((n, co, ho, wo))
+            .unwrap();
+        let op = ConvGradWeight {
+            stride: s,
+            padding: p,
+            kh: k,
+            kw: k,
+        };
+        let dw = x.apply_op2_no_bwd(&ones, &op).unwrap();
+        let dw_ref = x
+            .apply_op2_no_bwd(&ones.contiguous().unwrap(), &op)
+            .unwrap();
+        assert_eq!(values(&dw), values(&dw_ref));
+
+        // An input outside the graph gets no gradient; the weight still does.
+        let x = x.contiguous().unwrap();
+        let y = conv2d(&x, wb.as_tensor(), s, p).unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_none());
+        let yr = candle_reference(&x, wb.as_tensor(), s, p).unwrap();
+        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(rel_err(g.get(&wb).unwrap(), gr.get(&wb).unwrap()) <= TOL);
+
+        // Same for the transposed convolution, with a fixed weight instead.
+        let xt = Var::from_tensor(&random(&mut rng, &[n, co, 5, 6])).unwrap();
+        let wt = random(&mut rng, &[co, ci, 3, 3]);
+        let y = conv_transpose2d(xt.as_tensor(), &wt, 2, 1, 1).unwrap();
+        let r = random(&mut rng, y.dims());
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&wt).is_none());
+        let yr = xt.as_tensor().conv_transpose2d(&wt, 1, 1, 2, 1).unwrap();
+        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(rel_err(g.get(&xt).unwrap(), gr.get(&xt).unwrap()) <= TOL);
+    }
+
+    #[test]
+    fn other_dtypes_fall_back_to_candle() {
+        let _on = switch_on();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let f64s = |t: Tensor| t.to_dtype(DType::F64).unwrap();
+        let x = f64s(random(&mut rng, &[2, 3, 9, 9]));
+        let w = f64s(random(&mut rng, &[4, 3, 3, 3]));
+        let y = conv2d(&x, &w, 2, 1).unwrap();
+        assert_eq!(y.dtype(), DType::F64);
+        let reference = x.conv2d(&w, 1, 2, 1, 1).unwrap();
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert_eq!(bits(&y), bits(&reference));
+        let wt = f64s(random(&mut rng, &[3, 5, 3, 3]));
+        let y = conv_transpose2d(&x, &wt, 2, 1, 1).unwrap();
+        assert_eq!(
+            bits(&y),
+            bits(&x.conv_transpose2d(&wt, 1, 1, 2, 1).unwrap())
+        );
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let _on = switch_on();
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let x = random(&mut rng, &[1, 2, 2, 2]);
+        let w = random(&mut rng, &[3, 2, 3, 3]);
+        assert!(conv2d(&x, &w, 1, 0).is_err(), "kernel larger than input");
+        assert!(conv2d(&x, &w, 0, 1).is_err(), "stride 0");
+        let w3 = random(&mut rng, &[3, 3, 3, 3]);
+        assert!(conv2d(&x, &w3, 1, 1).is_err(), "channel mismatch");
+        let wt = random(&mut rng, &[3, 2, 3, 3]);
+        assert!(
+            conv_transpose2d(&x, &wt, 2, 1, 1).is_err(),
+            "channel mismatch"
+        );
+        let wt = random(&mut rng, &[2, 2, 3, 3]);
+        assert!(
+            conv_transpose2d(&x, &wt, 2, 1, 2).is_err(),
+            "output_padding >= stride"
+        );
+        assert!(
+            conv_transpose2d(&x, &wt, 1, 3, 0).is_err(),
+            "padding eats the output"
+        );
+        assert!(conv_transpose2d(&x, &wt, 2, 1, 1).is_ok());
+    }
+
+    #[test]
+    fn switch_selects_candle_path() {
+        let _exclusive = SWITCH.write().unwrap_or_else(|e| e.into_inner());
+        /// Turns the kernels back on even if an assertion fails.
+        struct Restore;
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                set_fast_kernels(true);
+            }
+        }
+        let _restore = Restore;
+
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (s, p) = (2, 1);
+        let x = Var::from_tensor(&random(&mut rng, &[3, 4, 13, 11])).unwrap();
+        let w = Var::from_tensor(&random(&mut rng, &[6, 4, 3, 3])).unwrap();
+        let r = random(&mut rng, &[3, 6, 7, 6]);
+        let wt = Var::from_tensor(&random(&mut rng, &[4, 5, 3, 3])).unwrap();
+        let rt = random(&mut rng, &[3, 5, 26, 22]);
+        let reference = run(|x, w| x.conv2d(w, p, s, 1, 1), &x, &w, &r);
+        let reference_t = run(|x, w| x.conv_transpose2d(w, p, 1, s, 1), &x, &wt, &rt);
+
+        assert!(fast_kernels_enabled(), "default is on");
+        set_fast_kernels(false);
+        assert!(!fast_kernels_enabled());
+        let off = run(|x, w| conv2d(x, w, s, p), &x, &w, &r);
+        let off_t = run(|x, w| conv_transpose2d(x, w, s, p, 1), &x, &wt, &rt);
+        // Same ops in the same order: bit-identical to candle.
+        for (a, b) in [
+            (&off.0, &reference.0),
+            (&off.1, &reference.1),
+            (&off.2, &reference.2),
+            (&off_t.0, &reference_t.0),
+            (&off_t.1, &reference_t.1),
+            (&off_t.2, &reference_t.2),
+        ] {
+            assert_eq!(values(a), values(b));
+        }
+
+        set_fast_kernels(true);
+        assert!(fast_kernels_enabled());
+        let on = run(|x, w| conv2d(x, w, s, p), &x, &w, &r);
+        let on_t = run(|x, w| conv_transpose2d(x, w, s, p, 1), &x, &wt, &rt);
+        for (a, b) in [
+            (&on.0, &reference.0),
+            (&on.1, &reference.1),
+            (&on.2, &reference.2),
+            (&on_t.0, &reference_t.0),
+            (&on_t.1, &reference_t.1),
+            (&on_t.2, &reference_t.2),
+        ] {
+            assert!(rel_err(a, b) <= TOL);
+        }
+    }
+
+    fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
+        f(); // warm-up: page faults, thread pool start
+        let mut t: Vec<f64> = (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[runs / 2]
+    }
+
+    /// `RAYON_NUM_THREADS=2 cargo test --release -- --ignored --nocapture bench_conv`
+    /// (`CANDLE_RUNS=0` skips the slow candle reference).
+    #[test]
+    #[ignore = "benchmark; run explicitly"]
+    fn bench_conv() {
+        let _on = switch_on();
+        let env = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let (runs_fast, runs_candle) = (env("FAST_RUNS", 7), env("CANDLE_RUNS", 3));
+        println!("threads: {}", rayon::current_num_threads());
+        println!(
+            "{:<44} {:>9} {:>9} {:>11} {:>10} {:>10}",
+            "case", "fast fwd", "fast bwd", "fast bwd-k", "candle fwd", "candle bwd"
+        );
+        // (name, x dims, w dims, stride, padding, transposed output_padding, input grad)
+        type Case = (
+            &'static str,
+            [usize; 4],
+            [usize; 4],
+            usize,
+            usize,
+            Option<usize>,
+            bool,
+        );
+        let cases: [Case; 5] = [
+            (
+                "(a) [1,64,128,128] 64x3x3 s1 p1",
+                [1, 64, 128, 128],
+                [64, 64, 3, 3],
+                1,
+                1,
+                None,
+                true,
+            ),
+            (
+                "(b) [1,3,134,134] 64x7x7 s1 p0",
+                [1, 3, 134, 134],
+                [64, 3, 7, 7],
+                1,
+                0,
+                None,
+                true,
+            ),
+            (
+                "(c) [1,64,128,128] 128x3x3 s2 p1",
+                [1, 64, 128, 128],
+                [128, 64, 3, 3],
+                2,
+                1,
+                None,
+                true,
+            ),
+            (
+                "(d) T [1,128,64,64] ->64 3x3 s2 p1 op1",
+                [1, 128, 64, 64],
+                [128, 64, 3, 3],
+                2,
+                1,
+                Some(1),
+                true,
+            ),
+            (
+                "(e) [8,3,64,64] 32x3x3 s2 p1 (no dx)",
+                [8, 3, 64, 64],
+                [32, 3, 3, 3],
+                2,
+                1,
+                None,
+                false,
+            ),
+        ];
+        for (name, xd, wd, s, p, op, input_grad) in cases {
+            let mut rng = ChaCha8Rng::seed_from_u64(1);
+            let x = random(&mut rng, &xd);
+            let x = match input_grad {
+                true => Var::from_tensor(&x).unwrap().as_tensor().clone(),
+                false => x,
+            };
+            let w = Var::from_tensor(&random(&mut rng, &wd)).unwrap();
+            let wt = w.as_tensor();
+            let fast = |x: &Tensor| match op {
+                Some(op) => conv_transpose2d(x, wt, s, p, op).unwrap(),
+                None => conv2d(x, wt, s, p).unwrap(),
+            };
+            let candle = |x: &Tensor| match op {
+                Some(op) => x.conv_transpose2d(wt, p, op, s, 1).unwrap(),
+                None => x.conv2d(wt, p, s, 1, 1).unwrap(),
+            };
+            let fast_fwd = median_ms(runs_fast, || {
+                fast(&x);
+            });
+            let y = fast(&x);
+            // Through candle's backward(): includes seeding dy = ones and
+            // adding into zero-initialised gradient slots.
+            let fast_bwd = median_ms(runs_fast, || {
+                y.backward().unwrap();
+            });
+            // The gradient ops alone, without candle's seeding and summing.
+            let gy = y.ones_like().unwrap();
+            let fast_bwd_k = median_ms(runs_fast, || {
+                let (_, _, h, w) = y.dims4().unwrap();
+                match op {
+                    Some(_) => ConvData {
+                        stride: s,
+                        padding: p,
+                        h,
+                        w,
+                    }
+                    .bwd(&x, wt, &y, &gy),
+                    None => ConvFwd {
+                        stride: s,
+                        padding: p,
+                    }
+                    .bwd(&x, wt, &y, &gy),
+                }
+                .unwrap();
+            });
+            let (mut candle_fwd, mut candle_bwd) = (f64::NAN, f64::NAN);
+            if runs_candle > 0 {
+                candle_fwd = median_ms(runs_candle, || {
+                    candle(&x);
+                });
+                let y = candle(&x);
+                candle_bwd = median_ms(runs_candle, || {
+                    y.backward().unwrap();
+                });
+            }
+            println!(
+                "{name:<44} {fast_fwd:>9.1} {fast_bwd:>9.1} {fast_bwd_k:>11.1} {candle_fwd:>10.1} {candle_bwd:>10.1}"
+            );
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn tmp_kernels() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for &(n, c, h, w, o, k, s, p) in &[
+            (1, 64, 128, 128, 64, 3, 1, 1),
+            (1, 64, 128, 128, 128, 3, 2, 1),
+            (1, 64, 128, 128, 128, 3, 1, 1),
+            (1, 256, 32, 32, 256, 3, 1, 1),
+            (1, 3, 134, 134, 64, 7, 1, 0),
+        ] {
+            let g = Geom::new((n, c, h, w), o, (k, k), s, p).unwrap();
+            let img = random_vec(&mut rng, g.n * g.img_len());
+            let wt = random_vec(&mut rng, g.o * g.k());
+            let gy = random_vec(&mut rng, g.n * g.o * g.pixels());
+            let mut plan = Plan::current();
+            if let Ok(b) = std::env::var("BUDGET") {
+                plan.budget = b.parse().unwrap();
+            }
+            let gf = 2.0 * (g.n * g.o * g.k() * g.pixels()) as f64 / 1e9;
+            let f = median_ms(5, || {
+                conv_forward(&g, &img, &wt, plan);
+            });
+            let dx = median_ms(5, || {
+                conv_grad_input(&g, &gy, &wt, plan);
+            });
+            let dw = median_ms(5, || {
+                conv_grad_weight(&g, &img, &gy, plan);
+            });
+            let rows = plan.tile_rows(&g, g.k(), g.n);
+            let mut col = vec![0f32; g.k() * g.pixels()];
+            let i2c = median_ms(5, || {
+                for oy0 in (0..g.ho).step_by(rows) {
+                    let oys = oy0..(oy0 + rows).min(g.ho);
+                    let pt = oys.len() * g.wo;
+                    im2col(&g, &img, oys, &mut col[..g.k() * pt]);
+                }
+            });
+            let mut dxv = vec![0f32; g.img_len()];
+            let c2i = median_ms(5, || {
+                for oy0 in (0..g.ho).step_by(rows) {
+                    let oys = oy0..(oy0 + rows).min(g.ho);
+                    let pt = oys.len() * g.wo;
+                    col2im(&g, &col[..g.k() * pt], oys, &mut dxv);
+                }
+            });
+            println!(
+                "{g:?}\n  rows {rows} fwd {f:.1} ms ({:.0} GF/s) dx {dx:.1} ({:.0}) dw {dw:.1} ({:.0}) im2col {i2c:.1} col2im {c2i:.1}",
+                gf / f * 1e3,
+                gf / dx * 1e3,
+                gf / dw * 1e3
+            );
+        }
+    }
+}
