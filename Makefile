@@ -6,7 +6,7 @@ CARGO  ?= cargo
 BIN    := target/release/melanoflow
 CONFIG ?= data/pipeline.toml
 
-.PHONY: pipeline test bench build status clean gpu-check weights metrics real
+.PHONY: pipeline test bench bench-train build status clean gpu-check weights metrics real
 
 pipeline: build
 	$(BIN) run --config $(CONFIG)
@@ -22,6 +22,13 @@ bench: build
 	benches/engine_noop.sh
 	benches/preprocess.sh
 	benches/cyclegan.sh
+	benches/train.sh
+
+# Training speed on CPU: candle before/after melanoflow's kernels vs PyTorch
+# (CycleGAN step, generator fwd/bwd, EfficientNet-B0 step, depthwise conv).
+# A report (benches/out/train.md), not a test; THREADS=, STEPS=, SMOKE=1 apply.
+bench-train: build
+	benches/train.sh
 
 status: build
 	$(BIN) status --config $(CONFIG)

@@ -3,7 +3,11 @@
 //! steps),
 //! for `benches/cyclegan.sh` to print beside PyTorch.
 //!
-//!   cyclegan_step --size 128 --ngf 64 --ndf 64 --blocks 9 --batch 1 --steps 5 --warmup 2
+//!   cyclegan_step --size 128 --ngf 64 --ndf 64 --blocks 9 --batch 1 --steps 5 --warmup 2 [--kernels fast|candle]
+//!
+//! `--kernels` sets melanoflow's fast-kernel switch (default fast); `candle`
+//! runs every layer on candle's own ops, the before-the-kernels reference
+//! (`benches/train.sh`).
 
 use std::time::Instant;
 
@@ -20,6 +24,12 @@ fn arg(args: &[String], name: &str, default: usize) -> usize {
 fn main() -> anyhow::Result<()> {
     melanoflow::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
+    let kernels = args.iter().position(|a| a == "--kernels").and_then(|i| args.get(i + 1)).map_or("fast", |s| s.as_str());
+    match kernels {
+        "fast" => melanoflow::models::kernels::set_fast_kernels(true),
+        "candle" => melanoflow::models::kernels::set_fast_kernels(false),
+        k => anyhow::bail!("--kernels fast|candle, not {k:?}"),
+    }
     let (size, ngf, ndf, blocks, batch) = (arg(&args, "--size", 128), arg(&args, "--ngf", 64), arg(&args, "--ndf", 64), arg(&args, "--blocks", 9), arg(&args, "--batch", 1));
     let (steps, warmup) = (arg(&args, "--steps", 5), arg(&args, "--warmup", 2));
     let params: TrainCycleGanParams = serde_json::from_value(serde_json::json!({
@@ -43,10 +53,14 @@ fn main() -> anyhow::Result<()> {
         }
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    // The median as Python's `statistics.median` takes it (the PyTorch side),
+    // which matters with the few steps the slow candle-only runs get.
+    let n = times.len();
+    let median = if n % 2 == 1 { times[n / 2] } else { (times[n / 2 - 1] + times[n / 2]) / 2.0 };
     println!(
-        "{{\"framework\":\"candle\",\"size\":{size},\"ngf\":{ngf},\"blocks\":{blocks},\"batch\":{batch},\"threads\":{},\"ms_per_step\":{:.1}}}",
+        "{{\"framework\":\"candle\",\"kernels\":\"{kernels}\",\"size\":{size},\"ngf\":{ngf},\"blocks\":{blocks},\"batch\":{batch},\"threads\":{},\"ms_per_step\":{:.1}}}",
         rayon::current_num_threads(),
-        times[times.len() / 2]
+        median
     );
     Ok(())
 }

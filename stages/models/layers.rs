@@ -3,8 +3,10 @@
 //! instance normalisation without affine parameters, LeakyReLU, and
 //! convolutions with biases named like PyTorch's (`weight`, `bias`).
 
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, Init, VarBuilder};
+
+use super::kernels::batchnorm::{Act, batch_norm_act_train};
 
 /// The init hint for weights: N(0, 0.02), as the reference CycleGAN. (The
 /// actual values are then drawn from the pipeline seed: see `init.rs`.)
@@ -33,13 +35,17 @@ pub fn reflection_pad2d(x: &Tensor, p: usize) -> Result<Tensor> {
 }
 
 /// Instance normalisation over (H, W) per sample and channel, without affine
-/// parameters (PyTorch `InstanceNorm2d(affine=False)`, biased variance).
+/// parameters (PyTorch `InstanceNorm2d(affine=False)`, biased variance). It is
+/// BatchNorm's training-mode normalisation of a batch of one with N x C
+/// channels, so it runs on the fused BatchNorm kernel (one pass forward, one
+/// backward) instead of five candle ops and their gradients.
 pub fn instance_norm(x: &Tensor) -> Result<Tensor> {
     const EPS: f64 = 1e-5;
-    let mean = x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;
-    centred.broadcast_div(&(var + EPS)?.sqrt()?)
+    let (n, c, h, w) = x.dims4()?;
+    let ones = Tensor::ones(n * c, x.dtype(), x.device())?;
+    let zeros = Tensor::zeros(n * c, x.dtype(), x.device())?;
+    let (y, _, _) = batch_norm_act_train(&x.reshape((1, n * c, h, w))?, &ones, &zeros, EPS, Act::Identity)?;
+    y.reshape((n, c, h, w))
 }
 
 /// LeakyReLU for a slope in [0, 1): max(x, slope * x).
