@@ -955,52 +955,16 @@ mod tests {
     use super::super::set_fast_kernels;
     use super::*;
     use candle_core::{Device, Var};
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
-    use std::sync::RwLockReadGuard;
     use std::time::Instant;
 
     use super::super::SWITCH;
-
-    fn switch_on() -> RwLockReadGuard<'static, ()> {
-        let guard = SWITCH.read().unwrap_or_else(|e| e.into_inner());
-        assert!(fast_kernels_enabled());
-        guard
-    }
+    use super::super::testing::{rel_err, switch_on, uniform, values};
 
     const ACTS: [Act; 3] = [Act::Identity, Act::Silu, Act::Relu6];
     const EPS: f64 = 1e-5;
     const TOL: f64 = 1e-5;
-
-    fn uniform(rng: &mut ChaCha8Rng, dims: &[usize], lo: f32, hi: f32) -> Tensor {
-        let n = dims.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-    }
-
-    fn values(t: &Tensor) -> Vec<f64> {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-    }
-
-    /// max|a-b| / max|b|, the denominator floored so near-zero references
-    /// compare absolutely.
-    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-        assert_eq!(a.dims(), b.dims());
-        let (a, b) = (values(a), values(b));
-        assert!(a.iter().all(|v| v.is_finite()), "non-finite result");
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
-        let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
-        diff / scale.max(1e-3)
-    }
 
     /// candle_nn 0.11's `BatchNorm::forward_train` (channels first, flattened),
     /// then the activation as candle ops. Returns y, mean, unbiased var.

@@ -832,41 +832,13 @@ impl CustomOp2 for DepthwiseGradWeight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
-    use std::sync::RwLockReadGuard;
     use std::time::Instant;
 
     use super::super::SWITCH;
-
-    fn switch_on() -> RwLockReadGuard<'static, ()> {
-        let guard = SWITCH.read().unwrap_or_else(|e| e.into_inner());
-        assert!(fast_kernels_enabled());
-        guard
-    }
-
-    fn random(rng: &mut ChaCha8Rng, dims: &[usize]) -> Tensor {
-        let n = dims.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-    }
-
-    /// max|a-b| / max|b|, with the denominator floored so all-zero references
-    /// compare absolutely.
-    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
-        assert!(a.iter().all(|v| v.is_finite()));
-        diff / scale.max(1e-3)
-    }
+    use super::super::testing::{random, rel_err, switch_on};
 
     /// Output, input gradient, weight gradient of `conv` against a random cotangent `r`.
     fn run(

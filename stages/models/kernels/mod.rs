@@ -6,6 +6,8 @@
 pub mod batchnorm;
 pub mod depthwise;
 pub mod pointwise;
+#[cfg(test)]
+mod testing;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

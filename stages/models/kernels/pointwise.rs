@@ -524,50 +524,14 @@ mod tests {
     use super::super::set_fast_kernels;
     use super::*;
     use candle_core::{Device, Var};
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
-    use std::sync::RwLockReadGuard;
     use std::time::Instant;
 
     use super::super::SWITCH;
-
-    fn switch_on() -> RwLockReadGuard<'static, ()> {
-        let guard = SWITCH.read().unwrap_or_else(|e| e.into_inner());
-        assert!(fast_kernels_enabled());
-        guard
-    }
+    use super::super::testing::{random, rel_err, switch_on, values};
 
     const TOL: f64 = 1e-5;
-
-    fn random(rng: &mut ChaCha8Rng, dims: &[usize]) -> Tensor {
-        let n = dims.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-    }
-
-    fn values(t: &Tensor) -> Vec<f64> {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-    }
-
-    /// max|a-b| / max|b|, the denominator floored at 1e-3 so near-zero
-    /// references compare absolutely.
-    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-        assert_eq!(a.dims(), b.dims());
-        let (a, b) = (values(a), values(b));
-        assert!(a.iter().all(|v| v.is_finite()), "non-finite result");
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
-        let scale = b.iter().map(|v| v.abs()).fold(1e-3, f64::max);
-        diff / scale
-    }
 
     /// The candle formulation the fast path replaces.
     fn reference(x: &Tensor, w: &Tensor) -> Result<Tensor> {

@@ -1,0 +1,45 @@
+//! Test helpers shared by the kernels' tests: the switch guard, seeded random
+//! tensors, and the relative error every kernel is checked to.
+
+use std::sync::RwLockReadGuard;
+
+use candle_core::{DType, Device, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use super::{SWITCH, fast_kernels_enabled};
+
+/// Held (shared) by tests that assume the fast kernels are on; the tests that
+/// flip the switch hold [`SWITCH`] exclusively.
+pub fn switch_on() -> RwLockReadGuard<'static, ()> {
+    let guard = SWITCH.read().unwrap_or_else(|e| e.into_inner());
+    assert!(fast_kernels_enabled());
+    guard
+}
+
+/// A CPU f32 tensor with values uniform in [lo, hi).
+pub fn uniform(rng: &mut ChaCha8Rng, dims: &[usize], lo: f32, hi: f32) -> Tensor {
+    let n = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
+    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+}
+
+/// Values uniform in [-1, 1).
+pub fn random(rng: &mut ChaCha8Rng, dims: &[usize]) -> Tensor {
+    uniform(rng, dims, -1.0, 1.0)
+}
+
+pub fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
+}
+
+/// max|a - b| / max|b|, the denominator floored at 1e-3 so near-zero
+/// references compare absolutely. Panics on a non-finite result.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let (a, b) = (values(a), values(b));
+    assert!(a.iter().all(|v| v.is_finite()), "non-finite result");
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let scale = b.iter().map(|y| y.abs()).fold(1e-3, f64::max);
+    diff / scale
+}
