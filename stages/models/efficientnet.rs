@@ -24,6 +24,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::kernels::batchnorm::{Act, batch_norm_act_eval, batch_norm_act_train};
+use super::kernels::conv::conv2d;
 use super::kernels::depthwise::depthwise_conv2d;
 use super::kernels::pointwise::pointwise_conv2d;
 
@@ -189,7 +190,7 @@ impl ConvBn {
             if self.depthwise {
                 depthwise_conv2d(&x, &self.weight, self.stride, pad)?
             } else {
-                x.conv2d(&self.weight, pad, self.stride, 1, 1)?
+                conv2d(&x, &self.weight, self.stride, pad)?
             }
         };
         self.bn.forward_act(&x, train, self.act)

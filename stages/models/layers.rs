@@ -4,9 +4,10 @@
 //! convolutions with biases named like PyTorch's (`weight`, `bias`).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, Init, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
 use super::kernels::batchnorm::{Act, batch_norm_act_train};
+use super::kernels::conv::{conv2d, conv_transpose2d};
 
 /// The init hint for weights: N(0, 0.02), as the reference CycleGAN. (The
 /// actual values are then drawn from the pipeline seed: see `init.rs`.)
@@ -53,43 +54,55 @@ pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
     x.maximum(&(x * slope)?)
 }
 
-/// A 2-D convolution with bias (the reference uses biases with instance norm).
+/// A 2-D convolution with bias (the reference uses biases with instance norm),
+/// on `kernels::conv` (im2col + gemm, with its own backward) on CPU.
 #[derive(Clone, Debug)]
-pub struct Conv(candle_nn::Conv2d);
+pub struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+}
 
 impl Conv {
     pub fn new(cin: usize, cout: usize, k: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
-        let w = vb.get_with_hints((cout, cin, k, k), "weight", WEIGHT_INIT)?;
-        let b = vb.get_with_hints(cout, "bias", Init::Const(0.0))?;
-        let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-        Ok(Conv(candle_nn::Conv2d::new(w, Some(b), cfg)))
+        let weight = vb.get_with_hints((cout, cin, k, k), "weight", WEIGHT_INIT)?;
+        let bias = vb.get_with_hints(cout, "bias", Init::Const(0.0))?;
+        Ok(Conv { weight, bias, stride, padding })
     }
 }
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.0.forward(x)
+        add_channel_bias(&conv2d(x, &self.weight, self.stride, self.padding)?, &self.bias)
     }
 }
 
 /// A stride-2 transposed convolution that doubles H and W (kernel 3,
 /// padding 1, output padding 1). Weight shape [cin, cout, 3, 3], as PyTorch.
 #[derive(Clone, Debug)]
-pub struct ConvT(candle_nn::ConvTranspose2d);
+pub struct ConvT {
+    weight: Tensor,
+    bias: Tensor,
+}
 
 impl ConvT {
     pub fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
-        let w = vb.get_with_hints((cin, cout, 3, 3), "weight", WEIGHT_INIT)?;
-        let b = vb.get_with_hints(cout, "bias", Init::Const(0.0))?;
-        let cfg = ConvTranspose2dConfig { padding: 1, output_padding: 1, stride: 2, dilation: 1 };
-        Ok(ConvT(candle_nn::ConvTranspose2d::new(w, Some(b), cfg)))
+        let weight = vb.get_with_hints((cin, cout, 3, 3), "weight", WEIGHT_INIT)?;
+        let bias = vb.get_with_hints(cout, "bias", Init::Const(0.0))?;
+        Ok(ConvT { weight, bias })
     }
 }
 
 impl Module for ConvT {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.0.forward(x)
+        add_channel_bias(&conv_transpose2d(x, &self.weight, 2, 1, 1)?, &self.bias)
     }
+}
+
+/// x [N, C, H, W] + bias [C].
+fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)
 }
 
 /// Mean squared error against a target tensor of the same shape.

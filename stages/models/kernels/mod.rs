@@ -4,6 +4,7 @@
 //! reference path stays testable.
 
 pub mod batchnorm;
+pub mod conv;
 pub mod depthwise;
 pub mod pointwise;
 #[cfg(test)]
