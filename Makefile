@@ -6,7 +6,7 @@ CARGO  ?= cargo
 BIN    := target/release/melanoflow
 CONFIG ?= data/pipeline.toml
 
-.PHONY: pipeline test bench bench-train build status clean gpu-check weights metrics real
+.PHONY: repro pipeline test bench bench-train build status clean gpu-check weights metrics real
 
 pipeline: build
 	$(BIN) run --config $(CONFIG)
@@ -55,6 +55,13 @@ gpu-check: pipeline
 	../shared/cuda/toolkit.sh /opt/cu13
 	. /opt/cu13/env.sh && CARGO_TARGET_DIR=target-cuda $(CARGO) build --release --features cuda --example gpu_check
 	LD_LIBRARY_PATH=/opt/cu13/lib:$$LD_LIBRARY_PATH target-cuda/release/examples/gpu_check data/out/preprocess 5
+
+# Reproducibility: run a small pipeline from scratch, then re-execute every
+# stage ignoring the caches and compare with the lock file (CI runs this).
+repro: build
+	rm -rf data/out/ci_small data/ci_small.lock
+	$(BIN) run --config data/ci_small.toml -q
+	$(BIN) verify --rerun --config data/ci_small.toml
 
 clean:
 	rm -rf data/out data/store data/.melanoflow

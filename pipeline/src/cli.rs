@@ -75,8 +75,17 @@ pub enum Command {
         #[arg(long, short = 'n')]
         dry_run: bool,
     },
-    /// Re-hash stored outputs and output folders against the lock file.
-    Verify,
+    /// Re-hash stored outputs and output folders against the lock file; with
+    /// `--rerun`, re-execute stages from scratch and compare their outputs.
+    Verify {
+        /// Re-execute the named stages (or all) ignoring every cache, and
+        /// compare the new output digests with the lock file.
+        #[arg(long)]
+        rerun: bool,
+        /// Stages to re-run (with `--rerun`; default all).
+        #[arg(requires = "rerun")]
+        stages: Vec<String>,
+    },
     /// List the stage kinds this binary knows.
     Kinds,
     /// A command of the application (`melanoflow help` lists them).
@@ -232,7 +241,23 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify => {
+        Command::Verify { rerun: true, stages } => {
+            let mut engine = Engine::open(pipeline, registry, progress)?;
+            let quiet = cli.quiet;
+            let outcomes = engine.verify_rerun(stages, &mut |o| {
+                if !quiet || !o.reproduced() {
+                    println!("{}", o.line());
+                }
+            })?;
+            let differ = outcomes.iter().filter(|o| !o.reproduced()).count();
+            println!(
+                "re-ran {} stage(s): {}",
+                outcomes.len(),
+                if differ == 0 { "every output matches the lock file".to_string() } else { format!("{differ} differ from the lock file") }
+            );
+            Ok(if differ == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Verify { rerun: false, .. } => {
             let engine = Engine::open(pipeline, registry, progress)?;
             let r = maintenance::verify(engine.artifacts(), engine.lock_file(), &engine.pipeline.out_dir)?;
             for p in &r.problems {

@@ -43,6 +43,8 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    #[error("not up to date: {stages}; run `melanoflow run` first, then verify")]
+    NotUpToDate { stages: String },
     #[error("unknown command `{0}`; see `melanoflow --help`")]
     UnknownCommand(String),
 }

@@ -96,6 +96,32 @@ impl StageOutcome {
     }
 }
 
+/// What `verify --rerun` found for one stage.
+#[derive(Clone, Debug, Serialize)]
+pub struct RerunOutcome {
+    pub stage: String,
+    /// The output digest the lock file records.
+    pub locked: Digest,
+    /// The digest of the output the re-run wrote.
+    pub rerun: Digest,
+    /// Which files differ (empty when the digests match).
+    pub differences: Option<String>,
+    pub seconds: f64,
+}
+
+impl RerunOutcome {
+    pub fn reproduced(&self) -> bool {
+        self.locked == self.rerun
+    }
+
+    pub fn line(&self) -> String {
+        match &self.differences {
+            None => format!("reproduced {} ({}, {:.1}s)", self.stage, self.rerun.short(), self.seconds),
+            Some(d) => format!("DIFFERS    {}: lock {} vs re-run {}: {d}", self.stage, self.locked.short(), self.rerun.short()),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     /// Stages to bring up to date (with their upstreams); empty = all.
@@ -240,6 +266,83 @@ impl<'r> Engine<'r> {
         self.lock.save(&self.pipeline.lock_path()).map_err(|e| Error::io(self.pipeline.lock_path(), e))?;
         self.save_cache();
         result.map(|()| outcomes)
+    }
+
+    /// Re-executes the selected stages from scratch (no cache, no per-item
+    /// reuse, no checkpoints) on their committed inputs, and compares each new
+    /// output with the lock file. Every selected stage must be up to date
+    /// first. Nothing is stored, published or recorded: the store, the output
+    /// folders and the lock file stay exactly as they were.
+    pub fn verify_rerun(&mut self, targets: &[String], on_stage: &mut dyn FnMut(&RerunOutcome)) -> Result<Vec<RerunOutcome>> {
+        let _guard = self.run_lock(true)?;
+        self.lock = LockFile::load(&self.pipeline.lock_path())?;
+        let stale: Vec<String> = self
+            .plan(&RunOptions { targets: targets.to_vec(), ..Default::default() })?
+            .into_iter()
+            .filter(|o| o.state != State::Cached)
+            .map(|o| o.stage)
+            .collect();
+        if !stale.is_empty() {
+            return Err(Error::NotUpToDate { stages: stale.join(", ") });
+        }
+        let selected: Vec<usize> = if targets.is_empty() {
+            (0..self.pipeline.stages.len()).collect()
+        } else {
+            self.selected(targets)?.into_iter().filter(|&i| targets.contains(&self.pipeline.stages[i].name)).collect()
+        };
+        let root = self.pipeline.out_dir.join(".verify");
+        let mut outcomes = Vec::new();
+        for i in selected {
+            let started = Instant::now();
+            let name = self.pipeline.stages[i].name.clone();
+            let inputs = self.pipeline.stages[i].inputs.clone();
+            let locked = self.lock.stages[&name].output;
+            let mut upstream = Vec::new();
+            for n in &inputs {
+                let dir = self.pipeline.stage_out_dir(n);
+                let manifest = self.dir_manifest(&dir)?.ok_or_else(|| Error::NotUpToDate { stages: n.clone() })?;
+                upstream.push(Upstream { name: n.clone(), kind: self.pipeline.stage(n).expect("validated").kind.clone(), dir, manifest });
+            }
+            let ext = self.resolve_external(i)?;
+            let (out_dir, scratch) = (root.join(&name), root.join(format!("{name}.scratch")));
+            for d in [&out_dir, &scratch] {
+                fsutil::remove_dir_if_exists(d).map_err(|e| Error::io(d, e))?;
+            }
+            std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+            let decl: &StageDecl = &self.pipeline.stages[i];
+            let ctx = StageContext {
+                stage: name.clone(),
+                out_dir: out_dir.clone(),
+                base_dir: self.pipeline.base_dir.clone(),
+                upstream,
+                external: ext.files,
+                progress: self.progress.clone(),
+                previous: None,
+                scratch_dir: scratch.clone(),
+            };
+            let kind = self.registry.get(&decl.kind).expect("validated kind");
+            let result = kind.run(&decl.params, &ctx);
+            let manifest = result
+                .map_err(|source| Error::StageFailed { stage: name.clone(), source })
+                .and_then(|_| self.cache.manifest_of_dir(&out_dir, &|_| {}).map_err(|e| Error::io(&out_dir, e)));
+            let committed = self.dir_manifest(&self.pipeline.stage_out_dir(&name));
+            for d in [&out_dir, &scratch] {
+                let _ = fsutil::remove_dir_if_exists(d);
+            }
+            self.cache.forget_under(&out_dir);
+            let manifest = manifest?;
+            let rerun = manifest.digest();
+            let differences = (rerun != locked).then(|| match committed {
+                Ok(Some(m)) => m.diff(&manifest, 10).to_string(),
+                _ => "the committed output folder could not be read to compare files".to_string(),
+            });
+            let outcome = RerunOutcome { stage: name, locked, rerun, differences, seconds: started.elapsed().as_secs_f64() };
+            on_stage(&outcome);
+            outcomes.push(outcome);
+        }
+        let _ = fsutil::remove_dir_if_exists(&root);
+        self.save_cache();
+        Ok(outcomes)
     }
 
     fn bring_up_to_date(&mut self, i: usize, opts: &RunOptions, outputs: &mut BTreeMap<String, Output>) -> Result<StageOutcome> {
@@ -587,4 +690,76 @@ fn strip_nulls(v: &serde_json::Value) -> serde_json::Value {
 
 fn file_name(p: &Path) -> String {
     p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::StageReport;
+    use crate::registry::{BoxError, Stage};
+    use serde::{Deserialize, Serialize};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Writes `fixed.txt` (always the same) and `count.txt` (how many times
+    /// any `Counter` stage has run in this process): not reproducible on purpose.
+    struct Counter;
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct CounterParams {
+        #[serde(default)]
+        deterministic: bool,
+    }
+    impl Stage for Counter {
+        type Params = CounterParams;
+        const KIND: &'static str = "counter";
+        const VERSION: u32 = 1;
+        const ABOUT: &'static str = "test kind";
+        fn run(&self, p: &CounterParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
+            std::fs::write(ctx.out_dir.join("fixed.txt"), "same")?;
+            if !p.deterministic {
+                std::fs::write(ctx.out_dir.join("count.txt"), RUNS.fetch_add(1, Ordering::SeqCst).to_string())?;
+            }
+            Ok(StageReport::default())
+        }
+    }
+
+    #[test]
+    fn verify_rerun_names_the_differing_file_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, "[stages.same]\nkind = \"counter\"\ndeterministic = true\n\n[stages.drifts]\nkind = \"counter\"\ninputs = [\"same\"]\n").unwrap();
+        let mut registry = Registry::new();
+        registry.register(Counter);
+        let open = || Engine::open(crate::config::load(&file, &registry, &[]).unwrap(), &registry, Progress::new(true)).unwrap();
+        open().run(&RunOptions::default(), &mut |_| {}).unwrap();
+        let lock_before = std::fs::read_to_string(dir.path().join("p.lock")).unwrap();
+        let count_before = std::fs::read_to_string(dir.path().join("out/drifts/count.txt")).unwrap();
+
+        let outcomes = open().verify_rerun(&[], &mut |_| {}).unwrap();
+        assert_eq!(outcomes.len(), 2);
+        assert!(outcomes[0].reproduced(), "{:?}", outcomes[0]);
+        assert!(!outcomes[1].reproduced());
+        let diff = outcomes[1].differences.as_deref().unwrap();
+        assert!(diff.contains("count.txt") && !diff.contains("fixed.txt"), "{diff}");
+        // Only one stage when named.
+        assert_eq!(open().verify_rerun(&["same".into()], &mut |_| {}).unwrap().len(), 1);
+        // Nothing committed: lock, outputs, every stage still cached; no leftovers.
+        assert_eq!(std::fs::read_to_string(dir.path().join("p.lock")).unwrap(), lock_before);
+        assert_eq!(std::fs::read_to_string(dir.path().join("out/drifts/count.txt")).unwrap(), count_before);
+        assert!(open().plan(&RunOptions::default()).unwrap().iter().all(|o| o.state == State::Cached));
+        assert!(!dir.path().join("out/.verify").exists());
+    }
+
+    #[test]
+    fn verify_rerun_refuses_stale_stages() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, "[stages.a]\nkind = \"counter\"\n").unwrap();
+        let mut registry = Registry::new();
+        registry.register(Counter);
+        let mut engine = Engine::open(crate::config::load(&file, &registry, &[]).unwrap(), &registry, Progress::new(true)).unwrap();
+        let err = engine.verify_rerun(&[], &mut |_| {}).unwrap_err().to_string();
+        assert!(err.contains("not up to date: a") && err.contains("melanoflow run"), "{err}");
+    }
 }

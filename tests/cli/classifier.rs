@@ -143,6 +143,13 @@ fn generate_train_evaluate_and_print_the_table() {
     let t = p.ok(&["metrics"]);
     assert!(t.stdout.contains("Test ROC-AUC") && t.stdout.contains("classical") && t.stdout.contains("0.79"), "{}", t.stdout);
 
+    // Every stage, re-executed from scratch, writes the same bytes (the CI
+    // reproducibility check); nothing is committed by it.
+    let lock = p.lock();
+    let v = p.ok(&["verify", "--rerun"]);
+    assert!(v.stdout.contains("re-ran 9 stage(s): every output matches the lock file"), "{}", v.stdout);
+    assert_eq!(p.lock(), lock);
+
     // Changing one arm's parameter re-runs that arm and evaluate only.
     let r = p.ok(&["run", "--set", "cyclegan.lr=0.002"]);
     assert_eq!(r.state("cyclegan"), "ran");
