@@ -172,7 +172,23 @@ fn init_logging(quiet: bool, verbose: u8) {
 fn run_app(cli: &Cli, registry: &Registry, app: &[AppCommand], args: &[String]) -> Result<ExitCode, Error> {
     let name = args.first().map(String::as_str).unwrap_or_default();
     let command = app.iter().find(|c| c.name == name).ok_or_else(|| Error::UnknownCommand(name.to_string()))?;
-    let invocation = AppInvocation { config: &cli.config, overrides: &cli.overrides, quiet: cli.quiet, registry, args };
+    // clap hands an external subcommand everything after its name, global
+    // options included: take `--config`/`-c` and `--quiet`/`-q` back out.
+    let mut config = cli.config.clone();
+    let mut quiet = cli.quiet;
+    let mut rest: Vec<String> = Vec::with_capacity(args.len());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--config" | "-c" => config = it.next().map(PathBuf::from).ok_or_else(|| Error::UnknownCommand(format!("{name} {a} (needs a file)")))?,
+            "--quiet" | "-q" => quiet = true,
+            _ => match a.strip_prefix("--config=") {
+                Some(v) => config = PathBuf::from(v),
+                None => rest.push(a.clone()),
+            },
+        }
+    }
+    let invocation = AppInvocation { config: &config, overrides: &cli.overrides, quiet, registry, args: &rest };
     (command.run)(&invocation).map_err(|source| Error::Command { command: name.to_string(), source })
 }
 

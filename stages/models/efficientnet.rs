@@ -394,6 +394,24 @@ pub fn init_weights(varmap: &candle_nn::VarMap, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// Redraws the head as PyTorch's default `nn.Linear` (uniform within
+/// +-1/sqrt(in_features), bias 0), as one does when replacing a pretrained
+/// model's classifier. torchvision's rule (+-1/sqrt(out_features)) suits
+/// training from scratch, but on pretrained features it makes the first
+/// logits tens of units large and fine-tuning starts from saturation.
+pub fn init_head_for_finetuning(varmap: &candle_nn::VarMap, seed: u64) -> Result<()> {
+    use rand::SeedableRng;
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x4EAD);
+    let w = &data["classifier.1.weight"];
+    let r = 1.0 / (w.dims()[1] as f32).sqrt();
+    let v: Vec<f32> = (0..w.elem_count()).map(|_| rng.random_range(-r..r)).collect();
+    w.set(&Tensor::from_vec(v, w.shape(), w.device())?)?;
+    let b = &data["classifier.1.bias"];
+    b.set(&b.zeros_like()?)?;
+    Ok(())
+}
+
 /// What loading pretrained weights did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LoadReport {

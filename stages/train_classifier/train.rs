@@ -21,7 +21,7 @@ use super::{Augmentation, TrainClassifierParams};
 use crate::evaluate::metrics::roc_auc;
 use crate::imageset::{ImageRecord, ImageSet};
 use crate::models::adam::Adam;
-use crate::models::efficientnet::{EfficientNet, EfficientNetConfig, LoadReport, init_weights, load_pretrained};
+use crate::models::efficientnet::{EfficientNet, EfficientNetConfig, LoadReport, init_head_for_finetuning, init_weights, load_pretrained};
 use crate::train_cyclegan::select_device;
 
 /// Binary cross-entropy with logits, mean over the batch, in the form that
@@ -119,6 +119,7 @@ fn train_seed(
     init_weights(&varmap, seed)?;
     if let Some(t) = pretrained {
         load_pretrained(&varmap, t).map_err(|e| anyhow!("loading `weights`: {e}"))?;
+        init_head_for_finetuning(&varmap, seed)?;
     }
     let mut adam = Adam::new(trainable(&varmap), p.lr, 0.9, 0.999)?;
     adam.weight_decay = p.weight_decay;

@@ -142,6 +142,13 @@ fn generate_train_evaluate_and_print_the_table() {
     // `melanoflow metrics` prints the table.
     let t = p.ok(&["metrics"]);
     assert!(t.stdout.contains("Test ROC-AUC") && t.stdout.contains("classical") && t.stdout.contains("0.79"), "{}", t.stdout);
+    // The pipeline file may follow the command name.
+    std::fs::rename(p.path("data/pipeline.toml"), p.path("data/other.toml")).unwrap();
+    std::fs::rename(p.path("data/pipeline.lock"), p.path("data/other.lock")).unwrap();
+    let t = p.ok(&["metrics", "--config", "data/other.toml"]);
+    assert!(t.stdout.contains("classical"), "{}", t.stdout);
+    std::fs::rename(p.path("data/other.toml"), p.path("data/pipeline.toml")).unwrap();
+    std::fs::rename(p.path("data/other.lock"), p.path("data/pipeline.lock")).unwrap();
 
     // Every stage, re-executed from scratch, writes the same bytes (the CI
     // reproducibility check); nothing is committed by it.
