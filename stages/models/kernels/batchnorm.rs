@@ -49,7 +49,7 @@
 //! them); on x86-64 they are compiled a second time with AVX2+FMA and picked at
 //! run time.
 
-use std::borrow::Cow;
+use super::cpu::{f32_values};
 use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
 
@@ -720,44 +720,6 @@ fn grad_input(g: &Geom, x: &[f32], dy: &[f32], s: &Saved, k: &[(f32, f32)], act:
 // ---------------------------------------------------------------------------
 // candle custom ops
 // ---------------------------------------------------------------------------
-
-/// The values of an F32 CPU tensor in row-major order, borrowed when the
-/// layout is contiguous, gathered otherwise (whole runs at a time where the
-/// trailing dims are contiguous, as for a view that narrows an outer dim).
-fn f32_values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
-    let data = s.as_slice::<f32>()?;
-    if let Some((start, end)) = l.contiguous_offsets() {
-        return Ok(Cow::Borrowed(&data[start..end]));
-    }
-    let (dims, strides) = (l.dims(), l.stride());
-    // Trailing dims that are laid out densely form one run of `run` values.
-    let (mut outer, mut run) = (dims.len(), 1);
-    while outer > 0 && (strides[outer - 1] == run || dims[outer - 1] == 1) {
-        run *= dims[outer - 1];
-        outer -= 1;
-    }
-    let count = l.shape().elem_count();
-    let mut out = Vec::with_capacity(count);
-    if count == 0 {
-        return Ok(Cow::Owned(out));
-    }
-    let mut idx = vec![0usize; outer];
-    let mut off = l.start_offset();
-    for _ in 0..count / run {
-        out.extend_from_slice(&data[off..off + run]);
-        // Odometer increment over the strided outer index.
-        for d in (0..outer).rev() {
-            idx[d] += 1;
-            off += strides[d];
-            if idx[d] < dims[d] {
-                break;
-            }
-            off -= strides[d] * dims[d];
-            idx[d] = 0;
-        }
-    }
-    Ok(Cow::Owned(out))
-}
 
 enum Mode {
     /// Batch statistics, computed by the forward.

@@ -57,7 +57,7 @@
 //! threads (small feature maps), gemm's own rayon parallelism splits each
 //! product.
 
-use std::borrow::Cow;
+use super::cpu::{dims4, f32_values};
 use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
@@ -802,51 +802,6 @@ fn conv_grad_input(g: &Geom, gy: &[f32], wt: &[f32], plan: Plan) -> Vec<f32> {
 // candle custom ops
 // ---------------------------------------------------------------------------
 
-/// The values of an F32 CPU tensor in row-major order, borrowed when the
-/// layout is contiguous, gathered otherwise (whole runs at a time where the
-/// trailing dims are contiguous).
-fn f32_values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
-    let data = s.as_slice::<f32>()?;
-    if let Some((start, end)) = l.contiguous_offsets() {
-        return Ok(Cow::Borrowed(&data[start..end]));
-    }
-    let (dims, strides) = (l.dims(), l.stride());
-    // Trailing dims that are laid out densely form one run of `run` values.
-    let (mut outer, mut run) = (dims.len(), 1);
-    while outer > 0 && (strides[outer - 1] == run || dims[outer - 1] == 1) {
-        run *= dims[outer - 1];
-        outer -= 1;
-    }
-    let count = l.shape().elem_count();
-    let mut out = Vec::with_capacity(count);
-    if count == 0 {
-        return Ok(Cow::Owned(out));
-    }
-    let mut idx = vec![0usize; outer];
-    let mut off = l.start_offset();
-    for _ in 0..count / run {
-        out.extend_from_slice(&data[off..off + run]);
-        // Odometer increment over the strided outer index.
-        for d in (0..outer).rev() {
-            idx[d] += 1;
-            off += strides[d];
-            if idx[d] < dims[d] {
-                break;
-            }
-            off -= strides[d] * dims[d];
-            idx[d] = 0;
-        }
-    }
-    Ok(Cow::Owned(out))
-}
-
-fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
-    match *l.dims() {
-        [a, b, c, d] => Ok((a, b, c, d)),
-        ref d => bail!("conv2d: {what} must be 4-D, got {d:?}"),
-    }
-}
-
 /// Convolution `x` (arg 1, `[n, c, h, w]`) ⋆ `w` (arg 2, `[o, c, kh, kw]`).
 /// Also the input gradient of a transposed convolution.
 #[derive(Clone, Copy, Debug)]
@@ -867,8 +822,8 @@ impl CustomOp2 for ConvFwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let xd = dims4(l1, "input")?;
-        let (o, c, kh, kw) = dims4(l2, "weight")?;
+        let xd = dims4(l1, "conv2d", "input")?;
+        let (o, c, kh, kw) = dims4(l2, "conv2d", "weight")?;
         if c != xd.1 {
             bail!(
                 "conv2d: input has {} channels, weight {:?} expects {c}",
@@ -946,8 +901,8 @@ impl CustomOp2 for ConvData {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, o, ho, wo) = dims4(l1, "input")?;
-        let (wo_, c, kh, kw) = dims4(l2, "weight")?;
+        let (n, o, ho, wo) = dims4(l1, "conv2d", "input")?;
+        let (wo_, c, kh, kw) = dims4(l2, "conv2d", "weight")?;
         if wo_ != o {
             bail!(
                 "conv_transpose2d: input has {o} channels, weight {:?} expects {wo_}",
@@ -1031,8 +986,8 @@ impl CustomOp2 for ConvGradWeight {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let xd = dims4(l1, "input")?;
-        let (n, o, ho, wo) = dims4(l2, "output gradient")?;
+        let xd = dims4(l1, "conv2d", "input")?;
+        let (n, o, ho, wo) = dims4(l2, "conv2d", "output gradient")?;
         let g = Geom::new(xd, o, (self.kh, self.kw), self.stride, self.padding)?;
         if (n, ho, wo) != (g.n, g.ho, g.wo) {
             bail!(

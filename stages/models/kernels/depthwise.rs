@@ -40,6 +40,7 @@
 //! the forward kernel on `dy` with the flipped kernel for stride 1, and a
 //! scatter into the phased layout otherwise.
 
+use super::cpu::{dims4, f32_values};
 use std::borrow::Cow;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
@@ -641,44 +642,9 @@ fn grad_weight(g: &Geom, x: &[f32], gy: &[f32]) -> Vec<f32> {
 // candle custom ops
 // ---------------------------------------------------------------------------
 
-/// The values of an F32 CPU tensor in row-major order, borrowed when the
-/// layout is contiguous, gathered otherwise.
-fn f32_values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
-    let data = s.as_slice::<f32>()?;
-    if let Some((start, end)) = l.contiguous_offsets() {
-        return Ok(Cow::Borrowed(&data[start..end]));
-    }
-    let (dims, strides) = (l.dims(), l.stride());
-    let count = l.shape().elem_count();
-    let mut out = Vec::with_capacity(count);
-    let mut idx = vec![0usize; dims.len()];
-    let mut off = l.start_offset();
-    for _ in 0..count {
-        out.push(data[off]);
-        // Odometer increment over the strided index.
-        for d in (0..dims.len()).rev() {
-            idx[d] += 1;
-            off += strides[d];
-            if idx[d] < dims[d] {
-                break;
-            }
-            off -= strides[d] * dims[d];
-            idx[d] = 0;
-        }
-    }
-    Ok(Cow::Owned(out))
-}
-
-fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
-    match *l.dims() {
-        [a, b, c, d] => Ok((a, b, c, d)),
-        ref dims => bail!("depthwise_conv2d: {what} must be 4-D, got {dims:?}"),
-    }
-}
-
 /// Checks `w` is `[C, 1, Kh, Kw]` for `C` channels and returns `(Kh, Kw)`.
 fn kernel_dims(l: &Layout, c: usize) -> Result<(usize, usize)> {
-    let (co, ci, kh, kw) = dims4(l, "weight")?;
+    let (co, ci, kh, kw) = dims4(l, "depthwise_conv2d", "weight")?;
     if co != c || ci != 1 {
         bail!(
             "depthwise_conv2d: weight must be [{c}, 1, K, K], got {:?}",
@@ -707,7 +673,7 @@ impl CustomOp2 for DepthwiseConv {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let xd = dims4(l1, "input")?;
+        let xd = dims4(l1, "depthwise_conv2d", "input")?;
         let g = Geom::new(xd, kernel_dims(l2, xd.1)?, self.stride, self.padding)?;
         let (x, wt) = (f32_values(s1, l1)?, f32_values(s2, l2)?);
         let y = forward(&g, &x, &wt);
@@ -777,7 +743,7 @@ impl CustomOp2 for DepthwiseGradInput {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, ho, wo) = dims4(l1, "output gradient")?;
+        let (n, c, ho, wo) = dims4(l1, "depthwise_conv2d", "output gradient")?;
         let k = kernel_dims(l2, c)?;
         let g = Geom::new((n, c, self.h, self.w), k, self.stride, self.padding)?;
         if (g.ho, g.wo) != (ho, wo) {
@@ -814,9 +780,9 @@ impl CustomOp2 for DepthwiseGradWeight {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let xd = dims4(l1, "input")?;
+        let xd = dims4(l1, "depthwise_conv2d", "input")?;
         let g = Geom::new(xd, (self.kh, self.kw), self.stride, self.padding)?;
-        if dims4(l2, "output gradient")? != (g.n, g.c, g.ho, g.wo) {
+        if dims4(l2, "depthwise_conv2d", "output gradient")? != (g.n, g.c, g.ho, g.wo) {
             bail!(
                 "depthwise_conv2d: output gradient is {:?}, expected {:?}",
                 l2.dims(),

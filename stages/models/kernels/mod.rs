@@ -5,6 +5,7 @@
 
 pub mod batchnorm;
 pub mod conv;
+mod cpu;
 pub mod depthwise;
 pub mod pointwise;
 #[cfg(test)]
