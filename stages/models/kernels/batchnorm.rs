@@ -919,10 +919,9 @@ mod tests {
     use candle_core::{Device, Var};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
-    use std::time::Instant;
 
     use super::super::SWITCH;
-    use super::super::testing::{rel_err, switch_on, uniform, values};
+    use super::super::testing::{median_ms, rel_err, switch_on, uniform, values};
 
     const ACTS: [Act; 3] = [Act::Identity, Act::Silu, Act::Relu6];
     const EPS: f64 = 1e-5;
@@ -1380,19 +1379,6 @@ mod tests {
         assert_eq!(exp::<false>(-1000.0), exp::<false>(-87.0));
         assert!(exp::<false>(1000.0).is_finite());
         assert_eq!(exp::<false>(0.0), 1.0);
-    }
-
-    fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
-        f(); // warm-up: page faults, thread pool start
-        let mut t: Vec<f64> = (0..runs)
-            .map(|_| {
-                let start = Instant::now();
-                f();
-                start.elapsed().as_secs_f64() * 1e3
-            })
-            .collect();
-        t.sort_by(f64::total_cmp);
-        t[runs / 2]
     }
 
     /// `RAYON_NUM_THREADS=2 cargo test --release -- --ignored --nocapture bench_batchnorm`

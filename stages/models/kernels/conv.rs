@@ -1008,9 +1008,8 @@ mod tests {
     use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
-    use std::time::Instant;
 
-    use super::super::testing::{random, rel_err, switch_on, values};
+    use super::super::testing::{median_ms, random, rel_err, switch_on, values};
     use super::super::{SWITCH, set_fast_kernels};
 
     fn random_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
@@ -1443,19 +1442,6 @@ mod tests {
         ] {
             assert!(rel_err(a, b) <= TOL);
         }
-    }
-
-    fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
-        f(); // warm-up: page faults, thread pool start
-        let mut t: Vec<f64> = (0..runs)
-            .map(|_| {
-                let start = Instant::now();
-                f();
-                start.elapsed().as_secs_f64() * 1e3
-            })
-            .collect();
-        t.sort_by(f64::total_cmp);
-        t[runs / 2]
     }
 
     /// `RAYON_NUM_THREADS=2 cargo test --release -- --ignored --nocapture bench_conv`

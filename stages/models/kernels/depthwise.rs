@@ -801,10 +801,9 @@ mod tests {
     use candle_core::Var;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
-    use std::time::Instant;
 
     use super::super::SWITCH;
-    use super::super::testing::{random, rel_err, switch_on};
+    use super::super::testing::{median_ms, random, rel_err, switch_on};
 
     /// Output, input gradient, weight gradient of `conv` against a random cotangent `r`.
     fn run(
@@ -1076,19 +1075,6 @@ mod tests {
         assert!(rel_err(&on.0, &reference.0) <= 1e-5);
         assert!(rel_err(&on.1, &reference.1) <= 1e-5);
         assert!(rel_err(&on.2, &reference.2) <= 1e-5);
-    }
-
-    fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
-        f(); // warm-up: page faults, thread pool start
-        let mut t: Vec<f64> = (0..runs)
-            .map(|_| {
-                let start = Instant::now();
-                f();
-                start.elapsed().as_secs_f64() * 1e3
-            })
-            .collect();
-        t.sort_by(f64::total_cmp);
-        t[runs / 2]
     }
 
     /// `RAYON_NUM_THREADS=2 cargo test --release -- --ignored --nocapture bench_depthwise`

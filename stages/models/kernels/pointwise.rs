@@ -488,10 +488,9 @@ mod tests {
     use candle_core::{Device, Var};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
-    use std::time::Instant;
 
     use super::super::SWITCH;
-    use super::super::testing::{random, rel_err, switch_on, values};
+    use super::super::testing::{median_ms, random, rel_err, switch_on, values};
 
     const TOL: f64 = 1e-5;
 
@@ -735,23 +734,6 @@ mod tests {
             assert!(rel_err(&on.1, &want.1) <= TOL);
             assert!(rel_err(&on.2, &want.2) <= TOL);
         }
-    }
-
-    fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
-        // Warm-up: page faults, thread pool start, clock ramp (the first
-        // case otherwise measures up to 3x slow).
-        for _ in 0..3 {
-            f();
-        }
-        let mut t: Vec<f64> = (0..runs)
-            .map(|_| {
-                let start = Instant::now();
-                f();
-                start.elapsed().as_secs_f64() * 1e3
-            })
-            .collect();
-        t.sort_by(f64::total_cmp);
-        t[runs / 2]
     }
 
     /// `RAYON_NUM_THREADS=2 cargo test --release -- --ignored --nocapture bench_pointwise`

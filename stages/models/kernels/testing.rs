@@ -2,6 +2,7 @@
 //! tensors, and the relative error every kernel is checked to.
 
 use std::sync::RwLockReadGuard;
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
@@ -42,4 +43,21 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
     let scale = b.iter().map(|y| y.abs()).fold(1e-3, f64::max);
     diff / scale
+}
+
+/// Median wall time of `runs` calls of `f`, in ms, after three warm-up calls
+/// (page faults, thread-pool start and clock ramp would skew the first).
+pub fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    let mut t: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[runs / 2]
 }
