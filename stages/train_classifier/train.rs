@@ -37,9 +37,13 @@ pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> candle_core::Result
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EpochRow {
     pub epoch: usize,
+    #[serde(with = "exact_f64")]
     pub lr: f64,
+    #[serde(with = "exact_f64")]
     pub train_loss: f64,
+    #[serde(with = "exact_f64")]
     pub val_loss: f64,
+    #[serde(with = "exact_f64")]
     pub val_auc: f64,
 }
 
@@ -50,7 +54,23 @@ struct SeedState {
     adam_t: u64,
     history: Vec<EpochRow>,
     best_epoch: usize,
+    #[serde(with = "exact_f64")]
     best_val_auc: f64,
+}
+
+/// f64 in a checkpoint as its bit pattern: serde_json's default float parsing
+/// is not always correctly rounded, and a resumed run must write the same
+/// history bytes as an uninterrupted one.
+mod exact_f64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(v.to_bits())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(f64::from_bits(u64::deserialize(d)?))
+    }
 }
 
 /// What one seed produced.
@@ -63,6 +83,8 @@ pub struct SeedResult {
     pub best_weights: PathBuf,
     /// (record, score) for validation and test images.
     pub predictions: Vec<(ImageRecord, f64)>,
+    /// Epochs restored from a checkpoint of a killed run.
+    pub resumed_after: Option<usize>,
 }
 
 /// The cosine schedule: `lr` at step 0, 0 at `total`.
@@ -125,16 +147,23 @@ fn train_seed(
     adam.weight_decay = p.weight_decay;
 
     std::fs::create_dir_all(scratch)?;
-    let (last, best, state_file) = (scratch.join("last.safetensors"), scratch.join("best.safetensors"), scratch.join("state.json"));
+    // state.json is written last and names its weights by epoch
+    // (`last-{epochs_done}`, `best-{best_epoch}`), so a kill at any point
+    // leaves a consistent checkpoint: the previous one.
+    let state_file = scratch.join("state.json");
+    let last = |s: &SeedState| scratch.join(format!("last-{}.safetensors", s.epochs_done));
+    let best = |s: &SeedState| scratch.join(format!("best-{}.safetensors", s.best_epoch));
     let mut state = SeedState { epochs_done: 0, adam_t: 0, history: vec![], best_epoch: 0, best_val_auc: f64::NEG_INFINITY };
+    let mut resumed_after = None;
     if let Ok(text) = std::fs::read(&state_file) {
         state = serde_json::from_slice(&text).context("reading a classifier checkpoint's state.json")?;
-        let tensors = candle_core::safetensors::load(&last, device).with_context(|| format!("loading checkpoint {}", last.display()))?;
+        let tensors = candle_core::safetensors::load(last(&state), device).with_context(|| format!("loading checkpoint {}", last(&state).display()))?;
         for (name, var) in crate::models::adam::named_vars("", &varmap) {
             var.set(tensors.get(&format!("model.{name}")).ok_or_else(|| anyhow!("checkpoint lacks `{name}`"))?)?;
         }
         adam.load_state("adam.", &tensors, state.adam_t)?;
         tracing::info!("{label}: resuming after epoch {}", state.epochs_done);
+        resumed_after = Some(state.epochs_done);
     }
 
     let val: Vec<&ImageRecord> = data.real.split("val").collect();
@@ -179,24 +208,38 @@ fn train_seed(
         if val_auc > state.best_val_auc {
             state.best_val_auc = val_auc;
             state.best_epoch = epoch;
-            varmap.save(&best)?;
+            varmap.save(best(&state))?;
         }
         tensors.extend(adam.state("adam."));
-        let tmp = scratch.join(".last.safetensors.tmp");
-        candle_core::safetensors::save(&tensors, &tmp)?;
-        std::fs::rename(&tmp, &last)?;
         state.epochs_done = epoch + 1;
         state.adam_t = adam.t;
+        candle_core::safetensors::save(&tensors, last(&state))?;
         melanoflow_pipeline::fsutil::write_atomic(&state_file, &serde_json::to_vec(&state)?)?;
+        // Weights the new state.json no longer names.
+        let keep = [last(&state), best(&state)];
+        for e in std::fs::read_dir(scratch)?.flatten() {
+            if e.path().extension().is_some_and(|x| x == "safetensors") && !keep.contains(&e.path()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
     bar.finish_and_clear();
 
     // Predictions of the kept checkpoint.
+    let best = best(&state);
     varmap_load(&varmap, &best, device)?;
     let eval: Vec<&ImageRecord> = data.real.split("val").chain(data.real.split("test")).collect();
     let logits = predict(&model, data, &eval, device)?;
     let predictions = eval.iter().zip(logits).map(|(r, x)| ((*r).clone(), sigmoid(x))).collect();
-    Ok(SeedResult { seed, history: state.history, best_epoch: state.best_epoch, best_val_auc: state.best_val_auc, best_weights: best, predictions })
+    Ok(SeedResult {
+        seed,
+        history: state.history,
+        best_epoch: state.best_epoch,
+        best_val_auc: state.best_val_auc,
+        best_weights: best,
+        predictions,
+        resumed_after,
+    })
 }
 
 /// Loads a safetensors file written by `VarMap::save` into the same model's variables.
@@ -273,14 +316,18 @@ pub fn run(p: &TrainClassifierParams, ctx: &StageContext) -> Result<StageReport>
     });
     std::fs::write(ctx.out_dir.join("train.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
     let best: Vec<String> = results.iter().map(|r| format!("{:.3}@{}", r.best_val_auc, r.best_epoch)).collect();
+    let resumed: String = results
+        .iter()
+        .filter_map(|r| r.resumed_after.map(|e| format!(", seed {} resumed after epoch {e}", r.seed)))
+        .collect();
     Ok(StageReport::new(format!(
-        "{:?} {:?}, {} seed(s), {} epochs of {} images: best val ROC-AUC {}",
+        "{:?} {:?}, {} seed(s), {} epochs of {} images: best val ROC-AUC {}{resumed}",
         p.variant,
         p.augmentation,
         results.len(),
         p.epochs,
         composition.benign + composition.malignant + composition.oversampled + composition.synthetic,
-        best.join(", ")
+        best.join(", "),
     )))
 }
 

@@ -222,3 +222,68 @@ size = 64
         assert!((m - 0.5).abs() < 0.1, "{split}: {m}");
     }
 }
+
+/// One classifier arm, long enough to be killed between epochs.
+const ONE_ARM: &str = r#"
+[stages.synth]
+kind = "synth"
+count = 240
+malignant_fraction = 0.15
+image_size = 32
+patients = 60
+seed = 5
+
+[stages.ingest]
+kind = "ingest"
+inputs = ["synth"]
+val_fraction = 0.2
+test_fraction = 0.2
+
+[stages.preprocess]
+kind = "preprocess"
+inputs = ["ingest"]
+size = 32
+
+[stages.classical]
+kind = "train_classifier"
+inputs = ["preprocess"]
+augmentation = "classical"
+variant = "lite0"
+epochs = 6
+batch_size = 16
+device = "cpu"
+"#;
+
+/// The `[stages.classical]` block of a lock file (fingerprint, output digest).
+fn locked_arm(p: &Project) -> String {
+    let lock = p.lock();
+    let start = lock.find("[stages.classical]").expect("classical in the lock");
+    lock[start..].split("\n\n").next().unwrap().to_string()
+}
+
+#[test]
+fn a_killed_classifier_resumes_after_its_last_epoch_and_ends_identical() {
+    let uninterrupted = Project::new(ONE_ARM);
+    uninterrupted.ok(&["run"]);
+
+    let p = Project::new(ONE_ARM);
+    p.ok(&["run", "preprocess"]);
+    let mut child = p.spawn(&["run"]);
+    // Wait for the first epoch's checkpoint, then SIGKILL.
+    let scratch = p.path("data/.melanoflow/scratch");
+    let checkpointed = || scratch.read_dir().into_iter().flatten().flatten().any(|d| d.path().join("seed-0/state.json").is_file());
+    for _ in 0..1200 {
+        if checkpointed() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(checkpointed(), "no checkpoint within 60 s");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!p.lock().contains("[stages.classical]"), "nothing committed");
+
+    let r = p.ok(&["run"]);
+    assert!(r.line("classical").contains("resumed after epoch"), "{}", r.stdout);
+    assert_eq!(locked_arm(&p), locked_arm(&uninterrupted), "a resumed run writes the same bytes as an uninterrupted one");
+}
