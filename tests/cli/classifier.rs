@@ -5,7 +5,8 @@
 
 use crate::fixture::*;
 
-const CHAIN: &str = r#"
+/// The data stages every configuration here starts from.
+const DATA: &str = r#"
 [stages.synth]
 kind = "synth"
 count = 240
@@ -24,7 +25,11 @@ test_fraction = 0.2
 kind = "preprocess"
 inputs = ["ingest"]
 size = 32
+"#;
 
+fn chain() -> String {
+    format!(
+        r#"{DATA}
 [stages.gan]
 kind = "train_cyclegan"
 inputs = ["preprocess"]
@@ -73,7 +78,9 @@ device = "cpu"
 kind = "evaluate"
 inputs = ["none", "classical", "cyclegan", "gan"]
 bootstrap_resamples = 200
-"#;
+"#
+    )
+}
 
 fn read_parquet(path: &std::path::Path) -> polars::prelude::DataFrame {
     use polars::prelude::*;
@@ -82,7 +89,7 @@ fn read_parquet(path: &std::path::Path) -> polars::prelude::DataFrame {
 
 #[test]
 fn generate_train_evaluate_and_print_the_table() {
-    let p = Project::new(CHAIN);
+    let p = Project::new(&chain());
     let r = p.ok(&["run"]);
     for stage in ["generate", "none", "classical", "cyclegan", "evaluate"] {
         assert_eq!(r.state(stage), "ran", "{stage}");
@@ -168,7 +175,7 @@ fn generate_train_evaluate_and_print_the_table() {
 
 #[test]
 fn a_bad_arm_declaration_is_a_pipeline_error() {
-    let p = Project::new(&CHAIN.replace("inputs = [\"preprocess\", \"generate\"]\naugmentation = \"cyclegan\"", "inputs = [\"preprocess\"]\naugmentation = \"cyclegan\""));
+    let p = Project::new(&chain().replace("inputs = [\"preprocess\", \"generate\"]\naugmentation = \"cyclegan\"", "inputs = [\"preprocess\"]\naugmentation = \"cyclegan\""));
     let r = p.fails(&["status"]);
     assert!(r.stderr.contains("takes two upstreams: a `preprocess` and a `generate` stage"), "{}", r.stderr);
     assert_eq!(r.status.code(), Some(2));
@@ -176,14 +183,14 @@ fn a_bad_arm_declaration_is_a_pipeline_error() {
 
 #[test]
 fn metrics_before_a_run_says_what_to_do() {
-    let p = Project::new(CHAIN);
+    let p = Project::new(&chain());
     let r = p.fails(&["metrics"]);
     assert!(r.stderr.contains("run `melanoflow run evaluate` first"), "{}", r.stderr);
 }
 
 #[test]
 fn convert_weights_rejects_a_file_that_is_not_a_legacy_checkpoint() {
-    let p = Project::new(CHAIN);
+    let p = Project::new(&chain());
     p.write("bad.pth", b"PK\x03\x04 this is a zip file");
     let r = p.fails(&["convert-weights", "bad.pth", "out.safetensors"]);
     assert!(r.stderr.contains("bad.pth"), "{}", r.stderr);
@@ -224,26 +231,9 @@ size = 64
 }
 
 /// One classifier arm, long enough to be killed between epochs.
-const ONE_ARM: &str = r#"
-[stages.synth]
-kind = "synth"
-count = 240
-malignant_fraction = 0.15
-image_size = 32
-patients = 60
-seed = 5
-
-[stages.ingest]
-kind = "ingest"
-inputs = ["synth"]
-val_fraction = 0.2
-test_fraction = 0.2
-
-[stages.preprocess]
-kind = "preprocess"
-inputs = ["ingest"]
-size = 32
-
+fn one_arm() -> String {
+    format!(
+        r#"{DATA}
 [stages.classical]
 kind = "train_classifier"
 inputs = ["preprocess"]
@@ -252,7 +242,9 @@ variant = "lite0"
 epochs = 6
 batch_size = 16
 device = "cpu"
-"#;
+"#
+    )
+}
 
 /// The `[stages.classical]` block of a lock file (fingerprint, output digest).
 fn locked_arm(p: &Project) -> String {
@@ -263,10 +255,10 @@ fn locked_arm(p: &Project) -> String {
 
 #[test]
 fn a_killed_classifier_resumes_after_its_last_epoch_and_ends_identical() {
-    let uninterrupted = Project::new(ONE_ARM);
+    let uninterrupted = Project::new(&one_arm());
     uninterrupted.ok(&["run"]);
 
-    let p = Project::new(ONE_ARM);
+    let p = Project::new(&one_arm());
     p.ok(&["run", "preprocess"]);
     let mut child = p.spawn(&["run"]);
     // Wait for the first epoch's checkpoint, then SIGKILL.

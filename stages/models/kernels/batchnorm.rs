@@ -561,45 +561,6 @@ fn grad_input_impl<const FMA: bool, const ACT: u8>(
     }
 }
 
-/// Defines `$name(args)` that runs `$impl::<true, ..>` compiled for AVX2+FMA
-/// when the CPU has both, else `$impl::<false, ..>` for the baseline target.
-/// The `act` form adds the activation as a const parameter `ACT`.
-macro_rules! dispatch {
-    ($name:ident, $wide:ident, $impl:ident, ($($arg:ident: $ty:ty),*)) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        fn $wide($($arg: $ty),*) {
-            $impl::<true>($($arg),*)
-        }
-
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports the features `$wide` is compiled for.
-                return unsafe { $wide($($arg),*) };
-            }
-            // aarch64 has FMA in its baseline; other targets keep mul + add.
-            $impl::<{ cfg!(target_arch = "aarch64") }>($($arg),*)
-        }
-    };
-    ($name:ident, $wide:ident, $impl:ident, act, ($($arg:ident: $ty:ty),*)) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        fn $wide<const ACT: u8>($($arg: $ty),*) {
-            $impl::<true, ACT>($($arg),*)
-        }
-
-        fn $name<const ACT: u8>($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports the features `$wide` is compiled for.
-                return unsafe { $wide::<ACT>($($arg),*) };
-            }
-            $impl::<{ cfg!(target_arch = "aarch64") }, ACT>($($arg),*)
-        }
-    };
-}
-
 dispatch!(moments, moments_avx2, moments_impl, (x: &[f32], hw: usize, out: &mut [(f64, f64)]));
 dispatch!(forward_planes, forward_planes_avx2, forward_impl, act,
     (x: &[f32], y: &mut [MaybeUninit<f32>], hw: usize, p0: usize, ch: Chan));

@@ -1,9 +1,10 @@
-//! CPU storage helpers shared by the kernels: reading a tensor's values
-//! whatever its layout, and checking 4-D shapes.
+//! CPU helpers shared by the kernels: reading a tensor's values whatever its
+//! layout, checking 4-D shapes, and bounds-checked gemm on strided views.
 
 use std::borrow::Cow;
 
 use candle_core::{CpuStorage, Layout, Result, bail};
+use gemm::Parallelism;
 
 /// The values of an F32 CPU tensor in row-major order, borrowed when the
 /// layout is contiguous, gathered otherwise (whole runs at a time where the
@@ -48,5 +49,112 @@ pub fn dims4(l: &Layout, op: &str, what: &str) -> Result<(usize, usize, usize, u
     match *l.dims() {
         [a, b, c, d] => Ok((a, b, c, d)),
         ref dims => bail!("{op}: {what} must be 4-D, got {dims:?}"),
+    }
+}
+
+/// A read-only matrix operand: element `(i, j)` at `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    pub fn new(data: &'a [f32], rs: usize, cs: usize) -> Self {
+        Self { data, rs, cs }
+    }
+
+    /// Whether every element of a `rows x cols` view lies inside `data`.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst[at + i·dst_rs + j] = Σ_l lhs(i, l)·rhs(l, j)` for `i < m`, `j < n`,
+/// `l < k` (`+=` when `accumulate`).
+///
+/// # Safety
+/// `dst` is valid for reads and writes of `len` floats, and while the call
+/// runs nothing else reads or writes the cells it writes (in particular
+/// neither operand overlaps them). Everything else is checked here.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_into(
+    (dst, len): (*mut f32, usize),
+    at: usize,
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    parallelism: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        dst_rs >= n && at + (m - 1) * dst_rs + n <= len && lhs.fits(m, k) && rhs.fits(k, n),
+        "gemm operand out of bounds"
+    );
+    // SAFETY: the views are in bounds (checked above); dst rows do not overlap
+    // (dst_rs ≥ n); exclusive access to the written cells is the caller's
+    // contract.
+    unsafe {
+        if k == 0 {
+            // An empty sum; gemm is not asked to handle it.
+            if !accumulate {
+                for i in 0..m {
+                    std::slice::from_raw_parts_mut(dst.add(at + i * dst_rs), n).fill(0.0);
+                }
+            }
+            return;
+        }
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.add(at),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            // dst = alpha·dst + beta·lhs·rhs; alpha is ignored unless read_dst.
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// [`gemm_into`] a slice at offset 0 (safe: the slice is exclusively borrowed).
+pub fn matmul(
+    dst: &mut [f32],
+    dst_rs: usize,
+    mnk: (usize, usize, usize),
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    parallelism: Parallelism,
+) {
+    // SAFETY: `dst` is a unique borrow, so no operand or thread aliases it.
+    unsafe {
+        gemm_into(
+            (dst.as_mut_ptr(), dst.len()),
+            0,
+            dst_rs,
+            mnk,
+            accumulate,
+            lhs,
+            rhs,
+            parallelism,
+        )
     }
 }

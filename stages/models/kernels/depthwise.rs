@@ -489,28 +489,6 @@ fn grad_weight_plane_impl<const FMA: bool>(g: &Geom, buf: &[f32], gy: &[f32], ac
     }
 }
 
-/// Defines `$name(args)` that runs `$impl::<true>` compiled for AVX2+FMA when
-/// the CPU has both, else `$impl::<false>` for the baseline target.
-macro_rules! dispatch {
-    ($name:ident, $wide:ident, $impl:ident, ($($arg:ident: $ty:ty),*)) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        fn $wide($($arg: $ty),*) {
-            $impl::<true>($($arg),*)
-        }
-
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports the features `$wide` is compiled for.
-                return unsafe { $wide($($arg),*) };
-            }
-            // aarch64 has FMA in its baseline; other targets keep mul + add.
-            $impl::<{ cfg!(target_arch = "aarch64") }>($($arg),*)
-        }
-    };
-}
-
 dispatch!(fwd_plane, fwd_plane_avx2, fwd_plane_impl,
     (g: &Geom, buf: &[f32], wk: &[f32], out: &mut [f32]));
 dispatch!(grad_input_plane, grad_input_plane_avx2, grad_input_plane_impl,

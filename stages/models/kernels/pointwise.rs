@@ -48,7 +48,7 @@
 //! into `dw` with gemm-threaded products; either way at most `threads`
 //! `[O, C]` buffers exist.
 
-use super::cpu::{f32_values};
+use super::cpu::{Mat, f32_values, matmul};
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
 use gemm::Parallelism;
@@ -139,78 +139,6 @@ fn gemm_parallelism(threads: usize) -> Parallelism {
     }
 }
 
-/// A read-only matrix operand: `rows x cols` with element `(i, j)` at
-/// `data[i·rs + j·cs]`.
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> Mat<'a> {
-    fn new(data: &'a [f32], rs: usize, cs: usize) -> Self {
-        Self { data, rs, cs }
-    }
-
-    /// Whether every element of a `rows x cols` view lies inside `data`.
-    fn fits(&self, rows: usize, cols: usize) -> bool {
-        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
-    }
-}
-
-/// `dst = lhs · rhs` (or `dst += lhs · rhs` when `accumulate`), `lhs` `m x k`,
-/// `rhs` `k x n`, `dst` `m x n` row-major with row stride `dst_rs`.
-///
-/// Safe wrapper: the bounds checks make gemm's raw-pointer reads and writes
-/// stay inside the slices (`dst` is a unique borrow, so no operand aliases it).
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: Mat,
-    rhs: Mat,
-    parallelism: Parallelism,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(
-        (m - 1) * dst_rs + n <= dst.len() && dst_rs >= n && lhs.fits(m, k) && rhs.fits(k, n),
-        "pointwise_conv2d: gemm operand out of bounds"
-    );
-    // SAFETY: all three views are in bounds (checked above); dst rows do not
-    // overlap (dst_rs ≥ n); dst is exclusively borrowed.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            // dst = alpha·dst + beta·lhs·rhs; alpha is ignored unless read_dst.
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
-
 /// Copies the items of `src` (`[g, rows, hw]`) to `dst` as `[rows, g·hw]`:
 /// row `r` holds the `r`-th rows of the items side by side.
 fn pack(src: &[f32], rows: usize, hw: usize, dst: &mut [f32]) {
@@ -258,14 +186,14 @@ fn left_mul(a: Mat, geom: &Geom, input: &[f32]) -> Vec<f32> {
             if cols == hw {
                 // One item: gemm straight from the NCHW buffers.
                 let rhs = Mat::new(input, hw, 1);
-                matmul(m, hw, k, out, hw, false, a, rhs, inner);
+                matmul(out, hw, (m, hw, k), false, a, rhs, inner);
                 return;
             }
             scratch.resize((k + m) * cols, 0.0);
             let (packed_in, packed_out) = scratch.split_at_mut(k * cols);
             pack(input, k, hw, packed_in);
             let rhs = Mat::new(packed_in, cols, 1);
-            matmul(m, cols, k, packed_out, cols, false, a, rhs, inner);
+            matmul(packed_out, cols, (m, cols, k), false, a, rhs, inner);
             unpack(packed_out, m, hw, out);
         });
     out
@@ -291,7 +219,7 @@ fn sum_grad_weight(geom: &Geom, g: usize, x: &[f32], dy: &[f32], dw: &mut [f32],
             pack(xg, c, hw, px);
             (Mat::new(pdy, cols, 1), Mat::new(px, 1, cols))
         };
-        matmul(o, c, cols, dw, c, accumulate, lhs, rhs, par);
+        matmul(dw, c, (o, c, cols), accumulate, lhs, rhs, par);
         accumulate = true;
     }
 }
