@@ -5,28 +5,35 @@
 //!   `blobs/XX/REST`        a file's bytes or a manifest's text, named by its BLAKE3
 //!   `runs/FINGERPRINT.json` the run record: which output a fingerprint produced
 //!
+//! With a remote (`[store] remote`), the local store sits in front of it: a
+//! local miss is looked up remotely and the blobs found are kept locally; a
+//! result is written to both (the remote unless read-only).
+//!
 //! Promises: every blob is re-hashed when read and a mismatch is an error
-//! naming the digest, never data; blobs are uploaded before the run record
-//! that references them, so a record never points at missing bytes.
+//! naming the digest, never data; blobs are uploaded before the manifest that
+//! lists them and the manifest before the run record that references it, in
+//! each store, so a record never points at missing bytes.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use indicatif::ProgressBar;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::context::join_rel;
+use crate::context::{Progress, join_rel};
 use crate::digest::Digest;
 use crate::manifest::Manifest;
 use crate::store::{BlobStore, StoreError};
+use crate::sync::{self, Remote};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("blob {digest} in store {store} is corrupt (its bytes hash to {actual}); it was removed from the store: run again to recompute it")]
-    Corrupt { digest: Digest, actual: Digest, store: String },
+    #[error("blob {digest} in store {store} is corrupt (its bytes hash to {actual}); {remedy}")]
+    Corrupt { digest: Digest, actual: Digest, store: String, remedy: String },
     #[error("blob {digest} is missing from store {store}")]
     Missing { digest: Digest, store: String },
     #[error("manifest {digest} is malformed")]
@@ -49,6 +56,24 @@ pub enum ArtifactError {
     },
 }
 
+const NO_REMOTE_REMEDY: &str = "it was removed from the store: run again to recompute it";
+
+/// Every file blob of a manifest with its size, for a transfer.
+pub fn wanted(manifest: &Manifest) -> Vec<sync::Wanted> {
+    manifest.entries().iter().map(|e| (e.digest, e.size)).collect()
+}
+
+impl RunRecord {
+    /// The record as stored: pretty JSON.
+    pub fn to_bytes(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec_pretty(self).expect("record serialises"))
+    }
+}
+
+fn parse_record(key: &str, bytes: &[u8]) -> Result<RunRecord, ArtifactError> {
+    serde_json::from_slice(bytes).map_err(|source| ArtifactError::BadRecord { key: key.to_string(), source })
+}
+
 /// What a fingerprint produced.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RunRecord {
@@ -61,6 +86,8 @@ pub struct RunRecord {
 #[derive(Clone)]
 pub struct Artifacts {
     store: Arc<dyn BlobStore>,
+    remote: Option<Arc<Remote>>,
+    progress: Progress,
 }
 
 pub fn blob_key(d: &Digest) -> String {
@@ -68,46 +95,69 @@ pub fn blob_key(d: &Digest) -> String {
     format!("blobs/{}/{}", &hex[..2], &hex[2..])
 }
 
-fn run_key(fingerprint: &Digest) -> String {
+pub fn run_key(fingerprint: &Digest) -> String {
     format!("runs/{fingerprint}.json")
 }
 
 impl Artifacts {
     pub fn new(store: Arc<dyn BlobStore>) -> Self {
-        Artifacts { store }
+        Artifacts { store, remote: None, progress: Progress::new(true) }
     }
 
+    /// Puts `remote` behind the local store; transfers draw on `progress`.
+    pub fn with_remote(mut self, remote: Remote, progress: Progress) -> Self {
+        self.remote = Some(Arc::new(remote));
+        self.progress = progress;
+        self
+    }
+
+    /// The local store.
     pub fn store(&self) -> &dyn BlobStore {
         self.store.as_ref()
     }
 
-    /// Stores bytes under their digest (no-op when already present).
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_deref()
+    }
+
+    fn writable_remote(&self) -> Option<&Remote> {
+        self.remote.as_deref().filter(|r| !r.read_only)
+    }
+
+    /// Stores bytes under their digest (no-op when already present), locally
+    /// and on a writable remote.
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<Digest, ArtifactError> {
         let d = Digest::of_bytes(bytes);
         let key = blob_key(&d);
-        if !self.store.exists(&key)? {
-            self.store.put(&key, Bytes::copy_from_slice(bytes))?;
+        let stores = std::iter::once(self.store.as_ref()).chain(self.writable_remote().map(|r| &r.store as &dyn BlobStore));
+        for store in stores {
+            if !store.exists(&key)? {
+                store.put(&key, Bytes::copy_from_slice(bytes))?;
+            }
         }
         Ok(d)
     }
 
-    /// Reads a blob and checks its digest; `Ok(None)` when absent.
+    /// Reads a blob and checks its digest; `Ok(None)` when absent. A local
+    /// miss (or a corrupt local copy, which is removed) is fetched from the
+    /// remote and kept locally.
     pub fn get_bytes(&self, d: &Digest) -> Result<Option<Bytes>, ArtifactError> {
-        let Some(bytes) = self.store.get(&blob_key(d))? else { return Ok(None) };
-        let actual = Digest::of_bytes(&bytes);
-        if actual != *d {
-            return Err(self.corrupt(d, actual));
+        let key = blob_key(d);
+        if let Some(bytes) = self.store.get(&key)? {
+            match sync::check(self.store.as_ref(), d, Digest::of_bytes(&bytes), NO_REMOTE_REMEDY) {
+                Ok(()) => return Ok(Some(bytes)),
+                Err(e) if self.remote.is_none() => return Err(e),
+                Err(e) => tracing::warn!("{e}; fetching it from the remote"),
+            }
         }
-        Ok(Some(bytes))
-    }
-
-    /// A blob whose bytes do not match its name is garbage: drop it so the
-    /// next run (or pull) stores a good copy, and report it.
-    fn corrupt(&self, digest: &Digest, actual: Digest) -> ArtifactError {
-        if let Err(e) = self.store.delete(&blob_key(digest)) {
-            tracing::warn!("could not remove corrupt blob {digest}: {e}");
-        }
-        ArtifactError::Corrupt { digest: *digest, actual, store: self.store.describe() }
+        let Some(remote) = self.remote() else { return Ok(None) };
+        let Some(size) = remote.store.size(&key)? else { return Ok(None) };
+        sync::download(self.store.as_ref(), remote, &[(*d, size)], &ProgressBar::hidden())?;
+        self.store.get(&key)?.map(Some).ok_or_else(|| ArtifactError::Missing { digest: *d, store: self.store.describe() })
     }
 
     pub fn put_manifest(&self, m: &Manifest) -> Result<Digest, ArtifactError> {
@@ -119,8 +169,9 @@ impl Artifacts {
         Manifest::parse(&bytes).map(Some).map_err(|source| ArtifactError::BadManifest { digest: *d, source })
     }
 
-    /// Uploads every file of `dir` listed in `manifest` that the store lacks,
-    /// then the manifest itself; returns the manifest's digest.
+    /// Stores every file of `dir` listed in `manifest` that the store lacks,
+    /// then the manifest itself; returns the manifest's digest. With a
+    /// writable remote, the same files go there too, before the manifest.
     pub fn put_dir(&self, dir: &Path, manifest: &Manifest) -> Result<Digest, ArtifactError> {
         manifest.entries().par_iter().try_for_each(|e| -> Result<(), ArtifactError> {
             let key = blob_key(&e.digest);
@@ -129,12 +180,23 @@ impl Artifacts {
             }
             Ok(())
         })?;
+        if let Some(remote) = self.writable_remote() {
+            let bar = self.progress.bytes_bar("uploading to remote");
+            sync::upload(self.store.as_ref(), remote, &wanted(manifest), &bar)?;
+            bar.finish_and_clear();
+        }
         self.put_manifest(manifest)
     }
 
     /// Writes every file of `manifest` under `dest` (which must not exist yet),
-    /// checking each blob's digest as it lands.
+    /// checking each blob's digest as it lands. Blobs missing locally are
+    /// fetched from the remote first.
     pub fn materialize(&self, manifest: &Manifest, dest: &Path) -> Result<(), ArtifactError> {
+        if let Some(remote) = self.remote() {
+            let bar = self.progress.bytes_bar("fetching from remote");
+            sync::download(self.store.as_ref(), remote, &wanted(manifest), &bar)?;
+            bar.finish_and_clear();
+        }
         std::fs::create_dir_all(dest).map_err(|source| ArtifactError::Io { path: dest.display().to_string(), source })?;
         manifest.entries().par_iter().try_for_each(|e| -> Result<(), ArtifactError> {
             let path = join_rel(dest, &e.path);
@@ -144,27 +206,45 @@ impl Artifacts {
             let actual = Digest::of_file(&path).map_err(|source| ArtifactError::Io { path: path.display().to_string(), source })?;
             if actual != e.digest {
                 let _ = std::fs::remove_file(&path);
-                return Err(self.corrupt(&e.digest, actual));
+                return Err(sync::check(self.store.as_ref(), &e.digest, actual, self.local_remedy()).unwrap_err());
             }
             Ok(())
         })
     }
 
+    fn local_remedy(&self) -> &'static str {
+        if self.remote.is_some() { sync::LOCAL_REMEDY } else { NO_REMOTE_REMEDY }
+    }
+
+    /// Records what `fingerprint` produced, locally and on a writable remote.
+    /// Call it after the output's blobs and manifest are stored.
     pub fn put_run(&self, fingerprint: &Digest, record: &RunRecord) -> Result<(), ArtifactError> {
-        let json = serde_json::to_vec_pretty(record).expect("record serialises");
-        self.store.put(&run_key(fingerprint), Bytes::from(json))?;
+        let json = record.to_bytes();
+        self.store.put(&run_key(fingerprint), json.clone())?;
+        if let Some(remote) = self.writable_remote() {
+            remote.store.put(&run_key(fingerprint), json)?;
+        }
         Ok(())
     }
 
-    /// The record of an earlier run with this fingerprint whose output manifest
-    /// is still in the store.
+    /// The record of an earlier run with this fingerprint whose output
+    /// manifest is still stored: locally, else on the remote (the record and
+    /// manifest are then kept locally; the files follow on materialize).
     pub fn get_run(&self, fingerprint: &Digest) -> Result<Option<RunRecord>, ArtifactError> {
         let key = run_key(fingerprint);
-        let Some(bytes) = self.store.get(&key)? else { return Ok(None) };
-        let record: RunRecord = serde_json::from_slice(&bytes).map_err(|source| ArtifactError::BadRecord { key, source })?;
-        if !self.store.exists(&blob_key(&record.output))? {
+        if let Some(bytes) = self.store.get(&key)? {
+            let record = parse_record(&key, &bytes)?;
+            if self.store.exists(&blob_key(&record.output))? {
+                return Ok(Some(record));
+            }
+        }
+        let Some(remote) = self.remote() else { return Ok(None) };
+        let Some(bytes) = remote.store.get(&key)? else { return Ok(None) };
+        let record = parse_record(&key, &bytes)?;
+        if self.get_manifest(&record.output)?.is_none() {
             return Ok(None);
         }
+        self.store.put(&key, bytes)?;
         Ok(Some(record))
     }
 

@@ -1,4 +1,4 @@
-//! The command line: `run`, `status`, `dag`, `gc`, `verify`, `kinds`, plus
+//! The command line: `run`, `status`, `dag`, `gc`, `verify`, `push`, `pull`, `kinds`, plus
 //! the commands the application adds ([`AppCommand`]: e.g. `metrics`).
 //!
 //! `main` parses arguments, loads and validates the pipeline file (every error
@@ -17,6 +17,7 @@ use crate::config::{self, Override};
 use crate::context::Progress;
 use crate::error::Error;
 use crate::maintenance;
+use crate::share;
 use crate::registry::Registry;
 use crate::runner::{Engine, RunOptions, State, StageOutcome};
 
@@ -32,6 +33,9 @@ pub struct Cli {
     /// Print only errors.
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// Read from the remote store, never write to it (CI runners).
+    #[arg(long, global = true)]
+    pub remote_read_only: bool,
     /// More logging (-v info, -vv debug).
     #[arg(long, short, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -85,6 +89,17 @@ pub enum Command {
         /// Stages to re-run (with `--rerun`; default all).
         #[arg(requires = "rerun")]
         stages: Vec<String>,
+    },
+    /// Upload the lock file's results (all stages, or the named ones and
+    /// their upstreams) to the remote store.
+    Push { stages: Vec<String> },
+    /// Download the lock file's results (all stages, or the named ones and
+    /// their upstreams) from the remote store and write their output folders.
+    Pull {
+        stages: Vec<String>,
+        /// Only fill the local store; leave the output folders alone.
+        #[arg(long)]
+        no_checkout: bool,
     },
     /// List the stage kinds this binary knows.
     Kinds,
@@ -199,7 +214,10 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let pipeline = config::load(&cli.config, registry, &cli.overrides)?;
+    let mut pipeline = config::load(&cli.config, registry, &cli.overrides)?;
+    if let Some(remote) = pipeline.remote.as_mut() {
+        remote.read_only |= cli.remote_read_only;
+    }
     let progress = Progress::new(cli.quiet);
     match &cli.command {
         Command::Run { stages, force, dry_run, no_wait } => {
@@ -286,6 +304,24 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
                 if r.problems.is_empty() { "all match the lock file".to_string() } else { format!("{} problem(s)", r.problems.len()) }
             );
             Ok(if r.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Push { stages } => {
+            let engine = Engine::open(pipeline, registry, progress)?;
+            let names = engine.locked_stages(stages)?;
+            let report = share::push(engine.artifacts(), engine.lock_file(), &names)?;
+            println!("{}", report.line("pushed"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pull { stages, no_checkout } => {
+            let mut engine = Engine::open(pipeline, registry, progress)?;
+            let names = engine.locked_stages(stages)?;
+            let report = share::pull(engine.artifacts(), engine.lock_file(), &names)?;
+            println!("{}", report.line("pulled"));
+            if !no_checkout {
+                let written = engine.checkout(stages)?;
+                println!("checked out {} output folder(s){}", written.len(), if written.is_empty() { String::new() } else { format!(": {}", written.join(", ")) });
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Kinds => unreachable!("handled above"),
         Command::App(_) => unreachable!("handled by run_app"),

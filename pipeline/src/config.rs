@@ -24,10 +24,25 @@ pub struct Pipeline {
     /// The directory holding the pipeline file: relative paths start here.
     pub base_dir: PathBuf,
     pub store_url: String,
+    /// A shared store behind the local one (`[store] remote`), if any.
+    pub remote: Option<RemoteConfig>,
     /// Where stage outputs are materialised: `OUT/STAGE/`.
     pub out_dir: PathBuf,
     /// Stages in a topological order (upstreams first), ties in file order.
     pub stages: Vec<StageDecl>,
+}
+
+/// `[store] remote = URL` and its options: an object store shared between
+/// machines, looked up when the local store misses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemoteConfig {
+    /// `s3://bucket/prefix`, `gs://...`, `az://...`, `file://...`.
+    pub url: String,
+    /// An S3-compatible server's URL (MinIO, Ceph, s3s); `http://` allows plain HTTP.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Read from the remote, never write to it (CI runners).
+    pub read_only: bool,
 }
 
 #[derive(Debug)]
@@ -132,6 +147,7 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
     let base_dir = absolute(file.parent().unwrap_or(Path::new("")));
 
     let mut store_url = "store".to_string();
+    let mut remote = None;
     let mut out = "out".to_string();
     let mut stage_tables: Vec<(String, Spanned<DeValue>, usize)> = Vec::new();
     for (key, value) in root.into_inner() {
@@ -139,7 +155,8 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
         match key.get_ref().as_ref() {
             "store" => {
                 store_url = string_field(&value, "url", "store", &err_at)?.unwrap_or(store_url);
-                only_keys(&value, &["url"], "store", &err_at)?;
+                only_keys(&value, &["url", "remote", "endpoint", "region", "remote_read_only"], "store", &err_at)?;
+                remote = remote_config(&value, &err_at)?;
             }
             "outputs" => {
                 out = string_field(&value, "dir", "outputs", &err_at)?.unwrap_or(out);
@@ -255,8 +272,34 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
         out_dir: base_dir.join(out),
         base_dir,
         store_url,
+        remote,
         stages,
     })
+}
+
+fn remote_config(store: &Spanned<DeValue>, err_at: &ErrAt) -> Result<Option<RemoteConfig>, ConfigError> {
+    let url = string_field(store, "remote", "store", err_at)?;
+    let endpoint = string_field(store, "endpoint", "store", err_at)?;
+    let region = string_field(store, "region", "store", err_at)?;
+    let read_only = match field(store, "remote_read_only") {
+        None => false,
+        Some(v) => match v.get_ref() {
+            DeValue::Boolean(b) => *b,
+            other => return Err(err_at(Some(v.span()), format!("store.remote_read_only: expected true or false, found {}", other.type_str()))),
+        },
+    };
+    match url {
+        Some(url) => Ok(Some(RemoteConfig { url, endpoint, region, read_only })),
+        None if endpoint.is_some() || region.is_some() => {
+            Err(err_at(Some(store.span()), "store: `endpoint` and `region` configure a remote: set `remote = \"s3://bucket/prefix\"` too".into()))
+        }
+        None => Ok(None),
+    }
+}
+
+fn field<'a, 'i>(v: &'a Spanned<DeValue<'i>>, key: &str) -> Option<&'a Spanned<DeValue<'i>>> {
+    let DeValue::Table(t) = v.get_ref() else { return None };
+    t.iter().find(|(k, _)| k.get_ref().as_ref() == key).map(|(_, v)| v)
 }
 
 fn take<'i>(table: &mut DeTable<'i>, key: &str) -> Option<Spanned<DeValue<'i>>> {
@@ -280,12 +323,12 @@ fn string_list(v: &Spanned<DeValue>) -> Option<Vec<String>> {
 type ErrAt<'a> = dyn Fn(Option<std::ops::Range<usize>>, String) -> ConfigError + 'a;
 
 fn string_field(v: &Spanned<DeValue>, key: &str, table: &str, err_at: &ErrAt) -> Result<Option<String>, ConfigError> {
-    let DeValue::Table(t) = v.get_ref() else {
+    if !matches!(v.get_ref(), DeValue::Table(_)) {
         return Err(err_at(Some(v.span()), format!("`{table}` must be a table")));
-    };
-    match t.iter().find(|(k, _)| k.get_ref().as_ref() == key) {
+    }
+    match field(v, key) {
         None => Ok(None),
-        Some((_, val)) => match val.get_ref() {
+        Some(val) => match val.get_ref() {
             DeValue::String(s) => Ok(Some(s.to_string())),
             other => Err(err_at(Some(val.span()), format!("{table}.{key}: expected a string, found {}", other.type_str()))),
         },
@@ -364,6 +407,19 @@ mod tests {
     }
 
     const GOOD: &str = "[store]\nurl = \"store\"\n\n[stages.b]\nkind = \"toy\"\ninputs = [\"a\"]\nseed = 2\n\n[stages.a]\nkind = \"toy\"\n";
+
+    #[test]
+    fn remote_store_settings() {
+        assert_eq!(parse_text(GOOD, &[]).unwrap().remote, None);
+        let text = GOOD.replace("url = \"store\"\n", "url = \"store\"\nremote = \"s3://b/p\"\nendpoint = \"http://127.0.0.1:9000\"\nremote_read_only = true\n");
+        let remote = parse_text(&text, &[]).unwrap().remote.unwrap();
+        let expected = RemoteConfig { url: "s3://b/p".into(), endpoint: Some("http://127.0.0.1:9000".into()), region: None, read_only: true };
+        assert_eq!(remote, expected);
+        let e = parse_text(&GOOD.replace("url = \"store\"\n", "url = \"store\"\nendpoint = \"http://x\"\n"), &[]).unwrap_err();
+        assert!(e.contains("set `remote"), "{e}");
+        let e = parse_text(&GOOD.replace("url = \"store\"\n", "url = \"store\"\nremote = \"s3://b\"\nremote_read_only = \"yes\"\n"), &[]).unwrap_err();
+        assert!(e.contains(":4:") && e.contains("expected true or false"), "{e}");
+    }
 
     #[test]
     fn parses_and_orders_upstreams_first() {

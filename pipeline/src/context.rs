@@ -104,6 +104,18 @@ impl Progress {
         bar
     }
 
+    /// A bar counting bytes (transfers); its length is set when known.
+    pub fn bytes_bar(&self, what: &str) -> ProgressBar {
+        let bar = ProgressBar::with_draw_target(Some(0), self.target());
+        bar.set_style(
+            ProgressStyle::with_template("  {msg:<24} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(what.to_string());
+        bar
+    }
+
     /// A counter for work of unknown size (files hashed, objects fetched).
     pub fn counter(&self, what: &str) -> ProgressBar {
         let bar = ProgressBar::with_draw_target(None, self.target());

@@ -45,6 +45,8 @@ pub enum Error {
     },
     #[error("not up to date: {stages}; run `melanoflow run` first, then verify")]
     NotUpToDate { stages: String },
+    #[error("{0}")]
+    Remote(String),
     #[error("unknown command `{0}`; see `melanoflow --help`")]
     UnknownCommand(String),
 }

@@ -26,7 +26,9 @@ pub mod registry;
 pub mod remote;
 pub mod runlock;
 pub mod runner;
+pub mod share;
 pub mod store;
+pub mod sync;
 
 pub use context::{ExternalFiles, Progress, StageContext, StageReport, Upstream};
 pub use digest::Digest;

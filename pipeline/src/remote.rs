@@ -26,6 +26,10 @@ pub fn manifest_of_prefix(remote: &ObjectBlobStore, cache: &mut FileHashCache, o
         let keys: Vec<&str> = batch.iter().map(|&i| objects[i].key.as_str()).collect();
         let bodies = remote.get_many(&keys, CONCURRENCY)?;
         for (&i, body) in batch.iter().zip(bodies) {
+            let body = body.ok_or_else(|| {
+                let gone = std::io::Error::new(std::io::ErrorKind::NotFound, "listed, then deleted before it could be read");
+                crate::Error::io(url_of(&objects[i].key), gone)
+            })?;
             let d = Digest::of_bytes(&body);
             cache.put_remote(&url_of(&objects[i].key), objects[i].size, &objects[i].version, d);
             digests[i] = Some(d);

@@ -37,6 +37,7 @@ use crate::registry::{Registry, Source};
 use crate::remote;
 use crate::runlock::RunLock;
 use crate::store::{BlobStore, ObjectBlobStore};
+use crate::sync::Remote;
 
 /// What happened, or would happen, to a stage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -178,7 +179,12 @@ impl<'r> Engine<'r> {
     pub fn with_store(pipeline: Pipeline, registry: &'r Registry, store: Arc<dyn BlobStore>, progress: Progress) -> Result<Self> {
         let lock = LockFile::load(&pipeline.lock_path())?;
         let cache = FileHashCache::load(&pipeline.state_dir().join("filecache"));
-        Ok(Engine { pipeline, registry, artifacts: Artifacts::new(store), cache, lock, progress })
+        let mut artifacts = Artifacts::new(store);
+        if let Some(remote) = &pipeline.remote {
+            let store = ObjectBlobStore::open_remote(remote, &pipeline.base_dir)?;
+            artifacts = artifacts.with_remote(Remote { store, read_only: remote.read_only }, progress.clone());
+        }
+        Ok(Engine { pipeline, registry, artifacts, cache, lock, progress })
     }
 
     pub fn artifacts(&self) -> &Artifacts {
@@ -266,6 +272,38 @@ impl<'r> Engine<'r> {
         self.lock.save(&self.pipeline.lock_path()).map_err(|e| Error::io(self.pipeline.lock_path(), e))?;
         self.save_cache();
         result.map(|()| outcomes)
+    }
+
+    /// Writes the lock file's output of each selected stage (all, or the named
+    /// ones and their upstreams) into its output folder where the folder
+    /// differs, from the store (fetching from the remote as needed). Runs
+    /// nothing; returns the stages written.
+    pub fn checkout(&mut self, targets: &[String]) -> Result<Vec<String>> {
+        let _guard = self.run_lock(true)?;
+        self.lock = LockFile::load(&self.pipeline.lock_path())?;
+        self.clean_staging()?;
+        let mut written = Vec::new();
+        for name in self.locked_stages(targets)? {
+            let output = self.lock.stages[&name].output;
+            let on_disk = self.dir_manifest(&self.pipeline.stage_out_dir(&name))?;
+            if on_disk.is_none_or(|m| m.digest() != output) {
+                self.restore(&name, output)?;
+                written.push(name);
+            }
+        }
+        self.save_cache();
+        Ok(written)
+    }
+
+    /// The selected stages (all, or the named ones and their upstreams) that
+    /// the lock file records, in pipeline order.
+    pub fn locked_stages(&self, targets: &[String]) -> Result<Vec<String>> {
+        Ok(self
+            .selected(targets)?
+            .into_iter()
+            .map(|i| self.pipeline.stages[i].name.clone())
+            .filter(|n| self.lock.stages.contains_key(n))
+            .collect())
     }
 
     /// Re-executes the selected stages from scratch (no cache, no per-item

@@ -18,7 +18,12 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::aws::AmazonS3Builder;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::config::RemoteConfig;
 
 /// Files at least this large are uploaded in parts instead of read into memory.
 const MULTIPART_THRESHOLD: u64 = 64 * 1024 * 1024;
@@ -58,7 +63,11 @@ pub trait BlobStore: Send + Sync {
     /// The local directory holding the store, when it is on this machine.
     fn local_root(&self) -> Option<&Path>;
     fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError>;
-    fn exists(&self, key: &str) -> Result<bool, StoreError>;
+    fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(self.size(key)?.is_some())
+    }
+    /// The object's size, `None` when absent.
+    fn size(&self, key: &str) -> Result<Option<u64>, StoreError>;
     fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError>;
     /// Uploads a file, streaming large ones.
     fn put_file(&self, key: &str, file: &Path) -> Result<(), StoreError>;
@@ -98,6 +107,45 @@ impl ObjectBlobStore {
         let env = std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v));
         let (store, prefix) = object_store::parse_url_opts(&parsed, env).map_err(|e| url_err(Box::new(e)))?;
         Ok(Self::with(Arc::from(store), prefix, url.into(), None))
+    }
+
+    /// Opens a remote store (`[store] remote`): like [`Self::open`], plus an
+    /// S3 `endpoint` and `region`. Credentials come from the environment
+    /// (`AWS_ACCESS_KEY_ID`, ...). Requests give up after a few retries so an
+    /// unreachable server is a prompt error, not minutes of back-off.
+    pub fn open_remote(remote: &RemoteConfig, base: &Path) -> Result<Self, StoreError> {
+        let url = remote.url.as_str();
+        if !(url.starts_with("s3://") || url.starts_with("s3a://")) {
+            if remote.endpoint.is_some() {
+                let source = "`endpoint` applies to s3:// remotes only".into();
+                return Err(StoreError::Url { url: url.into(), source });
+            }
+            return Self::open(url, base);
+        }
+        let url_err = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Url { url: url.to_string(), source: e };
+        let parsed = url::Url::parse(url).map_err(|e| url_err(Box::new(e)))?;
+        let prefix = ObjPath::from_url_path(parsed.path()).map_err(|e| url_err(Box::new(e)))?;
+        let retry = RetryConfig {
+            backoff: BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(2), base: 2.0 },
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(20),
+        };
+        let mut builder = AmazonS3Builder::from_env()
+            .with_url(url)
+            .with_retry(retry)
+            .with_client_options(ClientOptions::new().with_connect_timeout(Duration::from_secs(5)));
+        if let Some(endpoint) = &remote.endpoint {
+            builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
+        }
+        if let Some(region) = &remote.region {
+            builder = builder.with_region(region);
+        }
+        let store = builder.build().map_err(|e| url_err(Box::new(e)))?;
+        let describe = match &remote.endpoint {
+            Some(e) => format!("{url} (at {e})"),
+            None => url.to_string(),
+        };
+        Ok(Self::with(Arc::new(store), prefix, describe, None))
     }
 
     /// A store in a local directory (created if missing).
@@ -184,19 +232,70 @@ impl ObjectBlobStore {
     }
 
     /// Fetches several objects with up to `concurrency` requests in flight;
-    /// results in the order of `keys`. A missing key is an error here: the
-    /// caller listed it a moment ago.
-    pub fn get_many(&self, keys: &[&str], concurrency: usize) -> Result<Vec<Bytes>, StoreError> {
+    /// results in the order of `keys`, `None` for a missing key.
+    pub fn get_many(&self, keys: &[&str], concurrency: usize) -> Result<Vec<Option<Bytes>>, StoreError> {
         self.runtime.block_on(async {
             futures::stream::iter(keys.iter().map(|key| async move {
-                let path = self.path(key);
-                let got = self.inner.get(&path).await.map_err(|e| self.backend("get", key, e))?;
-                got.bytes().await.map_err(|e| self.backend("get", key, e))
+                match self.inner.get(&self.path(key)).await {
+                    Ok(got) => got.bytes().await.map(Some).map_err(|e| self.backend("get", key, e)),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(self.backend("get", key, e)),
+                }
             }))
             .buffered(concurrency.max(1))
             .try_collect()
             .await
         })
+    }
+
+    /// Uploads several objects with up to `concurrency` requests in flight.
+    /// Each object is published whole or not at all.
+    pub fn put_many(&self, items: Vec<(String, Bytes)>, concurrency: usize) -> Result<(), StoreError> {
+        self.runtime.block_on(async {
+            futures::stream::iter(items.into_iter().map(|(key, bytes)| async move {
+                let path = self.path(&key);
+                self.inner.put(&path, PutPayload::from_bytes(bytes)).await.map(|_| ()).map_err(|e| self.backend("put", &key, e))
+            }))
+            .buffer_unordered(concurrency.max(1))
+            .try_collect::<Vec<()>>()
+            .await
+            .map(|_| ())
+        })
+    }
+
+    /// Sizes of several keys (`None` when absent), with up to `concurrency`
+    /// HEAD requests in flight; in the order of `keys`.
+    pub fn size_many(&self, keys: &[String], concurrency: usize) -> Result<Vec<Option<u64>>, StoreError> {
+        self.runtime.block_on(async {
+            futures::stream::iter(keys.iter().map(|key| self.head_size(key))).buffered(concurrency.max(1)).try_collect().await
+        })
+    }
+
+    /// Every object under each of `prefixes` (one listing each, concurrently):
+    /// key -> size. One request per 1,000 keys instead of one per key.
+    pub fn list_sizes(&self, prefixes: &[String], concurrency: usize) -> Result<HashMap<String, u64>, StoreError> {
+        let strip = self.prefix.as_ref().len();
+        let lists: Vec<Vec<object_store::ObjectMeta>> = self.runtime.block_on(async {
+            futures::stream::iter(prefixes.iter().map(|p| async move {
+                self.inner.list(Some(&self.path(p))).try_collect::<Vec<_>>().await.map_err(|e| self.backend("list", p, e))
+            }))
+            .buffer_unordered(concurrency.max(1))
+            .try_collect()
+            .await
+        })?;
+        Ok(lists
+            .into_iter()
+            .flatten()
+            .map(|m| (m.location.as_ref()[strip..].trim_start_matches('/').to_string(), m.size))
+            .collect())
+    }
+
+    async fn head_size(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        match self.inner.head(&self.path(key)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.backend("head", key, e)),
+        }
     }
 }
 
@@ -221,13 +320,8 @@ impl BlobStore for ObjectBlobStore {
         .map_err(|e| self.backend("get", key, e))
     }
 
-    fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        let path = self.path(key);
-        match self.runtime.block_on(self.inner.head(&path)) {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(self.backend("head", key, e)),
-        }
+    fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        self.runtime.block_on(self.head_size(key))
     }
 
     fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {

@@ -235,7 +235,8 @@ impl ImageSource {
             ImageSource::Local(_) => Ok(HashMap::new()),
             ImageSource::Remote(store) => {
                 let bodies = store.get_many(files, 16)?;
-                Ok(files.iter().map(|f| f.to_string()).zip(bodies.into_iter().map(|b| b.to_vec())).collect())
+                // A missing object is left out; `read` then reports it by name.
+                Ok(files.iter().zip(bodies).filter_map(|(f, b)| Some((f.to_string(), b?.to_vec()))).collect())
             }
         }
     }
@@ -248,7 +249,7 @@ impl ImageSource {
             }
             ImageSource::Remote(_) => {
                 let taken = prefetched.lock().expect("not poisoned").remove(file);
-                taken.ok_or_else(|| anyhow!("{} was not fetched", self.describe(file)))
+                taken.ok_or_else(|| anyhow!("{} is missing: it was listed, then deleted before it could be read", self.describe(file)))
             }
         }
     }

@@ -26,6 +26,8 @@ seed = 42
 
 pub struct Project {
     pub dir: tempfile::TempDir,
+    /// Environment variables every command gets (credentials, say).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Run {
@@ -63,7 +65,7 @@ impl Project {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("data")).unwrap();
         std::fs::write(dir.path().join("data/pipeline.toml"), pipeline).unwrap();
-        Project { dir }
+        Project { dir, env: Vec::new() }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -78,7 +80,7 @@ impl Project {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
-        c.current_dir(self.dir.path()).args(args).env_remove("MELANOFLOW_LOG");
+        c.current_dir(self.dir.path()).args(args).env_remove("MELANOFLOW_LOG").envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 

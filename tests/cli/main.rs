@@ -10,3 +10,4 @@ mod engine;
 mod ingest;
 mod preprocess;
 mod realdata;
+mod remote;
