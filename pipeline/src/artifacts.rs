@@ -227,6 +227,24 @@ impl Artifacts {
         Ok(())
     }
 
+    /// Records what `fingerprint` produced unless a record exists already
+    /// (two workers racing on one fingerprint); returns the record that
+    /// stands. Atomic where the store supports create-only writes.
+    pub fn put_run_once(&self, fingerprint: &Digest, record: &RunRecord) -> Result<RunRecord, ArtifactError> {
+        let key = run_key(fingerprint);
+        let json = record.to_bytes();
+        let stores = std::iter::once(self.store.as_ref()).chain(self.writable_remote().map(|r| &r.store as &dyn BlobStore));
+        for store in stores {
+            if !store.put_if_absent(&key, json.clone())? {
+                let existing = store.get(&key)?.map(|b| parse_record(&key, &b)).transpose()?;
+                if let Some(existing) = existing.filter(|e| e != record) {
+                    return Ok(existing);
+                }
+            }
+        }
+        Ok(record.clone())
+    }
+
     /// The record of an earlier run with this fingerprint whose output
     /// manifest is still stored: locally, else on the remote (the record and
     /// manifest are then kept locally; the files follow on materialize).

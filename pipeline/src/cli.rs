@@ -13,13 +13,14 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, Override};
+use crate::config::{self, ExecutorKind, Override};
+use crate::digest::Digest;
 use crate::context::Progress;
 use crate::error::Error;
 use crate::maintenance;
 use crate::share;
 use crate::registry::Registry;
-use crate::runner::{Engine, RunOptions, State, StageOutcome};
+use crate::runner::{Engine, RunOptions, State, StageOutcome, WorkerOutcome};
 
 #[derive(Parser, Debug)]
 #[command(name = "melanoflow", version, about = "Content-hashed pipeline: CycleGAN augmentation for melanoma classification")]
@@ -57,6 +58,24 @@ pub enum Command {
         /// Fail at once instead of waiting when another run holds the store.
         #[arg(long)]
         no_wait: bool,
+        /// Run up to N independent stages at once (default: `[executor] jobs`, else 1).
+        #[arg(long, short = 'j', value_name = "N")]
+        jobs: Option<usize>,
+        /// Where stages run (default: `[executor] kind`, else local).
+        #[arg(long, value_enum)]
+        executor: Option<ExecutorKind>,
+    },
+    /// Run one stage as a worker (a Slurm job): its upstreams must be in the
+    /// store; its result goes to the store only (no lock file, no `out/`).
+    #[command(hide = true)]
+    RunStage {
+        stage: String,
+        /// Refuse to run unless the stage's fingerprint is this one.
+        #[arg(long)]
+        fingerprint: Option<Digest>,
+        /// Recompute even when the store has a result.
+        #[arg(long)]
+        force: bool,
     },
     /// Say which stages are cached and why the others would run.
     Status {
@@ -220,16 +239,25 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
     }
     let progress = Progress::new(cli.quiet);
     match &cli.command {
-        Command::Run { stages, force, dry_run, no_wait } => {
+        Command::Run { stages, force, dry_run, no_wait, jobs, executor } => {
             let started = Instant::now();
+            let executor = executor.unwrap_or(pipeline.executor.kind);
+            let jobs = jobs.or(pipeline.executor.jobs).unwrap_or(1);
             let mut engine = Engine::open(pipeline, registry, progress)?;
-            let opts = RunOptions { targets: stages.clone(), force: *force, dry_run: *dry_run, wait: !*no_wait };
+            let opts = RunOptions { targets: stages.clone(), force: *force, dry_run: *dry_run, wait: !*no_wait, jobs, restore_only: false };
             let quiet = cli.quiet;
-            let outcomes = engine.run(&opts, &mut |o: &StageOutcome| {
+            let mut print = |o: &StageOutcome| {
                 if !quiet {
                     println!("{}", o.line());
                 }
-            })?;
+            };
+            let outcomes = match executor {
+                ExecutorKind::Slurm if !*dry_run => {
+                    let worker = worker_command(cli, &engine.pipeline)?;
+                    crate::slurm::run(&mut engine, &opts, &worker, &mut |line| println!("{line}"), &mut print)?
+                }
+                _ => engine.run(&opts, &mut print)?,
+            };
             if !cli.quiet {
                 println!("{}", summary(&outcomes, started.elapsed().as_secs_f64()));
             }
@@ -305,6 +333,17 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
             );
             Ok(if r.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Command::RunStage { stage, fingerprint, force } => {
+            let started = Instant::now();
+            let mut engine = Engine::open(pipeline, registry, progress)?;
+            match engine.run_stage(stage, *fingerprint, *force)? {
+                WorkerOutcome::Committed { output } => {
+                    println!("committed {stage} -> {} ({:.1}s)", output.short(), started.elapsed().as_secs_f64())
+                }
+                WorkerOutcome::AlreadyCommitted { output } => println!("already committed {stage} -> {}", output.short()),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Push { stages } => {
             let engine = Engine::open(pipeline, registry, progress)?;
             let names = engine.locked_stages(stages)?;
@@ -326,6 +365,24 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
         Command::Kinds => unreachable!("handled above"),
         Command::App(_) => unreachable!("handled by run_app"),
     }
+}
+
+/// How Slurm jobs call this binary back: the same program (or `[executor]
+/// command`), the same pipeline file and the same global options.
+fn worker_command(cli: &Cli, pipeline: &config::Pipeline) -> Result<crate::slurm::WorkerCommand, Error> {
+    let program = match &pipeline.executor.command {
+        Some(c) => c.clone(),
+        None => std::env::current_exe().map_err(|e| Error::io("the melanoflow binary", e))?.display().to_string(),
+    };
+    let config = std::path::absolute(&cli.config).map_err(|e| Error::io(&cli.config, e))?;
+    let mut global_args = vec!["--config".to_string(), config.display().to_string()];
+    for o in &cli.overrides {
+        global_args.push(format!("--set={o}"));
+    }
+    if cli.remote_read_only {
+        global_args.push("--remote-read-only".into());
+    }
+    Ok(crate::slurm::WorkerCommand { program, global_args })
 }
 
 fn summary(outcomes: &[StageOutcome], seconds: f64) -> String {

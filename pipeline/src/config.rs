@@ -14,7 +14,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::dag;
-use crate::registry::{ParsedParams, Registry};
+use crate::registry::{ParsedParams, Registry, Resources};
 
 /// A validated pipeline, ready to plan.
 #[derive(Debug)]
@@ -28,8 +28,41 @@ pub struct Pipeline {
     pub remote: Option<RemoteConfig>,
     /// Where stage outputs are materialised: `OUT/STAGE/`.
     pub out_dir: PathBuf,
+    /// How stages are run (`[executor]`).
+    pub executor: ExecutorConfig,
     /// Stages in a topological order (upstreams first), ties in file order.
     pub stages: Vec<StageDecl>,
+}
+
+/// `[executor]`: where stages run. Local by default; `kind = "slurm"` submits
+/// each stage that must run as a Slurm job (see `slurm.rs`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorConfig {
+    #[serde(default)]
+    pub kind: ExecutorKind,
+    /// Local executor: independent stages run at once (`-j`).
+    pub jobs: Option<usize>,
+    /// Slurm: the default partition (`--partition`).
+    pub partition: Option<String>,
+    /// Slurm: the account to charge (`--account`).
+    pub account: Option<String>,
+    /// Slurm: extra `sbatch` arguments for every job (`["--qos=normal"]`).
+    #[serde(default)]
+    pub sbatch_args: Vec<String>,
+    /// Slurm: seconds between job-state polls (default 1).
+    pub poll_seconds: Option<f64>,
+    /// Slurm: the melanoflow binary as the compute nodes see it (default:
+    /// this binary's path, which suits a shared filesystem).
+    pub command: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    #[default]
+    Local,
+    Slurm,
 }
 
 /// `[store] remote = URL` and its options: an object store shared between
@@ -52,6 +85,8 @@ pub struct StageDecl {
     pub inputs: Vec<String>,
     pub line: usize,
     pub params: ParsedParams,
+    /// Scheduler hints: the kind's, overridden by `[stages.NAME.resources]`.
+    pub resources: Resources,
 }
 
 impl Pipeline {
@@ -118,7 +153,7 @@ impl std::fmt::Display for Override {
     }
 }
 
-const STAGE_RESERVED: &[&str] = &["kind", "inputs"];
+const STAGE_RESERVED: &[&str] = &["kind", "inputs", "resources"];
 
 /// Reads, parses and validates a pipeline file.
 pub fn load(file: &Path, registry: &Registry, overrides: &[Override]) -> Result<Pipeline, ConfigError> {
@@ -148,6 +183,7 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
 
     let mut store_url = "store".to_string();
     let mut remote = None;
+    let mut executor = ExecutorConfig::default();
     let mut out = "out".to_string();
     let mut stage_tables: Vec<(String, Spanned<DeValue>, usize)> = Vec::new();
     for (key, value) in root.into_inner() {
@@ -157,6 +193,11 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
                 store_url = string_field(&value, "url", "store", &err_at)?.unwrap_or(store_url);
                 only_keys(&value, &["url", "remote", "endpoint", "region", "remote_read_only"], "store", &err_at)?;
                 remote = remote_config(&value, &err_at)?;
+            }
+            "executor" => {
+                use serde::Deserialize;
+                executor = ExecutorConfig::deserialize(toml::de::ValueDeserializer::from(value))
+                    .map_err(|e| err_at(e.span(), format!("executor: {}", e.message())))?;
             }
             "outputs" => {
                 out = string_field(&value, "dir", "outputs", &err_at)?.unwrap_or(out);
@@ -174,7 +215,7 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
             other => {
                 return Err(err_at(
                     Some(key_span),
-                    format!("unknown key `{other}`, expected one of `store`, `outputs`, `stages`"),
+                    format!("unknown key `{other}`, expected one of `store`, `outputs`, `executor`, `stages`"),
                 ));
             }
         }
@@ -220,6 +261,14 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
                 err_at(Some(v.span()), format!("stages.{name}.inputs must be a list of stage names"))
             })?,
         };
+        let explicit = match take(&mut table, "resources") {
+            None => Resources::default(),
+            Some(v) => {
+                use serde::Deserialize;
+                Resources::deserialize(toml::de::ValueDeserializer::from(v))
+                    .map_err(|e| err_at(e.span(), format!("stages.{name}.resources: {}", e.message())))?
+            }
+        };
         let file_table = table.clone();
         let key_spans: Vec<(String, std::ops::Range<usize>)> = table
             .iter()
@@ -257,7 +306,8 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
         stage_kind
             .check(&params, &inputs)
             .map_err(|m| err_at(Some(span.clone()), format!("stages.{name}: {m}")))?;
-        stages.push(StageDecl { name, kind, inputs, line, params });
+        let resources = explicit.or(stage_kind.resources(&params));
+        stages.push(StageDecl { name, kind, inputs, line, params, resources });
     }
 
     let order = dag::topo_order(&stages).map_err(|e| {
@@ -273,6 +323,7 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
         base_dir,
         store_url,
         remote,
+        executor,
         stages,
     })
 }
@@ -407,6 +458,24 @@ mod tests {
     }
 
     const GOOD: &str = "[store]\nurl = \"store\"\n\n[stages.b]\nkind = \"toy\"\ninputs = [\"a\"]\nseed = 2\n\n[stages.a]\nkind = \"toy\"\n";
+
+    #[test]
+    fn executor_and_resources() {
+        let p = parse_text(GOOD, &[]).unwrap();
+        assert_eq!(p.executor, ExecutorConfig::default());
+        assert_eq!(p.stage("a").unwrap().resources, Resources::default());
+        let text = format!("[executor]\nkind = \"slurm\"\npartition = \"gpu\"\n\n{GOOD}\n[stages.a.resources]\ncpus = 4\nmem = \"8G\"\n");
+        let p = parse_text(&text, &[]).unwrap();
+        assert_eq!((p.executor.kind, p.executor.partition.as_deref()), (ExecutorKind::Slurm, Some("gpu")));
+        let r = &p.stage("a").unwrap().resources;
+        assert_eq!((r.cpus, r.mem.as_deref(), r.gpus), (Some(4), Some("8G"), None));
+        let fp_params = &p.stage("a").unwrap().params.canonical;
+        assert_eq!(fp_params, &parse_text(GOOD, &[]).unwrap().stage("a").unwrap().params.canonical, "resources are not parameters");
+        let e = parse_text(&format!("{GOOD}\n[stages.a.resources]\ngpu = 1\n"), &[]).unwrap_err();
+        assert!(e.contains("stages.a.resources") && e.contains("gpu"), "{e}");
+        let e = parse_text(&format!("[executor]\nkind = \"kubernetes\"\n{GOOD}"), &[]).unwrap_err();
+        assert!(e.contains(":2:") && e.contains("kubernetes"), "{e}");
+    }
 
     #[test]
     fn remote_store_settings() {

@@ -47,6 +47,10 @@ pub enum Error {
     NotUpToDate { stages: String },
     #[error("{0}")]
     Remote(String),
+    #[error("{0}")]
+    Worker(String),
+    #[error("slurm: {0}")]
+    Slurm(String),
     #[error("unknown command `{0}`; see `melanoflow --help`")]
     UnknownCommand(String),
 }

@@ -27,10 +27,11 @@ pub mod remote;
 pub mod runlock;
 pub mod runner;
 pub mod share;
+pub mod slurm;
 pub mod store;
 pub mod sync;
 
 pub use context::{ExternalFiles, Progress, StageContext, StageReport, Upstream};
 pub use digest::Digest;
 pub use error::{Error, Result};
-pub use registry::{BoxError, ExternalInput, Registry, Source, Stage};
+pub use registry::{BoxError, ExternalInput, Registry, Resources, Source, Stage};

@@ -43,8 +43,45 @@ pub trait Stage: Send + Sync + 'static {
         Ok(())
     }
 
+    /// What a run of this stage needs from a cluster scheduler (a GPU when
+    /// its device is CUDA, say). `[stages.NAME.resources]` overrides it.
+    fn resources(&self, _params: &Self::Params) -> Resources {
+        Resources::default()
+    }
+
     /// Does the work, writing every output under `ctx.out_dir`.
     fn run(&self, params: &Self::Params, ctx: &StageContext) -> Result<StageReport, BoxError>;
+}
+
+/// Scheduler hints for one stage (`[stages.NAME.resources]`): under the Slurm
+/// executor they become `sbatch` options. Not part of the fingerprint: where
+/// a stage runs does not change what it writes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU cores (`--cpus-per-task`).
+    pub cpus: Option<u32>,
+    /// Memory per node, Slurm syntax: `16G`, `4000M` (`--mem`).
+    pub mem: Option<String>,
+    /// GPUs (`--gres=gpu:N`).
+    pub gpus: Option<u32>,
+    /// Wall-clock limit, Slurm syntax: `90`, `4:00:00`, `1-00:00:00` (`--time`).
+    pub time: Option<String>,
+    /// Partition (`--partition`), overriding `[executor] partition`.
+    pub partition: Option<String>,
+}
+
+impl Resources {
+    /// These hints, with `other`'s where these have none.
+    pub fn or(self, other: Resources) -> Resources {
+        Resources {
+            cpus: self.cpus.or(other.cpus),
+            mem: self.mem.or(other.mem),
+            gpus: self.gpus.or(other.gpus),
+            time: self.time.or(other.time),
+            partition: self.partition.or(other.partition),
+        }
+    }
 }
 
 /// A file or folder outside the pipeline that a stage reads.
@@ -116,6 +153,7 @@ pub trait DynStage: Send + Sync {
     fn parse_params(&self, table: Spanned<DeValue<'_>>) -> Result<ParsedParams, toml::de::Error>;
     fn check(&self, params: &ParsedParams, inputs: &[String]) -> Result<(), String>;
     fn external_inputs(&self, params: &ParsedParams, base_dir: &Path) -> Vec<ExternalInput>;
+    fn resources(&self, params: &ParsedParams) -> Resources;
     fn run(&self, params: &ParsedParams, ctx: &StageContext) -> Result<StageReport, BoxError>;
 }
 
@@ -141,6 +179,9 @@ impl<S: Stage> DynStage for Typed<S> {
     }
     fn external_inputs(&self, params: &ParsedParams, base_dir: &Path) -> Vec<ExternalInput> {
         self.0.external_inputs(params.typed(), base_dir)
+    }
+    fn resources(&self, params: &ParsedParams) -> Resources {
+        self.0.resources(params.typed())
     }
     fn run(&self, params: &ParsedParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
         self.0.run(params.typed(), ctx)

@@ -14,7 +14,8 @@
 //! (fingerprint -> output) written -> staging folder swapped into
 //! `out/STAGE` -> lock file rewritten.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::mpsc;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -24,7 +25,7 @@ use serde::Serialize;
 
 use crate::artifacts::{ArtifactError, Artifacts, RunRecord};
 use crate::config::{Pipeline, StageDecl};
-use crate::context::{ExternalFiles, Progress, StageContext, Upstream};
+use crate::context::{ExternalFiles, Progress, StageContext, StageReport, Upstream};
 use crate::dag;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -33,11 +34,14 @@ use crate::fingerprint::{CACHE_VERSION, FingerprintInputs, changed_params, finge
 use crate::fsutil;
 use crate::lockfile::{LockEntry, LockFile, params_to_json, params_to_toml};
 use crate::manifest::{Entry, Manifest};
-use crate::registry::{Registry, Source};
+use crate::registry::{BoxError, Registry, Source};
 use crate::remote;
 use crate::runlock::RunLock;
 use crate::store::{BlobStore, ObjectBlobStore};
 use crate::sync::Remote;
+
+mod worker;
+pub use worker::WorkerOutcome;
 
 /// What happened, or would happen, to a stage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -132,11 +136,16 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// Wait for another run holding the store lock (default) or fail at once.
     pub wait: bool,
+    /// Stages run at once when independent (`-j`); 0 and 1 both mean one.
+    pub jobs: usize,
+    /// Only restore from the store; a stage that would run is an error (the
+    /// pass after a cluster ran the stages).
+    pub restore_only: bool,
 }
 
 impl RunOptions {
     /// `--force` re-runs the named stages, or every stage when none is named.
-    fn forces(&self, stage: &str) -> bool {
+    pub fn forces(&self, stage: &str) -> bool {
         self.force && (self.targets.is_empty() || self.targets.iter().any(|t| t == stage))
     }
 }
@@ -146,6 +155,48 @@ impl RunOptions {
 struct Output {
     digest: Digest,
     manifest: Manifest,
+}
+
+/// A stage decided to run, with everything it runs with and everything its
+/// commit needs.
+struct Launch {
+    i: usize,
+    fp: Digest,
+    reasons: Vec<String>,
+    upstream: Vec<(String, Digest)>,
+    external: Option<Manifest>,
+    ctx: StageContext,
+    started: Instant,
+}
+
+/// A stage that is done, for the lock file and the outcome line.
+struct Finished {
+    i: usize,
+    fp: Digest,
+    state: State,
+    reasons: Vec<String>,
+    upstream: Vec<(String, Digest)>,
+    external: Option<Manifest>,
+    summary: Option<String>,
+    started: Instant,
+}
+
+enum Step {
+    Done(StageOutcome, Output),
+    Launch(Box<Launch>),
+}
+
+/// Runs a stage's work, turning a panic into its error: a panicking stage
+/// fails like any other instead of taking the scheduler down.
+fn run_catching_panics(f: impl FnOnce() -> std::result::Result<StageReport, BoxError>) -> std::result::Result<StageReport, BoxError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(format!("panicked: {message}").into())
+    })
 }
 
 /// The external inputs of a stage, resolved and hashed.
@@ -257,16 +308,11 @@ impl<'r> Engine<'r> {
         // The lock file may have changed while we waited for the lock.
         self.lock = LockFile::load(&self.pipeline.lock_path())?;
         self.clean_staging()?;
-        let mut outputs: BTreeMap<String, Output> = BTreeMap::new();
         let mut outcomes = Vec::new();
-        let result = (|| -> Result<()> {
-            for i in self.selected(&opts.targets)? {
-                let outcome = self.bring_up_to_date(i, opts, &mut outputs)?;
-                on_stage(&outcome);
-                outcomes.push(outcome);
-            }
-            Ok(())
-        })();
+        let result = self.schedule(opts, &mut |o| {
+            on_stage(&o);
+            outcomes.push(o);
+        });
         self.lock.stages.retain(|name, _| self.pipeline.stage(name).is_some());
         self.lock.cache_version = CACHE_VERSION;
         self.lock.save(&self.pipeline.lock_path()).map_err(|e| Error::io(self.pipeline.lock_path(), e))?;
@@ -383,10 +429,76 @@ impl<'r> Engine<'r> {
         Ok(outcomes)
     }
 
-    fn bring_up_to_date(&mut self, i: usize, opts: &RunOptions, outputs: &mut BTreeMap<String, Output>) -> Result<StageOutcome> {
+    /// Decides and runs the selected stages, up to `opts.jobs` at once: a
+    /// stage is decided as soon as its upstreams are done, its work runs on a
+    /// worker thread, and every commit happens here, on the calling thread.
+    /// After a failure nothing new starts; stages already running finish and
+    /// commit, then the first error is returned.
+    fn schedule(&mut self, opts: &RunOptions, done: &mut dyn FnMut(StageOutcome)) -> Result<()> {
+        let jobs = opts.jobs.max(1);
+        let registry: &'r Registry = self.registry;
+        let mut waiting: Vec<usize> = self.selected(&opts.targets)?;
+        let mut outputs: BTreeMap<String, Output> = BTreeMap::new();
+        std::thread::scope(|scope| {
+            let (tx, rx) = mpsc::channel::<(Launch, std::result::Result<StageReport, BoxError>)>();
+            let mut queued: VecDeque<Launch> = VecDeque::new();
+            let (mut running, mut failure) = (0usize, None::<Error>);
+            loop {
+                // Decide, in pipeline order, every stage whose upstreams are done.
+                // With one job, one stage at a time: exactly the sequential order.
+                let mut k = 0;
+                while failure.is_none() && k < waiting.len() && (jobs > 1 || (running == 0 && queued.is_empty())) {
+                    let i = waiting[k];
+                    if !self.pipeline.stages[i].inputs.iter().all(|n| outputs.contains_key(n)) {
+                        k += 1;
+                        continue;
+                    }
+                    waiting.remove(k);
+                    match self.step(i, opts, &outputs) {
+                        Ok(Step::Done(outcome, output)) => {
+                            outputs.insert(outcome.stage.clone(), output);
+                            done(outcome);
+                        }
+                        Ok(Step::Launch(launch)) => queued.push_back(*launch),
+                        Err(e) => failure = Some(e),
+                    }
+                }
+                while failure.is_none() && running < jobs {
+                    let Some(launch) = queued.pop_front() else { break };
+                    let kind = registry.get(&self.pipeline.stages[launch.i].kind).expect("validated kind");
+                    let params = self.pipeline.stages[launch.i].params.clone();
+                    let tx = tx.clone();
+                    scope.spawn(move || {
+                        let result = run_catching_panics(|| kind.run(&params, &launch.ctx));
+                        let _ = tx.send((launch, result));
+                    });
+                    running += 1;
+                }
+                if running == 0 {
+                    break;
+                }
+                let (launch, result) = rx.recv().expect("every running stage reports back");
+                running -= 1;
+                match self.commit(launch, result) {
+                    Ok((outcome, output)) => {
+                        outputs.insert(outcome.stage.clone(), output);
+                        done(outcome);
+                    }
+                    Err(e) => {
+                        failure.get_or_insert(e);
+                    }
+                }
+            }
+            failure.map_or(Ok(()), Err)
+        })
+    }
+
+    /// Decides one stage whose upstreams are done: finished when cached or
+    /// restorable, else prepared for a worker.
+    fn step(&mut self, i: usize, opts: &RunOptions, outputs: &BTreeMap<String, Output>) -> Result<Step> {
         let started = Instant::now();
         let decl = &self.pipeline.stages[i];
-        let (name, kind) = (decl.name.clone(), decl.kind.clone());
+        let name = decl.name.clone();
         let upstream: Vec<(String, Digest)> = decl.inputs.iter().map(|n| (n.clone(), outputs[n].digest)).collect();
         let ext = self.resolve_external(i)?;
         let fp = self.fingerprint_of(i, &upstream, &ext);
@@ -404,10 +516,17 @@ impl<'r> Engine<'r> {
                 Err(e) => return Err(e),
             }
         }
-        let (state, reasons, output, summary) = match decision {
-            Decision::Cached(out) => (State::Cached, vec![], out, None),
-            Decision::Restored(out, reasons) => (State::Restored, reasons, out, None),
+        let (state, reasons, output) = match decision {
+            Decision::Cached(out) => (State::Cached, vec![], out),
+            Decision::Restored(out, reasons) => (State::Restored, reasons, out),
             Decision::Restore { .. } => unreachable!("restored above"),
+            Decision::Run { reasons } if opts.restore_only => {
+                return Err(Error::Worker(format!(
+                    "stage `{name}` has no result in the store {} to restore ({}): its job succeeded, so the workers must be writing to another store",
+                    self.artifacts.store().describe(),
+                    reasons.join("; ")
+                )));
+            }
             Decision::Run { reasons } => {
                 tracing::info!("running stage `{name}`: {}", reasons.join("; "));
                 let ups = self.pipeline.stages[i]
@@ -420,39 +539,47 @@ impl<'r> Engine<'r> {
                         manifest: outputs[n].manifest.clone(),
                     })
                     .collect();
-                let (out, summary) = self.execute(i, fp, ups, ext.files, ext.combined.as_ref())?;
-                (State::Ran, reasons, out, Some(summary).filter(|s| !s.is_empty()))
+                let ctx = self.prepare(i, &fp, ups, ext.files)?;
+                let launch = Launch { i, fp, reasons, upstream, external: ext.combined, ctx, started };
+                return Ok(Step::Launch(Box::new(launch)));
             }
         };
+        let stage = Finished { i, fp, state, reasons, upstream, external: ext.combined, summary: None, started };
+        self.record(stage, output).map(|(o, out)| Step::Done(o, out))
+    }
+
+    /// Records a finished stage in the lock file (saved at once: a later
+    /// failure keeps what finished) and says what happened.
+    fn record(&mut self, f: Finished, output: Output) -> Result<(StageOutcome, Output)> {
+        let decl = &self.pipeline.stages[f.i];
+        let (name, kind) = (decl.name.clone(), decl.kind.clone());
         self.lock.stages.insert(
             name.clone(),
             LockEntry {
                 kind: kind.clone(),
                 code_version: self.registry.get(&kind).expect("validated kind").version(),
-                fingerprint: fp,
+                fingerprint: f.fp,
                 output: output.digest,
                 files: output.manifest.len() as u64,
                 bytes: output.manifest.total_bytes(),
-                upstream: upstream.iter().cloned().collect(),
-                external: ext.combined.as_ref().map(|m| m.digest()),
-                params: params_to_toml(&self.pipeline.stages[i].params.canonical),
+                upstream: f.upstream.into_iter().collect(),
+                external: f.external.as_ref().map(|m| m.digest()),
+                params: params_to_toml(&decl.params.canonical),
             },
         );
-        // Record progress stage by stage: a later failure keeps what finished.
         self.lock.cache_version = CACHE_VERSION;
         self.lock.save(&self.pipeline.lock_path()).map_err(|e| Error::io(self.pipeline.lock_path(), e))?;
-        let digest = output.digest;
-        outputs.insert(name.clone(), output);
-        Ok(StageOutcome {
+        let outcome = StageOutcome {
             stage: name,
             kind,
-            state,
-            reasons,
-            fingerprint: Some(fp),
-            output: Some(digest),
-            summary,
-            seconds: started.elapsed().as_secs_f64(),
-        })
+            state: f.state,
+            reasons: f.reasons,
+            fingerprint: Some(f.fp),
+            output: Some(output.digest),
+            summary: f.summary,
+            seconds: f.started.elapsed().as_secs_f64(),
+        };
+        Ok((outcome, output))
     }
 
     fn fingerprint_of(&self, i: usize, upstream: &[(String, Digest)], ext: &Externals) -> Digest {
@@ -636,14 +763,8 @@ impl<'r> Engine<'r> {
         Ok(())
     }
 
-    fn execute(
-        &mut self,
-        i: usize,
-        fp: Digest,
-        upstream: Vec<Upstream>,
-        external: Vec<ExternalFiles>,
-        combined: Option<&Manifest>,
-    ) -> Result<(Output, String)> {
+    /// A fresh staging folder and the context a stage runs with.
+    fn prepare(&mut self, i: usize, fp: &Digest, upstream: Vec<Upstream>, external: Vec<ExternalFiles>) -> Result<StageContext> {
         let name = self.pipeline.stages[i].name.clone();
         let staging = self.staging_root().join(&name);
         fsutil::remove_dir_if_exists(&staging).map_err(|e| Error::io(&staging, e))?;
@@ -654,36 +775,44 @@ impl<'r> Engine<'r> {
             (Some(d), Some(m)) if m.digest() == d => Some(previous_dir),
             _ => None,
         };
-        let decl: &StageDecl = &self.pipeline.stages[i];
-        let ctx = StageContext {
+        Ok(StageContext {
             stage: name.clone(),
-            out_dir: staging.clone(),
+            out_dir: staging,
             base_dir: self.pipeline.base_dir.clone(),
             upstream,
             external,
             progress: self.progress.clone(),
             previous,
-            scratch_dir: self.scratch_dir(&name, &fp),
-        };
-        let kind = self.registry.get(&decl.kind).expect("validated kind");
-        let report = match kind.run(&decl.params, &ctx) {
+            scratch_dir: self.scratch_dir(&name, fp),
+        })
+    }
+
+    /// Commits what a stage's run wrote: hash, upload, record, then make
+    /// visible. A failed run leaves nothing behind.
+    fn commit(&mut self, launch: Launch, result: std::result::Result<StageReport, BoxError>) -> Result<(StageOutcome, Output)> {
+        let Launch { i, fp, reasons, upstream, external, ctx, started } = launch;
+        let name = ctx.stage;
+        let staging = ctx.out_dir;
+        let report = match result {
             Ok(r) => r,
             Err(source) => {
                 let _ = fsutil::remove_dir_if_exists(&staging);
                 return Err(Error::StageFailed { stage: name, source });
             }
         };
-        // Commit: hash, upload, record, then make visible.
         let manifest = self.cache.manifest_of_dir(&staging, &|_| {}).map_err(|e| Error::io(&staging, e))?;
         let digest = self.artifacts.put_dir(&staging, &manifest)?;
-        if let Some(m) = combined {
+        if let Some(m) = &external {
             self.artifacts.put_manifest(m)?;
         }
-        let record = RunRecord { kind: decl.kind.clone(), output: digest, files: manifest.len() as u64, bytes: manifest.total_bytes() };
+        let kind = self.pipeline.stages[i].kind.clone();
+        let record = RunRecord { kind, output: digest, files: manifest.len() as u64, bytes: manifest.total_bytes() };
         self.artifacts.put_run(&fp, &record)?;
         self.publish(&name, &staging, &manifest)?;
         self.remove_scratch(&name);
-        Ok((Output { digest, manifest }, report.summary))
+        let summary = Some(report.summary).filter(|s| !s.is_empty());
+        let stage = Finished { i, fp, state: State::Ran, reasons, upstream, external, summary, started };
+        self.record(stage, Output { digest, manifest })
     }
 
     /// Writes a stored output into `out/STAGE` (through staging, atomically).
@@ -760,6 +889,81 @@ mod tests {
             }
             Ok(StageReport::default())
         }
+    }
+
+    /// Waits until `count` stages of this kind are running at once (or fails
+    /// after 30 s): proof that they ran in parallel, with no timing assert.
+    struct Rendezvous;
+    static ARRIVED: std::sync::Mutex<u32> = std::sync::Mutex::new(0);
+    static ARRIVAL: std::sync::Condvar = std::sync::Condvar::new();
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RendezvousParams {
+        count: u32,
+        #[serde(default)]
+        fail: Option<String>,
+    }
+    impl Stage for Rendezvous {
+        type Params = RendezvousParams;
+        const KIND: &'static str = "rendezvous";
+        const VERSION: u32 = 1;
+        const ABOUT: &'static str = "test kind";
+        fn run(&self, p: &RendezvousParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
+            let mut arrived = ARRIVED.lock().unwrap();
+            *arrived += 1;
+            ARRIVAL.notify_all();
+            let (arrived, timeout) = ARRIVAL.wait_timeout_while(arrived, std::time::Duration::from_secs(30), |n| *n < p.count).unwrap();
+            drop(arrived);
+            match p.fail.as_deref() {
+                Some("panic") => panic!("deliberate panic in {}", ctx.stage),
+                Some(message) => return Err(message.to_string().into()),
+                None if timeout.timed_out() => return Err("ran alone: the other stage never started".into()),
+                None => {}
+            }
+            std::fs::write(ctx.out_dir.join("done.txt"), &ctx.stage)?;
+            Ok(StageReport::default())
+        }
+    }
+
+    fn parallel_engine(dir: &Path, pipeline: &str) -> (Registry, PathBuf) {
+        let file = dir.join("p.toml");
+        std::fs::write(&file, pipeline).unwrap();
+        let mut registry = Registry::new();
+        registry.register(Rendezvous);
+        registry.register(Counter);
+        (registry, file)
+    }
+
+    #[test]
+    fn independent_stages_run_at_once_with_jobs_and_a_failure_keeps_the_rest() {
+        // Every test stage here runs once per process: ARRIVED only grows.
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = "[stages.left]\nkind = \"rendezvous\"\ncount = 2\n\n[stages.right]\nkind = \"rendezvous\"\ncount = 2\n\n\
+                        [stages.joined]\nkind = \"counter\"\ninputs = [\"left\", \"right\"]\n";
+        let (registry, file) = parallel_engine(dir.path(), pipeline);
+        let mut engine = Engine::open(crate::config::load(&file, &registry, &[]).unwrap(), &registry, Progress::new(true)).unwrap();
+        let mut order = Vec::new();
+        engine.run(&RunOptions { jobs: 2, ..Default::default() }, &mut |o| order.push(o.stage.clone())).unwrap();
+        assert_eq!(order.last().unwrap(), "joined", "the downstream stage waits for both");
+        assert_eq!(std::fs::read_to_string(dir.path().join("out/right/done.txt")).unwrap(), "right");
+
+        // A failing and a panicking stage: both reported, the third (independent)
+        // one commits, the downstream of a failure never starts.
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = "[stages.fails]\nkind = \"rendezvous\"\ncount = 5\nfail = \"deliberate failure\"\n\n\
+                        [stages.panics]\nkind = \"rendezvous\"\ncount = 5\nfail = \"panic\"\n\n\
+                        [stages.fine]\nkind = \"rendezvous\"\ncount = 5\n\n\
+                        [stages.after]\nkind = \"counter\"\ninputs = [\"fails\"]\n";
+        let (registry, file) = parallel_engine(dir.path(), pipeline);
+        let mut engine = Engine::open(crate::config::load(&file, &registry, &[]).unwrap(), &registry, Progress::new(true)).unwrap();
+        let mut finished = Vec::new();
+        let err = engine.run(&RunOptions { jobs: 3, ..Default::default() }, &mut |o| finished.push(o.stage.clone())).unwrap_err();
+        let chain = format!("{err}: {}", std::error::Error::source(&err).map(|e| e.to_string()).unwrap_or_default());
+        assert!(chain.contains("fails") || chain.contains("panics"), "{chain}");
+        assert_eq!(finished, ["fine"]);
+        let lock = std::fs::read_to_string(dir.path().join("p.lock")).unwrap();
+        assert!(lock.contains("[stages.fine]") && !lock.contains("[stages.after]") && !lock.contains("[stages.fails]"), "{lock}");
+        assert!(!dir.path().join("out/.staging/fails").exists() && !dir.path().join("out/.staging/panics").exists());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
 use object_store::aws::AmazonS3Builder;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -69,6 +69,10 @@ pub trait BlobStore: Send + Sync {
     /// The object's size, `None` when absent.
     fn size(&self, key: &str) -> Result<Option<u64>, StoreError>;
     fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError>;
+    /// Writes `bytes` unless `key` exists; `Ok(false)` when it did. Atomic
+    /// where the backend supports create-only writes (local files, memory,
+    /// S3 with conditional puts), else a check then a write.
+    fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, StoreError>;
     /// Uploads a file, streaming large ones.
     fn put_file(&self, key: &str, file: &Path) -> Result<(), StoreError>;
     /// Downloads to `dest` (atomically); `Ok(false)` when the key is missing.
@@ -332,6 +336,22 @@ impl BlobStore for ObjectBlobStore {
             .map_err(|e| self.backend("put", key, e))
     }
 
+    fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, StoreError> {
+        let path = self.path(key);
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.runtime.block_on(self.inner.put_opts(&path, PutPayload::from_bytes(bytes.clone()), opts)) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
+            Err(object_store::Error::NotImplemented { .. }) => {
+                if self.exists(key)? {
+                    return Ok(false);
+                }
+                self.put(key, bytes).map(|()| true)
+            }
+            Err(e) => Err(self.backend("put", key, e)),
+        }
+    }
+
     fn put_file(&self, key: &str, file: &Path) -> Result<(), StoreError> {
         let len = std::fs::metadata(file).map_err(|e| self.io("put", key, file, e))?.len();
         if len < MULTIPART_THRESHOLD {
@@ -421,6 +441,10 @@ mod tests {
         assert!(!scratch.join("none").exists(), "a miss writes nothing");
         assert_eq!(store.list("blobs").unwrap(), vec!["blobs/ab/cd".to_string()]);
         assert_eq!(store.list("runs/").unwrap(), vec!["runs/x.json".to_string()]);
+        assert!(store.size("runs/x.json").unwrap() == Some(10) && store.size("runs/none").unwrap().is_none());
+        assert!(store.put_if_absent("runs/once", Bytes::from_static(b"first")).unwrap());
+        assert!(!store.put_if_absent("runs/once", Bytes::from_static(b"second")).unwrap());
+        assert_eq!(store.get("runs/once").unwrap().unwrap(), Bytes::from_static(b"first"));
         store.delete("blobs/ab/cd").unwrap();
         store.delete("blobs/ab/cd").unwrap();
         assert_eq!(store.get("blobs/ab/cd").unwrap(), None);

@@ -27,7 +27,7 @@ pub mod data;
 pub mod train;
 
 use anyhow::Result;
-use melanoflow_pipeline::{BoxError, ExternalInput, Stage, StageContext, StageReport};
+use melanoflow_pipeline::{BoxError, Resources, ExternalInput, Stage, StageContext, StageReport};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -154,6 +154,11 @@ impl Stage for TrainClassifier {
 
     fn external_inputs(&self, p: &TrainClassifierParams, base_dir: &Path) -> Vec<ExternalInput> {
         p.weights.iter().map(|w| ExternalInput::new("weights", w, base_dir)).collect()
+    }
+
+    /// A cluster run asks for one GPU when the device is CUDA.
+    fn resources(&self, p: &TrainClassifierParams) -> Resources {
+        Resources { gpus: p.device.starts_with("cuda").then_some(1), ..Resources::default() }
     }
 
     fn run(&self, p: &TrainClassifierParams, ctx: &StageContext) -> Result<StageReport, BoxError> {

@@ -24,7 +24,7 @@ mod tests;
 
 use anyhow::{Result, anyhow};
 use candle_core::Device;
-use melanoflow_pipeline::{BoxError, Stage, StageContext, StageReport};
+use melanoflow_pipeline::{BoxError, Resources, Stage, StageContext, StageReport};
 use serde::{Deserialize, Serialize};
 
 use crate::models::cyclegan::{DiscriminatorConfig, GeneratorConfig, Upsample};
@@ -242,6 +242,11 @@ impl Stage for TrainCycleGan {
             return Err("`lr` must be positive and `beta1`, `beta2` within [0, 1)".into());
         }
         check_device_spec(&p.device)
+    }
+
+    /// A cluster run asks for one GPU when the device is CUDA.
+    fn resources(&self, p: &TrainCycleGanParams) -> Resources {
+        Resources { gpus: p.device.starts_with("cuda").then_some(1), ..Resources::default() }
     }
 
     fn run(&self, p: &TrainCycleGanParams, ctx: &StageContext) -> Result<StageReport, BoxError> {

@@ -1,0 +1,110 @@
+//! `run-stage`: one stage run by a worker process (a Slurm job, say) against
+//! the shared store, with no lock file and no output folder of its own.
+//!
+//! The worker finds its upstreams' results the way `status` does (cached, or
+//! a run record in the store for their fingerprints), runs the stage in a
+//! private folder, and commits blobs, manifest and run record. It never writes
+//! the lock file or its own `out/` folder: the submitting command does that
+//! afterwards, as a local run would. (It does write its upstreams' `out/`
+//! folders when they are missing or stale, one worker at a time per folder.) Promises: a worker whose result is already committed exits
+//! successfully without recomputing; a killed worker leaves no run record, so
+//! nothing half-done is ever used; when two workers race on one fingerprint,
+//! the first record stands and the second worker reports the one that stood.
+
+use super::*;
+
+/// What a worker did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WorkerOutcome {
+    Committed { output: Digest },
+    /// Another run had already committed this fingerprint.
+    AlreadyCommitted { output: Digest },
+}
+
+impl<'r> Engine<'r> {
+    /// Runs stage `name` as a worker. With `expected`, refuses to run when its
+    /// fingerprint differs (the pipeline file or an input changed since the
+    /// job was planned).
+    pub fn run_stage(&mut self, name: &str, expected: Option<Digest>, force: bool) -> Result<WorkerOutcome> {
+        let i = self.selected(&[name.to_string()])?.into_iter().find(|&i| self.pipeline.stages[i].name == name).expect("selected");
+        let inputs = self.pipeline.stages[i].inputs.clone();
+        let mut upstream: Vec<(String, Digest)> = Vec::new();
+        if !inputs.is_empty() {
+            let plan = self.plan(&RunOptions { targets: inputs.clone(), ..Default::default() })?;
+            for n in &inputs {
+                let o = plan.iter().find(|o| &o.stage == n).expect("upstreams are planned");
+                let d = o.output.ok_or_else(|| {
+                    Error::Worker(format!("stage `{name}`: upstream `{n}` has no committed result yet ({}: {})", o.state.label(), o.reasons.join("; ")))
+                })?;
+                upstream.push((n.clone(), d));
+            }
+        }
+        let ext = self.resolve_external(i)?;
+        let fp = self.fingerprint_of(i, &upstream, &ext);
+        if let Some(e) = expected.filter(|e| *e != fp) {
+            return Err(Error::Worker(format!(
+                "stage `{name}`: its fingerprint is {} but {} was planned: the pipeline file or an input changed since the job was submitted",
+                fp.short(),
+                e.short()
+            )));
+        }
+        if let Some(record) = self.artifacts.get_run(&fp)?.filter(|_| !force) {
+            return Ok(WorkerOutcome::AlreadyCommitted { output: record.output });
+        }
+        let work = self.pipeline.state_dir().join("work").join(format!("{name}-{}-{}", fp.short(), std::process::id()));
+        let result = self.run_in(i, fp, &upstream, ext, &work, force);
+        let _ = fsutil::remove_dir_if_exists(&work);
+        self.cache.forget_under(&work);
+        self.save_cache();
+        result
+    }
+
+    fn run_in(&mut self, i: usize, fp: Digest, upstream: &[(String, Digest)], ext: Externals, work: &Path, force: bool) -> Result<WorkerOutcome> {
+        let name = self.pipeline.stages[i].name.clone();
+        fsutil::remove_dir_if_exists(work).map_err(|e| Error::io(work, e))?;
+        let mut ups = Vec::new();
+        for (n, digest) in upstream {
+            let manifest = self.artifacts.get_manifest(digest)?.ok_or_else(|| ArtifactError::Missing { digest: *digest, store: self.artifacts.store().describe() })?;
+            // Upstreams are read where a local run reads them, `out/NAME`:
+            // stages may record those paths, and the bytes must not depend on
+            // where a stage ran. Workers sharing the folder take turns writing it.
+            let dir = self.pipeline.stage_out_dir(n);
+            if !self.dir_manifest(&dir)?.is_some_and(|m| m.digest() == *digest) {
+                let _turn = RunLock::acquire(&self.pipeline.state_dir().join("locks").join(format!("out-{n}.lock")), true)?;
+                if !self.dir_manifest(&dir)?.is_some_and(|m| m.digest() == *digest) {
+                    self.restore(n, *digest)?;
+                }
+            }
+            ups.push(Upstream { name: n.clone(), kind: self.pipeline.stage(n).expect("validated").kind.clone(), dir, manifest });
+        }
+        let out_dir = work.join("out");
+        std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+        let decl = &self.pipeline.stages[i];
+        let ctx = StageContext {
+            stage: name.clone(),
+            out_dir: out_dir.clone(),
+            base_dir: self.pipeline.base_dir.clone(),
+            upstream: ups,
+            external: ext.files,
+            progress: self.progress.clone(),
+            previous: None,
+            scratch_dir: self.scratch_dir(&name, &fp),
+        };
+        let kind = self.registry.get(&decl.kind).expect("validated kind");
+        run_catching_panics(|| kind.run(&decl.params, &ctx)).map_err(|source| Error::StageFailed { stage: name.clone(), source })?;
+        let manifest = self.cache.manifest_of_dir(&out_dir, &|_| {}).map_err(|e| Error::io(&out_dir, e))?;
+        let digest = self.artifacts.put_dir(&out_dir, &manifest)?;
+        if let Some(m) = &ext.combined {
+            self.artifacts.put_manifest(m)?;
+        }
+        let record = RunRecord { kind: decl.kind.clone(), output: digest, files: manifest.len() as u64, bytes: manifest.total_bytes() };
+        // Forced: this run's result replaces the record, as a local --force does.
+        let stood = if force { self.artifacts.put_run(&fp, &record).map(|()| record)? } else { self.artifacts.put_run_once(&fp, &record)? };
+        self.remove_scratch(&name);
+        if stood.output != digest {
+            tracing::warn!("stage `{name}`: another worker committed {} for this fingerprint first; its result stands (this run wrote {})", stood.output.short(), digest.short());
+            return Ok(WorkerOutcome::AlreadyCommitted { output: stood.output });
+        }
+        Ok(WorkerOutcome::Committed { output: digest })
+    }
+}

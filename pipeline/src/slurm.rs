@@ -1,0 +1,361 @@
+//! The Slurm executor: `melanoflow run --executor slurm`.
+//!
+//! It plans as a local run does (cached and restorable stages are not
+//! submitted), then submits each stage that must run as one `sbatch` job that
+//! runs this same binary on that one stage (`run-stage`, see
+//! `runner/worker.rs`), chained with `--dependency=afterok:...` and
+//! `--kill-on-invalid-dep=yes` so that a failure cancels everything
+//! downstream. It follows the jobs (`scontrol`, else `sacct`), printing each
+//! state change; Ctrl-C cancels the jobs it submitted. When every job has
+//! succeeded, a local pass that may only restore (never compute) writes the
+//! output folders and the lock file exactly as a local run does.
+//!
+//! Workers share the store: the pipeline's store must be a path on a shared
+//! filesystem or an object-store URL. Every Slurm client call runs under
+//! `timeout`, because the clients block for minutes when slurmctld is down.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::config::{ExecutorConfig, StageDecl};
+use crate::error::{Error, Result};
+use crate::registry::Resources;
+use crate::runner::{Engine, RunOptions, State, StageOutcome};
+
+/// Seconds a Slurm client call may take before it counts as failed.
+const CLIENT_TIMEOUT: &str = "60";
+
+/// How the submitting command calls the worker: the binary and the global
+/// options that must reach it unchanged (pipeline file, `--set`, ...).
+pub struct WorkerCommand {
+    pub program: String,
+    pub global_args: Vec<String>,
+}
+
+/// One submitted stage.
+#[derive(Debug)]
+struct Job {
+    stage: String,
+    id: String,
+    log_pattern: PathBuf,
+    state: String,
+    exit_code: String,
+    node: String,
+    started: Instant,
+}
+
+impl Job {
+    fn log(&self) -> PathBuf {
+        PathBuf::from(self.log_pattern.to_string_lossy().replace("%j", &self.id))
+    }
+
+    fn finished(&self) -> bool {
+        !matches!(self.state.as_str(), "" | "PENDING" | "CONFIGURING" | "RUNNING" | "COMPLETING" | "SUSPENDED" | "REQUEUED" | "RESIZING")
+    }
+}
+
+/// Runs the selected stages on Slurm; returns the outcomes of the final
+/// (restore-only) local pass. `on_line` gets one line per job event.
+pub fn run(
+    engine: &mut Engine,
+    opts: &RunOptions,
+    worker: &WorkerCommand,
+    on_line: &mut dyn FnMut(&str),
+    on_stage: &mut dyn FnMut(&StageOutcome),
+) -> Result<Vec<StageOutcome>> {
+    let cfg = engine.pipeline.executor.clone();
+    let plan = engine.plan(opts)?;
+    let to_run: Vec<&StageOutcome> = plan.iter().filter(|o| o.state == State::WouldRun).collect();
+    if !to_run.is_empty() {
+        let log_dir = engine.pipeline.state_dir().join("slurm");
+        std::fs::create_dir_all(&log_dir).map_err(|e| Error::io(&log_dir, e))?;
+        let interrupted = Arc::new(AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(signal, interrupted.clone()).map_err(|e| Error::io("signal handler", e))?;
+        }
+        let mut jobs: Vec<Job> = Vec::new();
+        let submitted = submit_all(engine, opts, &cfg, worker, &to_run, &log_dir, &mut jobs, on_line);
+        if let Err(e) = submitted {
+            cancel(&jobs, on_line);
+            return Err(e);
+        }
+        follow(&mut jobs, &cfg, &interrupted, on_line)?;
+        let failed: Vec<&Job> = jobs.iter().filter(|j| j.state != "COMPLETED").collect();
+        if !failed.is_empty() {
+            let names: Vec<String> = failed.iter().map(|j| format!("{} (job {} {})", j.stage, j.id, j.state)).collect();
+            return Err(Error::Slurm(format!("{} of {} job(s) did not complete: {}", failed.len(), jobs.len(), names.join(", "))));
+        }
+    }
+    // Everything is in the store now: write the folders and the lock file.
+    let final_pass = RunOptions { force: false, jobs: 1, restore_only: true, ..opts.clone() };
+    engine.run(&final_pass, on_stage)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn submit_all(
+    engine: &Engine,
+    opts: &RunOptions,
+    cfg: &ExecutorConfig,
+    worker: &WorkerCommand,
+    to_run: &[&StageOutcome],
+    log_dir: &Path,
+    jobs: &mut Vec<Job>,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let mut ids: BTreeMap<&str, String> = BTreeMap::new();
+    for o in to_run {
+        let decl = engine.pipeline.stage(&o.stage).expect("planned stages exist");
+        let deps: Vec<String> = decl.inputs.iter().filter_map(|n| ids.get(n.as_str()).cloned()).collect();
+        let mut stage_args = vec!["run-stage".to_string(), decl.name.clone()];
+        // Known now when every upstream is cached: the worker then refuses to
+        // run if anything changed between planning and running.
+        if let Some(fp) = o.fingerprint {
+            stage_args.extend(["--fingerprint".to_string(), fp.to_hex()]);
+        }
+        if opts.forces(&decl.name) {
+            stage_args.push("--force".into());
+        }
+        let script = log_dir.join(format!("{}.sh", decl.name));
+        std::fs::write(&script, job_script(engine, decl, worker, &stage_args)).map_err(|e| Error::io(&script, e))?;
+        let log_pattern = log_dir.join(format!("{}-%j.log", decl.name));
+        let args = sbatch_args(cfg, decl, &engine.pipeline.base_dir, &log_pattern, &deps);
+        let out = client("sbatch", &args.iter().map(String::as_str).chain([script.to_str().unwrap_or_default()]).collect::<Vec<_>>())?;
+        let id = out.trim().split(';').next().unwrap_or_default().to_string();
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
+            return Err(Error::Slurm(format!("stage `{}`: sbatch printed `{}`, not a job id", decl.name, out.trim())));
+        }
+        let after = if deps.is_empty() { String::new() } else { format!(" (after {})", deps.join(", ")) };
+        on_line(&format!("submit   {}: job {id}{after}", decl.name));
+        ids.insert(&o.stage, id.clone());
+        let job = Job {
+            stage: decl.name.clone(),
+            id,
+            log_pattern,
+            state: String::new(),
+            exit_code: String::new(),
+            node: String::new(),
+            started: Instant::now(),
+        };
+        jobs.push(job);
+    }
+    Ok(())
+}
+
+/// The batch script: this binary, on one stage, from the pipeline's folder.
+fn job_script(engine: &Engine, decl: &StageDecl, worker: &WorkerCommand, stage_args: &[String]) -> String {
+    let words: Vec<String> = std::iter::once(worker.program.clone()).chain(worker.global_args.iter().cloned()).chain(stage_args.iter().cloned()).collect();
+    format!(
+        "#!/bin/sh\n# melanoflow: stage `{}` of {}\ncd {} || exit 1\nexec {}\n",
+        decl.name,
+        engine.pipeline.file.display(),
+        shell_quote(&engine.pipeline.base_dir.to_string_lossy()),
+        words.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ")
+    )
+}
+
+/// `sbatch` options for a stage: name, log, folder, dependencies, resources.
+fn sbatch_args(cfg: &ExecutorConfig, decl: &StageDecl, base_dir: &Path, log: &Path, deps: &[String]) -> Vec<String> {
+    let mut args = vec![
+        "--parsable".to_string(),
+        format!("--job-name=mf-{}", decl.name),
+        format!("--output={}", log.display()),
+        format!("--chdir={}", base_dir.display()),
+    ];
+    if !deps.is_empty() {
+        args.push(format!("--dependency=afterok:{}", deps.join(":")));
+        args.push("--kill-on-invalid-dep=yes".into());
+    }
+    args.extend(resource_args(&decl.resources, cfg));
+    args.extend(cfg.sbatch_args.iter().cloned());
+    args
+}
+
+/// A stage's resource hints as `sbatch` options.
+pub fn resource_args(r: &Resources, cfg: &ExecutorConfig) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(c) = r.cpus {
+        args.push(format!("--cpus-per-task={c}"));
+    }
+    if let Some(m) = &r.mem {
+        args.push(format!("--mem={m}"));
+    }
+    if let Some(g) = r.gpus.filter(|g| *g > 0) {
+        args.push(format!("--gres=gpu:{g}"));
+    }
+    if let Some(t) = &r.time {
+        args.push(format!("--time={t}"));
+    }
+    if let Some(p) = r.partition.as_ref().or(cfg.partition.as_ref()) {
+        args.push(format!("--partition={p}"));
+    }
+    if let Some(a) = &cfg.account {
+        args.push(format!("--account={a}"));
+    }
+    args
+}
+
+/// Polls until every job has finished, printing state changes; on Ctrl-C,
+/// cancels the jobs still queued or running.
+fn follow(jobs: &mut [Job], cfg: &ExecutorConfig, interrupted: &AtomicBool, on_line: &mut dyn FnMut(&str)) -> Result<()> {
+    let poll = Duration::from_secs_f64(cfg.poll_seconds.unwrap_or(1.0).max(0.05));
+    loop {
+        if interrupted.load(Ordering::SeqCst) {
+            cancel(jobs, on_line);
+            return Err(Error::Slurm("interrupted: the submitted jobs were cancelled".into()));
+        }
+        for job in jobs.iter_mut().filter(|j| !j.finished()) {
+            let Some(info) = job_info(&job.id)? else { continue };
+            let state = info.get("JobState").cloned().unwrap_or_default();
+            if state == job.state {
+                continue;
+            }
+            job.state = state;
+            job.exit_code = info.get("ExitCode").cloned().unwrap_or_default();
+            job.node = info.get("NodeList").cloned().filter(|n| !n.is_empty() && n != "(null)").unwrap_or(job.node.clone());
+            on_line(&event_line(job, info.get("Reason").map(String::as_str)));
+        }
+        if jobs.iter().all(Job::finished) {
+            return Ok(());
+        }
+        std::thread::sleep(poll);
+    }
+}
+
+fn event_line(job: &Job, reason: Option<&str>) -> String {
+    let on = if job.node.is_empty() { String::new() } else { format!(" on {}", job.node) };
+    match job.state.as_str() {
+        "PENDING" => format!("pending  {}: job {} ({})", job.stage, job.id, reason.unwrap_or("queued")),
+        "RUNNING" => format!("running  {}: job {}{on}", job.stage, job.id),
+        "COMPLETED" => format!("done     {}: job {}{on} ({:.1}s)", job.stage, job.id, job.started.elapsed().as_secs_f64()),
+        "CANCELLED" if reason == Some("DependencyNeverSatisfied") => {
+            format!("CANCELLED {}: job {} (an upstream job failed)", job.stage, job.id)
+        }
+        other => format!(
+            "FAILED   {}: job {} {other}{}, exit code {}{on}; log: {}",
+            job.stage,
+            job.id,
+            reason.filter(|r| *r != "None").map(|r| format!(" ({r})")).unwrap_or_default(),
+            job.exit_code,
+            job.log().display()
+        ),
+    }
+}
+
+fn cancel(jobs: &[Job], on_line: &mut dyn FnMut(&str)) {
+    let ids: Vec<&str> = jobs.iter().filter(|j| !j.finished()).map(|j| j.id.as_str()).collect();
+    if ids.is_empty() {
+        return;
+    }
+    match client("scancel", &ids) {
+        Ok(_) => on_line(&format!("cancelled job(s) {}", ids.join(", "))),
+        Err(e) => on_line(&format!("could not cancel job(s) {}: {e}", ids.join(", "))),
+    }
+}
+
+/// A job's `Key=Value` fields from `scontrol show job -o`, or from `sacct`
+/// once slurmctld has forgotten it; `None` while neither knows it yet.
+fn job_info(id: &str) -> Result<Option<BTreeMap<String, String>>> {
+    match client("scontrol", &["show", "job", "-o", id]) {
+        Ok(out) => Ok(out.lines().next().map(parse_fields)),
+        Err(scontrol) => match client("sacct", &["-n", "-P", "-X", "-j", id, "-o", "State,ExitCode"]) {
+            Ok(out) => Ok(out.lines().next().map(|l| {
+                let mut it = l.split('|');
+                let state = it.next().unwrap_or_default().split_whitespace().next().unwrap_or_default().to_string();
+                BTreeMap::from([("JobState".to_string(), state), ("ExitCode".to_string(), it.next().unwrap_or_default().to_string())])
+            })),
+            Err(_) => Err(scontrol),
+        },
+    }
+}
+
+/// `Key=Value Key=Value ...` (scontrol's one-line format) as a map.
+fn parse_fields(line: &str) -> BTreeMap<String, String> {
+    line.split_whitespace().filter_map(|w| w.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Runs a Slurm client under `timeout`; its stdout, or an error with stderr.
+fn client(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new("timeout")
+        .arg(CLIENT_TIMEOUT)
+        .arg(program)
+        .args(args)
+        .output()
+        .map_err(|e| Error::Slurm(format!("cannot run `{program}` (is Slurm installed here?): {e}")))?;
+    if !out.status.success() {
+        let why = if out.status.code() == Some(124) {
+            format!("no answer within {CLIENT_TIMEOUT} s (is slurmctld up?)")
+        } else {
+            String::from_utf8_lossy(&out.stderr).trim().to_string()
+        };
+        return Err(Error::Slurm(format!("`{program} {}` failed: {why}", args.join(" "))));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_scontrol_lines() {
+        let line = "JobId=4 JobName=dep UserId=root(0) JobState=CANCELLED Reason=DependencyNeverSatisfied \
+                    Dependency=afterok:3(failed) ExitCode=0:0 AllocNode:Sid=host:1 NodeList= StdOut=/tmp/ex/slurm-4.out ";
+        let f = parse_fields(line);
+        assert_eq!(f["JobState"], "CANCELLED");
+        assert_eq!(f["Dependency"], "afterok:3(failed)");
+        assert_eq!(f["NodeList"], "");
+        assert_eq!(f["AllocNode:Sid"], "host:1");
+    }
+
+    #[test]
+    fn resources_become_sbatch_options() {
+        let r = Resources { cpus: Some(4), mem: Some("16G".into()), gpus: Some(1), time: Some("2:00:00".into()), partition: None };
+        let cfg = ExecutorConfig { partition: Some("batch".into()), account: Some("lab".into()), ..Default::default() };
+        assert_eq!(
+            resource_args(&r, &cfg),
+            ["--cpus-per-task=4", "--mem=16G", "--gres=gpu:1", "--time=2:00:00", "--partition=batch", "--account=lab"]
+        );
+        let own = Resources { partition: Some("gpu".into()), gpus: Some(0), ..Default::default() };
+        assert_eq!(resource_args(&own, &ExecutorConfig::default()), ["--partition=gpu"]);
+    }
+
+    #[test]
+    fn job_states_and_lines() {
+        let mut job = Job {
+            stage: "train".into(),
+            id: "15".into(),
+            log_pattern: PathBuf::from("/x/train-%j.log"),
+            state: "PENDING".into(),
+            exit_code: "0:0".into(),
+            node: String::new(),
+            started: Instant::now(),
+        };
+        assert!(!job.finished());
+        job.state = "FAILED".into();
+        job.exit_code = "1:0".into();
+        job.node = "n2".into();
+        assert!(job.finished());
+        assert_eq!(event_line(&job, Some("NonZeroExitCode")), "FAILED   train: job 15 FAILED (NonZeroExitCode), exit code 1:0 on n2; log: /x/train-15.log");
+        job.state = "CANCELLED".into();
+        assert!(event_line(&job, Some("DependencyNeverSatisfied")).contains("an upstream job failed"));
+    }
+
+    #[test]
+    fn quotes_for_the_shell() {
+        assert_eq!(shell_quote("/a/b-c.toml"), "/a/b-c.toml");
+        assert_eq!(shell_quote("it's here"), "'it'\\''s here'");
+        assert_eq!(shell_quote(""), "''");
+    }
+}
