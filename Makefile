@@ -15,12 +15,15 @@ pipeline: build
 build:
 	$(CARGO) build --release --bin melanoflow
 
-# The S3 tests run against s3s-fs on loopback: installed once into .tools/
-# (unless one is on PATH), and required, so they cannot silently skip.
+# The S3 tests run against s3s-fs on loopback (installed once into .tools/
+# unless one is on PATH); the Slurm test against a two-node local cluster
+# (Debian's slurm-wlm and munge, installed with apt-get when missing). Both
+# are required here, so they cannot silently skip.
 S3S_FS ?= $(or $(shell command -v s3s-fs 2>/dev/null),$(CURDIR)/.tools/bin/s3s-fs)
 
 test: $(S3S_FS)
-	S3S_FS=$(S3S_FS) MELANOFLOW_REQUIRE_S3=1 $(CARGO) test --release --workspace
+	scripts/slurm/cluster.sh install
+	S3S_FS=$(S3S_FS) MELANOFLOW_REQUIRE_S3=1 MELANOFLOW_REQUIRE_SLURM=1 $(CARGO) test --release --workspace
 
 $(CURDIR)/.tools/bin/s3s-fs:
 	$(CARGO) install s3s-fs --version 0.14.1 --locked --features binary --root $(CURDIR)/.tools

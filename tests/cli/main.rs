@@ -11,3 +11,4 @@ mod ingest;
 mod preprocess;
 mod realdata;
 mod remote;
+mod slurm;

@@ -1,0 +1,144 @@
+//! The Slurm executor on a real two-node Slurm cluster on this machine
+//! (`scripts/slurm/cluster.sh`: Debian's slurm-wlm, munge, slurmctld and two
+//! slurmd), started and stopped by the test. One test, several scenarios in
+//! order, because a cluster takes seconds to start and restarting it resets
+//! job ids:
+//!
+//! 1. the CI pipeline (every stage kind) through Slurm writes the same lock
+//!    file as a local run, and a second run submits nothing;
+//! 2. a changed parameter submits only that stage and its downstream;
+//! 3. a worker killed mid-stage commits nothing, and the re-run succeeds;
+//! 4. a failing stage cancels its dependants and is reported with job id,
+//!    exit code and log; a stage on `device = "cuda"` asks for a GPU and
+//!    lands on the node that has one.
+//!
+//! `make test` installs Slurm and sets `MELANOFLOW_REQUIRE_SLURM=1`, so there
+//! this test cannot skip; elsewhere it skips with a message.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::fixture::{Project, Run, files_under};
+
+const CI_PIPELINE: &str = include_str!("../../data/ci_small.toml");
+const CLUSTER_DIR: &str = "/tmp/melanoflow-slurm-test";
+/// Ports apart from the script's defaults, so a developer's cluster can run beside.
+const PORTS: [(&str, &str); 3] = [("MF_SLURM_CTLD_PORT", "16917"), ("MF_SLURM_N1_PORT", "17101"), ("MF_SLURM_N2_PORT", "17102")];
+
+struct Cluster {
+    conf: PathBuf,
+}
+
+impl Cluster {
+    fn start() -> Option<Cluster> {
+        if Command::new("sh").args(["-c", "command -v slurmctld && command -v sbatch"]).output().map(|o| !o.status.success()).unwrap_or(true) {
+            let how = "scripts/slurm/cluster.sh install (apt-get; `make test` does this)";
+            assert!(std::env::var("MELANOFLOW_REQUIRE_SLURM").is_err(), "Slurm is not installed: {how}");
+            eprintln!("SKIPPED: the Slurm test needs slurm-wlm and munge: {how}");
+            return None;
+        }
+        let out = script().args(["start", CLUSTER_DIR]).envs(PORTS).env("MF_SLURM_CLUSTER", "mftest").output().unwrap();
+        assert!(out.status.success(), "cluster.sh start failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        Some(Cluster { conf: Path::new(CLUSTER_DIR).join("slurm.conf") })
+    }
+
+    /// A project whose commands talk to this cluster.
+    fn project(&self, pipeline: &str) -> Project {
+        let mut p = Project::new(pipeline);
+        p.env.push(("SLURM_CONF".into(), self.conf.display().to_string()));
+        p
+    }
+
+    fn scontrol(&self, args: &[&str]) -> String {
+        let out = Command::new("timeout").arg("20").arg("scontrol").args(args).env("SLURM_CONF", &self.conf).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = script().args(["stop", CLUSTER_DIR]).envs(PORTS).output();
+    }
+}
+
+fn script() -> Command {
+    Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm/cluster.sh"))
+}
+
+/// The job ids the run submitted, by stage.
+fn submitted(r: &Run) -> Vec<(String, String)> {
+    r.stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("submit   "))
+        .map(|l| {
+            let (stage, rest) = l.split_once(": job ").unwrap();
+            (stage.to_string(), rest.split_whitespace().next().unwrap().to_string())
+        })
+        .collect()
+}
+
+fn stages_of(jobs: &[(String, String)]) -> Vec<&str> {
+    jobs.iter().map(|(s, _)| s.as_str()).collect()
+}
+
+#[test]
+fn the_pipeline_runs_on_a_real_slurm_cluster() {
+    let Some(cluster) = Cluster::start() else { return };
+
+    // 1. Same lock file as a local run; a second run submits nothing.
+    let local = Project::new(CI_PIPELINE);
+    local.ok(&["run", "-q", "-j", "2"]);
+    let p = cluster.project(CI_PIPELINE);
+    let first = p.ok(&["run", "--executor", "slurm"]);
+    let jobs = submitted(&first);
+    assert_eq!(stages_of(&jobs), ["synth", "ingest", "preprocess", "gan", "generate", "classical", "cyclegan", "evaluate"], "{}", first.stdout);
+    assert!(first.stdout.contains(&format!("done     evaluate: job {}", jobs[7].1)), "{}", first.stdout);
+    assert_eq!(p.lock(), local.lock(), "the Slurm run must write the lock file a local run writes");
+    let again = p.ok(&["run", "--executor", "slurm"]);
+    assert!(submitted(&again).is_empty() && again.stdout.contains("8 cached"), "{}", again.stdout);
+
+    // 2. A changed parameter: only that stage and its downstream are submitted.
+    let changed = p.ok(&["run", "--executor", "slurm", "--set", "evaluate.bootstrap_resamples=300"]);
+    assert_eq!(stages_of(&submitted(&changed)), ["evaluate"], "{}", changed.stdout);
+
+    // 3. Kill a worker mid-stage: nothing of it is committed; the re-run succeeds.
+    let killed = cluster.project(CI_PIPELINE);
+    let child = killed.spawn(&["run", "--executor", "slurm"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let job = loop {
+        let running = cluster.scontrol(&["show", "job", "-o"]);
+        if let Some(line) = running.lines().find(|l| l.contains("JobName=mf-classical") && l.contains("JobState=RUNNING") && l.contains(&format!("WorkDir={}", killed.path("data").display()))) {
+            break line.split_whitespace().next().unwrap().trim_start_matches("JobId=").to_string();
+        }
+        assert!(Instant::now() < deadline, "the classical job never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let status = Command::new("scancel").args(["--signal=KILL", &job]).env("SLURM_CONF", &cluster.conf).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "a killed job fails the run:\n{stdout}");
+    assert!(stdout.contains(&format!("FAILED   classical: job {job}")), "{stdout}");
+    let done = stdout.lines().filter(|l| l.starts_with("done ")).count();
+    let records = files_under(&killed.path("data/store/runs")).len();
+    assert_eq!(records, done, "only completed jobs have run records:\n{stdout}");
+    assert!(!killed.path("data/pipeline.lock").exists(), "a failed Slurm run writes no lock file");
+    let rerun = killed.ok(&["run", "--executor", "slurm"]);
+    assert!(stages_of(&submitted(&rerun)).contains(&"classical") && !stages_of(&submitted(&rerun)).contains(&"synth"), "{}", rerun.stdout);
+    assert_eq!(killed.lock(), local.lock());
+
+    // 4. A failing stage, its cancelled dependants, and a GPU request.
+    let on_gpu = CI_PIPELINE.replace("device = \"cpu\"\n\n[stages.cyclegan]", "device = \"cuda:0\"\n\n[stages.cyclegan]");
+    assert_ne!(on_gpu, CI_PIPELINE, "data/ci_small.toml changed shape");
+    let failing = cluster.project(&on_gpu);
+    let r = failing.fails(&["run", "--executor", "slurm"]);
+    let jobs = submitted(&r);
+    let classical = &jobs.iter().find(|(s, _)| s == "classical").unwrap().1;
+    let failed = r.stdout.lines().find(|l| l.starts_with("FAILED   classical:")).unwrap_or_else(|| panic!("{}", r.stdout));
+    assert!(failed.contains(&format!("job {classical} FAILED")) && failed.contains("exit code 1:0") && failed.contains(" on n2;"), "{failed}");
+    let log = PathBuf::from(failed.rsplit("log: ").next().unwrap());
+    assert!(std::fs::read_to_string(&log).unwrap().to_lowercase().contains("cuda"), "the log says why: {}", log.display());
+    assert!(r.stdout.contains("CANCELLED evaluate:") && r.stdout.contains("an upstream job failed"), "{}", r.stdout);
+    assert!(r.stderr.contains("did not complete") && r.stderr.contains("classical"), "{}", r.stderr);
+}
