@@ -99,6 +99,11 @@ pub fn run_key(fingerprint: &Digest) -> String {
     format!("runs/{fingerprint}.json")
 }
 
+/// One part of a stage split across workers (a job-array task).
+fn part_key(fingerprint: &Digest, part: usize, parts: usize) -> String {
+    format!("parts/{fingerprint}/{part}-of-{parts}.json")
+}
+
 impl Artifacts {
     pub fn new(store: Arc<dyn BlobStore>) -> Self {
         Artifacts { store, remote: None, progress: Progress::new(true) }
@@ -225,6 +230,32 @@ impl Artifacts {
             remote.store.put(&run_key(fingerprint), json)?;
         }
         Ok(())
+    }
+
+    /// Records what part `part` of `parts` of a split stage produced, after
+    /// its blobs and manifest are stored.
+    pub fn put_part(&self, fingerprint: &Digest, part: usize, parts: usize, record: &RunRecord) -> Result<(), ArtifactError> {
+        let key = part_key(fingerprint, part, parts);
+        self.store.put(&key, record.to_bytes())?;
+        if let Some(remote) = self.writable_remote() {
+            remote.store.put(&key, record.to_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The record of a committed part whose manifest is stored.
+    pub fn get_part(&self, fingerprint: &Digest, part: usize, parts: usize) -> Result<Option<RunRecord>, ArtifactError> {
+        let key = part_key(fingerprint, part, parts);
+        let bytes = match self.store.get(&key)? {
+            Some(b) => Some(b),
+            None => match self.remote() {
+                Some(r) => r.store.get(&key)?,
+                None => None,
+            },
+        };
+        let Some(bytes) = bytes else { return Ok(None) };
+        let record = parse_record(&key, &bytes)?;
+        Ok(self.get_manifest(&record.output)?.map(|_| record))
     }
 
     /// Records what `fingerprint` produced unless a record exists already

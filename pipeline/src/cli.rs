@@ -20,7 +20,7 @@ use crate::error::Error;
 use crate::maintenance;
 use crate::share;
 use crate::registry::Registry;
-use crate::runner::{Engine, RunOptions, State, StageOutcome, WorkerOutcome};
+use crate::runner::{Engine, RunOptions, State, StageOutcome, Work, WorkerOutcome};
 
 #[derive(Parser, Debug)]
 #[command(name = "melanoflow", version, about = "Content-hashed pipeline: CycleGAN augmentation for melanoma classification")]
@@ -76,6 +76,15 @@ pub enum Command {
         /// Recompute even when the store has a result.
         #[arg(long)]
         force: bool,
+        /// Do one part of a map stage split in N (a job-array task; the part
+        /// is `--part`, else `$SLURM_ARRAY_TASK_ID`).
+        #[arg(long, value_name = "N", conflicts_with = "assemble")]
+        parts: Option<usize>,
+        #[arg(long, requires = "parts")]
+        part: Option<usize>,
+        /// Join the N committed parts of a map stage into its result.
+        #[arg(long, value_name = "N")]
+        assemble: Option<usize>,
     },
     /// Say which stages are cached and why the others would run.
     Status {
@@ -333,10 +342,26 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
             );
             Ok(if r.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::RunStage { stage, fingerprint, force } => {
+        Command::RunStage { stage, fingerprint, force, parts, part, assemble } => {
             let started = Instant::now();
+            let work = match (parts, assemble) {
+                (Some(parts), _) => {
+                    let part = match part {
+                        Some(p) => *p,
+                        None => std::env::var("SLURM_ARRAY_TASK_ID").ok().and_then(|v| v.parse().ok()).ok_or_else(|| {
+                            Error::Worker("--parts needs --part, or $SLURM_ARRAY_TASK_ID (a job-array task)".into())
+                        })?,
+                    };
+                    if part >= *parts {
+                        return Err(Error::Worker(format!("part {part} of {parts}: parts count from 0")));
+                    }
+                    Work::Part { part, parts: *parts }
+                }
+                (None, Some(parts)) => Work::Assemble { parts: *parts },
+                (None, None) => Work::Whole,
+            };
             let mut engine = Engine::open(pipeline, registry, progress)?;
-            match engine.run_stage(stage, *fingerprint, *force)? {
+            match engine.run_stage(stage, *fingerprint, *force, work)? {
                 WorkerOutcome::Committed { output } => {
                     println!("committed {stage} -> {} ({:.1}s)", output.short(), started.elapsed().as_secs_f64())
                 }

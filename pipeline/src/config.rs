@@ -306,6 +306,9 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
         stage_kind
             .check(&params, &inputs)
             .map_err(|m| err_at(Some(span.clone()), format!("stages.{name}: {m}")))?;
+        if explicit.array.is_some_and(|n| n > 1) && !stage_kind.splits() {
+            return Err(err_at(Some(span.clone()), format!("stages.{name}.resources.array: kind `{kind}` cannot be split into parts (only map stages can)")));
+        }
         let resources = explicit.or(stage_kind.resources(&params));
         stages.push(StageDecl { name, kind, inputs, line, params, resources });
     }

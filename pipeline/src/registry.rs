@@ -51,6 +51,23 @@ pub trait Stage: Send + Sync + 'static {
 
     /// Does the work, writing every output under `ctx.out_dir`.
     fn run(&self, params: &Self::Params, ctx: &StageContext) -> Result<StageReport, BoxError>;
+
+    /// Map stages whose items can be processed apart: `run_part` and
+    /// `assemble` are implemented, and a cluster may fan the stage out as a
+    /// job array (`[stages.NAME.resources] array = N`).
+    const SPLITS: bool = false;
+
+    /// Part `part` of `parts` (0-based) of the work: writes its share under
+    /// `ctx.out_dir`, in whatever layout `assemble` reads.
+    fn run_part(&self, _params: &Self::Params, _ctx: &StageContext, _part: usize, _parts: usize) -> Result<StageReport, BoxError> {
+        Err(format!("stage kind `{}` cannot be split into parts", Self::KIND).into())
+    }
+
+    /// Joins the parts' folders (in part order) into the stage's output under
+    /// `ctx.out_dir`: byte for byte what `run` writes.
+    fn assemble(&self, _params: &Self::Params, _ctx: &StageContext, _parts: &[PathBuf]) -> Result<StageReport, BoxError> {
+        Err(format!("stage kind `{}` cannot be split into parts", Self::KIND).into())
+    }
 }
 
 /// Scheduler hints for one stage (`[stages.NAME.resources]`): under the Slurm
@@ -69,6 +86,9 @@ pub struct Resources {
     pub time: Option<String>,
     /// Partition (`--partition`), overriding `[executor] partition`.
     pub partition: Option<String>,
+    /// Map stages: run as a job array of this many parts, then one job that
+    /// assembles them (`--array=0-(N-1)`).
+    pub array: Option<u32>,
 }
 
 impl Resources {
@@ -80,6 +100,7 @@ impl Resources {
             gpus: self.gpus.or(other.gpus),
             time: self.time.or(other.time),
             partition: self.partition.or(other.partition),
+            array: self.array.or(other.array),
         }
     }
 }
@@ -154,6 +175,9 @@ pub trait DynStage: Send + Sync {
     fn check(&self, params: &ParsedParams, inputs: &[String]) -> Result<(), String>;
     fn external_inputs(&self, params: &ParsedParams, base_dir: &Path) -> Vec<ExternalInput>;
     fn resources(&self, params: &ParsedParams) -> Resources;
+    fn splits(&self) -> bool;
+    fn run_part(&self, params: &ParsedParams, ctx: &StageContext, part: usize, parts: usize) -> Result<StageReport, BoxError>;
+    fn assemble(&self, params: &ParsedParams, ctx: &StageContext, parts: &[PathBuf]) -> Result<StageReport, BoxError>;
     fn run(&self, params: &ParsedParams, ctx: &StageContext) -> Result<StageReport, BoxError>;
 }
 
@@ -182,6 +206,15 @@ impl<S: Stage> DynStage for Typed<S> {
     }
     fn resources(&self, params: &ParsedParams) -> Resources {
         self.0.resources(params.typed())
+    }
+    fn splits(&self) -> bool {
+        S::SPLITS
+    }
+    fn run_part(&self, params: &ParsedParams, ctx: &StageContext, part: usize, parts: usize) -> Result<StageReport, BoxError> {
+        self.0.run_part(params.typed(), ctx, part, parts)
+    }
+    fn assemble(&self, params: &ParsedParams, ctx: &StageContext, parts: &[PathBuf]) -> Result<StageReport, BoxError> {
+        self.0.assemble(params.typed(), ctx, parts)
     }
     fn run(&self, params: &ParsedParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
         self.0.run(params.typed(), ctx)

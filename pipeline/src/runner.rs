@@ -41,7 +41,7 @@ use crate::store::{BlobStore, ObjectBlobStore};
 use crate::sync::Remote;
 
 mod worker;
-pub use worker::WorkerOutcome;
+pub use worker::{Work, WorkerOutcome};
 
 /// What happened, or would happen, to a stage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

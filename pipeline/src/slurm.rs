@@ -50,7 +50,7 @@ struct Job {
 
 impl Job {
     fn log(&self) -> PathBuf {
-        PathBuf::from(self.log_pattern.to_string_lossy().replace("%j", &self.id))
+        PathBuf::from(self.log_pattern.to_string_lossy().replace("%j", &self.id).replace("%A", &self.id).replace("%a", "*"))
     }
 
     fn finished(&self) -> bool {
@@ -119,30 +119,56 @@ fn submit_all(
         if opts.forces(&decl.name) {
             stage_args.push("--force".into());
         }
-        let script = log_dir.join(format!("{}.sh", decl.name));
-        std::fs::write(&script, job_script(engine, decl, worker, &stage_args)).map_err(|e| Error::io(&script, e))?;
-        let log_pattern = log_dir.join(format!("{}-%j.log", decl.name));
-        let args = sbatch_args(cfg, decl, &engine.pipeline.base_dir, &log_pattern, &deps);
-        let out = client("sbatch", &args.iter().map(String::as_str).chain([script.to_str().unwrap_or_default()]).collect::<Vec<_>>())?;
-        let id = out.trim().split(';').next().unwrap_or_default().to_string();
-        if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
-            return Err(Error::Slurm(format!("stage `{}`: sbatch printed `{}`, not a job id", decl.name, out.trim())));
+        let array = decl.resources.array.filter(|n| *n > 1).map(|n| n as usize);
+        let mut deps = deps;
+        if let Some(parts) = array {
+            // A job array of parts, then one job that assembles them.
+            let mut part_args = stage_args.clone();
+            part_args.extend(["--parts".to_string(), parts.to_string()]);
+            let label = format!("{}[0-{}]", decl.name, parts - 1);
+            let id = submit(engine, cfg, worker, decl, &part_args, &deps, Some(parts), &label, log_dir, jobs, on_line)?;
+            deps = vec![id];
+            stage_args.extend(["--assemble".to_string(), parts.to_string()]);
         }
-        let after = if deps.is_empty() { String::new() } else { format!(" (after {})", deps.join(", ")) };
-        on_line(&format!("submit   {}: job {id}{after}", decl.name));
-        ids.insert(&o.stage, id.clone());
-        let job = Job {
-            stage: decl.name.clone(),
-            id,
-            log_pattern,
-            state: String::new(),
-            exit_code: String::new(),
-            node: String::new(),
-            started: Instant::now(),
-        };
-        jobs.push(job);
+        let id = submit(engine, cfg, worker, decl, &stage_args, &deps, None, &decl.name, log_dir, jobs, on_line)?;
+        ids.insert(&o.stage, id);
     }
     Ok(())
+}
+
+/// Writes a stage's batch script and submits it; returns the job id.
+#[allow(clippy::too_many_arguments)]
+fn submit(
+    engine: &Engine,
+    cfg: &ExecutorConfig,
+    worker: &WorkerCommand,
+    decl: &StageDecl,
+    stage_args: &[String],
+    deps: &[String],
+    array: Option<usize>,
+    label: &str,
+    log_dir: &Path,
+    jobs: &mut Vec<Job>,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<String> {
+    let file_stem = if array.is_some() { format!("{}-parts", decl.name) } else { decl.name.clone() };
+    let script = log_dir.join(format!("{file_stem}.sh"));
+    std::fs::write(&script, job_script(engine, decl, worker, stage_args)).map_err(|e| Error::io(&script, e))?;
+    let log_pattern = log_dir.join(if array.is_some() { format!("{file_stem}-%A_%a.log") } else { format!("{file_stem}-%j.log") });
+    let mut args = sbatch_args(cfg, decl, &engine.pipeline.base_dir, &log_pattern, deps);
+    if let Some(n) = array {
+        args.push(format!("--array=0-{}", n - 1));
+    }
+    let out = client("sbatch", &args.iter().map(String::as_str).chain([script.to_str().unwrap_or_default()]).collect::<Vec<_>>())?;
+    let id = out.trim().split(';').next().unwrap_or_default().to_string();
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
+        return Err(Error::Slurm(format!("stage `{}`: sbatch printed `{}`, not a job id", decl.name, out.trim())));
+    }
+    let after = if deps.is_empty() { String::new() } else { format!(" (after {})", deps.join(", ")) };
+    on_line(&format!("submit   {label}: job {id}{after}"));
+    let job = Job { stage: label.to_string(), id: id.clone(), log_pattern, state: String::new(), exit_code: String::new(), node: String::new(), started: Instant::now() };
+    jobs.push(job);
+    Ok(id)
 }
 
 /// The batch script: this binary, on one stage, from the pipeline's folder.
@@ -260,7 +286,7 @@ fn cancel(jobs: &[Job], on_line: &mut dyn FnMut(&str)) {
 /// once slurmctld has forgotten it; `None` while neither knows it yet.
 fn job_info(id: &str) -> Result<Option<BTreeMap<String, String>>> {
     match client("scontrol", &["show", "job", "-o", id]) {
-        Ok(out) => Ok(out.lines().next().map(parse_fields)),
+        Ok(out) => Ok(aggregate(out.lines().map(parse_fields).collect())),
         Err(scontrol) => match client("sacct", &["-n", "-P", "-X", "-j", id, "-o", "State,ExitCode"]) {
             Ok(out) => Ok(out.lines().next().map(|l| {
                 let mut it = l.split('|');
@@ -270,6 +296,29 @@ fn job_info(id: &str) -> Result<Option<BTreeMap<String, String>>> {
             Err(_) => Err(scontrol),
         },
     }
+}
+
+/// One state for a job array's tasks (one line each): the first failure,
+/// else running while any runs, else pending while any waits, else completed.
+fn aggregate(mut tasks: Vec<BTreeMap<String, String>>) -> Option<BTreeMap<String, String>> {
+    let state = |t: &BTreeMap<String, String>| t.get("JobState").cloned().unwrap_or_default();
+    let rank = |s: &str| match s {
+        "COMPLETED" => 0,
+        "PENDING" | "CONFIGURING" | "REQUEUED" | "SUSPENDED" => 1,
+        "RUNNING" | "COMPLETING" | "RESIZING" => 2,
+        _ => 3,
+    };
+    let nodes: Vec<String> = tasks.iter().filter_map(|t| t.get("NodeList").cloned()).filter(|n| !n.is_empty() && n != "(null)").collect();
+    tasks.sort_by_key(|t| std::cmp::Reverse(rank(&state(t))));
+    let mut first = tasks.into_iter().next()?;
+    let mut unique: Vec<String> = Vec::new();
+    for n in nodes {
+        if !unique.contains(&n) {
+            unique.push(n);
+        }
+    }
+    first.insert("NodeList".into(), unique.join(","));
+    Some(first)
 }
 
 /// `Key=Value Key=Value ...` (scontrol's one-line format) as a map.
@@ -320,8 +369,20 @@ mod tests {
     }
 
     #[test]
+    fn an_array_is_one_state() {
+        let task = |state: &str, node: &str| parse_fields(&format!("JobId=7 ArrayTaskId=0 JobState={state} NodeList={node} ExitCode=0:0"));
+        let state = |tasks| aggregate(tasks).unwrap()["JobState"].clone();
+        assert_eq!(state(vec![task("COMPLETED", "n1"), task("RUNNING", "n2")]), "RUNNING");
+        assert_eq!(state(vec![task("COMPLETED", "n1"), task("PENDING", "")]), "PENDING");
+        assert_eq!(state(vec![task("RUNNING", "n1"), task("FAILED", "n2")]), "FAILED");
+        assert_eq!(state(vec![task("COMPLETED", "n1"), task("COMPLETED", "n2")]), "COMPLETED");
+        assert_eq!(aggregate(vec![task("COMPLETED", "n1"), task("COMPLETED", "n2"), task("COMPLETED", "n1")]).unwrap()["NodeList"], "n1,n2");
+        assert!(aggregate(vec![]).is_none());
+    }
+
+    #[test]
     fn resources_become_sbatch_options() {
-        let r = Resources { cpus: Some(4), mem: Some("16G".into()), gpus: Some(1), time: Some("2:00:00".into()), partition: None };
+        let r = Resources { cpus: Some(4), mem: Some("16G".into()), gpus: Some(1), time: Some("2:00:00".into()), partition: None, array: None };
         let cfg = ExecutorConfig { partition: Some("batch".into()), account: Some("lab".into()), ..Default::default() };
         assert_eq!(
             resource_args(&r, &cfg),

@@ -118,7 +118,32 @@ impl Stage for Preprocess {
     }
 
     fn run(&self, p: &PreprocessParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
-        Ok(run(p, ctx)?)
+        let (rows, images) = inputs(ctx)?;
+        let whole = process(p, ctx, &rows, &images, 0, 1)?;
+        Ok(finish(p, ctx, &rows, &images, vec![(ctx.out_dir.clone(), whole)])?)
+    }
+
+    /// Contiguous runs of shard-sized chunks per part.
+    const SPLITS: bool = true;
+
+    fn run_part(&self, p: &PreprocessParams, ctx: &StageContext, part: usize, parts: usize) -> Result<StageReport, BoxError> {
+        let (rows, images) = inputs(ctx)?;
+        let result = process(p, ctx, &rows, &images, part, parts)?;
+        std::fs::write(ctx.out_dir.join(PART_FILE), serde_json::to_vec(&result)?)?;
+        let images_done: usize = result.chunks.iter().map(|c| c.rows.len()).sum();
+        Ok(StageReport::new(format!("part {part} of {parts}: {} chunk(s), {images_done} images", result.chunks.len())))
+    }
+
+    fn assemble(&self, p: &PreprocessParams, ctx: &StageContext, parts: &[PathBuf]) -> Result<StageReport, BoxError> {
+        let (rows, images) = inputs(ctx)?;
+        let mut results = Vec::with_capacity(parts.len());
+        for dir in parts {
+            let path = dir.join(PART_FILE);
+            let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let result: PartResult = serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+            results.push((dir.clone(), result));
+        }
+        Ok(finish(p, ctx, &rows, &images, results)?)
     }
 }
 
@@ -293,26 +318,58 @@ fn prepare(p: &PreprocessParams, source: &ImageSource, bytes: Vec<u8>, file: &st
     Ok(Outcome::Pixels { bytes: img.into_raw(), reused: false })
 }
 
-fn run(p: &PreprocessParams, ctx: &StageContext) -> Result<StageReport> {
+/// The upstream's rows and where their image files are.
+fn inputs(ctx: &StageContext) -> Result<(Rows, ImageSource)> {
     let ingest = ctx.upstream_of_kind("ingest").ok_or_else(|| anyhow!("the upstream must be an `ingest` stage"))?;
     let rows = read_metadata(&ingest.dir.join("metadata.parquet"))?;
     let source: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(ingest.dir.join("source.json")).context("reading the ingest stage's source.json")?,
     )?;
     let images = ImageSource::open(source["images"].as_str().ok_or_else(|| anyhow!("source.json has no `images`"))?, &ctx.base_dir)?;
+    Ok((rows, images))
+}
 
+/// What processing some chunks of the rows wrote (as `chunk-NNNNN.safetensors`
+/// beside it): a part of the stage when it runs split across workers.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct PartResult {
+    chunks: Vec<ChunkResult>,
+    /// (row, why) for every bad image.
+    bad: Vec<(usize, String)>,
+    decoded: usize,
+    reused: usize,
+}
+
+/// One chunk of `shard_mb`: (row, offset in the chunk's file) per image kept.
+#[derive(Debug, Serialize, Deserialize)]
+struct ChunkResult {
+    chunk: usize,
+    rows: Vec<(usize, u64)>,
+}
+
+const PART_FILE: &str = "part.json";
+
+fn chunk_file(chunk: usize) -> String {
+    format!("chunk-{chunk:05}.safetensors")
+}
+
+/// Rows per chunk: one shard file of about `shard_mb`.
+fn chunk_len(p: &PreprocessParams) -> usize {
+    let per_image = (p.size as u64) * (p.size as u64) * 3;
+    ((p.shard_mb as u64 * 1024 * 1024) / per_image).max(1) as usize
+}
+
+/// Decodes the chunks of part `part` of `parts` (contiguous runs of chunks),
+/// writing each chunk's pixels under `ctx.out_dir`.
+fn process(p: &PreprocessParams, ctx: &StageContext, rows: &Rows, images: &ImageSource, part: usize, parts: usize) -> Result<PartResult> {
     let pixel_digest = pixel_params_digest(p);
     let reuse = Reuse::load(ctx.previous.as_deref(), &pixel_digest, p.size)?;
-    let per_image = (p.size as u64) * (p.size as u64) * 3;
-    let per_shard = ((p.shard_mb as u64 * 1024 * 1024) / per_image).max(1) as usize;
-
-    let bar = ctx.progress.bar(rows.image_name.len() as u64, "preprocessing images");
-    let (mut decoded, mut reused) = (0usize, 0usize);
-    let mut bad: Vec<(usize, BadImage)> = Vec::new();
-    let mut index: Vec<(usize, String, u64)> = Vec::with_capacity(rows.image_name.len());
-    let mut shard_names = Vec::new();
     let all: Vec<usize> = (0..rows.image_name.len()).collect();
-    for chunk in all.chunks(per_shard) {
+    let chunks: Vec<&[usize]> = all.chunks(chunk_len(p)).collect();
+    let mine = (part * chunks.len() / parts)..((part + 1) * chunks.len() / parts);
+    let bar = ctx.progress.bar(chunks[mine.clone()].iter().map(|c| c.len() as u64).sum(), "preprocessing images");
+    let mut result = PartResult::default();
+    for (c, chunk) in chunks.iter().enumerate().filter(|(c, _)| mine.contains(c)) {
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(chunk.len());
         let batch_len = if matches!(images, ImageSource::Remote(_)) { REMOTE_BATCH } else { chunk.len() };
         for batch in chunk.chunks(batch_len) {
@@ -330,7 +387,7 @@ fn run(p: &PreprocessParams, ctx: &StageContext) -> Result<StageReport> {
                             let file = &rows.image_file[i];
                             images
                                 .read(file, &prefetched)
-                                .and_then(|bytes| prepare(p, &images, bytes, file, &rows.image_digest[i], resizer))
+                                .and_then(|bytes| prepare(p, images, bytes, file, &rows.image_digest[i], resizer))
                         }
                     };
                     bar.inc(1);
@@ -340,25 +397,51 @@ fn run(p: &PreprocessParams, ctx: &StageContext) -> Result<StageReport> {
             outcomes.extend(done);
         }
         let mut pixels: Vec<&[u8]> = Vec::with_capacity(chunk.len());
-        let shard_name = format!("shard-{:05}.safetensors", shard_names.len());
+        let mut kept = Vec::with_capacity(chunk.len());
         for (&i, outcome) in chunk.iter().zip(&outcomes) {
             match outcome {
                 Outcome::Pixels { bytes, reused: was_reused } => {
-                    index.push((i, shard_name.clone(), pixels.len() as u64));
+                    kept.push((i, pixels.len() as u64));
                     pixels.push(bytes);
-                    if *was_reused { reused += 1 } else { decoded += 1 }
+                    if *was_reused { result.reused += 1 } else { result.decoded += 1 }
                 }
-                Outcome::Bad(why) => bad.push((i, why.clone())),
+                Outcome::Bad(why) => result.bad.push((i, why.to_string())),
             }
         }
         if !pixels.is_empty() {
-            shards::write_shard(&ctx.out_dir.join(&shard_name), p.size, &pixels)?;
+            shards::write_shard(&ctx.out_dir.join(chunk_file(c)), p.size, &pixels)?;
+        }
+        result.chunks.push(ChunkResult { chunk: c, rows: kept });
+    }
+    bar.finish_and_clear();
+    Ok(result)
+}
+
+/// Joins parts (each a folder holding its chunk files, with its result, in
+/// part order) into the artifact under `ctx.out_dir`: chunk files become
+/// `shard-NNNNN.safetensors` numbered over the non-empty ones, then the index,
+/// the bad-image list and the summary. A whole run is one part, so a split run
+/// writes the same bytes.
+fn finish(p: &PreprocessParams, ctx: &StageContext, rows: &Rows, images: &ImageSource, parts: Vec<(PathBuf, PartResult)>) -> Result<StageReport> {
+    let (mut decoded, mut reused) = (0usize, 0usize);
+    let mut bad: Vec<(usize, String)> = Vec::new();
+    let mut index: Vec<(usize, String, u64)> = Vec::with_capacity(rows.image_name.len());
+    let mut shard_names = Vec::new();
+    for (dir, part) in parts {
+        decoded += part.decoded;
+        reused += part.reused;
+        bad.extend(part.bad);
+        for chunk in part.chunks.into_iter().filter(|c| !c.rows.is_empty()) {
+            let shard_name = format!("shard-{:05}.safetensors", shard_names.len());
+            let (from, to) = (dir.join(chunk_file(chunk.chunk)), ctx.out_dir.join(&shard_name));
+            std::fs::rename(&from, &to).with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+            index.extend(chunk.rows.into_iter().map(|(i, offset)| (i, shard_name.clone(), offset)));
             shard_names.push(shard_name);
         }
     }
-    bar.finish_and_clear();
+    let pixel_digest = pixel_params_digest(p);
 
-    let describe_bad = |(i, why): &(usize, BadImage)| format!("{} ({}): {why}", images.describe(&rows.image_file[*i]), rows.image_name[*i]);
+    let describe_bad = |(i, why): &(usize, String)| format!("{} ({}): {why}", images.describe(&rows.image_file[*i]), rows.image_name[*i]);
     if !bad.is_empty() && p.on_bad_image == OnBadImage::Fail {
         let list: Vec<String> = bad.iter().map(describe_bad).collect();
         bail!(

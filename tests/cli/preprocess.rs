@@ -239,3 +239,36 @@ fn images_from_an_object_store_url() {
     assert!(r.line("ingest").contains("input files changed `images/ISIC_0000004.jpg`"), "{}", r.stdout);
     assert!(r.line("preprocess").contains("decoded 1, reused 11"), "{}", r.stdout);
 }
+
+/// The worker protocol a cluster job array uses: the stage run as three
+/// parts (`run-stage --parts 3 --part I`), then assembled (`--assemble 3`),
+/// writes the same artifact as a whole local run.
+#[test]
+fn a_stage_run_in_parts_and_assembled_equals_the_whole_run() {
+    // 72 px images at 64 px: 85 per 1 MiB shard, so 200 images make 3 chunks;
+    // one bad image, skipped, lands in the middle part.
+    let extra = "shard_mb = 1\non_bad_image = \"skip\"\n";
+    let whole = project(200, 64, extra);
+    whole.write("data/src/jpeg/ISIC_0000100.jpg", b"not a jpeg");
+    whole.ok(&["run"]);
+
+    let split = project(200, 64, extra);
+    split.write("data/src/jpeg/ISIC_0000100.jpg", b"not a jpeg");
+    let early = split.fails(&["run-stage", "preprocess", "--parts", "3", "--part", "0"]);
+    assert!(early.stderr.contains("upstream `ingest` has no committed result"), "{}", early.stderr);
+    split.ok(&["run", "ingest"]);
+    let missing = split.fails(&["run-stage", "preprocess", "--assemble", "3"]);
+    assert!(missing.stderr.contains("part 0 of 3 is not committed"), "{}", missing.stderr);
+    for part in ["0", "1", "2"] {
+        let r = split.ok(&["run-stage", "preprocess", "--parts", "3", "--part", part]);
+        assert!(r.stdout.starts_with("committed preprocess"), "{}", r.stdout);
+    }
+    split.ok(&["run-stage", "preprocess", "--assemble", "3"]);
+    let again = split.ok(&["run-stage", "preprocess"]);
+    assert!(again.stdout.starts_with("already committed preprocess"), "{}", again.stdout);
+    let r = split.ok(&["run"]);
+    assert_eq!(r.state("preprocess"), "restored", "{}", r.stdout);
+    assert_eq!(split.lock(), whole.lock(), "assembled parts must be the whole run's bytes");
+    let shards = files_under(&split.path("data/out/preprocess")).iter().filter(|f| f.to_string_lossy().contains("shard-")).count();
+    assert_eq!(shards, 3);
+}

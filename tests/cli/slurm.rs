@@ -4,8 +4,9 @@
 //! order, because a cluster takes seconds to start and restarting it resets
 //! job ids:
 //!
-//! 1. the CI pipeline (every stage kind) through Slurm writes the same lock
-//!    file as a local run, and a second run submits nothing;
+//! 1. the CI pipeline (every stage kind, preprocess as a job array of parts
+//!    then an assembling job) through Slurm writes the same lock file as a
+//!    local run, and a second run submits nothing;
 //! 2. a changed parameter submits only that stage and its downstream;
 //! 3. a worker killed mid-stage commits nothing, and the re-run succeeds;
 //! 4. a failing stage cancels its dependants and is reported with job id,
@@ -89,11 +90,14 @@ fn the_pipeline_runs_on_a_real_slurm_cluster() {
     // 1. Same lock file as a local run; a second run submits nothing.
     let local = Project::new(CI_PIPELINE);
     local.ok(&["run", "-q", "-j", "2"]);
-    let p = cluster.project(CI_PIPELINE);
+    // preprocess fans out as a job array of 3 parts plus an assembling job.
+    let p = cluster.project(&format!("{CI_PIPELINE}\n[stages.preprocess.resources]\narray = 3\n"));
     let first = p.ok(&["run", "--executor", "slurm"]);
     let jobs = submitted(&first);
-    assert_eq!(stages_of(&jobs), ["synth", "ingest", "preprocess", "gan", "generate", "classical", "cyclegan", "evaluate"], "{}", first.stdout);
-    assert!(first.stdout.contains(&format!("done     evaluate: job {}", jobs[7].1)), "{}", first.stdout);
+    let expected = ["synth", "ingest", "preprocess[0-2]", "preprocess", "gan", "generate", "classical", "cyclegan", "evaluate"];
+    assert_eq!(stages_of(&jobs), expected, "{}", first.stdout);
+    assert!(first.stdout.contains(&format!("preprocess: job {} (after {})", jobs[3].1, jobs[2].1)), "{}", first.stdout);
+    assert!(first.stdout.contains(&format!("done     evaluate: job {}", jobs[8].1)), "{}", first.stdout);
     assert_eq!(p.lock(), local.lock(), "the Slurm run must write the lock file a local run writes");
     let again = p.ok(&["run", "--executor", "slurm"]);
     assert!(submitted(&again).is_empty() && again.stdout.contains("8 cached"), "{}", again.stdout);

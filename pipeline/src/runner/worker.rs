@@ -13,6 +13,18 @@
 
 use super::*;
 
+/// Which share of a stage's work a worker does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Work {
+    /// The whole stage.
+    Whole,
+    /// Part `part` of `parts` of a map stage (a job-array task): committed as
+    /// a part record, not as the stage's result.
+    Part { part: usize, parts: usize },
+    /// Joins the committed parts into the stage's result.
+    Assemble { parts: usize },
+}
+
 /// What a worker did.
 #[derive(Clone, Debug, PartialEq)]
 pub enum WorkerOutcome {
@@ -25,7 +37,7 @@ impl<'r> Engine<'r> {
     /// Runs stage `name` as a worker. With `expected`, refuses to run when its
     /// fingerprint differs (the pipeline file or an input changed since the
     /// job was planned).
-    pub fn run_stage(&mut self, name: &str, expected: Option<Digest>, force: bool) -> Result<WorkerOutcome> {
+    pub fn run_stage(&mut self, name: &str, expected: Option<Digest>, force: bool, work: Work) -> Result<WorkerOutcome> {
         let i = self.selected(&[name.to_string()])?.into_iter().find(|&i| self.pipeline.stages[i].name == name).expect("selected");
         let inputs = self.pipeline.stages[i].inputs.clone();
         let mut upstream: Vec<(String, Digest)> = Vec::new();
@@ -51,17 +63,23 @@ impl<'r> Engine<'r> {
         if let Some(record) = self.artifacts.get_run(&fp)?.filter(|_| !force) {
             return Ok(WorkerOutcome::AlreadyCommitted { output: record.output });
         }
-        let work = self.pipeline.state_dir().join("work").join(format!("{name}-{}-{}", fp.short(), std::process::id()));
-        let result = self.run_in(i, fp, &upstream, ext, &work, force);
-        let _ = fsutil::remove_dir_if_exists(&work);
-        self.cache.forget_under(&work);
+        if let Work::Part { part, parts } = work {
+            if let Some(record) = self.artifacts.get_part(&fp, part, parts)?.filter(|_| !force) {
+                return Ok(WorkerOutcome::AlreadyCommitted { output: record.output });
+            }
+        }
+        let dir = self.pipeline.state_dir().join("work").join(format!("{name}-{}-{}", fp.short(), std::process::id()));
+        let result = self.run_in(i, fp, &upstream, ext, &dir, force, work);
+        let _ = fsutil::remove_dir_if_exists(&dir);
+        self.cache.forget_under(&dir);
         self.save_cache();
         result
     }
 
-    fn run_in(&mut self, i: usize, fp: Digest, upstream: &[(String, Digest)], ext: Externals, work: &Path, force: bool) -> Result<WorkerOutcome> {
+    #[allow(clippy::too_many_arguments)]
+    fn run_in(&mut self, i: usize, fp: Digest, upstream: &[(String, Digest)], ext: Externals, dir: &Path, force: bool, work: Work) -> Result<WorkerOutcome> {
         let name = self.pipeline.stages[i].name.clone();
-        fsutil::remove_dir_if_exists(work).map_err(|e| Error::io(work, e))?;
+        fsutil::remove_dir_if_exists(dir).map_err(|e| Error::io(dir, e))?;
         let mut ups = Vec::new();
         for (n, digest) in upstream {
             let manifest = self.artifacts.get_manifest(digest)?.ok_or_else(|| ArtifactError::Missing { digest: *digest, store: self.artifacts.store().describe() })?;
@@ -77,7 +95,7 @@ impl<'r> Engine<'r> {
             }
             ups.push(Upstream { name: n.clone(), kind: self.pipeline.stage(n).expect("validated").kind.clone(), dir, manifest });
         }
-        let out_dir = work.join("out");
+        let out_dir = dir.join("out");
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
         let decl = &self.pipeline.stages[i];
         let ctx = StageContext {
@@ -91,13 +109,34 @@ impl<'r> Engine<'r> {
             scratch_dir: self.scratch_dir(&name, &fp),
         };
         let kind = self.registry.get(&decl.kind).expect("validated kind");
-        run_catching_panics(|| kind.run(&decl.params, &ctx)).map_err(|source| Error::StageFailed { stage: name.clone(), source })?;
+        let mut part_dirs = Vec::new();
+        if let Work::Assemble { parts } = work {
+            for part in 0..parts {
+                let record = self.artifacts.get_part(&fp, part, parts)?.ok_or_else(|| {
+                    Error::Worker(format!("stage `{name}`: part {part} of {parts} is not committed (its job must succeed first)"))
+                })?;
+                let manifest = self.artifacts.get_manifest(&record.output)?.expect("get_part checked the manifest");
+                let part_dir = dir.join("parts").join(part.to_string());
+                self.artifacts.materialize(&manifest, &part_dir)?;
+                part_dirs.push(part_dir);
+            }
+        }
+        run_catching_panics(|| match work {
+            Work::Whole => kind.run(&decl.params, &ctx),
+            Work::Part { part, parts } => kind.run_part(&decl.params, &ctx, part, parts),
+            Work::Assemble { .. } => kind.assemble(&decl.params, &ctx, &part_dirs),
+        })
+        .map_err(|source| Error::StageFailed { stage: name.clone(), source })?;
         let manifest = self.cache.manifest_of_dir(&out_dir, &|_| {}).map_err(|e| Error::io(&out_dir, e))?;
         let digest = self.artifacts.put_dir(&out_dir, &manifest)?;
+        let record = RunRecord { kind: decl.kind.clone(), output: digest, files: manifest.len() as u64, bytes: manifest.total_bytes() };
+        if let Work::Part { part, parts } = work {
+            self.artifacts.put_part(&fp, part, parts, &record)?;
+            return Ok(WorkerOutcome::Committed { output: digest });
+        }
         if let Some(m) = &ext.combined {
             self.artifacts.put_manifest(m)?;
         }
-        let record = RunRecord { kind: decl.kind.clone(), output: digest, files: manifest.len() as u64, bytes: manifest.total_bytes() };
         // Forced: this run's result replaces the record, as a local --force does.
         let stood = if force { self.artifacts.put_run(&fp, &record).map(|()| record)? } else { self.artifacts.put_run_once(&fp, &record)? };
         self.remove_scratch(&name);
