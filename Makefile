@@ -6,7 +6,7 @@ CARGO  ?= cargo
 BIN    := target/release/melanoflow
 CONFIG ?= data/pipeline.toml
 
-.PHONY: repro pipeline test bench bench-train build status clean gpu-check weights metrics real
+.PHONY: repro pipeline test bench bench-train bench-remote build status clean gpu-check weights metrics real
 
 pipeline: build
 	$(BIN) run --config $(CONFIG)
@@ -33,12 +33,19 @@ bench: build
 	benches/preprocess.sh
 	benches/cyclegan.sh
 	benches/train.sh
+	benches/remote.sh
 
 # Training speed on CPU: candle before/after melanoflow's kernels vs PyTorch
 # (CycleGAN step, generator fwd/bwd, EfficientNet-B0 step, depthwise conv).
 # A report (benches/out/train.md), not a test; THREADS=, STEPS=, SMOKE=1 apply.
 bench-train: build
 	benches/train.sh
+
+# Remote store: melanoflow push/pull vs dvc push/pull, 5,001 small files, to
+# the same loopback S3 server (s3s-fs). A report (benches/out/remote.md), not a
+# test; BENCH_RUNS=, BENCH_NO_DVC=1, BENCH_NO_MELANOFLOW=1 apply.
+bench-remote: build
+	benches/remote.sh
 
 status: build
 	$(BIN) status --config $(CONFIG)

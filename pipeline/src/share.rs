@@ -96,7 +96,7 @@ pub fn pull(artifacts: &Artifacts, lock: &LockFile, stages: &[String]) -> Result
         }
     }
     let bar = artifacts.progress().bytes_bar("pulling");
-    let mut transfer = sync::download(local, remote, &files, &bar)?;
+    let mut transfer = sync::download(local, remote, &files, &bar, true)?;
     bar.finish_and_clear();
     let fetched = stages.iter().filter(|n| !present_before.contains(&lock.stages[*n].output)).count() as u64;
     transfer.copied += fetched;

@@ -30,6 +30,8 @@ const CONCURRENCY: usize = 32;
 /// A batch of small blobs is read into memory, hashed, then sent together.
 const BATCH_OBJECTS: usize = 512;
 const BATCH_BYTES: u64 = 128 << 20;
+/// From this many blobs on, existence is checked by listing every blob.
+const FULL_LISTING: usize = 1000;
 /// Blobs at least this large are streamed one by one instead.
 const LARGE: u64 = 64 << 20;
 
@@ -93,11 +95,16 @@ pub fn upload(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: &P
 }
 
 /// Downloads the `wanted` blobs the local store lacks or holds damaged,
-/// checking each before it is stored. Local copies are re-hashed (cheap next
-/// to a transfer), so a corrupt one is replaced, not trusted.
-pub fn download(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: &ProgressBar) -> Result<Transfer, ArtifactError> {
+/// checking each before it is stored. With `rehash_local`, local copies are
+/// re-hashed (cheap next to a transfer), so a corrupt one is replaced, not
+/// trusted; without, a local copy of the right size counts as present (for
+/// callers that check what they read anyway).
+pub fn download(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: &ProgressBar, rehash_local: bool) -> Result<Transfer, ArtifactError> {
     let wanted = dedup(wanted);
-    let intact: Vec<bool> = wanted.par_iter().map(|w| local_intact(local, w)).collect::<Result<_, _>>()?;
+    let intact: Vec<bool> = wanted
+        .par_iter()
+        .map(|w| if rehash_local { local_intact(local, w) } else { Ok(local.size(&blob_key(&w.0))? == Some(w.1)) })
+        .collect::<Result<_, _>>()?;
     let missing: Vec<Wanted> = wanted.iter().zip(&intact).filter(|(_, ok)| !**ok).map(|(w, _)| *w).collect();
     let mut done = Transfer { present: (wanted.len() - missing.len()) as u64, ..Default::default() };
     bar.set_length(missing.iter().map(|w| w.1).sum());
@@ -201,19 +208,23 @@ pub(crate) fn check(store: &dyn BlobStore, d: &Digest, actual: Digest, remedy: &
     Err(ArtifactError::Corrupt { digest: *d, actual, store: store.describe(), remedy: remedy.to_string() })
 }
 
-/// Sizes of the wanted blobs on the remote, `None` when absent: one listing
-/// per distinct `blobs/XX/` prefix when that is fewer requests than one HEAD
-/// per blob (it is from a few hundred blobs on).
+/// Sizes of the wanted blobs on the remote, `None` when absent, in as few
+/// requests as is likely: from `FULL_LISTING` blobs on, one listing of all
+/// blobs (1,000 keys a page: fewer pages than 256 prefix listings while the
+/// remote holds under 256,000 blobs); else one listing per distinct
+/// `blobs/XX/` prefix when that beats one HEAD per blob; else HEADs.
 fn remote_sizes(remote: &ObjectBlobStore, wanted: &[Wanted]) -> Result<Vec<Option<u64>>, ArtifactError> {
     let keys: Vec<String> = wanted.iter().map(|(d, _)| blob_key(d)).collect();
     let prefixes: BTreeSet<String> = keys.iter().map(|k| k[..k.rfind('/').expect("blob keys have a folder")].to_string()).collect();
-    if prefixes.len() * 2 < keys.len() {
-        let prefixes: Vec<String> = prefixes.into_iter().collect();
-        let listed = remote.list_sizes(&prefixes, CONCURRENCY)?;
-        Ok(keys.iter().map(|k| listed.get(k).copied()).collect())
+    let listing = if keys.len() >= FULL_LISTING {
+        vec!["blobs".to_string()]
+    } else if prefixes.len() * 2 < keys.len() {
+        prefixes.into_iter().collect()
     } else {
-        Ok(remote.size_many(&keys, CONCURRENCY)?)
-    }
+        return Ok(remote.size_many(&keys, CONCURRENCY)?);
+    };
+    let listed = remote.list_sizes(&listing, CONCURRENCY)?;
+    Ok(keys.iter().map(|k| listed.get(k).copied()).collect())
 }
 
 fn dedup(wanted: &[Wanted]) -> Vec<Wanted> {
@@ -273,11 +284,11 @@ mod tests {
         assert_eq!(upload(&local, &remote, &[a, b], &bar).unwrap(), Transfer { copied: 0, present: 2, bytes: 0 });
 
         let fresh = ObjectBlobStore::memory();
-        assert_eq!(download(&fresh, &remote, &[a, b], &bar).unwrap(), Transfer { copied: 2, present: 0, bytes: 9 });
+        assert_eq!(download(&fresh, &remote, &[a, b], &bar, true).unwrap(), Transfer { copied: 2, present: 0, bytes: 9 });
         assert_eq!(fresh.get(&blob_key(&b.0)).unwrap().unwrap(), Bytes::from_static(b"beta"));
         // A corrupt local copy (same size) is replaced, not trusted.
         fresh.put(&blob_key(&b.0), Bytes::from_static(b"BETA")).unwrap();
-        assert_eq!(download(&fresh, &remote, &[a, b], &bar).unwrap(), Transfer { copied: 1, present: 1, bytes: 4 });
+        assert_eq!(download(&fresh, &remote, &[a, b], &bar, true).unwrap(), Transfer { copied: 1, present: 1, bytes: 4 });
         assert_eq!(fresh.get(&blob_key(&b.0)).unwrap().unwrap(), Bytes::from_static(b"beta"));
     }
 
@@ -300,7 +311,7 @@ mod tests {
         let d = Digest::of_bytes(b"good");
         remote.store.put(&blob_key(&d), Bytes::from_static(b"evil")).unwrap();
         let local = ObjectBlobStore::memory();
-        let e = download(&local, &remote, &[(d, 4)], &bar).unwrap_err().to_string();
+        let e = download(&local, &remote, &[(d, 4)], &bar, true).unwrap_err().to_string();
         assert!(e.contains(&d.to_hex()) && e.contains("push"), "{e}");
         assert!(!local.exists(&blob_key(&d)).unwrap());
         assert!(!remote.store.exists(&blob_key(&d)).unwrap());
@@ -308,7 +319,7 @@ mod tests {
         // Read-only remote: reported, left alone.
         let ro = Remote { store: ObjectBlobStore::memory(), read_only: true };
         ro.store.put(&blob_key(&d), Bytes::from_static(b"evil")).unwrap();
-        assert!(download(&local, &ro, &[(d, 4)], &bar).unwrap_err().to_string().contains("read-only"));
+        assert!(download(&local, &ro, &[(d, 4)], &bar, true).unwrap_err().to_string().contains("read-only"));
         assert!(ro.store.exists(&blob_key(&d)).unwrap());
 
         // Local corrupt: never uploaded, removed locally.
