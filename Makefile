@@ -6,7 +6,7 @@ CARGO  ?= cargo
 BIN    := target/release/melanoflow
 CONFIG ?= data/pipeline.toml
 
-.PHONY: repro pipeline test bench bench-train bench-remote build status clean gpu-check weights metrics real
+.PHONY: repro pipeline test test-build bench bench-train bench-remote build status clean gpu-check weights metrics real
 
 pipeline: build
 	$(BIN) run --config $(CONFIG)
@@ -21,9 +21,15 @@ build:
 # are required here, so they cannot silently skip.
 S3S_FS ?= $(or $(shell command -v s3s-fs 2>/dev/null),$(CURDIR)/.tools/bin/s3s-fs)
 
-test: $(S3S_FS)
+# s3s-fs builds beside the tests (make -j2): a cold build of the stack leaves
+# one core idle for long stretches (single-crate compiles, linking).
+test:
 	scripts/slurm/cluster.sh install
+	$(MAKE) -j2 $(S3S_FS) test-build
 	S3S_FS=$(S3S_FS) MELANOFLOW_REQUIRE_S3=1 MELANOFLOW_REQUIRE_SLURM=1 $(CARGO) test --release --workspace
+
+test-build:
+	$(CARGO) test --release --workspace --no-run
 
 $(CURDIR)/.tools/bin/s3s-fs:
 	$(CARGO) install s3s-fs --version 0.14.1 --locked --features binary --root $(CURDIR)/.tools

@@ -31,7 +31,8 @@
 # report (stdout and benches/out/remote.md), never in asserts.
 #
 # Knobs (environment): MELANOFLOW (binary, default target/release/melanoflow),
-# BENCH_RUNS (3), BENCH_FILES (5000: synth's image count), BENCH_TIMEOUT (600 s
+# BENCH_RUNS (3), BENCH_FILES (5000: synth's image count), BENCH_SETTLE_S (3:
+# pause after mass deletions, see settle()), BENCH_TIMEOUT (600 s
 # per timed command), BENCH_KEEP_TMP=1 (keep the temp folder), BENCH_NO_DVC=1
 # (melanoflow alone), BENCH_NO_MELANOFLOW=1 (DVC alone; melanoflow still
 # generates the files), S3S_FS (the s3s-fs binary; else PATH, ~/.cargo/bin,
@@ -280,6 +281,16 @@ clear_bucket() {
     OBJECT_COUNTS+=("$what: $n")
     find "$S3ROOT/$BUCKET" -mindepth 1 -delete
     find "$S3ROOT" -maxdepth 1 -type f -name '.bucket-*' -delete # per-object metadata
+    settle
+}
+
+# Deleting tens of thousands of files (the bucket, a pulled copy) leaves the
+# filesystem journal and writeback busy for seconds; s3s-fs writes three
+# files per object, so a push timed right after ran 5x slower than one on a
+# quiet disk. Flush and wait before the next timed command.
+settle() {
+    sync
+    sleep "${BENCH_SETTLE_S:-3}"
 }
 OBJECT_COUNTS=()
 
@@ -396,6 +407,7 @@ mf_rep() {
             fi
         fi
         rm -rf "$F"
+        settle
         if timed "push no-op" melanoflow "$rep" "$P" "${MFX[@]}" -c pipeline.toml push; then
             MF_NOOP_LINE=$(summary)
         fi

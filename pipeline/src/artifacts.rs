@@ -187,7 +187,7 @@ impl Artifacts {
         })?;
         if let Some(remote) = self.writable_remote() {
             let bar = self.progress.bytes_bar("uploading to remote");
-            sync::upload(self.store.as_ref(), remote, &wanted(manifest), &bar)?;
+            crate::packs::upload(self.store.as_ref(), remote, manifest, &bar)?;
             bar.finish_and_clear();
         }
         self.put_manifest(manifest)
@@ -200,7 +200,7 @@ impl Artifacts {
         if let Some(remote) = self.remote() {
             let bar = self.progress.bytes_bar("fetching from remote");
             // Local copies are checked below as they land: no need to hash them twice.
-            sync::download(self.store.as_ref(), remote, &wanted(manifest), &bar, false)?;
+            crate::packs::download(self.store.as_ref(), remote, manifest, &bar, false)?;
             bar.finish_and_clear();
         }
         std::fs::create_dir_all(dest).map_err(|source| ArtifactError::Io { path: dest.display().to_string(), source })?;

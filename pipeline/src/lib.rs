@@ -22,6 +22,7 @@ pub mod fsutil;
 pub mod lockfile;
 pub mod maintenance;
 pub mod manifest;
+pub mod packs;
 pub mod registry;
 pub mod remote;
 pub mod runlock;

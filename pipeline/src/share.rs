@@ -1,8 +1,9 @@
 //! `push` and `pull`: a lock file's results to and from the remote store.
 //!
 //! What moves for each stage is what a fresh clone needs to skip it: every
-//! file blob of its output, the output manifest, the manifest of the external
-//! files it read (when stored), and its run record. Uploads go in that order,
+//! file blob of its output (small ones in packs, see `packs.rs`), the output
+//! manifest, the manifest of the external files it read (when stored), and
+//! its run record. Uploads go in that order,
 //! so a reader of the remote never finds a record whose bytes are missing; an
 //! interrupted push leaves only complete objects, and a retry sends the rest.
 
@@ -11,7 +12,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::artifacts::{ArtifactError, Artifacts, RunRecord, blob_key, run_key, wanted};
+use crate::artifacts::{ArtifactError, Artifacts, RunRecord, blob_key, run_key};
+use crate::packs;
 use crate::store::BlobStore;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -27,13 +29,14 @@ pub struct ShareReport {
 }
 
 impl ShareReport {
-    /// `pushed 5,003 objects (2 already there), 12.3 MiB in 1.23 s`.
+    /// `pushed 5003 files (2 already there) as 4 objects for 1 stage(s), 12.3 MiB in 1.23 s`.
     pub fn line(&self, verb: &str) -> String {
         let t = &self.transfer;
         format!(
-            "{verb} {} objects ({} already there) for {} stage(s), {} in {:.2} s",
+            "{verb} {} files ({} already there) as {} objects for {} stage(s), {} in {:.2} s",
             t.copied,
             t.present,
+            t.objects,
             self.stages,
             human_bytes(t.bytes),
             self.seconds
@@ -49,24 +52,24 @@ pub fn push(artifacts: &Artifacts, lock: &LockFile, stages: &[String]) -> Result
         return Err(Error::Remote(format!("the remote {} is read-only here (--remote-read-only or remote_read_only = true)", remote.store.describe())));
     }
     let local = artifacts.store();
-    let mut files = Vec::new();
+    let bar = artifacts.progress().bytes_bar("pushing");
+    let mut transfer = Transfer::default();
     let mut manifests = Vec::new();
     for name in stages {
         let entry = &lock.stages[name];
         let manifest = artifacts.get_manifest(&entry.output)?.ok_or_else(|| {
             Error::Remote(format!("stage `{name}`: its output {} is not in the local store {}; run it first", entry.output.short(), local.describe()))
         })?;
-        files.extend(wanted(&manifest));
+        transfer += packs::upload(local, remote, &manifest, &bar)?;
         manifests.push((entry.output, manifest.to_bytes().len() as u64));
         if let Some(ext) = entry.external.filter(|d| local.exists(&blob_key(d)).unwrap_or(false)) {
             manifests.push((ext, local.size(&blob_key(&ext))?.unwrap_or_default()));
         }
     }
-    let bar = artifacts.progress().bytes_bar("pushing");
-    let mut transfer = sync::upload(local, remote, &files, &bar)?;
     transfer += sync::upload(local, remote, &manifests, &bar)?;
     let records: Vec<(String, Bytes)> = stages.iter().map(|n| record_of(lock, n)).collect();
     transfer.bytes += records.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+    transfer.objects += records.len() as u64;
     remote.store.put_many(records, 16)?;
     bar.finish_and_clear();
     Ok(ShareReport { stages: stages.len(), transfer, seconds: started.elapsed().as_secs_f64() })
@@ -79,7 +82,8 @@ pub fn pull(artifacts: &Artifacts, lock: &LockFile, stages: &[String]) -> Result
     let local = artifacts.store();
     let present_before: BTreeSet<Digest> =
         stages.iter().map(|n| lock.stages[n].output).filter(|d| local.exists(&blob_key(d)).unwrap_or(false)).collect();
-    let mut files = Vec::new();
+    let bar = artifacts.progress().bytes_bar("pulling");
+    let mut transfer = Transfer::default();
     for name in stages {
         let entry = &lock.stages[name];
         let manifest = artifacts.get_manifest(&entry.output)?.ok_or_else(|| {
@@ -89,17 +93,16 @@ pub fn pull(artifacts: &Artifacts, lock: &LockFile, stages: &[String]) -> Result
                 remote.store.describe()
             ))
         })?;
-        files.extend(wanted(&manifest));
+        transfer += packs::download(local, remote, &manifest, &bar, true)?;
         if let Some(ext) = entry.external {
             // Only used to explain a changed input: fine to lack.
             let _ = artifacts.get_manifest(&ext);
         }
     }
-    let bar = artifacts.progress().bytes_bar("pulling");
-    let mut transfer = sync::download(local, remote, &files, &bar, true)?;
     bar.finish_and_clear();
     let fetched = stages.iter().filter(|n| !present_before.contains(&lock.stages[*n].output)).count() as u64;
     transfer.copied += fetched;
+    transfer.objects += fetched;
     transfer.present += stages.len() as u64 - fetched;
     for name in stages {
         let (key, bytes) = record_of(lock, name);

@@ -51,6 +51,8 @@ pub struct Transfer {
     pub present: u64,
     /// Bytes copied.
     pub bytes: u64,
+    /// Remote objects written or read (a pack holds many blobs).
+    pub objects: u64,
 }
 
 impl std::ops::AddAssign for Transfer {
@@ -58,6 +60,7 @@ impl std::ops::AddAssign for Transfer {
         self.copied += o.copied;
         self.present += o.present;
         self.bytes += o.bytes;
+        self.objects += o.objects;
     }
 }
 
@@ -80,7 +83,7 @@ pub fn upload(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: &P
             .collect::<Result<_, ArtifactError>>()?;
         let bytes: u64 = items.iter().map(|(_, b)| b.len() as u64).sum();
         remote.store.put_many(items, CONCURRENCY)?;
-        done += Transfer { copied: batch.len() as u64, present: 0, bytes };
+        done += Transfer { copied: batch.len() as u64, present: 0, bytes, objects: batch.len() as u64 };
         bar.inc(bytes);
     }
     for (d, size) in large {
@@ -88,7 +91,7 @@ pub fn upload(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: &P
         let path = local_path(local, &key).ok_or_else(|| ArtifactError::Missing { digest: d, store: local.describe() })?;
         check(local, &d, Digest::of_file(&path).map_err(|source| io(&path, source))?, LOCAL_REMEDY)?;
         remote.store.put_file(&key, &path)?;
-        done += Transfer { copied: 1, present: 0, bytes: size };
+        done += Transfer { copied: 1, present: 0, bytes: size, objects: 1 };
         bar.inc(size);
     }
     Ok(done)
@@ -101,11 +104,7 @@ pub fn upload(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: &P
 /// callers that check what they read anyway).
 pub fn download(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: &ProgressBar, rehash_local: bool) -> Result<Transfer, ArtifactError> {
     let wanted = dedup(wanted);
-    let intact: Vec<bool> = wanted
-        .par_iter()
-        .map(|w| if rehash_local { local_intact(local, w) } else { Ok(local.size(&blob_key(&w.0))? == Some(w.1)) })
-        .collect::<Result<_, _>>()?;
-    let missing: Vec<Wanted> = wanted.iter().zip(&intact).filter(|(_, ok)| !**ok).map(|(w, _)| *w).collect();
+    let missing = missing_locally(local, &wanted, rehash_local)?;
     let mut done = Transfer { present: (wanted.len() - missing.len()) as u64, ..Default::default() };
     bar.set_length(missing.iter().map(|w| w.1).sum());
     let remote_missing = |d: Digest| ArtifactError::Missing { digest: d, store: remote.store.describe() };
@@ -125,7 +124,7 @@ pub fn download(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: 
                 Ok(n)
             })
             .sum::<Result<u64, ArtifactError>>()?;
-        done += Transfer { copied: batch.len() as u64, present: 0, bytes };
+        done += Transfer { copied: batch.len() as u64, present: 0, bytes, objects: batch.len() as u64 };
         bar.inc(bytes);
     }
     for (d, size) in large {
@@ -140,10 +139,20 @@ pub fn download(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: 
             .and_then(|()| local.put_file(&key, &tmp).map_err(ArtifactError::from));
         let _ = std::fs::remove_file(&tmp);
         stored?;
-        done += Transfer { copied: 1, present: 0, bytes: size };
+        done += Transfer { copied: 1, present: 0, bytes: size, objects: 1 };
         bar.inc(size);
     }
     Ok(done)
+}
+
+/// The `wanted` blobs the local store lacks: absent or of the wrong size, or
+/// with `rehash_local` also corrupt (such a copy is removed).
+pub(crate) fn missing_locally(local: &dyn BlobStore, wanted: &[Wanted], rehash_local: bool) -> Result<Vec<Wanted>, ArtifactError> {
+    let intact: Vec<bool> = wanted
+        .par_iter()
+        .map(|w| if rehash_local { local_intact(local, w) } else { Ok(local.size(&blob_key(&w.0))? == Some(w.1)) })
+        .collect::<Result<_, _>>()?;
+    Ok(wanted.iter().zip(&intact).filter(|(_, ok)| !**ok).map(|(w, _)| *w).collect())
 }
 
 /// Whether the local store holds this blob whole and uncorrupted; a damaged
@@ -174,7 +183,7 @@ fn local_intact(local: &dyn BlobStore, (d, size): &Wanted) -> Result<bool, Artif
 pub(crate) const LOCAL_REMEDY: &str = "it was removed from the local store: `melanoflow pull` restores it from the remote, or run the stage again";
 
 /// Reads a local blob for upload; a corrupt one is removed and reported.
-fn read_local(local: &dyn BlobStore, d: &Digest) -> Result<Bytes, ArtifactError> {
+pub(crate) fn read_local(local: &dyn BlobStore, d: &Digest) -> Result<Bytes, ArtifactError> {
     let bytes = local.get(&blob_key(d))?.ok_or_else(|| ArtifactError::Missing { digest: *d, store: local.describe() })?;
     check(local, d, Digest::of_bytes(&bytes), LOCAL_REMEDY)?;
     Ok(bytes)
@@ -182,7 +191,7 @@ fn read_local(local: &dyn BlobStore, d: &Digest) -> Result<Bytes, ArtifactError>
 
 /// A remote blob whose bytes are not its name is garbage wherever it came
 /// from: drop it (when allowed) so a later push can put a good copy there.
-fn check_remote(remote: &Remote, d: &Digest, actual: Digest) -> Result<(), ArtifactError> {
+pub(crate) fn check_remote(remote: &Remote, d: &Digest, actual: Digest) -> Result<(), ArtifactError> {
     if actual == *d {
         return Ok(());
     }
@@ -280,15 +289,15 @@ mod tests {
         put(&remote.store, b"alpha");
         let bar = ProgressBar::hidden();
         let t = upload(&local, &remote, &[a, b, b], &bar).unwrap();
-        assert_eq!(t, Transfer { copied: 1, present: 1, bytes: 4 });
-        assert_eq!(upload(&local, &remote, &[a, b], &bar).unwrap(), Transfer { copied: 0, present: 2, bytes: 0 });
+        assert_eq!(t, Transfer { copied: 1, present: 1, bytes: 4, objects: 1 });
+        assert_eq!(upload(&local, &remote, &[a, b], &bar).unwrap(), Transfer { copied: 0, present: 2, bytes: 0, objects: 0 });
 
         let fresh = ObjectBlobStore::memory();
-        assert_eq!(download(&fresh, &remote, &[a, b], &bar, true).unwrap(), Transfer { copied: 2, present: 0, bytes: 9 });
+        assert_eq!(download(&fresh, &remote, &[a, b], &bar, true).unwrap(), Transfer { copied: 2, present: 0, bytes: 9, objects: 2 });
         assert_eq!(fresh.get(&blob_key(&b.0)).unwrap().unwrap(), Bytes::from_static(b"beta"));
         // A corrupt local copy (same size) is replaced, not trusted.
         fresh.put(&blob_key(&b.0), Bytes::from_static(b"BETA")).unwrap();
-        assert_eq!(download(&fresh, &remote, &[a, b], &bar, true).unwrap(), Transfer { copied: 1, present: 1, bytes: 4 });
+        assert_eq!(download(&fresh, &remote, &[a, b], &bar, true).unwrap(), Transfer { copied: 1, present: 1, bytes: 4, objects: 1 });
         assert_eq!(fresh.get(&blob_key(&b.0)).unwrap().unwrap(), Bytes::from_static(b"beta"));
     }
 

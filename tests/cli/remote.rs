@@ -1,8 +1,8 @@
 //! The remote store against a real S3 server on loopback (s3s-fs, which checks
 //! request signatures), started and stopped by the test: push, pull into a
 //! fresh clone that then runs with every stage cached, a read-only remote, a
-//! corrupted blob on the server, a server that is down, and an interrupted
-//! push followed by a clean retry.
+//! corrupted blob on the server, a server that is down, and a push that stops
+//! partway followed by a clean retry.
 //!
 //! `make test` installs s3s-fs and sets `MELANOFLOW_REQUIRE_S3=1`, so there
 //! these tests cannot skip; a bare `cargo test` without the server skips them
@@ -122,11 +122,20 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     files_under(dir).into_iter().map(|f| (f.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&f).unwrap())).collect()
 }
 
-/// The store key of one of synth's JPEGs, from the lock-recorded output folder.
-fn a_synth_blob(p: &Project) -> (String, String) {
+/// One of synth's JPEGs: its store key, digest and bytes.
+fn a_synth_blob(p: &Project) -> (String, String, Vec<u8>) {
     let jpeg = files_under(&p.path("data/out/synth")).into_iter().find(|f| f.extension().is_some_and(|e| e == "jpg")).unwrap();
-    let hex = melanoflow_pipeline::Digest::of_bytes(&std::fs::read(&jpeg).unwrap()).to_hex();
-    (format!("blobs/{}/{}", &hex[..2], &hex[2..]), hex)
+    let bytes = std::fs::read(&jpeg).unwrap();
+    let hex = melanoflow_pipeline::Digest::of_bytes(&bytes).to_hex();
+    (format!("blobs/{}/{}", &hex[..2], &hex[2..]), hex, bytes)
+}
+
+/// (files sent, files already there, objects) from a push or pull summary:
+/// `pushed 5002 files (0 already there) as 3 objects for ...`.
+fn counts(r: &crate::fixture::Run) -> (usize, usize, usize) {
+    let words: Vec<&str> = r.stdout.split_whitespace().collect();
+    let number = |w: &str| w.trim_start_matches('(').parse::<usize>().unwrap_or_else(|_| panic!("no count in: {}", r.stdout));
+    (number(words[1]), number(words[3]), number(words[7]))
 }
 
 #[test]
@@ -140,12 +149,12 @@ fn push_then_pull_into_a_fresh_clone_runs_every_stage_cached() {
     assert!(refused.stderr.contains("read-only"), "{}", refused.stderr);
 
     let pushed = origin.ok(&["push"]);
-    assert!(pushed.stdout.contains("for 2 stage(s)"), "{}", pushed.stdout);
-    let objects = server.count("push-pull", "blobs");
-    assert!(objects > 300, "synth's 300 images and more should be on the remote, found {objects}");
-    assert_eq!(server.count("push-pull", "runs"), 2);
+    let (files, present, objects) = counts(&pushed);
+    assert!(files > 300 && present == 0, "synth's 300 images and more: {}", pushed.stdout);
+    assert!(objects < 10, "small files travel in packs, not one object each: {}", pushed.stdout);
+    assert!(server.count("push-pull", "packs") >= 1 && server.count("push-pull", "runs") == 2);
     let again = origin.ok(&["push"]);
-    assert!(again.stdout.starts_with(&format!("pushed 0 objects ({objects} already there)")), "{}", again.stdout);
+    assert_eq!(counts(&again), (0, files, 2), "a second push sends only the run records: {}", again.stdout);
 
     let clone = clone_of(&origin);
     let pulled = clone.ok(&["pull"]);
@@ -168,21 +177,28 @@ fn a_corrupted_blob_is_named_never_materialised_and_repaired() {
     let Some(server) = S3Server::start() else { return };
     let origin = project(&server, "corrupt");
     origin.ok(&["run"]);
-    let (key, hex) = a_synth_blob(&origin);
-    let object = server.object("corrupt", &key);
-    let len = std::fs::metadata(&object).unwrap().len() as usize;
-    std::fs::write(&object, vec![0x5a; len]).unwrap();
+    let (key, hex, jpeg) = a_synth_blob(&origin);
+    let len = jpeg.len();
+    // Damage that image's bytes inside the pack that carries it.
+    let pack = files_under(&server.object("corrupt", "packs"))
+        .into_iter()
+        .find(|f| std::fs::read(f).unwrap().windows(len).any(|w| w == jpeg.as_slice()))
+        .expect("the image travels in a pack");
+    let mut bytes = std::fs::read(&pack).unwrap();
+    let at = bytes.windows(len).position(|w| w == jpeg.as_slice()).unwrap() + len / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&pack, bytes).unwrap();
 
     let clone = clone_of(&origin);
     let failed = clone.fails(&["pull"]);
     assert!(failed.stderr.contains(&hex) && failed.stderr.contains("corrupt"), "{}", failed.stderr);
     assert!(!clone.path("data/out/synth").exists(), "nothing is materialised from a corrupt remote");
     assert!(!clone.path(&format!("data/store/{key}")).exists(), "the corrupt blob is not stored locally");
-    assert!(!object.exists(), "the corrupt object is removed from the (writable) remote");
+    assert!(!pack.exists(), "the corrupt pack is removed from the (writable) remote");
 
     // The origin has a good copy: push repairs the remote, pull then succeeds.
     let repaired = origin.ok(&["push"]);
-    assert!(repaired.stdout.starts_with("pushed 1 objects"), "{}", repaired.stdout);
+    assert!(counts(&repaired).0 > 0, "the pack is sent again: {}", repaired.stdout);
     clone.ok(&["pull"]);
     assert_eq!(snapshot(&clone.path("data/out/synth")), snapshot(&origin.path("data/out/synth")));
 
@@ -222,38 +238,31 @@ fn a_server_that_is_down_is_a_clear_error_and_local_results_are_untouched() {
 }
 
 #[test]
-fn an_interrupted_push_leaves_complete_objects_and_a_retry_finishes_it() {
+fn a_push_that_stops_partway_is_finished_by_a_clean_retry() {
     let Some(server) = S3Server::start() else { return };
-    // Enough objects that the push is still going when it is killed.
-    let origin = project(&server, "interrupted");
-    let big = std::fs::read_to_string(origin.path("data/pipeline.toml")).unwrap().replace("count = 300", "count = 4000");
-    origin.write("data/pipeline.toml", big);
+    let origin = project(&server, "partway");
     origin.ok(&["run", "--remote-read-only"]);
-
-    let mut push = origin.spawn(&["push"]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while server.count("interrupted", "blobs") < 100 {
-        assert!(Instant::now() < deadline, "the push never started uploading");
-        std::thread::sleep(Duration::from_millis(2));
+    // The server refuses every loose object (a file where the `blobs/` folder
+    // would go): the packs go up, then the push stops at the manifests,
+    // before any run record.
+    let blocker = server.object("partway", "blobs");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"in the way").unwrap();
+    let stopped = origin.fails(&["push"]);
+    assert!(stopped.stderr.contains("blobs/"), "{}", stopped.stderr);
+    assert!(server.count("partway", "packs") >= 1, "the packs went up before the stop");
+    assert_eq!(server.count("partway", "runs"), 0, "run records go last: none may be visible after a stopped push");
+    for pack in files_under(&server.object("partway", "packs")) {
+        assert!(std::fs::metadata(&pack).unwrap().len() > 0);
     }
-    push.kill().unwrap();
-    push.wait().unwrap();
-    let partial = server.count("interrupted", "blobs");
-    assert!(partial < 4000, "the push finished before it could be interrupted ({partial} objects)");
-    assert_eq!(server.count("interrupted", "runs"), 0, "run records go last: none may be visible after an interrupted push");
-    // Whatever is visible is whole: every object hashes to its name.
-    for f in files_under(&server.object("interrupted", "blobs")) {
-        let name: String = f.strip_prefix(server.object("interrupted", "blobs")).unwrap().to_string_lossy().replace('/', "");
-        assert_eq!(melanoflow_pipeline::Digest::of_bytes(&std::fs::read(&f).unwrap()).to_hex(), name, "half an object is visible");
-    }
-    // A clone cannot use a half-pushed result: it says so instead of failing obscurely.
+    // A clone cannot use a half-pushed result, and says so.
     let early = clone_of(&origin).fails(&["pull"]);
     assert!(early.stderr.contains("push it from the machine that ran it"), "{}", early.stderr);
 
+    std::fs::remove_file(&blocker).unwrap();
     let retry = origin.ok(&["push"]);
-    let words: Vec<&str> = retry.stdout.split_whitespace().collect();
-    let (copied, present): (usize, usize) = (words[1].parse().unwrap(), words[3].trim_start_matches('(').parse().unwrap());
-    assert!(copied > 0 && present >= partial, "the retry must send only what is missing: {}", retry.stdout);
+    let (files, present, _) = counts(&retry);
+    assert!(files == 2 && present > 300, "the retry sends only the two manifests (and the records): {}", retry.stdout);
     let clone = clone_of(&origin);
     clone.ok(&["pull"]);
     assert!(clone.ok(&["run"]).stdout.contains("2 cached"));
