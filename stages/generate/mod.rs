@@ -92,6 +92,35 @@ impl Stage for Generate {
     fn run(&self, p: &GenerateParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
         Ok(run(p, ctx)?)
     }
+
+    /// Contiguous runs of whole batches per part.
+    const SPLITS: bool = true;
+
+    fn run_part(&self, p: &GenerateParams, ctx: &StageContext, part: usize, parts: usize) -> Result<StageReport, BoxError> {
+        let inputs = inputs(ctx)?;
+        let synthetic = translate(p, ctx, &inputs, part, parts)?;
+        std::fs::write(ctx.out_dir.join(PART_PIXELS), synthetic.concat())?;
+        Ok(StageReport::new(format!("part {part} of {parts}: {} images", synthetic.len())))
+    }
+
+    fn assemble(&self, p: &GenerateParams, ctx: &StageContext, parts: &[std::path::PathBuf]) -> Result<StageReport, BoxError> {
+        let inputs = inputs(ctx)?;
+        let image_bytes = (inputs.set.size as usize).pow(2) * 3;
+        let mut synthetic = Vec::new();
+        for dir in parts {
+            let path = dir.join(PART_PIXELS);
+            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            if bytes.len() % image_bytes != 0 {
+                return Err(format!("{}: {} bytes is not a whole number of {image_bytes}-byte images", path.display(), bytes.len()).into());
+            }
+            synthetic.extend(bytes.chunks(image_bytes).map(<[u8]>::to_vec));
+            let samples = dir.join(SAMPLES);
+            if samples.exists() {
+                std::fs::copy(&samples, ctx.out_dir.join(SAMPLES)).with_context(|| format!("copying {}", samples.display()))?;
+            }
+        }
+        Ok(finish(p, ctx, &inputs, synthetic)?)
+    }
 }
 
 /// The benign training images to translate, in generation order: as many as
@@ -119,31 +148,52 @@ fn to_pixels(t: &Tensor) -> Result<Vec<Vec<u8>>> {
     (0..b).map(|i| Ok(t.get(i)?.flatten_all()?.to_vec1::<u8>()?)).collect()
 }
 
-fn run(p: &GenerateParams, ctx: &StageContext) -> Result<StageReport> {
+/// What a stage's run reads: the preprocessed images and the generator.
+struct Inputs {
+    set: ImageSet,
+    generator_digest: String,
+    gan_dir: std::path::PathBuf,
+}
+
+fn inputs(ctx: &StageContext) -> Result<Inputs> {
     let pre = ctx.upstream_of_kind("preprocess").ok_or_else(|| anyhow!("one upstream must be a `preprocess` stage"))?;
     let gan = ctx.upstream_of_kind("train_cyclegan").ok_or_else(|| anyhow!("one upstream must be a `train_cyclegan` stage"))?;
-    let set = ImageSet::open(&pre.dir)?;
-    let sources = choose_sources(&set, p.target_ratio, p.seed)?;
+    let generator_digest = gan.manifest.get("G_A.safetensors").map(|e| e.digest.to_hex()).context("train_cyclegan's output has no G_A.safetensors")?;
+    Ok(Inputs { set: ImageSet::open(&pre.dir)?, generator_digest, gan_dir: gan.dir.clone() })
+}
 
+/// Pixels of one part's translations, concatenated (NHWC u8), and the part's
+/// sample grid when it holds the first batch.
+const PART_PIXELS: &str = "pixels.u8";
+const SAMPLES: &str = "samples.png";
+
+/// Translates part `part` of `parts` of the sources: a contiguous run of
+/// whole `batch_size` batches, the same batches a whole run forms, so a
+/// split run computes the same pixels. Writes the sample grid (from the first
+/// batch) into `ctx.out_dir` when it has that batch; returns the pixels.
+fn translate(p: &GenerateParams, ctx: &StageContext, inputs: &Inputs, part: usize, parts: usize) -> Result<Vec<Vec<u8>>> {
+    let set = &inputs.set;
+    let sources = choose_sources(set, p.target_ratio, p.seed)?;
+    let batches: Vec<&[&ImageRecord]> = sources.chunks(p.batch_size).collect();
+    let mine = (part * batches.len() / parts)..((part + 1) * batches.len() / parts);
+    if mine.is_empty() {
+        return Ok(Vec::new());
+    }
     let device = select_device(&p.device)?;
-    let cfg: CycleGanConfig = serde_json::from_str(
-        &std::fs::read_to_string(gan.dir.join("config.json")).with_context(|| format!("reading {}", gan.dir.join("config.json").display()))?,
-    )
-    .context("train_cyclegan's config.json")?;
+    let config = inputs.gan_dir.join("config.json");
+    let cfg: CycleGanConfig = serde_json::from_str(&std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?)
+        .context("train_cyclegan's config.json")?;
     let mut varmap = VarMap::new();
     let generator = Generator::new(&cfg.generator, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
-    let weights = gan.dir.join("G_A.safetensors");
+    let weights = inputs.gan_dir.join("G_A.safetensors");
     varmap.load(&weights).with_context(|| format!("loading {}", weights.display()))?;
-    let generator_digest = gan.manifest.get("G_A.safetensors").map(|e| e.digest.to_hex()).context("train_cyclegan's output has no G_A.safetensors")?;
 
     let side = set.size as usize;
-    let per_shard = ((p.shard_mb << 20) / (side * side * 3) as u64).max(1) as usize;
-    let bar = ctx.progress.bar(sources.len() as u64, "generating synthetic malignant images");
-    let mut synthetic: Vec<Vec<u8>> = Vec::with_capacity(sources.len());
-    let mut grid_rows: Option<(Tensor, Tensor)> = None;
-    for batch in sources.chunks(p.batch_size) {
+    let bar = ctx.progress.bar(batches[mine.clone()].iter().map(|b| b.len() as u64).sum(), "generating synthetic malignant images");
+    let mut synthetic: Vec<Vec<u8>> = Vec::new();
+    for (b, batch) in batches.iter().enumerate().filter(|(b, _)| mine.contains(b)) {
         let mut data = Vec::with_capacity(batch.len() * 3 * side * side);
-        for r in batch {
+        for r in batch.iter() {
             let px = set.pixels(r)?;
             for c in 0..3 {
                 data.extend((0..side * side).map(|i| px[i * 3 + c] as f32 / 127.5 - 1.0));
@@ -151,15 +201,34 @@ fn run(p: &GenerateParams, ctx: &StageContext) -> Result<StageReport> {
         }
         let x = Tensor::from_vec(data, (batch.len(), 3, side, side), &device)?;
         let y = generator.forward(&x)?;
-        if grid_rows.is_none() {
+        if b == 0 {
             let k = batch.len().min(8);
-            grid_rows = Some((x.narrow(0, 0, k)?, y.narrow(0, 0, k)?));
+            crate::train_cyclegan::grid::write_grid(&ctx.out_dir.join(SAMPLES), &[&x.narrow(0, 0, k)?, &y.narrow(0, 0, k)?])?;
         }
         synthetic.extend(to_pixels(&y)?);
         bar.inc(batch.len() as u64);
     }
     bar.finish_and_clear();
+    Ok(synthetic)
+}
 
+fn run(p: &GenerateParams, ctx: &StageContext) -> Result<StageReport> {
+    let inputs = inputs(ctx)?;
+    let synthetic = translate(p, ctx, &inputs, 0, 1)?;
+    finish(p, ctx, &inputs, synthetic)
+}
+
+/// Writes the artifact from every translation, in source order: shards,
+/// index, provenance, summary (the sample grid is already in place). A whole
+/// run and an assembled split run both end here.
+fn finish(p: &GenerateParams, ctx: &StageContext, inputs: &Inputs, synthetic: Vec<Vec<u8>>) -> Result<StageReport> {
+    let (set, generator_digest) = (&inputs.set, &inputs.generator_digest);
+    let sources = choose_sources(set, p.target_ratio, p.seed)?;
+    if synthetic.len() != sources.len() {
+        bail!("{} translations for {} sources: the parts do not cover the sources", synthetic.len(), sources.len());
+    }
+    let side = set.size as usize;
+    let per_shard = ((p.shard_mb << 20) / (side * side * 3) as u64).max(1) as usize;
     let names: Vec<String> = sources.iter().map(|r| format!("SYN_{}", r.image_name)).collect();
     let mut shard_col = Vec::with_capacity(names.len());
     let mut offset_col = Vec::with_capacity(names.len());
@@ -198,9 +267,6 @@ fn run(p: &GenerateParams, ctx: &StageContext) -> Result<StageReport> {
             strings(vec![generator_digest.clone(); n]),
         ],
     )?;
-    if let Some((x, y)) = &grid_rows {
-        crate::train_cyclegan::grid::write_grid(&ctx.out_dir.join("samples.png"), &[x, y])?;
-    }
     let benign = set.split("train").filter(|r| !r.malignant).count();
     let malignant = set.split("train").filter(|r| r.malignant).count();
     let summary = serde_json::json!({

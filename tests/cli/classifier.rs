@@ -279,3 +279,24 @@ fn a_killed_classifier_resumes_after_its_last_epoch_and_ends_identical() {
     assert!(r.line("classical").contains("resumed after epoch"), "{}", r.stdout);
     assert_eq!(locked_arm(&p), locked_arm(&uninterrupted), "a resumed run writes the same bytes as an uninterrupted one");
 }
+
+/// `generate` split the way a cluster job array splits it (three parts of
+/// whole batches, then an assembling worker) writes the same artifact as a
+/// whole run: shards, index, provenance and sample grid.
+#[test]
+fn generate_run_in_parts_and_assembled_equals_the_whole_run() {
+    let batches = ["--set", "generate.batch_size=8"];
+    let whole = Project::new(&chain());
+    whole.ok(&[&["run", "generate"][..], &batches].concat());
+
+    let split = Project::new(&chain());
+    split.ok(&[&["run", "gan"][..], &batches].concat());
+    for part in ["0", "1", "2"] {
+        split.ok(&[&["run-stage", "generate", "--parts", "3", "--part", part][..], &batches].concat());
+    }
+    split.ok(&[&["run-stage", "generate", "--assemble", "3"][..], &batches].concat());
+    let r = split.ok(&[&["run", "generate"][..], &batches].concat());
+    assert_eq!(r.state("generate"), "restored", "{}", r.stdout);
+    assert_eq!(split.lock(), whole.lock(), "assembled parts must be the whole run's bytes");
+    assert!(split.path("data/out/generate/samples.png").exists());
+}

@@ -4,9 +4,9 @@
 //! order, because a cluster takes seconds to start and restarting it resets
 //! job ids:
 //!
-//! 1. the CI pipeline (every stage kind, preprocess as a job array of parts
-//!    then an assembling job) through Slurm writes the same lock file as a
-//!    local run, and a second run submits nothing;
+//! 1. the CI pipeline (every stage kind; preprocess and generate as job
+//!    arrays of parts, each then an assembling job) through Slurm writes the
+//!    same lock file as a local run, and a second run submits nothing;
 //! 2. a changed parameter submits only that stage and its downstream;
 //! 3. a worker killed mid-stage commits nothing, and the re-run succeeds;
 //! 4. a failing stage cancels its dependants and is reported with job id,
@@ -92,13 +92,15 @@ fn the_pipeline_runs_on_a_real_slurm_cluster() {
     let local = Project::new(CI_PIPELINE);
     local.ok(&["run", "-q", "-j", "2"]);
     // preprocess fans out as a job array of 3 parts plus an assembling job.
-    let p = cluster.project(&format!("{CI_PIPELINE}\n[stages.preprocess.resources]\narray = 3\n"));
+    let arrays = "\n[stages.preprocess.resources]\narray = 3\n\n[stages.generate.resources]\narray = 2\n";
+    let p = cluster.project(&format!("{CI_PIPELINE}{arrays}"));
     let first = p.ok(&["run", "--executor", "slurm"]);
     let jobs = submitted(&first);
-    let expected = ["synth", "ingest", "preprocess[0-2]", "preprocess", "gan", "generate", "classical", "cyclegan", "evaluate"];
+    let expected = ["synth", "ingest", "preprocess[0-2]", "preprocess", "gan", "generate[0-1]", "generate", "classical", "cyclegan", "evaluate"];
     assert_eq!(stages_of(&jobs), expected, "{}", first.stdout);
     assert!(first.stdout.contains(&format!("preprocess: job {} (after {})", jobs[3].1, jobs[2].1)), "{}", first.stdout);
-    assert!(first.stdout.contains(&format!("done     evaluate: job {}", jobs[8].1)), "{}", first.stdout);
+    assert!(first.stdout.contains(&format!("generate: job {} (after {})", jobs[6].1, jobs[5].1)), "{}", first.stdout);
+    assert!(first.stdout.contains(&format!("done     evaluate: job {}", jobs[9].1)), "{}", first.stdout);
     assert_eq!(p.lock(), local.lock(), "the Slurm run must write the lock file a local run writes");
     let again = p.ok(&["run", "--executor", "slurm"]);
     assert!(submitted(&again).is_empty() && again.stdout.contains("8 cached"), "{}", again.stdout);
