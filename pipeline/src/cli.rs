@@ -306,8 +306,9 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
             let locks: Vec<_> = maintenance::lock_files_in(&engine.pipeline.base_dir)?.into_iter().map(|(_, l)| l).collect();
             let r = maintenance::gc(engine.artifacts(), &locks, *dry_run)?;
             let verb = if *dry_run { "would delete" } else { "deleted" };
+            let parts = if r.deleted_parts > 0 { format!(" (and {} part records of split stages)", r.deleted_parts) } else { String::new() };
             println!(
-                "{verb} {} blobs and {} run records; kept {} blobs and {} run records referenced by {} lock file(s)",
+                "{verb} {} blobs and {} run records{parts}; kept {} blobs and {} run records referenced by {} lock file(s)",
                 r.deleted_blobs, r.deleted_runs, r.kept_blobs, r.kept_runs, locks.len()
             );
             Ok(ExitCode::SUCCESS)

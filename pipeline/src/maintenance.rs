@@ -3,7 +3,8 @@
 //! `gc` keeps exactly what some lock file in the pipeline's folder references
 //! (each stage's output manifest and its files, its external-input manifest,
 //! and the run record of its fingerprint) and deletes every other blob and run
-//! record. `verify` re-hashes every stored blob a lock file references, and
+//! record, and every part record of a split stage (parts only matter until
+//! their assembly commits; don't gc while a cluster run is assembling). `verify` re-hashes every stored blob a lock file references, and
 //! each materialised output folder, and lists every mismatch.
 
 use std::collections::BTreeSet;
@@ -36,6 +37,7 @@ pub struct GcReport {
     pub deleted_blobs: usize,
     pub kept_runs: usize,
     pub deleted_runs: usize,
+    pub deleted_parts: usize,
 }
 
 pub fn gc(artifacts: &Artifacts, locks: &[LockFile], dry_run: bool) -> Result<GcReport> {
@@ -72,6 +74,12 @@ pub fn gc(artifacts: &Artifacts, locks: &[LockFile], dry_run: bool) -> Result<Gc
             if !dry_run {
                 artifacts.store().delete(&key)?;
             }
+        }
+    }
+    for key in artifacts.store().list("parts")? {
+        report.deleted_parts += 1;
+        if !dry_run {
+            artifacts.store().delete(&key)?;
         }
     }
     Ok(report)

@@ -271,4 +271,9 @@ fn a_stage_run_in_parts_and_assembled_equals_the_whole_run() {
     assert_eq!(split.lock(), whole.lock(), "assembled parts must be the whole run's bytes");
     let shards = files_under(&split.path("data/out/preprocess")).iter().filter(|f| f.to_string_lossy().contains("shard-")).count();
     assert_eq!(shards, 3);
+    // Part records are transient: gc drops them, and what the lock needs stays.
+    let gc = split.ok(&["gc"]);
+    assert!(gc.stdout.contains("(and 3 part records of split stages)"), "{}", gc.stdout);
+    assert!(!split.path("data/store/parts").exists() || files_under(&split.path("data/store/parts")).is_empty());
+    assert!(split.ok(&["run"]).stdout.contains("2 cached"));
 }
