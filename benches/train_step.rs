@@ -53,6 +53,31 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
 }
 
+/// Times `forward` and the backward pass of `loss(forward())` separately,
+/// `steps` times after `warmup` untimed rounds: (forward ms, backward ms).
+fn time_fwd_bwd(
+    warmup: usize,
+    steps: usize,
+    forward: impl Fn() -> anyhow::Result<Tensor>,
+    loss: impl Fn(Tensor) -> anyhow::Result<Tensor>,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+    for i in 0..warmup + steps {
+        let t = Instant::now();
+        let y = forward()?;
+        let f = ms(t);
+        let t = Instant::now();
+        let grads = loss(y)?.backward()?;
+        let b = ms(t);
+        drop(grads);
+        if i >= warmup {
+            fwd.push(f);
+            bwd.push(b);
+        }
+    }
+    Ok((fwd, bwd))
+}
+
 fn main() -> anyhow::Result<()> {
     melanoflow::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
@@ -82,20 +107,7 @@ fn main() -> anyhow::Result<()> {
             normal_init(&vm, 0, 0.02)?;
             let x = Tensor::rand(-1f32, 1., (batch, 3, size, size), &device)?;
             let target = Tensor::rand(-1f32, 1., (batch, 3, size, size), &device)?;
-            let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
-            for i in 0..warmup + steps {
-                let t = Instant::now();
-                let y = g.forward(&x)?;
-                let f = ms(t);
-                let t = Instant::now();
-                let grads = (y - &target)?.abs()?.mean_all()?.backward()?;
-                let b = ms(t);
-                drop(grads);
-                if i >= warmup {
-                    fwd.push(f);
-                    bwd.push(b);
-                }
-            }
+            let (fwd, bwd) = time_fwd_bwd(warmup, steps, || Ok(g.forward(&x)?), |y| Ok((y - &target)?.abs()?.mean_all()?))?;
             out["size"] = json!(size);
             out["ngf"] = json!(ngf);
             out["blocks"] = json!(blocks);
@@ -137,20 +149,7 @@ fn main() -> anyhow::Result<()> {
             let y0 = depthwise_conv2d(x.as_tensor(), w.as_tensor(), stride, pad)?;
             let g = Tensor::randn(0f32, 1., y0.shape(), &device)?;
             drop(y0);
-            let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
-            for i in 0..warmup + steps {
-                let t = Instant::now();
-                let y = depthwise_conv2d(x.as_tensor(), w.as_tensor(), stride, pad)?;
-                let f = ms(t);
-                let t = Instant::now();
-                let grads = (y * &g)?.sum_all()?.backward()?;
-                let b = ms(t);
-                drop(grads);
-                if i >= warmup {
-                    fwd.push(f);
-                    bwd.push(b);
-                }
-            }
+            let (fwd, bwd) = time_fwd_bwd(warmup, steps, || Ok(depthwise_conv2d(x.as_tensor(), w.as_tensor(), stride, pad)?), |y| Ok((y * &g)?.sum_all()?))?;
             out["channels"] = json!(c);
             out["size"] = json!(size);
             out["k"] = json!(k);

@@ -18,7 +18,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use indicatif::ProgressBar;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -160,9 +159,10 @@ impl Artifacts {
             }
         }
         let Some(remote) = self.remote() else { return Ok(None) };
-        let Some(size) = remote.store.size(&key)? else { return Ok(None) };
-        sync::download(self.store.as_ref(), remote, &[(*d, size)], &ProgressBar::hidden(), false)?;
-        self.store.get(&key)?.map(Some).ok_or_else(|| ArtifactError::Missing { digest: *d, store: self.store.describe() })
+        let Some(bytes) = remote.store.get(&key)? else { return Ok(None) };
+        sync::check_remote(remote, d, Digest::of_bytes(&bytes))?;
+        self.store.put(&key, bytes.clone())?;
+        Ok(Some(bytes))
     }
 
     pub fn put_manifest(&self, m: &Manifest) -> Result<Digest, ArtifactError> {

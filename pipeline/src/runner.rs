@@ -800,19 +800,26 @@ impl<'r> Engine<'r> {
                 return Err(Error::StageFailed { stage: name, source });
             }
         };
-        let manifest = self.cache.manifest_of_dir(&staging, &|_| {}).map_err(|e| Error::io(&staging, e))?;
-        let digest = self.artifacts.put_dir(&staging, &manifest)?;
-        if let Some(m) = &external {
-            self.artifacts.put_manifest(m)?;
-        }
-        let kind = self.pipeline.stages[i].kind.clone();
-        let record = RunRecord { kind, output: digest, files: manifest.len() as u64, bytes: manifest.total_bytes() };
+        let (manifest, record) = self.store_output(i, &staging, external.as_ref())?;
         self.artifacts.put_run(&fp, &record)?;
         self.publish(&name, &staging, &manifest)?;
         self.remove_scratch(&name);
         let summary = Some(report.summary).filter(|s| !s.is_empty());
         let stage = Finished { i, fp, state: State::Ran, reasons, upstream, external, summary, started };
-        self.record(stage, Output { digest, manifest })
+        self.record(stage, Output { digest: record.output, manifest })
+    }
+
+    /// Hashes what a stage wrote into `dir` and stores its files, its
+    /// manifest and the manifest of the external files it read; returns the
+    /// manifest and the run record, which the caller writes its own way.
+    fn store_output(&mut self, i: usize, dir: &Path, external: Option<&Manifest>) -> Result<(Manifest, RunRecord)> {
+        let manifest = self.cache.manifest_of_dir(dir, &|_| {}).map_err(|e| Error::io(dir, e))?;
+        let output = self.artifacts.put_dir(dir, &manifest)?;
+        if let Some(m) = external {
+            self.artifacts.put_manifest(m)?;
+        }
+        let record = RunRecord { kind: self.pipeline.stages[i].kind.clone(), output, files: manifest.len() as u64, bytes: manifest.total_bytes() };
+        Ok((manifest, record))
     }
 
     /// Writes a stored output into `out/STAGE` (through staging, atomically).

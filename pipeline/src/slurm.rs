@@ -109,7 +109,7 @@ fn submit_all(
     let mut ids: BTreeMap<&str, String> = BTreeMap::new();
     for o in to_run {
         let decl = engine.pipeline.stage(&o.stage).expect("planned stages exist");
-        let deps: Vec<String> = decl.inputs.iter().filter_map(|n| ids.get(n.as_str()).cloned()).collect();
+        let mut deps: Vec<String> = decl.inputs.iter().filter_map(|n| ids.get(n.as_str()).cloned()).collect();
         let mut stage_args = vec!["run-stage".to_string(), decl.name.clone()];
         // Known now when every upstream is cached: the worker then refuses to
         // run if anything changed between planning and running.
@@ -120,7 +120,6 @@ fn submit_all(
             stage_args.push("--force".into());
         }
         let array = decl.resources.array.filter(|n| *n > 1).map(|n| n as usize);
-        let mut deps = deps;
         if let Some(parts) = array {
             // A job array of parts, then one job that assembles them.
             let mut part_args = stage_args.clone();

@@ -218,7 +218,6 @@ impl ObjectBlobStore {
             "" => self.prefix.clone(),
             p => self.path(p),
         };
-        let strip = self.prefix.as_ref().len();
         let metas = self
             .runtime
             .block_on(self.inner.list(Some(&path)).try_collect::<Vec<_>>())
@@ -226,7 +225,7 @@ impl ObjectBlobStore {
         let mut out: Vec<ObjectInfo> = metas
             .into_iter()
             .map(|m| ObjectInfo {
-                key: m.location.as_ref()[strip..].trim_start_matches('/').to_string(),
+                key: self.relative_key(&m),
                 size: m.size,
                 version: m.e_tag.clone().unwrap_or_else(|| m.last_modified.to_rfc3339()),
             })
@@ -278,7 +277,6 @@ impl ObjectBlobStore {
     /// Every object under each of `prefixes` (one listing each, concurrently):
     /// key -> size. One request per 1,000 keys instead of one per key.
     pub fn list_sizes(&self, prefixes: &[String], concurrency: usize) -> Result<HashMap<String, u64>, StoreError> {
-        let strip = self.prefix.as_ref().len();
         let lists: Vec<Vec<object_store::ObjectMeta>> = self.runtime.block_on(async {
             futures::stream::iter(prefixes.iter().map(|p| async move {
                 self.inner.list(Some(&self.path(p))).try_collect::<Vec<_>>().await.map_err(|e| self.backend("list", p, e))
@@ -290,8 +288,13 @@ impl ObjectBlobStore {
         Ok(lists
             .into_iter()
             .flatten()
-            .map(|m| (m.location.as_ref()[strip..].trim_start_matches('/').to_string(), m.size))
+            .map(|m| (self.relative_key(&m), m.size))
             .collect())
+    }
+
+    /// A listed object's key relative to the store's prefix.
+    fn relative_key(&self, m: &object_store::ObjectMeta) -> String {
+        m.location.as_ref()[self.prefix.as_ref().len()..].trim_start_matches('/').to_string()
     }
 
     async fn head_size(&self, key: &str) -> Result<Option<u64>, StoreError> {

@@ -127,15 +127,11 @@ impl<'r> Engine<'r> {
             Work::Assemble { .. } => kind.assemble(&decl.params, &ctx, &part_dirs),
         })
         .map_err(|source| Error::StageFailed { stage: name.clone(), source })?;
-        let manifest = self.cache.manifest_of_dir(&out_dir, &|_| {}).map_err(|e| Error::io(&out_dir, e))?;
-        let digest = self.artifacts.put_dir(&out_dir, &manifest)?;
-        let record = RunRecord { kind: decl.kind.clone(), output: digest, files: manifest.len() as u64, bytes: manifest.total_bytes() };
+        let (_, record) = self.store_output(i, &out_dir, ext.combined.as_ref())?;
+        let digest = record.output;
         if let Work::Part { part, parts } = work {
             self.artifacts.put_part(&fp, part, parts, &record)?;
             return Ok(WorkerOutcome::Committed { output: digest });
-        }
-        if let Some(m) = &ext.combined {
-            self.artifacts.put_manifest(m)?;
         }
         // Forced: this run's result replaces the record, as a local --force does.
         let stood = if force { self.artifacts.put_run(&fp, &record).map(|()| record)? } else { self.artifacts.put_run_once(&fp, &record)? };
