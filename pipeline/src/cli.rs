@@ -64,6 +64,10 @@ pub enum Command {
         /// Where stages run (default: `[executor] kind`, else local).
         #[arg(long, value_enum)]
         executor: Option<ExecutorKind>,
+        /// After a failure, still run every stage that does not depend on a
+        /// failed one; then list every failure (exit code 1).
+        #[arg(long, short = 'k')]
+        keep_going: bool,
     },
     /// Run one stage as a worker (a Slurm job): its upstreams must be in the
     /// store; its result goes to the store only (no lock file, no `out/`).
@@ -248,29 +252,51 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
     }
     let progress = Progress::new(cli.quiet);
     match &cli.command {
-        Command::Run { stages, force, dry_run, no_wait, jobs, executor } => {
+        Command::Run { stages, force, dry_run, no_wait, jobs, executor, keep_going } => {
             let started = Instant::now();
             let executor = executor.unwrap_or(pipeline.executor.kind);
             let jobs = jobs.or(pipeline.executor.jobs).unwrap_or(1);
             let mut engine = Engine::open(pipeline, registry, progress)?;
-            let opts = RunOptions { targets: stages.clone(), force: *force, dry_run: *dry_run, wait: !*no_wait, jobs, restore_only: false };
+            let opts = RunOptions {
+                targets: stages.clone(),
+                force: *force,
+                dry_run: *dry_run,
+                wait: !*no_wait,
+                jobs,
+                restore_only: false,
+                keep_going: *keep_going,
+            };
             let quiet = cli.quiet;
+            let mut seen: Vec<StageOutcome> = Vec::new();
             let mut print = |o: &StageOutcome| {
                 if !quiet {
                     println!("{}", o.line());
                 }
+                seen.push(o.clone());
             };
-            let outcomes = match executor {
+            let result = match executor {
                 ExecutorKind::Slurm if !*dry_run => {
                     let worker = worker_command(cli, &engine.pipeline)?;
-                    crate::slurm::run(&mut engine, &opts, &worker, &mut |line| println!("{line}"), &mut print)?
+                    crate::slurm::run(&mut engine, &opts, &worker, &mut |line| println!("{line}"), &mut print)
                 }
-                _ => engine.run(&opts, &mut print)?,
+                _ => engine.run(&opts, &mut print),
             };
-            if !cli.quiet {
-                println!("{}", summary(&outcomes, started.elapsed().as_secs_f64()));
+            match result {
+                Ok(outcomes) => {
+                    if !cli.quiet {
+                        println!("{}", summary(&outcomes, started.elapsed().as_secs_f64()));
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                // Keep-going: the tally of what did run, then every failure.
+                Err(e @ Error::StagesFailed { .. }) => {
+                    if !cli.quiet {
+                        println!("{}", summary(&seen, started.elapsed().as_secs_f64()));
+                    }
+                    Err(e)
+                }
+                Err(e) => Err(e),
             }
-            Ok(ExitCode::SUCCESS)
         }
         Command::Status { stages, json } => {
             let mut engine = Engine::open(pipeline, registry, progress)?;
@@ -420,6 +446,8 @@ fn summary(outcomes: &[StageOutcome], seconds: f64) -> String {
         (State::Cached, "cached"),
         (State::WouldRun, "would run"),
         (State::WouldRestore, "would restore"),
+        (State::Failed, "failed"),
+        (State::Skipped, "skipped"),
     ] {
         let n = count(s);
         if n > 0 {

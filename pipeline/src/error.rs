@@ -33,6 +33,10 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// `run --keep-going`: every stage that failed, with its error, and every
+    /// stage left out because an upstream failed.
+    #[error("{}", failure_report(failed, skipped))]
+    StagesFailed { failed: Vec<StageFailure>, skipped: Vec<Skipped> },
     #[error("another melanoflow run (pid {pid}) is using this store (lock {}); try again when it ends", path.display())]
     Busy { path: PathBuf, pid: String },
     #[error("no stage named `{name}`; the pipeline has: {known}")]
@@ -53,6 +57,59 @@ pub enum Error {
     Slurm(String),
     #[error("unknown command `{0}`; see `melanoflow --help`")]
     UnknownCommand(String),
+}
+
+/// One failed stage of a `--keep-going` run.
+#[derive(Debug)]
+pub struct StageFailure {
+    pub stage: String,
+    pub error: Error,
+}
+
+/// A stage not run because `upstream` (a stage it depends on, directly or
+/// not) failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub stage: String,
+    pub upstream: String,
+}
+
+/// An error and its causes on one line (`a: b: c`).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+impl StageFailure {
+    /// Why it failed, without repeating the stage's name where the error
+    /// starts with it.
+    pub fn why(&self) -> String {
+        match &self.error {
+            Error::StageFailed { source, .. } => chain(source.as_ref()),
+            e => chain(e),
+        }
+    }
+}
+
+fn failure_report(failed: &[StageFailure], skipped: &[Skipped]) -> String {
+    let mut s = format!("{} stage(s) failed", failed.len());
+    if !skipped.is_empty() {
+        s.push_str(&format!(", {} skipped because an upstream failed", skipped.len()));
+    }
+    s.push(':');
+    for f in failed {
+        s.push_str(&format!("\n  {}: {}", f.stage, f.why()));
+    }
+    for k in skipped {
+        s.push_str(&format!("\n  {}: skipped (upstream `{}` failed)", k.stage, k.upstream));
+    }
+    s
 }
 
 impl Error {

@@ -28,7 +28,7 @@ use crate::config::{Pipeline, StageDecl};
 use crate::context::{ExternalFiles, Progress, StageContext, StageReport, Upstream};
 use crate::dag;
 use crate::digest::Digest;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Skipped, StageFailure};
 use crate::filecache::FileHashCache;
 use crate::fingerprint::{CACHE_VERSION, FingerprintInputs, changed_params, fingerprint};
 use crate::fsutil;
@@ -54,6 +54,10 @@ pub enum State {
     WouldRun,
     Restored,
     Ran,
+    /// It ran, or was being decided, and failed: nothing of it was committed.
+    Failed,
+    /// Not run because an upstream failed (`run --keep-going`).
+    Skipped,
 }
 
 impl State {
@@ -64,6 +68,8 @@ impl State {
             State::WouldRun => "would run",
             State::Restored => "restored",
             State::Ran => "ran",
+            State::Failed => "FAILED",
+            State::Skipped => "skipped",
         }
     }
 }
@@ -141,6 +147,10 @@ pub struct RunOptions {
     /// Only restore from the store; a stage that would run is an error (the
     /// pass after a cluster ran the stages).
     pub restore_only: bool,
+    /// After a failure, go on with every stage that does not depend on a
+    /// failed one, then report every failure (`--keep-going`, as DVC's).
+    /// Without it, nothing new starts after the first failure.
+    pub keep_going: bool,
 }
 
 impl RunOptions {
@@ -197,6 +207,66 @@ fn run_catching_panics(f: impl FnOnce() -> std::result::Result<StageReport, BoxE
             .unwrap_or_else(|| "unknown panic".into());
         Err(format!("panicked: {message}").into())
     })
+}
+
+/// What failed in one scheduling pass.
+#[derive(Default)]
+struct Failures {
+    keep_going: bool,
+    /// Without keep-going: the first error; nothing new starts after it.
+    first: Option<Error>,
+    /// With keep-going: every failed stage, and every stage skipped because
+    /// of one.
+    failed: Vec<StageFailure>,
+    skipped: Vec<Skipped>,
+    /// Failed or skipped stage -> the failed stage that blocks it.
+    blocked: BTreeMap<String, String>,
+}
+
+impl Failures {
+    /// Whether nothing new may start.
+    fn stop(&self) -> bool {
+        self.first.is_some()
+    }
+
+    /// Stage `i` failed: says so, then either stops new stages or (keep-going)
+    /// takes its dependants, direct or not, out of `waiting` as skipped.
+    fn add(&mut self, stages: &[StageDecl], i: usize, error: Error, started: Instant, waiting: &mut Vec<usize>, done: &mut dyn FnMut(StageOutcome)) {
+        let outcome = |decl: &StageDecl, state, why: String, seconds| StageOutcome {
+            stage: decl.name.clone(),
+            kind: decl.kind.clone(),
+            state,
+            reasons: vec![why],
+            fingerprint: None,
+            output: None,
+            summary: None,
+            seconds,
+        };
+        let failure = StageFailure { stage: stages[i].name.clone(), error };
+        done(outcome(&stages[i], State::Failed, failure.why(), started.elapsed().as_secs_f64()));
+        if !self.keep_going {
+            self.first.get_or_insert(failure.error);
+            return;
+        }
+        self.blocked.insert(failure.stage.clone(), failure.stage.clone());
+        self.failed.push(failure);
+        // Stages are in topological order: one pass finds every dependant.
+        waiting.retain(|&w| {
+            let Some(root) = stages[w].inputs.iter().find_map(|n| self.blocked.get(n).cloned()) else { return true };
+            done(outcome(&stages[w], State::Skipped, format!("upstream `{root}` failed"), 0.0));
+            self.blocked.insert(stages[w].name.clone(), root.clone());
+            self.skipped.push(Skipped { stage: stages[w].name.clone(), upstream: root });
+            false
+        });
+    }
+
+    fn into_result(self) -> Result<()> {
+        match self.first {
+            Some(e) => Err(e),
+            None if self.failed.is_empty() => Ok(()),
+            None => Err(Error::StagesFailed { failed: self.failed, skipped: self.skipped }),
+        }
+    }
 }
 
 /// The external inputs of a stage, resolved and hashed.
@@ -405,7 +475,9 @@ impl<'r> Engine<'r> {
                 scratch_dir: scratch.clone(),
             };
             let kind = self.registry.get(&decl.kind).expect("validated kind");
-            let result = kind.run(&decl.params, &ctx);
+            // A panic fails the stage as in `run`: reported, and the re-run
+            // folders are removed below.
+            let result = run_catching_panics(|| kind.run(&decl.params, &ctx));
             let manifest = result
                 .map_err(|source| Error::StageFailed { stage: name.clone(), source })
                 .and_then(|_| self.cache.manifest_of_dir(&out_dir, &|_| {}).map_err(|e| Error::io(&out_dir, e)));
@@ -414,7 +486,14 @@ impl<'r> Engine<'r> {
                 let _ = fsutil::remove_dir_if_exists(d);
             }
             self.cache.forget_under(&out_dir);
-            let manifest = manifest?;
+            let manifest = match manifest {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = fsutil::remove_dir_if_exists(&root);
+                    self.save_cache();
+                    return Err(e);
+                }
+            };
             let rerun = manifest.digest();
             let differences = (rerun != locked).then(|| match committed {
                 Ok(Some(m)) => m.diff(&manifest, 10).to_string(),
@@ -432,38 +511,47 @@ impl<'r> Engine<'r> {
     /// Decides and runs the selected stages, up to `opts.jobs` at once: a
     /// stage is decided as soon as its upstreams are done, its work runs on a
     /// worker thread, and every commit happens here, on the calling thread.
-    /// After a failure nothing new starts; stages already running finish and
-    /// commit, then the first error is returned.
+    /// A stage that fails gets a `FAILED` outcome. After a failure nothing
+    /// new starts; stages already running finish and commit, then the first
+    /// error is returned. With `keep_going`, every stage that does not depend
+    /// on a failed one still runs; the dependants get a `skipped` outcome, and
+    /// the error lists every failure and every skipped stage.
     fn schedule(&mut self, opts: &RunOptions, done: &mut dyn FnMut(StageOutcome)) -> Result<()> {
         let jobs = opts.jobs.max(1);
         let registry: &'r Registry = self.registry;
         let mut waiting: Vec<usize> = self.selected(&opts.targets)?;
         let mut outputs: BTreeMap<String, Output> = BTreeMap::new();
+        let mut failures = Failures { keep_going: opts.keep_going, ..Default::default() };
         std::thread::scope(|scope| {
             let (tx, rx) = mpsc::channel::<(Launch, std::result::Result<StageReport, BoxError>)>();
             let mut queued: VecDeque<Launch> = VecDeque::new();
-            let (mut running, mut failure) = (0usize, None::<Error>);
+            let mut running = 0usize;
             loop {
                 // Decide, in pipeline order, every stage whose upstreams are done.
                 // With one job, one stage at a time: exactly the sequential order.
                 let mut k = 0;
-                while failure.is_none() && k < waiting.len() && (jobs > 1 || (running == 0 && queued.is_empty())) {
+                while !failures.stop() && k < waiting.len() && (jobs > 1 || (running == 0 && queued.is_empty())) {
                     let i = waiting[k];
                     if !self.pipeline.stages[i].inputs.iter().all(|n| outputs.contains_key(n)) {
                         k += 1;
                         continue;
                     }
                     waiting.remove(k);
+                    let started = Instant::now();
                     match self.step(i, opts, &outputs) {
                         Ok(Step::Done(outcome, output)) => {
                             outputs.insert(outcome.stage.clone(), output);
                             done(outcome);
                         }
                         Ok(Step::Launch(launch)) => queued.push_back(*launch),
-                        Err(e) => failure = Some(e),
+                        Err(e) => {
+                            failures.add(&self.pipeline.stages, i, e, started, &mut waiting, done);
+                            // Skipped stages may have left `waiting` before `k`.
+                            k = 0;
+                        }
                     }
                 }
-                while failure.is_none() && running < jobs {
+                while !failures.stop() && running < jobs {
                     let Some(launch) = queued.pop_front() else { break };
                     let kind = registry.get(&self.pipeline.stages[launch.i].kind).expect("validated kind");
                     let params = self.pipeline.stages[launch.i].params.clone();
@@ -479,18 +567,17 @@ impl<'r> Engine<'r> {
                 }
                 let (launch, result) = rx.recv().expect("every running stage reports back");
                 running -= 1;
+                let (i, started) = (launch.i, launch.started);
                 match self.commit(launch, result) {
                     Ok((outcome, output)) => {
                         outputs.insert(outcome.stage.clone(), output);
                         done(outcome);
                     }
-                    Err(e) => {
-                        failure.get_or_insert(e);
-                    }
+                    Err(e) => failures.add(&self.pipeline.stages, i, e, started, &mut waiting, done),
                 }
             }
-            failure.map_or(Ok(()), Err)
-        })
+        });
+        failures.into_result()
     }
 
     /// Decides one stage whose upstreams are done: finished when cached or
@@ -932,14 +1019,108 @@ mod tests {
         }
     }
 
+    /// Fails (or panics), unless `when_exists` names a file that is absent:
+    /// then it succeeds, so a test can make it fail later.
+    struct Broken;
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct BrokenParams {
+        #[serde(default)]
+        panic: bool,
+        #[serde(default)]
+        when_exists: Option<String>,
+    }
+    impl Stage for Broken {
+        type Params = BrokenParams;
+        const KIND: &'static str = "broken";
+        const VERSION: u32 = 1;
+        const ABOUT: &'static str = "test kind";
+        fn run(&self, p: &BrokenParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
+            if p.when_exists.as_ref().is_some_and(|f| !ctx.base_dir.join(f).exists()) {
+                std::fs::write(ctx.out_dir.join("ok.txt"), "fine this time")?;
+                return Ok(StageReport::default());
+            }
+            if p.panic {
+                panic!("deliberate panic in {}", ctx.stage);
+            }
+            Err(format!("deliberate failure in {}", ctx.stage).into())
+        }
+    }
+
     fn parallel_engine(dir: &Path, pipeline: &str) -> (Registry, PathBuf) {
         let file = dir.join("p.toml");
         std::fs::write(&file, pipeline).unwrap();
         let mut registry = Registry::new();
         registry.register(Rendezvous);
         registry.register(Counter);
+        registry.register(Broken);
         (registry, file)
     }
+
+    /// Two failures, one a panic, in separate branches: with keep-going every
+    /// stage that depends on neither runs, the dependants (direct or not) are
+    /// skipped naming the failure they wait on, and the error lists them all.
+    #[test]
+    fn keep_going_runs_every_independent_stage_and_reports_every_failure() {
+        let pipeline = "[stages.a]\nkind = \"counter\"\n\n\
+                        [stages.bad]\nkind = \"broken\"\ninputs = [\"a\"]\n\n\
+                        [stages.boom]\nkind = \"broken\"\npanic = true\n\n\
+                        [stages.after_bad]\nkind = \"counter\"\ninputs = [\"bad\"]\n\n\
+                        [stages.after_after]\nkind = \"counter\"\ninputs = [\"after_bad\"]\n\n\
+                        [stages.fine]\nkind = \"counter\"\ninputs = [\"a\"]\n\n\
+                        [stages.joined]\nkind = \"counter\"\ninputs = [\"fine\", \"boom\"]\n";
+        for jobs in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let (registry, file) = parallel_engine(dir.path(), pipeline);
+            let open = || Engine::open(crate::config::load(&file, &registry, &[]).unwrap(), &registry, Progress::new(true)).unwrap();
+            let mut seen: Vec<(String, State, Vec<String>)> = Vec::new();
+            let opts = RunOptions { jobs, keep_going: true, ..Default::default() };
+            let err = open().run(&opts, &mut |o| seen.push((o.stage.clone(), o.state, o.reasons.clone()))).unwrap_err();
+            let state = |name: &str| {
+                seen.iter().find(|(s, ..)| s == name).map(|(_, st, r)| (*st, r.join("; "))).unwrap_or_else(|| panic!("no outcome for {name}: {seen:?}"))
+            };
+            assert_eq!(seen.len(), 7, "every stage has one outcome: {seen:?}");
+            assert_eq!(state("a").0, State::Ran);
+            assert_eq!(state("fine").0, State::Ran);
+            assert_eq!(state("bad"), (State::Failed, "deliberate failure in bad".into()));
+            assert_eq!(state("boom"), (State::Failed, "panicked: deliberate panic in boom".into()));
+            assert_eq!(state("after_bad"), (State::Skipped, "upstream `bad` failed".into()));
+            assert_eq!(state("after_after"), (State::Skipped, "upstream `bad` failed".into()));
+            assert_eq!(state("joined"), (State::Skipped, "upstream `boom` failed".into()));
+            let Error::StagesFailed { failed, skipped } = &err else { panic!("{err}") };
+            let mut names: Vec<&str> = failed.iter().map(|f| f.stage.as_str()).collect();
+            names.sort();
+            assert_eq!(names, ["bad", "boom"]);
+            assert_eq!(skipped.len(), 3);
+            let report = err.to_string();
+            assert!(report.starts_with("2 stage(s) failed, 3 skipped because an upstream failed:"), "{report}");
+            for line in [
+                "\n  bad: deliberate failure in bad",
+                "\n  boom: panicked: deliberate panic in boom",
+                "\n  after_after: skipped (upstream `bad` failed)",
+                "\n  joined: skipped (upstream `boom` failed)",
+            ] {
+                assert!(report.contains(line), "{line:?} in:\n{report}");
+            }
+            // What ran is committed; nothing of the failed or skipped stages.
+            let lock = std::fs::read_to_string(dir.path().join("p.lock")).unwrap();
+            assert!(lock.contains("[stages.a]") && lock.contains("[stages.fine]"), "{lock}");
+            for stage in ["bad", "boom", "after_bad", "joined"] {
+                assert!(!lock.contains(&format!("[stages.{stage}]")) && !dir.path().join("out").join(stage).exists(), "{stage}: {lock}");
+            }
+            assert!(!dir.path().join("out/.staging").read_dir().is_ok_and(|mut d| d.next().is_some()), "staging left behind");
+
+            // Without keep-going the first failure stops everything not yet started.
+            let dir = tempfile::tempdir().unwrap();
+            let (registry, file) = parallel_engine(dir.path(), pipeline);
+            let mut engine = Engine::open(crate::config::load(&file, &registry, &[]).unwrap(), &registry, Progress::new(true)).unwrap();
+            let mut seen = Vec::new();
+            let err = engine.run(&RunOptions { jobs: 1, ..Default::default() }, &mut |o| seen.push((o.stage.clone(), o.state))).unwrap_err();
+            assert!(matches!(err, Error::StageFailed { ref stage, .. } if stage == "bad"), "{err}");
+            assert_eq!(seen, [("a".to_string(), State::Ran), ("bad".to_string(), State::Failed)]);
+        }
+    }
+
 
     #[test]
     fn independent_stages_run_at_once_with_jobs_and_a_failure_keeps_the_rest() {
@@ -964,10 +1145,11 @@ mod tests {
         let (registry, file) = parallel_engine(dir.path(), pipeline);
         let mut engine = Engine::open(crate::config::load(&file, &registry, &[]).unwrap(), &registry, Progress::new(true)).unwrap();
         let mut finished = Vec::new();
-        let err = engine.run(&RunOptions { jobs: 3, ..Default::default() }, &mut |o| finished.push(o.stage.clone())).unwrap_err();
+        let err = engine.run(&RunOptions { jobs: 3, ..Default::default() }, &mut |o| finished.push((o.stage.clone(), o.state))).unwrap_err();
         let chain = format!("{err}: {}", std::error::Error::source(&err).map(|e| e.to_string()).unwrap_or_default());
         assert!(chain.contains("fails") || chain.contains("panics"), "{chain}");
-        assert_eq!(finished, ["fine"]);
+        finished.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(finished, [("fails".into(), State::Failed), ("fine".into(), State::Ran), ("panics".into(), State::Failed)]);
         let lock = std::fs::read_to_string(dir.path().join("p.lock")).unwrap();
         assert!(lock.contains("[stages.fine]") && !lock.contains("[stages.after]") && !lock.contains("[stages.fails]"), "{lock}");
         assert!(!dir.path().join("out/.staging/fails").exists() && !dir.path().join("out/.staging/panics").exists());
@@ -998,6 +1180,29 @@ mod tests {
         assert_eq!(std::fs::read_to_string(dir.path().join("out/drifts/count.txt")).unwrap(), count_before);
         assert!(open().plan(&RunOptions::default()).unwrap().iter().all(|o| o.state == State::Cached));
         assert!(!dir.path().join("out/.verify").exists());
+    }
+
+    /// A stage that panics on re-execution fails `verify --rerun` the way it
+    /// fails `run`: an error naming the stage and the panic, no leftovers,
+    /// nothing changed.
+    #[test]
+    fn verify_rerun_catches_a_panicking_stage() {
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = "[stages.a]\nkind = \"counter\"\ndeterministic = true\n\n\
+                        [stages.flaky]\nkind = \"broken\"\ninputs = [\"a\"]\npanic = true\nwhen_exists = \"now-panic\"\n";
+        let (registry, file) = parallel_engine(dir.path(), pipeline);
+        let open = || Engine::open(crate::config::load(&file, &registry, &[]).unwrap(), &registry, Progress::new(true)).unwrap();
+        open().run(&RunOptions::default(), &mut |_| {}).unwrap();
+        let lock_before = std::fs::read_to_string(dir.path().join("p.lock")).unwrap();
+        std::fs::write(dir.path().join("now-panic"), "").unwrap();
+        let mut reproduced = Vec::new();
+        let err = open().verify_rerun(&[], &mut |o| reproduced.push(o.stage.clone())).unwrap_err();
+        assert!(matches!(err, Error::StageFailed { ref stage, .. } if stage == "flaky"), "{err}");
+        assert_eq!(crate::error::chain(&err), "stage `flaky` failed; nothing of it was committed: panicked: deliberate panic in flaky");
+        assert_eq!(reproduced, ["a"], "the stage before it was compared");
+        assert!(!dir.path().join("out/.verify").exists(), "re-run folders removed");
+        assert_eq!(std::fs::read_to_string(dir.path().join("p.lock")).unwrap(), lock_before);
+        assert_eq!(std::fs::read_to_string(dir.path().join("out/flaky/ok.txt")).unwrap(), "fine this time");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::{ExecutorConfig, StageDecl};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Skipped, StageFailure};
 use crate::registry::Resources;
 use crate::runner::{Engine, RunOptions, State, StageOutcome};
 
@@ -85,6 +85,9 @@ pub fn run(
         }
         follow(&mut jobs, &cfg, &interrupted, on_line)?;
         let failed: Vec<&Job> = jobs.iter().filter(|j| j.state != "COMPLETED").collect();
+        if !failed.is_empty() && opts.keep_going {
+            return finish_keep_going(engine, opts, &plan, &jobs, on_stage);
+        }
         if !failed.is_empty() {
             let names: Vec<String> = failed.iter().map(|j| format!("{} (job {} {})", j.stage, j.id, j.state)).collect();
             return Err(Error::Slurm(format!("{} of {} job(s) did not complete: {}", failed.len(), jobs.len(), names.join(", "))));
@@ -93,6 +96,58 @@ pub fn run(
     // Everything is in the store now: write the folders and the lock file.
     let final_pass = RunOptions { force: false, jobs: 1, restore_only: true, ..opts.clone() };
     engine.run(&final_pass, on_stage)
+}
+
+/// `--keep-going` after some jobs failed: Slurm has already run every job
+/// that did not depend on a failed one (`afterok` cancelled the others), so
+/// the final pass writes the folders and lock entries of every stage that
+/// is not failed or cancelled, then the error lists the failed stages (job,
+/// state, exit code, log) and the skipped ones.
+fn finish_keep_going(
+    engine: &mut Engine,
+    opts: &RunOptions,
+    plan: &[StageOutcome],
+    jobs: &[Job],
+    on_stage: &mut dyn FnMut(&StageOutcome),
+) -> Result<Vec<StageOutcome>> {
+    // A job array is labelled `stage[0-N]`.
+    let stage_of = |j: &Job| j.stage.split('[').next().unwrap_or_default().to_string();
+    let mut failed: Vec<StageFailure> = Vec::new();
+    let mut skipped: Vec<Skipped> = Vec::new();
+    // Stages in pipeline (topological) order: a stage's upstreams come first.
+    for o in plan {
+        let mine: Vec<&Job> = jobs.iter().filter(|j| stage_of(j) == o.stage && j.state != "COMPLETED").collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let decl = engine.pipeline.stage(&o.stage).expect("planned stages exist");
+        // The failed stage an upstream is, or is skipped because of.
+        let root = decl.inputs.iter().find_map(|n| match failed.iter().any(|f| &f.stage == n) {
+            true => Some(n.clone()),
+            false => skipped.iter().find(|k| &k.stage == n).map(|k| k.upstream.clone()),
+        });
+        match root {
+            Some(upstream) if mine.iter().all(|j| j.state == "CANCELLED") => skipped.push(Skipped { stage: o.stage.clone(), upstream }),
+            _ => {
+                let why: Vec<String> =
+                    mine.iter().map(|j| format!("job {} {}, exit code {}; log: {}", j.id, j.state, j.exit_code, j.log().display())).collect();
+                failed.push(StageFailure { stage: o.stage.clone(), error: Error::Slurm(why.join("; ")) });
+            }
+        }
+    }
+    let left_out = |name: &str| failed.iter().any(|f| f.stage == name) || skipped.iter().any(|k| k.stage == name);
+    let targets: Vec<String> = plan.iter().map(|o| o.stage.clone()).filter(|n| !left_out(n)).collect();
+    if !targets.is_empty() {
+        let final_pass = RunOptions { force: false, jobs: 1, restore_only: true, targets, ..opts.clone() };
+        engine.run(&final_pass, on_stage)?;
+    }
+    let lines = failed.iter().map(|f| (&f.stage, State::Failed, f.why()));
+    for (stage, state, why) in lines.chain(skipped.iter().map(|k| (&k.stage, State::Skipped, format!("upstream `{}` failed", k.upstream)))) {
+        let kind = engine.pipeline.stage(stage).map(|d| d.kind.clone()).unwrap_or_default();
+        let (fingerprint, output, summary) = (None, None, None);
+        on_stage(&StageOutcome { stage: stage.clone(), kind, state, reasons: vec![why], fingerprint, output, summary, seconds: 0.0 });
+    }
+    Err(Error::StagesFailed { failed, skipped })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -213,3 +213,29 @@ fn a_fresh_clone_with_a_committed_lock_file_runs_and_reproduces_it() {
     assert_eq!(r.state("synth"), "ran");
     assert_eq!(p.lock(), lock, "the same inputs give the same bytes: the lock file is reproduced exactly");
 }
+
+/// `run --keep-going`: a failing stage does not stop the ones that do not
+/// depend on it; its dependants are skipped, and the run ends listing both,
+/// with exit code 1. Without it, nothing new starts after the failure.
+#[test]
+fn keep_going_runs_what_does_not_depend_on_a_failure_and_lists_it() {
+    let broken = "[stages.broken]\nkind = \"ingest\"\nmetadata = \"nowhere/train.csv\"\nimages = \"nowhere/jpeg\"\n\n\
+                  [stages.after_broken]\nkind = \"preprocess\"\ninputs = [\"broken\"]\n\n[stages.ingest]";
+    let pipeline = SMALL.replace("[stages.ingest]", broken);
+    assert_ne!(pipeline, SMALL, "the fixture changed shape");
+    let p = Project::new(&pipeline);
+    let stopped = p.fails(&["run"]);
+    assert_eq!(stopped.state("broken"), "FAILED", "{}", stopped.stdout);
+    assert!(!stopped.stdout.contains("ingest:") && !stopped.stdout.contains("after_broken"), "{}", stopped.stdout);
+    assert!(stopped.stderr.contains("input `metadata` not found"), "{}", stopped.stderr);
+
+    let r = p.fails(&["run", "--keep-going"]);
+    assert_eq!(r.status.code(), Some(1));
+    assert_eq!(r.state("synth"), "cached");
+    assert_eq!(r.state("ingest"), "ran", "{}", r.stdout);
+    assert!(r.line("after_broken").starts_with("skipped  after_broken: upstream `broken` failed"), "{}", r.stdout);
+    assert!(r.stdout.contains("4 stage(s): 1 ran, 1 cached, 1 failed, 1 skipped"), "{}", r.stdout);
+    assert!(r.stderr.contains("error: 1 stage(s) failed, 1 skipped because an upstream failed:\n  broken: stage `broken`: input `metadata` not found"), "{}", r.stderr);
+    assert!(r.stderr.contains("\n  after_broken: skipped (upstream `broken` failed)"), "{}", r.stderr);
+    assert!(p.lock().contains("[stages.ingest]") && !p.lock().contains("[stages.broken]"));
+}

@@ -11,7 +11,9 @@
 //! 3. a worker killed mid-stage commits nothing, and the re-run succeeds;
 //! 4. a failing stage cancels its dependants and is reported with job id,
 //!    exit code and log; a stage on `device = "cuda"` asks for a GPU and
-//!    lands on the node that has one.
+//!    lands on the node that has one;
+//! 5. with `--keep-going`, the stages that completed are written and the
+//!    failure and its skipped dependant are listed.
 //!
 //! `make test` installs Slurm and then sets `MELANOFLOW_REQUIRE_SLURM=1`, so
 //! there this test cannot skip; where Slurm is absent (no root or apt) it
@@ -148,4 +150,20 @@ fn the_pipeline_runs_on_a_real_slurm_cluster() {
     assert!(std::fs::read_to_string(&log).unwrap().to_lowercase().contains("cuda"), "the log says why: {}", log.display());
     assert!(r.stdout.contains("CANCELLED evaluate:") && r.stdout.contains("an upstream job failed"), "{}", r.stdout);
     assert!(r.stderr.contains("did not complete") && r.stderr.contains("classical"), "{}", r.stderr);
+    assert!(!failing.path("data/pipeline.lock").exists(), "without --keep-going a failed Slurm run writes no lock file");
+
+    // 5. --keep-going: the same failure, but every stage that completed gets
+    //    its folder and lock entry, and the report lists the failure with its
+    //    job and the dependant it skipped.
+    let r = failing.fails(&["run", "--executor", "slurm", "--keep-going"]);
+    let jobs = submitted(&r);
+    assert_eq!(stages_of(&jobs), ["classical", "evaluate"], "the others are in the store: {}", r.stdout);
+    assert_eq!(r.state("cyclegan"), "restored", "{}", r.stdout);
+    assert!(r.stdout.contains("8 stage(s): 1 restored, 5 cached, 1 failed, 1 skipped"), "{}", r.stdout);
+    let lock = failing.lock();
+    assert!(lock.contains("[stages.cyclegan]") && !lock.contains("[stages.classical]") && !lock.contains("[stages.evaluate]"), "{lock}");
+    assert!(failing.path("data/out/ci_small/cyclegan").is_dir() && !failing.path("data/out/ci_small/evaluate").exists());
+    assert!(r.stderr.contains("1 stage(s) failed, 1 skipped because an upstream failed:"), "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("  classical: slurm: job {} FAILED, exit code 1:0; log: ", jobs[0].1)), "{}", r.stderr);
+    assert!(r.stderr.contains("  evaluate: skipped (upstream `classical` failed)"), "{}", r.stderr);
 }
