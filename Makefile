@@ -15,27 +15,34 @@ pipeline: build
 build:
 	$(CARGO) build --release --bin melanoflow
 
-# The S3 tests run against s3s-fs on loopback (installed once into .tools/
-# unless one is on PATH); the Slurm test against a two-node local cluster
-# (Debian's slurm-wlm and munge, installed with apt-get when missing). Both
-# are required here, so they cannot silently skip.
+# The remote-store tests run against s3s-fs (S3) and Azurite (Azure Blob
+# Storage) on loopback, each installed once into .tools/ unless one is on
+# PATH; the Slurm test against a two-node local cluster (Debian's slurm-wlm
+# and munge, installed with apt-get when missing). All are required here, so
+# they cannot silently skip.
 S3S_FS ?= $(or $(shell command -v s3s-fs 2>/dev/null),$(CURDIR)/.tools/bin/s3s-fs)
+# Azurite 3.35 is the last release that runs on Node 20 (3.36 needs Node 21).
+AZURITE ?= $(or $(shell command -v azurite-blob 2>/dev/null),$(CURDIR)/.tools/node_modules/.bin/azurite-blob)
 
 # s3s-fs builds beside the tests (make -j2): a cold build of the stack leaves
 # one core idle for long stretches (single-crate compiles, linking).
 # Installing Slurm needs root and apt; where that fails the Slurm test skips
 # with a message (and this says so first) instead of failing the build.
 test:
-	$(MAKE) -j2 $(S3S_FS) test-build
+	$(MAKE) -j2 $(S3S_FS) $(AZURITE) test-build
 	@if scripts/slurm/cluster.sh install; then require_slurm=1; else require_slurm=; \
 	  echo "WARNING: Slurm could not be installed: the Slurm test will skip" >&2; fi; \
-	set -x; S3S_FS=$(S3S_FS) MELANOFLOW_REQUIRE_S3=1 MELANOFLOW_REQUIRE_SLURM=$$require_slurm $(CARGO) test --release --workspace
+	set -x; S3S_FS=$(S3S_FS) AZURITE_BLOB=$(AZURITE) MELANOFLOW_REQUIRE_S3=1 MELANOFLOW_REQUIRE_AZURE=1 \
+	  MELANOFLOW_REQUIRE_SLURM=$$require_slurm $(CARGO) test --release --workspace
 
 test-build:
 	$(CARGO) test --release --workspace --no-run
 
 $(CURDIR)/.tools/bin/s3s-fs:
 	$(CARGO) install s3s-fs --version 0.14.1 --locked --features binary --root $(CURDIR)/.tools
+
+$(CURDIR)/.tools/node_modules/.bin/azurite-blob:
+	npm install --prefix $(CURDIR)/.tools --no-save --no-audit --no-fund azurite@3.35.0
 
 bench: build
 	benches/engine_noop.sh

@@ -1,7 +1,7 @@
 //! Blob storage: one narrow trait, implemented once over `object_store`, so the
-//! local filesystem (default), memory (tests) and S3/GCS/Azure (by URL) behave
-//! the same. Keys are `/`-separated strings; the layout of keys belongs to the
-//! artifact layer (`artifacts.rs`), not to the store.
+//! local filesystem (default), memory (tests), S3 and Azure Blob Storage (by
+//! URL) behave the same. Keys are `/`-separated strings; the layout of keys
+//! belongs to the artifact layer (`artifacts.rs`), not to the store.
 //!
 //! Promises: a missing key is `Ok(None)` / `Ok(false)`, never an error; `put`
 //! and `put_file` are atomic (a reader never sees half an object: the local
@@ -19,6 +19,7 @@ use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -93,9 +94,11 @@ pub struct ObjectBlobStore {
 }
 
 impl ObjectBlobStore {
-    /// Opens a store from the pipeline file's `store.url`: a plain path
-    /// (relative to `base`), `file://`, `memory://`, or any URL `object_store`
-    /// understands (`s3://bucket/prefix`, credentials from the environment).
+    /// Opens a store from the pipeline file's `store.url` (or an external
+    /// input folder): a plain path (relative to `base`), `file://`,
+    /// `memory://`, `s3://bucket/prefix` or `az://container/prefix`
+    /// (credentials from the environment). Any other scheme is an error
+    /// naming these ([`SCHEMES`]).
     pub fn open(url: &str, base: &Path) -> Result<Self, StoreError> {
         let url_err = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Url { url: url.to_string(), source: e };
         if url == "memory://" || url.starts_with("memory://") {
@@ -107,6 +110,7 @@ impl ObjectBlobStore {
         if !url.contains("://") {
             return Self::local(&base.join(url));
         }
+        cloud_scheme(url)?;
         let parsed = url::Url::parse(url).map_err(|e| url_err(Box::new(e)))?;
         let env = std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v));
         let (store, prefix) = object_store::parse_url_opts(&parsed, env).map_err(|e| url_err(Box::new(e)))?;
@@ -114,19 +118,25 @@ impl ObjectBlobStore {
     }
 
     /// Opens a remote store (`[store] remote`): like [`Self::open`], plus an
-    /// S3 `endpoint` and `region`. Credentials come from the environment
-    /// (`AWS_ACCESS_KEY_ID`, ...). Requests give up after a few retries so an
-    /// unreachable server is a prompt error, not minutes of back-off.
+    /// `endpoint` (an S3-compatible server, an Azure endpoint or the Azurite
+    /// emulator's `http://HOST:PORT/ACCOUNT`) and an S3 `region`. Credentials
+    /// come from the environment (`AWS_ACCESS_KEY_ID`, ...;
+    /// `AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, ...).
+    /// Requests give up after a few retries so an unreachable server is a
+    /// prompt error, not minutes of back-off.
     pub fn open_remote(remote: &RemoteConfig, base: &Path) -> Result<Self, StoreError> {
         let url = remote.url.as_str();
-        if !(url.starts_with("s3://") || url.starts_with("s3a://")) {
-            if remote.endpoint.is_some() {
-                let source = "`endpoint` applies to s3:// remotes only".into();
-                return Err(StoreError::Url { url: url.into(), source });
+        let url_err = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Url { url: url.to_string(), source: e };
+        if !url.contains("://") || url.starts_with("file://") || url.starts_with("memory://") {
+            if remote.endpoint.is_some() || remote.region.is_some() {
+                return Err(url_err("`endpoint` and `region` apply to s3:// and az:// remotes only".into()));
             }
             return Self::open(url, base);
         }
-        let url_err = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Url { url: url.to_string(), source: e };
+        let scheme = cloud_scheme(url)?;
+        if remote.region.is_some() && scheme == Cloud::Azure {
+            return Err(url_err("`region` applies to s3:// remotes only".into()));
+        }
         let parsed = url::Url::parse(url).map_err(|e| url_err(Box::new(e)))?;
         let prefix = ObjPath::from_url_path(parsed.path()).map_err(|e| url_err(Box::new(e)))?;
         let retry = RetryConfig {
@@ -134,22 +144,32 @@ impl ObjectBlobStore {
             max_retries: 3,
             retry_timeout: Duration::from_secs(20),
         };
-        let mut builder = AmazonS3Builder::from_env()
-            .with_url(url)
-            .with_retry(retry)
-            .with_client_options(ClientOptions::new().with_connect_timeout(Duration::from_secs(5)));
-        if let Some(endpoint) = &remote.endpoint {
-            builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
-        }
-        if let Some(region) = &remote.region {
-            builder = builder.with_region(region);
-        }
-        let store = builder.build().map_err(|e| url_err(Box::new(e)))?;
+        let http = remote.endpoint.as_ref().is_some_and(|e| e.starts_with("http://"));
+        let options = ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_allow_http(http);
+        let store: Arc<dyn ObjectStore> = match scheme {
+            Cloud::S3 => {
+                let mut builder = AmazonS3Builder::from_env().with_url(url).with_retry(retry).with_client_options(options);
+                if let Some(endpoint) = &remote.endpoint {
+                    builder = builder.with_endpoint(endpoint);
+                }
+                if let Some(region) = &remote.region {
+                    builder = builder.with_region(region);
+                }
+                Arc::new(builder.build().map_err(|e| url_err(Box::new(e)))?)
+            }
+            Cloud::Azure => {
+                let mut builder = MicrosoftAzureBuilder::from_env().with_url(url).with_retry(retry).with_client_options(options);
+                if let Some(endpoint) = &remote.endpoint {
+                    builder = builder.with_endpoint(endpoint.clone());
+                }
+                Arc::new(builder.build().map_err(|e| url_err(Box::new(e)))?)
+            }
+        };
         let describe = match &remote.endpoint {
             Some(e) => format!("{url} (at {e})"),
             None => url.to_string(),
         };
-        Ok(Self::with(Arc::new(store), prefix, describe, None))
+        Ok(Self::with(store, prefix, describe, None))
     }
 
     /// A store in a local directory (created if missing).
@@ -190,6 +210,29 @@ impl ObjectBlobStore {
 
     fn io(&self, op: &'static str, key: &str, path: &Path, source: std::io::Error) -> StoreError {
         StoreError::Io { store: self.describe.clone(), op, key: key.into(), path: path.into(), source }
+    }
+}
+
+/// What a store URL may be; each object-store scheme is tested against a
+/// real server on loopback (s3s-fs, Azurite). `gs://` is not among them: no
+/// GCS emulator that speaks the XML API `object_store` uses could be run in
+/// the tests, so it is refused rather than shipped untested.
+pub const SCHEMES: &str = "a folder (a path or file://), s3://BUCKET/PREFIX, az://CONTAINER/PREFIX (or memory:// in tests)";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cloud {
+    S3,
+    Azure,
+}
+
+/// The object store a `SCHEME://` URL names, or an error listing the
+/// schemes that work.
+fn cloud_scheme(url: &str) -> Result<Cloud, StoreError> {
+    let scheme = url.split_once("://").map_or("", |(s, _)| s);
+    match scheme.to_ascii_lowercase().as_str() {
+        "s3" | "s3a" => Ok(Cloud::S3),
+        "az" => Ok(Cloud::Azure),
+        _ => Err(StoreError::Url { url: url.into(), source: format!("unsupported scheme `{scheme}://`; a store is {SCHEMES}").into() }),
     }
 }
 
@@ -471,5 +514,24 @@ mod tests {
     fn bad_url_is_a_clear_error() {
         let err = ObjectBlobStore::open("nosuch://bucket/x", Path::new(".")).err().unwrap();
         assert!(err.to_string().contains("nosuch://bucket/x"), "{err}");
+        // An untested scheme is refused, naming the ones that work.
+        for url in ["gs://bucket/x", "http://host/x", "abfs://c/x"] {
+            let err = ObjectBlobStore::open(url, Path::new(".")).err().unwrap();
+            let remote = RemoteConfig { url: url.into(), endpoint: None, region: None, read_only: false };
+            let err_remote = ObjectBlobStore::open_remote(&remote, Path::new(".")).err().unwrap();
+            for e in [err, err_remote] {
+                let chain = crate::error::chain(&e);
+                assert!(chain.contains(url) && chain.contains("unsupported scheme") && chain.contains("s3://") && chain.contains("az://"), "{chain}");
+            }
+        }
+    }
+
+    #[test]
+    fn azure_remotes_take_no_region() {
+        let remote = RemoteConfig { url: "az://container/prefix".into(), endpoint: None, region: Some("eu-west-1".into()), read_only: false };
+        let err = ObjectBlobStore::open_remote(&remote, Path::new(".")).err().unwrap();
+        assert!(crate::error::chain(&err).contains("`region` applies to s3:// remotes only"), "{err}");
+        let local = RemoteConfig { url: "elsewhere".into(), endpoint: Some("http://x".into()), region: None, read_only: false };
+        assert!(crate::error::chain(&ObjectBlobStore::open_remote(&local, Path::new(".")).err().unwrap()).contains("s3:// and az://"));
     }
 }

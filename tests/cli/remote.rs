@@ -1,12 +1,15 @@
-//! The remote store against a real S3 server on loopback (s3s-fs, which checks
-//! request signatures), started and stopped by the test: push, pull into a
-//! fresh clone that then runs with every stage cached, a read-only remote, a
-//! corrupted blob on the server, a server that is down, and a push that stops
-//! partway followed by a clean retry.
+//! The remote store against real servers on loopback, started and stopped by
+//! the test: S3 (s3s-fs, which checks request signatures) and Azure Blob
+//! Storage (Azurite, checking shared-key signatures). On both: push, pull into
+//! a fresh clone that then runs with every stage cached, a run restoring from
+//! the remote, a read-only remote, and a server that is down. On S3 also: a
+//! corrupted blob on the server, and a push that stops partway followed by a
+//! clean retry (both edit the server's files, which only s3s-fs keeps as
+//! plain files).
 //!
-//! `make test` installs s3s-fs and sets `MELANOFLOW_REQUIRE_S3=1`, so there
-//! these tests cannot skip; a bare `cargo test` without the server skips them
-//! with a message.
+//! `make test` installs s3s-fs and Azurite and sets `MELANOFLOW_REQUIRE_S3=1`
+//! and `MELANOFLOW_REQUIRE_AZURE=1`, so there these tests cannot skip; a bare
+//! `cargo test` without the servers skips them with a message.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,36 +18,58 @@ use std::time::{Duration, Instant};
 
 use crate::fixture::{Project, SMALL, files_under};
 
+/// The S3 bucket, and the Azure container.
 const BUCKET: &str = "melanoflow-test";
 const ACCESS_KEY: &str = "melanoflow-test-key";
 const SECRET_KEY: &str = "melanoflow-test-secret";
+/// Azurite's well-known development account and its published key.
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
-/// An s3s-fs server on a free loopback port, killed on drop.
-struct S3Server {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    S3,
+    Azure,
+}
+
+/// A test server (s3s-fs or Azurite) on a free loopback port, killed on drop.
+struct Server {
+    backend: Backend,
     child: Option<Child>,
     root: tempfile::TempDir,
     port: u16,
 }
 
-impl S3Server {
-    fn start() -> Option<S3Server> {
-        let bin = s3s_fs_binary()?;
+impl Server {
+    fn start(backend: Backend) -> Option<Server> {
         let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(root.path().join(BUCKET)).unwrap();
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(&bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut command = match backend {
+            Backend::S3 => {
+                std::fs::create_dir_all(root.path().join(BUCKET)).unwrap();
+                let mut c = Command::new(s3s_fs_binary()?);
+                c.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY]).arg(root.path());
+                c
+            }
+            Backend::Azure => {
+                let mut c = Command::new(azurite_binary()?);
+                c.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string(), "--location"])
+                    .arg(root.path())
+                    .args(["--skipApiVersionCheck", "--loose", "--disableTelemetry", "--silent"]);
+                c
+            }
+        };
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+        let server = Server { backend, child: Some(child), root, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "s3s-fs did not listen on port {port} within 20 s");
+            assert!(Instant::now() < deadline, "{backend:?} server did not listen on port {port} within 30 s");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(S3Server { child: Some(child), root, port })
+        if backend == Backend::Azure {
+            server.azurite(&["create", BUCKET]);
+        }
+        Some(server)
     }
 
     fn stop(&mut self) {
@@ -56,63 +81,139 @@ impl S3Server {
 
     /// The `[store]` table of a project using this server under `prefix`.
     fn store_table(&self, prefix: &str) -> String {
-        format!(
-            "[store]\nurl = \"store\"\nremote = \"s3://{BUCKET}/{prefix}\"\nendpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"\n",
-            self.port
-        )
+        match self.backend {
+            Backend::S3 => format!(
+                "[store]\nurl = \"store\"\nremote = \"s3://{BUCKET}/{prefix}\"\nendpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"\n",
+                self.port
+            ),
+            Backend::Azure => format!(
+                "[store]\nurl = \"store\"\nremote = \"az://{BUCKET}/{prefix}\"\nendpoint = \"http://127.0.0.1:{}/{AZURITE_ACCOUNT}\"\n",
+                self.port
+            ),
+        }
     }
 
-    /// The object's file in the server's folder.
+    /// Credentials, from the environment as on a real machine.
+    fn credentials(&self) -> Vec<(String, String)> {
+        let pairs = match self.backend {
+            Backend::S3 => [("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY)],
+            Backend::Azure => [("AZURE_STORAGE_ACCOUNT_NAME", AZURITE_ACCOUNT), ("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY)],
+        };
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// The object's file in the server's folder (s3s-fs keeps plain files).
     fn object(&self, prefix: &str, key: &str) -> PathBuf {
+        assert_eq!(self.backend, Backend::S3, "only s3s-fs stores objects as plain files");
         self.root.path().join(BUCKET).join(prefix).join(key)
     }
 
     /// Objects stored under `prefix/sub`.
     fn count(&self, prefix: &str, sub: &str) -> usize {
-        let dir = self.object(prefix, sub);
-        if dir.is_dir() { files_under(&dir).len() } else { 0 }
+        match self.backend {
+            Backend::S3 => {
+                let dir = self.object(prefix, sub);
+                if dir.is_dir() { files_under(&dir).len() } else { 0 }
+            }
+            Backend::Azure => {
+                let under = format!("{prefix}/{sub}");
+                self.azurite(&["list", BUCKET, under.trim_end_matches('/')]).trim().parse().unwrap()
+            }
+        }
+    }
+
+    /// Runs the Azurite helper (`create CONTAINER`, `list CONTAINER PREFIX`).
+    fn azurite(&self, args: &[&str]) -> String {
+        let out = Command::new("node").arg("-e").arg(AZURITE_HELPER).arg(self.port.to_string()).args(args).output().expect("node runs Azurite");
+        assert!(out.status.success(), "azurite helper {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
-impl Drop for S3Server {
+impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
     }
 }
 
-fn s3s_fs_binary() -> Option<PathBuf> {
-    let home = std::env::var("HOME").unwrap_or_default();
-    let candidates = [
-        std::env::var("S3S_FS").ok().map(PathBuf::from),
-        std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("s3s-fs")).find(|p| p.is_file())),
-        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/s3s-fs")),
-        Some(Path::new(&home).join(".cargo/bin/s3s-fs")),
-    ];
+/// Container requests the engine never makes (create one, count blobs under
+/// a prefix), signed with the shared key as Azure wants; Node is there
+/// whenever Azurite is.
+const AZURITE_HELPER: &str = r#"
+const http = require('http'), crypto = require('crypto');
+const [port, cmd, container, prefix] = process.argv.slice(1);
+const account = 'devstoreaccount1';
+const key = Buffer.from('Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==', 'base64');
+const query = cmd === 'create' ? { restype: 'container' } : { comp: 'list', prefix: prefix || '', restype: 'container' };
+const method = cmd === 'create' ? 'PUT' : 'GET';
+const headers = { 'x-ms-date': new Date().toUTCString(), 'x-ms-version': '2021-08-06' };
+const path = `/${account}/${container}`;
+const canonical = Object.keys(headers).sort().map(h => `${h}:${headers[h]}\n`).join('')
+  + `/${account}${path}` + Object.keys(query).sort().map(k => `\n${k}:${query[k]}`).join('');
+const toSign = [method, '', '', '', '', '', '', '', '', '', '', ''].join('\n') + '\n' + canonical;
+headers.Authorization = `SharedKey ${account}:` + crypto.createHmac('sha256', key).update(toSign, 'utf8').digest('base64');
+if (method === 'PUT') headers['Content-Length'] = '0';
+const qs = Object.keys(query).map(k => `${k}=${encodeURIComponent(query[k])}`).join('&');
+http.request({ host: '127.0.0.1', port, method, path: `${path}?${qs}`, headers }, res => {
+  let body = '';
+  res.on('data', d => body += d);
+  res.on('end', () => {
+    if (res.statusCode >= 300) { console.error(`${method} ${path}: ${res.statusCode} ${body}`); process.exit(1); }
+    if (cmd === 'list') console.log((body.match(/<Blob>/g) || []).length);
+  });
+}).on('error', e => { console.error(e.message); process.exit(1); }).end();
+"#;
+
+/// The first of `candidates` that is a file; else `None` with a message, or
+/// a failure when `require` (set by `make test`) is "1".
+fn find_tool(what: &str, candidates: Vec<Option<PathBuf>>, require: &str, how: &str) -> Option<PathBuf> {
     let found = candidates.into_iter().flatten().find(|p| p.is_file());
     if found.is_none() {
-        let how = "cargo install s3s-fs --version 0.14.1 --locked --features binary --root .tools (`make test` does this)";
-        assert!(std::env::var("MELANOFLOW_REQUIRE_S3").as_deref() != Ok("1"), "s3s-fs not found (S3S_FS, PATH, .tools/bin, ~/.cargo/bin): {how}");
-        eprintln!("SKIPPED: the S3 tests need s3s-fs: {how}");
+        assert!(std::env::var(require).as_deref() != Ok("1"), "{what} not found: {how}");
+        eprintln!("SKIPPED: these tests need {what}: {how}");
     }
     found
 }
 
-/// A project with the small pipeline, using the server's `prefix`.
-fn project(server: &S3Server, prefix: &str) -> Project {
-    let body = SMALL.replace("[store]\nurl = \"store\"\n", &server.store_table(prefix));
-    assert_ne!(body, SMALL, "the fixture's [store] table changed shape");
-    with_credentials(Project::new(&body))
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()))
 }
 
-/// Credentials come from the environment, as on a real machine.
-fn with_credentials(mut p: Project) -> Project {
-    p.env = vec![("AWS_ACCESS_KEY_ID".into(), ACCESS_KEY.into()), ("AWS_SECRET_ACCESS_KEY".into(), SECRET_KEY.into())];
+fn s3s_fs_binary() -> Option<PathBuf> {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let candidates = vec![
+        std::env::var("S3S_FS").ok().map(PathBuf::from),
+        on_path("s3s-fs"),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/s3s-fs")),
+        Some(Path::new(&home).join(".cargo/bin/s3s-fs")),
+    ];
+    let how = "cargo install s3s-fs --version 0.14.1 --locked --features binary --root .tools (`make test` does this); looked in S3S_FS, PATH, .tools/bin, ~/.cargo/bin";
+    find_tool("s3s-fs", candidates, "MELANOFLOW_REQUIRE_S3", how)
+}
+
+fn azurite_binary() -> Option<PathBuf> {
+    let candidates = vec![
+        std::env::var("AZURITE_BLOB").ok().map(PathBuf::from),
+        on_path("azurite-blob"),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/node_modules/.bin/azurite-blob")),
+    ];
+    let how = "npm install --prefix .tools azurite@3.35.0 (Node 20; `make test` does this); looked in AZURITE_BLOB, PATH, .tools/node_modules/.bin";
+    find_tool("Azurite (azurite-blob)", candidates, "MELANOFLOW_REQUIRE_AZURE", how)
+}
+
+/// A project with the small pipeline, using the server's `prefix`.
+fn project(server: &Server, prefix: &str) -> Project {
+    let body = SMALL.replace("[store]\nurl = \"store\"\n", &server.store_table(prefix));
+    assert_ne!(body, SMALL, "the fixture's [store] table changed shape");
+    let mut p = Project::new(&body);
+    p.env = server.credentials();
     p
 }
 
-/// A fresh clone of `p`: its pipeline and lock files only.
+/// A fresh clone of `p`: its pipeline and lock files only (and its credentials).
 fn clone_of(p: &Project) -> Project {
-    let c = with_credentials(Project::new(&std::fs::read_to_string(p.path("data/pipeline.toml")).unwrap()));
+    let mut c = Project::new(&std::fs::read_to_string(p.path("data/pipeline.toml")).unwrap());
+    c.env = p.env.clone();
     c.write("data/pipeline.lock", p.lock());
     c
 }
@@ -139,8 +240,20 @@ fn counts(r: &crate::fixture::Run) -> (usize, usize, usize) {
 }
 
 #[test]
-fn push_then_pull_into_a_fresh_clone_runs_every_stage_cached() {
-    let Some(server) = S3Server::start() else { return };
+fn s3_push_then_pull_into_a_fresh_clone_runs_every_stage_cached() {
+    if let Some(server) = Server::start(Backend::S3) {
+        push_then_pull(&server);
+    }
+}
+
+#[test]
+fn azure_push_then_pull_into_a_fresh_clone_runs_every_stage_cached() {
+    if let Some(server) = Server::start(Backend::Azure) {
+        push_then_pull(&server);
+    }
+}
+
+fn push_then_pull(server: &Server) {
     let origin = project(&server, "push-pull");
     // A read-only remote is never written, even by a run that computes.
     origin.ok(&["run", "--remote-read-only"]);
@@ -174,7 +287,7 @@ fn push_then_pull_into_a_fresh_clone_runs_every_stage_cached() {
 
 #[test]
 fn a_corrupted_blob_is_named_never_materialised_and_repaired() {
-    let Some(server) = S3Server::start() else { return };
+    let Some(server) = Server::start(Backend::S3) else { return };
     let origin = project(&server, "corrupt");
     origin.ok(&["run"]);
     let (key, hex, jpeg) = a_synth_blob(&origin);
@@ -212,8 +325,20 @@ fn a_corrupted_blob_is_named_never_materialised_and_repaired() {
 }
 
 #[test]
-fn a_server_that_is_down_is_a_clear_error_and_local_results_are_untouched() {
-    let Some(mut server) = S3Server::start() else { return };
+fn s3_server_that_is_down_is_a_clear_error_and_local_results_are_untouched() {
+    if let Some(server) = Server::start(Backend::S3) {
+        server_down(server);
+    }
+}
+
+#[test]
+fn azure_server_that_is_down_is_a_clear_error_and_local_results_are_untouched() {
+    if let Some(server) = Server::start(Backend::Azure) {
+        server_down(server);
+    }
+}
+
+fn server_down(mut server: Server) {
     let origin = project(&server, "down");
     origin.ok(&["run", "--remote-read-only"]);
     server.stop();
@@ -239,7 +364,7 @@ fn a_server_that_is_down_is_a_clear_error_and_local_results_are_untouched() {
 
 #[test]
 fn a_push_that_stops_partway_is_finished_by_a_clean_retry() {
-    let Some(server) = S3Server::start() else { return };
+    let Some(server) = Server::start(Backend::S3) else { return };
     let origin = project(&server, "partway");
     origin.ok(&["run", "--remote-read-only"]);
     // The server refuses every loose object (a file where the `blobs/` folder
