@@ -389,8 +389,9 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
             };
             let mut engine = Engine::open(pipeline, registry, progress)?;
             match engine.run_stage(stage, *fingerprint, *force, work)? {
-                WorkerOutcome::Committed { output } => {
-                    println!("committed {stage} -> {} ({:.1}s)", output.short(), started.elapsed().as_secs_f64())
+                WorkerOutcome::Committed { output, summary } => {
+                    let summary = if summary.is_empty() { String::new() } else { format!(": {summary}") };
+                    println!("committed {stage} -> {} ({:.1}s){summary}", output.short(), started.elapsed().as_secs_f64())
                 }
                 WorkerOutcome::AlreadyCommitted { output } => println!("already committed {stage} -> {}", output.short()),
             }

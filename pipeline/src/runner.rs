@@ -856,12 +856,7 @@ impl<'r> Engine<'r> {
         let staging = self.staging_root().join(&name);
         fsutil::remove_dir_if_exists(&staging).map_err(|e| Error::io(&staging, e))?;
         std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-        let previous_dir = self.pipeline.stage_out_dir(&name);
-        let committed = self.lock.stages.get(&name).map(|e| e.output);
-        let previous = match (committed, self.dir_manifest(&previous_dir)?) {
-            (Some(d), Some(m)) if m.digest() == d => Some(previous_dir),
-            _ => None,
-        };
+        let previous = self.previous_output(&name)?;
         Ok(StageContext {
             stage: name.clone(),
             out_dir: staging,
@@ -872,6 +867,15 @@ impl<'r> Engine<'r> {
             previous,
             scratch_dir: self.scratch_dir(&name, fp),
         })
+    }
+
+    /// The stage's last committed output folder, `out/STAGE`, when it holds
+    /// exactly what the lock file records: map stages reuse per-item results
+    /// from it (`StageContext::previous`).
+    fn previous_output(&mut self, name: &str) -> Result<Option<PathBuf>> {
+        let Some(committed) = self.lock.stages.get(name).map(|e| e.output) else { return Ok(None) };
+        let dir = self.pipeline.stage_out_dir(name);
+        Ok(self.dir_manifest(&dir)?.filter(|m| m.digest() == committed).map(|_| dir))
     }
 
     /// Commits what a stage's run wrote: hash, upload, record, then make

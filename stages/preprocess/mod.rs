@@ -131,7 +131,12 @@ impl Stage for Preprocess {
         let result = process(p, ctx, &rows, &images, part, parts)?;
         std::fs::write(ctx.out_dir.join(PART_FILE), serde_json::to_vec(&result)?)?;
         let images_done: usize = result.chunks.iter().map(|c| c.rows.len()).sum();
-        Ok(StageReport::new(format!("part {part} of {parts}: {} chunk(s), {images_done} images", result.chunks.len())))
+        Ok(StageReport::new(format!(
+            "part {part} of {parts}: {} chunk(s), {images_done} images: decoded {}, reused {}",
+            result.chunks.len(),
+            result.decoded,
+            result.reused
+        )))
     }
 
     fn assemble(&self, p: &PreprocessParams, ctx: &StageContext, parts: &[PathBuf]) -> Result<StageReport, BoxError> {

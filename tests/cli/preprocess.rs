@@ -277,3 +277,34 @@ fn a_stage_run_in_parts_and_assembled_equals_the_whole_run() {
     assert!(!split.path("data/store/parts").exists() || files_under(&split.path("data/store/parts")).is_empty());
     assert!(split.ok(&["run"]).stdout.contains("2 cached"));
 }
+
+/// A cluster worker reuses per-image results like a local run: after one
+/// source image changes, the job-array part holding it decodes that image
+/// alone, the other parts decode nothing, and the assembled artifact is the
+/// one a local run writes.
+#[test]
+fn a_worker_part_decodes_only_the_changed_image() {
+    // 200 images at 64 px, 85 per 1 MiB shard: chunks of 85, 85 and 30, one per part.
+    let extra = "shard_mb = 1\n";
+    let changed = jpeg(&picture(999, 96, 72));
+    let local = project(200, 64, extra);
+    local.ok(&["run"]);
+    local.write("data/src/jpeg/ISIC_0000010.jpg", &changed);
+    let r = local.ok(&["run"]);
+    assert!(r.line("preprocess").contains("decoded 1, reused 199"), "{}", r.stdout);
+
+    let p = project(200, 64, extra);
+    p.ok(&["run"]);
+    p.write("data/src/jpeg/ISIC_0000010.jpg", &changed);
+    p.ok(&["run", "ingest"]);
+    let expected = ["85 images: decoded 1, reused 84", "85 images: decoded 0, reused 85", "30 images: decoded 0, reused 30"];
+    for (part, counts) in expected.iter().enumerate() {
+        let r = p.ok(&["run-stage", "preprocess", "--parts", "3", "--part", &part.to_string()]);
+        assert!(r.stdout.starts_with("committed preprocess") && r.stdout.contains(counts), "part {part}: {}", r.stdout);
+    }
+    let assembled = p.ok(&["run-stage", "preprocess", "--assemble", "3"]);
+    assert!(assembled.stdout.contains("200 images in 3 shard(s) at 64 px: decoded 1, reused 199"), "{}", assembled.stdout);
+    let r = p.ok(&["run"]);
+    assert_eq!(r.state("preprocess"), "restored", "{}", r.stdout);
+    assert_eq!(p.lock(), local.lock());
+}

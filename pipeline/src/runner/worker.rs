@@ -5,7 +5,9 @@
 //! a run record in the store for their fingerprints), runs the stage in a
 //! private folder, and commits blobs, manifest and run record. It never writes
 //! the lock file or its own `out/` folder: the submitting command does that
-//! afterwards, as a local run would. (It does write its upstreams' `out/`
+//! afterwards, as a local run would. Like a local run, it hands a map stage
+//! its committed `out/STAGE` (when it matches the lock file) for per-item
+//! reuse. (It does write its upstreams' `out/`
 //! folders when they are missing or stale, one worker at a time per folder.) Promises: a worker whose result is already committed exits
 //! successfully without recomputing; a killed worker leaves no run record, so
 //! nothing half-done is ever used; when two workers race on one fingerprint,
@@ -28,7 +30,8 @@ pub enum Work {
 /// What a worker did.
 #[derive(Clone, Debug, PartialEq)]
 pub enum WorkerOutcome {
-    Committed { output: Digest },
+    /// This worker's result was committed; `summary` is the stage's report.
+    Committed { output: Digest, summary: String },
     /// Another run had already committed this fingerprint.
     AlreadyCommitted { output: Digest },
 }
@@ -97,6 +100,10 @@ impl<'r> Engine<'r> {
         }
         let out_dir = dir.join("out");
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+        // Per-item reuse as in a local run: the committed `out/STAGE` the lock
+        // file names (read only; the submitting command replaces it after
+        // every job has finished).
+        let previous = self.previous_output(&name)?;
         let decl = &self.pipeline.stages[i];
         let ctx = StageContext {
             stage: name.clone(),
@@ -105,7 +112,7 @@ impl<'r> Engine<'r> {
             upstream: ups,
             external: ext.files,
             progress: self.progress.clone(),
-            previous: None,
+            previous,
             scratch_dir: self.scratch_dir(&name, &fp),
         };
         let kind = self.registry.get(&decl.kind).expect("validated kind");
@@ -121,7 +128,7 @@ impl<'r> Engine<'r> {
                 part_dirs.push(part_dir);
             }
         }
-        run_catching_panics(|| match work {
+        let report = run_catching_panics(|| match work {
             Work::Whole => kind.run(&decl.params, &ctx),
             Work::Part { part, parts } => kind.run_part(&decl.params, &ctx, part, parts),
             Work::Assemble { .. } => kind.assemble(&decl.params, &ctx, &part_dirs),
@@ -129,9 +136,10 @@ impl<'r> Engine<'r> {
         .map_err(|source| Error::StageFailed { stage: name.clone(), source })?;
         let (_, record) = self.store_output(i, &out_dir, ext.combined.as_ref())?;
         let digest = record.output;
+        let summary = report.summary;
         if let Work::Part { part, parts } = work {
             self.artifacts.put_part(&fp, part, parts, &record)?;
-            return Ok(WorkerOutcome::Committed { output: digest });
+            return Ok(WorkerOutcome::Committed { output: digest, summary });
         }
         // Forced: this run's result replaces the record, as a local --force does.
         let stood = if force { self.artifacts.put_run(&fp, &record).map(|()| record)? } else { self.artifacts.put_run_once(&fp, &record)? };
@@ -140,6 +148,6 @@ impl<'r> Engine<'r> {
             tracing::warn!("stage `{name}`: another worker committed {} for this fingerprint first; its result stands (this run wrote {})", stood.output.short(), digest.short());
             return Ok(WorkerOutcome::AlreadyCommitted { output: stood.output });
         }
-        Ok(WorkerOutcome::Committed { output: digest })
+        Ok(WorkerOutcome::Committed { output: digest, summary })
     }
 }
