@@ -6,7 +6,7 @@ CARGO  ?= cargo
 BIN    := target/release/melanoflow
 CONFIG ?= data/pipeline.toml
 
-.PHONY: repro pipeline test test-build bench bench-train bench-remote build status clean gpu-check weights metrics real
+.PHONY: repro repro-update pipeline test test-build bench bench-train bench-remote build status clean gpu-check weights metrics real
 
 pipeline: build
 	$(BIN) run --config $(CONFIG)
@@ -89,12 +89,25 @@ gpu-check: pipeline
 	. /opt/cu13/env.sh && CARGO_TARGET_DIR=target-cuda $(CARGO) build --release --features cuda --example gpu_check
 	LD_LIBRARY_PATH=/opt/cu13/lib:$$LD_LIBRARY_PATH target-cuda/release/examples/gpu_check data/out/preprocess 5
 
-# Reproducibility: run a small pipeline from scratch, then re-execute every
-# stage ignoring the caches and compare with the lock file (CI runs this).
+# Reproducibility (CI runs this): the small pipeline from an empty store, its
+# lock compared with the committed data/ci_small.lock (`verify --against`:
+# an output that changed under an unchanged fingerprint is a stale-cache bug;
+# a changed fingerprint needs the lock committed with the change), then every
+# stage re-executed from scratch and compared with the lock (`verify --rerun`).
+# After an intended change, commit data/ci_small.lock as this run leaves it.
+GOLDEN := data/ci_small.lock
 repro: build
-	rm -rf data/out/ci_small data/ci_small.lock
+	@test -f $(GOLDEN) || { echo "$(GOLDEN) is missing: run 'make repro-update' and commit it" >&2; exit 1; }
+	tmp=$$(mktemp -d) && cp $(GOLDEN) $$tmp/committed.lock && \
+	rm -rf data/out/ci_small data/out/ci_small.store && \
+	$(BIN) run --config data/ci_small.toml -q && \
+	$(BIN) verify --config data/ci_small.toml --against $$tmp/committed.lock
+	$(BIN) verify --rerun --config data/ci_small.toml -q
+
+# Rewrites data/ci_small.lock from an empty store (after an intended change).
+repro-update: build
+	rm -rf data/out/ci_small data/out/ci_small.store $(GOLDEN)
 	$(BIN) run --config data/ci_small.toml -q
-	$(BIN) verify --rerun --config data/ci_small.toml
 
 clean:
 	rm -rf data/out data/store data/.melanoflow

@@ -2,6 +2,7 @@
 //! by [`registry`]. Stages depend on the engine (`melanoflow-pipeline`) and on
 //! the Parquet schemas (`melanoflow-schemas`), never the other way round.
 
+pub mod code_identity;
 pub mod evaluate;
 pub mod generate;
 pub mod imageset;

@@ -121,6 +121,12 @@ pub enum Command {
         /// Stages to re-run (with `--rerun`; default all).
         #[arg(requires = "rerun")]
         stages: Vec<String>,
+        /// Compare the lock file (as the last run wrote it) with this
+        /// committed one: fails when an output changed under an unchanged
+        /// fingerprint (stale cache), or when a fingerprint changed and the
+        /// committed lock was not updated with it.
+        #[arg(long, value_name = "LOCK", conflicts_with = "rerun")]
+        against: Option<PathBuf>,
     },
     /// Upload the lock file's results (all stages, or the named ones and
     /// their upstreams) to the remote store.
@@ -242,7 +248,7 @@ fn run_app(cli: &Cli, registry: &Registry, app: &[AppCommand], args: &[String]) 
 fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
     if let Command::Kinds = cli.command {
         for k in registry.kinds() {
-            println!("{:<18} v{:<3} {}", k.kind(), k.version(), k.about());
+            println!("{:<18} {:<12} {}", k.kind(), crate::registry::short_code(k.code()), k.about());
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -339,7 +345,14 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { rerun: true, stages } => {
+        Command::Verify { against: Some(expected), .. } => {
+            let expected = crate::lockfile::LockFile::load(expected)?;
+            let actual = crate::lockfile::LockFile::load(&pipeline.lock_path())?;
+            let report = crate::golden::compare(&expected, &actual);
+            print!("{report}");
+            Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Verify { rerun: true, stages, .. } => {
             let mut engine = Engine::open(pipeline, registry, progress)?;
             let quiet = cli.quiet;
             let outcomes = engine.verify_rerun(stages, &mut |o| {

@@ -439,7 +439,7 @@ mod tests {
     impl Stage for Toy {
         type Params = ToyParams;
         const KIND: &'static str = "toy";
-        const VERSION: u32 = 1;
+        const CODE: &'static str = "test-code";
         const ABOUT: &'static str = "test kind";
         fn check(&self, p: &ToyParams, _inputs: &[String]) -> Result<(), String> {
             if p.rate > 1.0 { Err(format!("`rate` must be at most 1, not {}", p.rate)) } else { Ok(()) }

@@ -2,7 +2,9 @@
 //!
 //! fingerprint = BLAKE3 over, in this order, each part length-prefixed:
 //!   1. the domain tag `melanoflow/fingerprint` and [`CACHE_VERSION`],
-//!   2. the stage kind and its code version (`Stage::VERSION`),
+//!   2. the stage kind, its code identity (`Stage::CODE`: a digest of the
+//!      sources and locked crate versions that compute its bytes, derived at
+//!      build time) and its explicit override (`Stage::VERSION`, normally 0),
 //!   3. the canonical JSON of its parameters (every key, defaults filled in,
 //!      keys sorted, no whitespace),
 //!   4. for each upstream input in declared order: its stage name and the
@@ -17,10 +19,12 @@
 use crate::digest::{Digest, DigestBuilder};
 
 /// Version of the fingerprint rule and store layout; see the module docs.
-pub const CACHE_VERSION: u32 = 1;
+/// 2: code identities joined the fingerprint.
+pub const CACHE_VERSION: u32 = 2;
 
 pub struct FingerprintInputs<'a> {
     pub kind: &'a str,
+    pub code: &'a str,
     pub code_version: u32,
     pub params: &'a serde_json::Value,
     pub upstream: &'a [(String, Digest)],
@@ -30,7 +34,7 @@ pub struct FingerprintInputs<'a> {
 pub fn fingerprint(i: &FingerprintInputs) -> Digest {
     let mut b = DigestBuilder::new("melanoflow/fingerprint");
     b.part(&CACHE_VERSION.to_le_bytes());
-    b.str(i.kind).part(&i.code_version.to_le_bytes());
+    b.str(i.kind).str(i.code).part(&i.code_version.to_le_bytes());
     b.str(&canonical_json(i.params));
     b.part(&(i.upstream.len() as u64).to_le_bytes());
     for (name, digest) in i.upstream {
@@ -116,8 +120,14 @@ mod tests {
         )
     }
 
+    const CODE: &str = "5b1f0c3e";
+
     fn fp(kind: &str, version: u32, p: &serde_json::Value, up: &[(String, Digest)], ext: Option<Digest>) -> Digest {
-        fingerprint(&FingerprintInputs { kind, code_version: version, params: p, upstream: up, external: ext })
+        fp_with_code(kind, CODE, version, p, up, ext)
+    }
+
+    fn fp_with_code(kind: &str, code: &str, version: u32, p: &serde_json::Value, up: &[(String, Digest)], ext: Option<Digest>) -> Digest {
+        fingerprint(&FingerprintInputs { kind, code, code_version: version, params: p, upstream: up, external: ext })
     }
 
     #[test]
@@ -127,7 +137,7 @@ mod tests {
         let (p, up, ext) = base();
         assert_eq!(
             fp("ingest", 1, &p, &up, ext).to_hex(),
-            "8e60609e475ab76170f5924f0ad651dd347b7f4bc248378121628f87d0d5089d"
+            "3b39ce752816e392fb24635ec697f08724b88b8560bd33a5e8197236192f6345"
         );
     }
 
@@ -144,6 +154,12 @@ mod tests {
     fn differs_when_kind_changes() {
         let (p, up, ext) = base();
         assert_ne!(fp("ingest", 1, &p, &up, ext), fp("synth", 1, &p, &up, ext));
+    }
+
+    #[test]
+    fn differs_when_code_identity_changes() {
+        let (p, up, ext) = base();
+        assert_ne!(fp("ingest", 1, &p, &up, ext), fp_with_code("ingest", "5b1f0c3f", 1, &p, &up, ext));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod error;
 pub mod filecache;
 pub mod fingerprint;
 pub mod fsutil;
+pub mod golden;
 pub mod lockfile;
 pub mod maintenance;
 pub mod manifest;

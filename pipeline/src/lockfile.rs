@@ -29,12 +29,21 @@ pub struct LockFile {
 #[serde(deny_unknown_fields)]
 pub struct LockEntry {
     pub kind: String,
+    /// The kind's code identity (`Stage::CODE`) when it ran.
+    #[serde(default)]
+    pub code: String,
+    /// The kind's explicit override (`Stage::VERSION`).
     pub code_version: u32,
     pub fingerprint: Digest,
     /// Digest of the output folder's manifest.
     pub output: Digest,
     pub files: u64,
     pub bytes: u64,
+    /// Path -> digest of each output file, for outputs of at most
+    /// [`CONTENTS_LIMIT`] files: a changed output then names its files in
+    /// `git diff` and in `verify --against`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub contents: BTreeMap<String, Digest>,
     /// Upstream stage name -> its output digest, as read by this run.
     #[serde(default)]
     pub upstream: BTreeMap<String, Digest>,
@@ -43,6 +52,18 @@ pub struct LockEntry {
     pub external: Option<Digest>,
     /// The stage's parameters with defaults filled in.
     pub params: toml::Table,
+}
+
+/// Outputs of up to this many files list them in the lock entry; larger ones
+/// (image folders) would drown the file, and are named by their digest only.
+pub const CONTENTS_LIMIT: usize = 32;
+
+/// The `contents` of a lock entry for an output manifest.
+pub fn contents_of(manifest: &crate::manifest::Manifest) -> BTreeMap<String, Digest> {
+    if manifest.len() > CONTENTS_LIMIT {
+        return BTreeMap::new();
+    }
+    manifest.entries().iter().map(|e| (e.path.clone(), e.digest)).collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,11 +141,13 @@ mod tests {
             "ingest".into(),
             LockEntry {
                 kind: "ingest".into(),
+                code: "c0de".into(),
                 code_version: 1,
                 fingerprint: Digest::of_bytes(b"f"),
                 output: Digest::of_bytes(b"o"),
                 files: 3,
                 bytes: 100,
+                contents: [("metadata.parquet".to_string(), Digest::of_bytes(b"m"))].into(),
                 upstream: [("synth".to_string(), Digest::of_bytes(b"s"))].into(),
                 external: None,
                 params: params_to_toml(&params),

@@ -24,10 +24,15 @@ pub trait Stage: Send + Sync + 'static {
     type Params: DeserializeOwned + Serialize + Send + Sync + 'static;
     /// The `kind` name used in pipeline files.
     const KIND: &'static str;
-    /// Bump when the stage's output for the same inputs and parameters changes
-    /// (a bug fix, a new column): it is part of the fingerprint, so every
-    /// stage of this kind re-runs once.
-    const VERSION: u32;
+    /// The code identity of the sources that compute this kind's bytes: a
+    /// digest the app derives at build time from its sources and locked crate
+    /// versions (melanoflow's `code_identity` module). Part of the fingerprint,
+    /// so a stage re-runs whenever its code changes.
+    const CODE: &'static str;
+    /// An explicit override on top of [`Stage::CODE`]: bump it only for a
+    /// change the code identity cannot see (an input the sources read at run
+    /// time, say). Also part of the fingerprint.
+    const VERSION: u32 = 0;
     /// One line for `melanoflow kinds` and error messages.
     const ABOUT: &'static str;
 
@@ -170,6 +175,7 @@ impl ParsedParams {
 pub trait DynStage: Send + Sync {
     fn kind(&self) -> &'static str;
     fn version(&self) -> u32;
+    fn code(&self) -> &'static str;
     fn about(&self) -> &'static str;
     fn parse_params(&self, table: Spanned<DeValue<'_>>) -> Result<ParsedParams, toml::de::Error>;
     fn check(&self, params: &ParsedParams, inputs: &[String]) -> Result<(), String>;
@@ -189,6 +195,9 @@ impl<S: Stage> DynStage for Typed<S> {
     }
     fn version(&self) -> u32 {
         S::VERSION
+    }
+    fn code(&self) -> &'static str {
+        S::CODE
     }
     fn about(&self) -> &'static str {
         S::ABOUT
@@ -249,4 +258,10 @@ impl Registry {
     pub(crate) fn kinds_list(&self) -> String {
         self.kinds.iter().map(|k| format!("`{}`", k.kind())).collect::<Vec<_>>().join(", ")
     }
+}
+
+/// A code identity as people read it: its first 12 hex digits (`none` for a
+/// lock entry written before code identities existed).
+pub fn short_code(code: &str) -> &str {
+    if code.is_empty() { "none" } else { &code[..code.len().min(12)] }
 }

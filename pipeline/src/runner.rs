@@ -34,7 +34,7 @@ use crate::fingerprint::{CACHE_VERSION, FingerprintInputs, changed_params, finge
 use crate::fsutil;
 use crate::lockfile::{LockEntry, LockFile, params_to_json, params_to_toml};
 use crate::manifest::{Entry, Manifest};
-use crate::registry::{BoxError, Registry, Source};
+use crate::registry::{BoxError, Registry, Source, short_code};
 use crate::remote;
 use crate::runlock::RunLock;
 use crate::store::{BlobStore, ObjectBlobStore};
@@ -644,11 +644,13 @@ impl<'r> Engine<'r> {
             name.clone(),
             LockEntry {
                 kind: kind.clone(),
+                code: self.registry.get(&kind).expect("validated kind").code().to_string(),
                 code_version: self.registry.get(&kind).expect("validated kind").version(),
                 fingerprint: f.fp,
                 output: output.digest,
                 files: output.manifest.len() as u64,
                 bytes: output.manifest.total_bytes(),
+                contents: crate::lockfile::contents_of(&output.manifest),
                 upstream: f.upstream.into_iter().collect(),
                 external: f.external.as_ref().map(|m| m.digest()),
                 params: params_to_toml(&decl.params.canonical),
@@ -673,6 +675,7 @@ impl<'r> Engine<'r> {
         let decl = &self.pipeline.stages[i];
         fingerprint(&FingerprintInputs {
             kind: &decl.kind,
+            code: self.registry.get(&decl.kind).expect("validated kind").code(),
             code_version: self.registry.get(&decl.kind).expect("validated kind").version(),
             params: &decl.params.canonical,
             upstream,
@@ -728,11 +731,21 @@ impl<'r> Engine<'r> {
         if self.lock.cache_version != CACHE_VERSION {
             reasons.push(format!("engine cache version changed ({} -> {CACHE_VERSION})", self.lock.cache_version));
         }
-        let version = self.registry.get(&decl.kind).expect("validated").version();
+        let stage = self.registry.get(&decl.kind).expect("validated");
         if entry.kind != decl.kind {
             reasons.push(format!("kind changed (`{}` -> `{}`)", entry.kind, decl.kind));
-        } else if entry.code_version != version {
-            reasons.push(format!("code of kind `{}` changed (v{} -> v{version})", decl.kind, entry.code_version));
+        } else {
+            if entry.code != stage.code() {
+                reasons.push(format!(
+                    "code of kind `{}` changed ({} -> {})",
+                    decl.kind,
+                    short_code(&entry.code),
+                    short_code(stage.code())
+                ));
+            }
+            if entry.code_version != stage.version() {
+                reasons.push(format!("kind `{}` version override changed (v{} -> v{})", decl.kind, entry.code_version, stage.version()));
+            }
         }
         for p in changed_params(&params_to_json(&entry.params), &strip_nulls(&decl.params.canonical)) {
             reasons.push(format!("parameter {p}"));
@@ -978,7 +991,7 @@ mod tests {
     impl Stage for Counter {
         type Params = CounterParams;
         const KIND: &'static str = "counter";
-        const VERSION: u32 = 1;
+        const CODE: &'static str = "test-code";
         const ABOUT: &'static str = "test kind";
         fn run(&self, p: &CounterParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
             std::fs::write(ctx.out_dir.join("fixed.txt"), "same")?;
@@ -1004,7 +1017,7 @@ mod tests {
     impl Stage for Rendezvous {
         type Params = RendezvousParams;
         const KIND: &'static str = "rendezvous";
-        const VERSION: u32 = 1;
+        const CODE: &'static str = "test-code";
         const ABOUT: &'static str = "test kind";
         fn run(&self, p: &RendezvousParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
             let mut arrived = ARRIVED.lock().unwrap();
@@ -1037,7 +1050,7 @@ mod tests {
     impl Stage for Broken {
         type Params = BrokenParams;
         const KIND: &'static str = "broken";
-        const VERSION: u32 = 1;
+        const CODE: &'static str = "test-code";
         const ABOUT: &'static str = "test kind";
         fn run(&self, p: &BrokenParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
             if p.when_exists.as_ref().is_some_and(|f| !ctx.base_dir.join(f).exists()) {
@@ -1125,7 +1138,6 @@ mod tests {
         }
     }
 
-
     #[test]
     fn independent_stages_run_at_once_with_jobs_and_a_failure_keeps_the_rest() {
         // Every test stage here runs once per process: ARRIVED only grows.
@@ -1157,6 +1169,73 @@ mod tests {
         let lock = std::fs::read_to_string(dir.path().join("p.lock")).unwrap();
         assert!(lock.contains("[stages.fine]") && !lock.contains("[stages.after]") && !lock.contains("[stages.fails]"), "{lock}");
         assert!(!dir.path().join("out/.staging/fails").exists() && !dir.path().join("out/.staging/panics").exists());
+    }
+
+    /// `counter` as a later build would see it: same kind and behaviour,
+    /// other sources, so another code identity.
+    struct RecodedCounter;
+    impl Stage for RecodedCounter {
+        type Params = CounterParams;
+        const KIND: &'static str = "counter";
+        const CODE: &'static str = "test-code-2";
+        const ABOUT: &'static str = "test kind";
+        fn run(&self, p: &CounterParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
+            Counter.run(p, ctx)
+        }
+    }
+
+    /// Copies nothing, writes a constant: a kind whose code never changes here.
+    struct Constant;
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoParams {}
+    impl Stage for Constant {
+        type Params = NoParams;
+        const KIND: &'static str = "constant";
+        const CODE: &'static str = "constant-code";
+        const ABOUT: &'static str = "test kind";
+        fn run(&self, _: &NoParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
+            std::fs::write(ctx.out_dir.join("c.txt"), "c")?;
+            Ok(StageReport::default())
+        }
+    }
+
+    #[test]
+    fn new_code_reruns_its_kind_and_downstream_only_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(
+            &file,
+            "[stages.counted]\nkind = \"counter\"\n\n[stages.below]\nkind = \"constant\"\ninputs = [\"counted\"]\n\n\
+             [stages.apart]\nkind = \"constant\"\n",
+        )
+        .unwrap();
+        let run = |registry: &Registry| {
+            let pipeline = crate::config::load(&file, registry, &[]).unwrap();
+            let mut outcomes = BTreeMap::new();
+            Engine::open(pipeline, registry, Progress::new(true))
+                .unwrap()
+                .run(&RunOptions::default(), &mut |o| {
+                    outcomes.insert(o.stage.clone(), (o.state, o.reasons.join("; ")));
+                })
+                .unwrap();
+            outcomes
+        };
+        let mut old = Registry::new();
+        old.register(Counter).register(Constant);
+        run(&old);
+        let lock = LockFile::load(&dir.path().join("p.lock")).unwrap();
+        assert_eq!(lock.stages["counted"].code, "test-code");
+
+        let mut new = Registry::new();
+        new.register(RecodedCounter).register(Constant);
+        let outcomes = run(&new);
+        assert_eq!(outcomes["counted"].0, State::Ran);
+        assert_eq!(outcomes["counted"].1, "code of kind `counter` changed (test-code -> test-code-2)");
+        assert_eq!(outcomes["below"].0, State::Ran);
+        assert_eq!(outcomes["below"].1, "upstream `counted` output changed");
+        assert_eq!(outcomes["apart"].0, State::Cached);
+        assert_eq!(LockFile::load(&dir.path().join("p.lock")).unwrap().stages["counted"].code, "test-code-2");
     }
 
     #[test]

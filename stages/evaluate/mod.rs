@@ -67,7 +67,7 @@ const PAPER: [(&str, &str); 3] = [
 impl Stage for Evaluate {
     type Params = EvaluateParams;
     const KIND: &'static str = "evaluate";
-    const VERSION: u32 = 1;
+    const CODE: &'static str = crate::code_identity::EVALUATE;
     const ABOUT: &'static str = "test ROC-AUC (bootstrap CI), PR-AUC, sensitivity @ 90% specificity per arm -> metrics.json, ROC PNG, report";
 
     fn check(&self, p: &EvaluateParams, inputs: &[String]) -> Result<(), String> {

@@ -73,7 +73,7 @@ mod defaults {
 impl Stage for Generate {
     type Params = GenerateParams;
     const KIND: &'static str = "generate";
-    const VERSION: u32 = 1;
+    const CODE: &'static str = crate::code_identity::GENERATE;
     const ABOUT: &'static str = "translate benign training images with the CycleGAN generator -> synthetic malignant shards + provenance";
 
     fn check(&self, p: &GenerateParams, inputs: &[String]) -> Result<(), String> {

@@ -77,7 +77,7 @@ const UPSTREAM_IMAGES: &str = "train";
 impl Stage for Ingest {
     type Params = IngestParams;
     const KIND: &'static str = "ingest";
-    const VERSION: u32 = 2;
+    const CODE: &'static str = crate::code_identity::INGEST;
     const ABOUT: &'static str = "validate ISIC metadata, check images, drop duplicates, split by patient -> metadata.parquet";
 
     fn check(&self, p: &IngestParams, inputs: &[String]) -> Result<(), String> {

@@ -93,12 +93,10 @@ mod defaults {
     }
 }
 
-const VERSION: u32 = 1;
-
 impl Stage for Preprocess {
     type Params = PreprocessParams;
     const KIND: &'static str = "preprocess";
-    const VERSION: u32 = VERSION;
+    const CODE: &'static str = crate::code_identity::PREPROCESS;
     const ABOUT: &'static str = "decode, resize + centre-crop, colour-normalise -> uint8 safetensors shards + index.parquet";
 
     fn check(&self, p: &PreprocessParams, inputs: &[String]) -> Result<(), String> {
@@ -182,7 +180,9 @@ fn read_metadata(path: &Path) -> Result<Rows> {
 /// Identifies the pixel output for a source file: equal keys, equal pixels.
 fn pixel_params_digest(p: &PreprocessParams) -> Digest {
     let json = serde_json::json!({
-        "version": VERSION,
+        // Reused pixels must come from this very code: a change to how they
+        // are computed re-decodes every image, not just the stage's folder.
+        "code": crate::code_identity::PREPROCESS,
         "size": p.size,
         "resize_filter": p.resize_filter,
         "dct_downscale": p.dct_downscale,

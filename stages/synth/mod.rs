@@ -73,7 +73,7 @@ pub const CSV_HEADER: &str = "image_name,patient_id,sex,age_approx,anatom_site_g
 impl Stage for Synth {
     type Params = SynthParams;
     const KIND: &'static str = "synth";
-    const VERSION: u32 = 1;
+    const CODE: &'static str = crate::code_identity::SYNTH;
     const ABOUT: &'static str = "synthetic ISIC-format dataset (train.csv + JPEGs), the default source";
 
     fn check(&self, p: &SynthParams, inputs: &[String]) -> Result<(), String> {

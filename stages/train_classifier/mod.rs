@@ -118,7 +118,7 @@ mod defaults {
 impl Stage for TrainClassifier {
     type Params = TrainClassifierParams;
     const KIND: &'static str = "train_classifier";
-    const VERSION: u32 = 1;
+    const CODE: &'static str = crate::code_identity::TRAIN_CLASSIFIER;
     const ABOUT: &'static str = "EfficientNet (B0-B4, Lite0) per augmentation arm and seed, best validation ROC-AUC kept -> safetensors + predictions";
 
     fn check(&self, p: &TrainClassifierParams, inputs: &[String]) -> Result<(), String> {

@@ -214,7 +214,7 @@ pub fn select_device(spec: &str) -> Result<Device> {
 impl Stage for TrainCycleGan {
     type Params = TrainCycleGanParams;
     const KIND: &'static str = "train_cyclegan";
-    const VERSION: u32 = 1;
+    const CODE: &'static str = crate::code_identity::TRAIN_CYCLEGAN;
     const ABOUT: &'static str = "CycleGAN benign -> malignant (ResNet generator, PatchGAN, LSGAN + cycle loss) -> safetensors, losses, sample grid";
 
     fn check(&self, p: &TrainCycleGanParams, inputs: &[String]) -> Result<(), String> {

@@ -7,6 +7,7 @@ mod fixture;
 mod classifier;
 mod cyclegan;
 mod engine;
+mod golden;
 mod ingest;
 mod preprocess;
 mod realdata;
