@@ -49,7 +49,7 @@
 //! them); on x86-64 they are compiled a second time with AVX2+FMA and picked at
 //! run time.
 
-use super::cpu::{f32_values};
+use super::cpu::f32_values;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
 
@@ -882,7 +882,9 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::super::SWITCH;
-    use super::super::testing::{median_ms, rel_err, switch_on, uniform, values};
+    use super::super::testing::{
+        assert_same_bits_at_any_thread_count, median_ms, rel_err, switch_on, uniform, values,
+    };
 
     const ACTS: [Act; 3] = [Act::Identity, Act::Silu, Act::Relu6];
     const EPS: f64 = 1e-5;
@@ -1000,6 +1002,59 @@ mod tests {
         &[5, 7, 3, 5],
         &[8, 6, 28, 28],
     ];
+
+    /// Training forward (y, batch mean and variance) and backward (dx, dgamma,
+    /// dbeta), and the eval forward and backward, are bit-identical at 1, 2
+    /// and 7 threads, for every activation: statistics are per-plane partials
+    /// combined per channel in plane order, whatever the task split. Shapes
+    /// span one task to many (`TASK_ELEMS` values per task) and `[N, C]`.
+    #[test]
+    fn same_bits_at_any_thread_count() {
+        let _on = switch_on();
+        for (i, dims) in [
+            &[16, 24, 32, 32][..],
+            &[3, 40, 17, 19],
+            &[64, 96, 2, 2],
+            &[32, 1280],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for act in ACTS {
+                let data = inputs(500 + i as u64, dims);
+                let case = format!("{dims:?} {act:?}");
+                assert_same_bits_at_any_thread_count(&case, || {
+                    let outs = run(&fused_train(act), &data, DType::F32);
+                    NAMES.into_iter().zip(outs).collect()
+                });
+                let [x, gamma, beta, r] = &data;
+                let c = dims[1];
+                let mean = (gamma * 0.1).unwrap();
+                let var = (beta.abs().unwrap() + 0.5).unwrap();
+                assert_eq!(mean.dims(), &[c]);
+                assert_same_bits_at_any_thread_count(&format!("eval {case}"), || {
+                    let (xv, gv) = (
+                        Var::from_tensor(x).unwrap(),
+                        Var::from_tensor(gamma).unwrap(),
+                    );
+                    let y = batch_norm_act_eval(
+                        xv.as_tensor(),
+                        gv.as_tensor(),
+                        beta,
+                        &mean,
+                        &var,
+                        EPS,
+                        act,
+                    )
+                    .unwrap();
+                    let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let dx = g.get(xv.as_tensor()).unwrap().clone();
+                    let dgamma = g.get(gv.as_tensor()).unwrap().clone();
+                    vec![("y", y), ("dx", dx), ("dgamma", dgamma)]
+                });
+            }
+        }
+    }
 
     #[test]
     fn train_matches_candle_reference() {

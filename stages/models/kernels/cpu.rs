@@ -158,3 +158,68 @@ pub fn matmul(
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::super::testing::THREADS;
+
+    /// The kernels (and candle's matmul) hand gemm `Parallelism::Rayon(t)`
+    /// with `t` from the thread count, trusting that gemm's threads only share
+    /// out blocks of the output: each output's depth is blocked by the
+    /// product's shape and the cache sizes, never by `t`. This checks that
+    /// trust bitwise, for shapes above gemm's threading threshold, depths
+    /// either side of its 512-deep blocks, strided (transposed) operands,
+    /// accumulation into the destination, and thin and tiny products (gemv and
+    /// small-matrix paths).
+    #[test]
+    fn gemm_results_do_not_depend_on_its_thread_count() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for &(m, n, k, transposed) in &[
+            (256, 1024, 576, false),
+            (64, 4096, 27, false),
+            (256, 2304, 1024, true),
+            (48, 75, 600, false),
+            (1280, 16, 320, true),
+            (200, 1, 700, false),
+            (7, 9, 1100, true),
+        ] {
+            let v = |rng: &mut ChaCha8Rng, len: usize| -> Vec<f32> {
+                (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+            };
+            let (a, b, init) = (v(&mut rng, m * k), v(&mut rng, k * n), v(&mut rng, m * n));
+            // `transposed`: the lhs is stored `[k, m]` and read column-wise.
+            let lhs = if transposed {
+                Mat::new(&a, 1, m)
+            } else {
+                Mat::new(&a, k, 1)
+            };
+            let rhs = Mat::new(&b, n, 1);
+            let product = |par: Parallelism, accumulate: bool| {
+                let mut dst = init.clone();
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(match par {
+                        Parallelism::Rayon(t) => t,
+                        Parallelism::None => 1,
+                    })
+                    .build()
+                    .unwrap();
+                pool.install(|| matmul(&mut dst, n, (m, n, k), accumulate, lhs, rhs, par));
+                dst.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            };
+            for accumulate in [false, true] {
+                let want = product(Parallelism::None, accumulate);
+                for t in THREADS {
+                    assert!(
+                        product(Parallelism::Rayon(t), accumulate) == want,
+                        "{m}x{n}x{k} transposed {transposed} accumulate {accumulate}: \
+                         Rayon({t}) differs from None"
+                    );
+                }
+            }
+        }
+    }
+}

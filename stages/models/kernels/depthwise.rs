@@ -781,7 +781,9 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::super::SWITCH;
-    use super::super::testing::{median_ms, random, rel_err, switch_on};
+    use super::super::testing::{
+        assert_same_bits_at_any_thread_count, median_ms, random, rel_err, switch_on,
+    };
 
     /// Output, input gradient, weight gradient of `conv` against a random cotangent `r`.
     fn run(
@@ -851,6 +853,32 @@ mod tests {
         ] {
             let e = rel_err(a, b);
             assert!(e <= 1e-5, "{case}: {what} rel err {e:e}");
+        }
+    }
+
+    /// Forward and both gradients are bit-identical at 1, 2 and 7 threads
+    /// (EfficientNet's 3x3 and 5x5 layers, strides 1 and 2, batches 1 to 8:
+    /// the weight gradient's batch sum stays inside one channel's task).
+    #[test]
+    fn same_bits_at_any_thread_count() {
+        let _on = switch_on();
+        let mut rng = ChaCha8Rng::seed_from_u64(31);
+        for &(n, c, h, w, k, s) in &[
+            (8, 16, 32, 32, 3, 1),
+            (3, 24, 17, 15, 5, 2),
+            (1, 40, 20, 20, 5, 1),
+            (5, 9, 12, 13, 3, 2),
+        ] {
+            let p = k / 2;
+            let x = Var::from_tensor(&random(&mut rng, &[n, c, h, w])).unwrap();
+            let wt = Var::from_tensor(&random(&mut rng, &[c, 1, k, k])).unwrap();
+            let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+            let r = random(&mut rng, &[n, c, ho, wo]);
+            let case = format!("n{n} c{c} {h}x{w} k{k} s{s}");
+            assert_same_bits_at_any_thread_count(&case, || {
+                let (y, dx, dw) = run(|x, w| depthwise_conv2d(x, w, s, p), &x, &wt, &r);
+                vec![("y", y), ("dx", dx), ("dw", dw)]
+            });
         }
     }
 

@@ -31,7 +31,12 @@ pub fn random(rng: &mut ChaCha8Rng, dims: &[usize]) -> Tensor {
 }
 
 pub fn values(t: &Tensor) -> Vec<f64> {
-    t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
 }
 
 /// max|a - b| / max|b|, the denominator floored at 1e-3 so near-zero
@@ -40,7 +45,11 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
     let (a, b) = (values(a), values(b));
     assert!(a.iter().all(|v| v.is_finite()), "non-finite result");
-    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
     let scale = b.iter().map(|y| y.abs()).fold(1e-3, f64::max);
     diff / scale
 }
@@ -60,4 +69,57 @@ pub fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
         .collect();
     t.sort_by(f64::total_cmp);
     t[runs / 2]
+}
+
+/// The thread counts the determinism tests run at: one, the CI machine's two,
+/// and an odd count that divides none of the kernels' chunk counts.
+pub const THREADS: [usize; 3] = [1, 2, 7];
+
+/// The f32 values of `t` as raw bits (so -0.0 and NaN payloads count too).
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
+/// Runs `f` inside rayon pools of each of [`THREADS`] threads and asserts
+/// that every run returns bit-identical tensors (`f` names each one, for the
+/// message). The kernels promise results that depend on the problem's shape
+/// only, never on the thread count.
+pub fn assert_same_bits_at_any_thread_count<F>(case: &str, f: F)
+where
+    F: Fn() -> Vec<(&'static str, Tensor)> + Sync,
+{
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(&f)
+            .into_iter()
+            .map(|(name, t)| (name, t.dims().to_vec(), bits(&t)))
+            .collect::<Vec<_>>()
+    };
+    let first = run(THREADS[0]);
+    let mut differ = Vec::new();
+    for threads in &THREADS[1..] {
+        let other = run(*threads);
+        assert_eq!(first.len(), other.len(), "{case}");
+        for ((name, dims, a), (_, dims_b, b)) in first.iter().zip(&other) {
+            assert_eq!(dims, dims_b, "{case}: {name} shape");
+            let diff = a.iter().zip(b).filter(|(x, y)| x != y).count();
+            if diff > 0 {
+                differ.push(format!(
+                    "{name} differs in {diff} of {} values between {} and {threads} threads",
+                    a.len(),
+                    THREADS[0]
+                ));
+            }
+        }
+    }
+    assert!(differ.is_empty(), "{case}: {}", differ.join("; "));
 }
