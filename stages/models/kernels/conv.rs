@@ -44,17 +44,25 @@
 //! * `output_padding` must be smaller than `stride` (PyTorch's rule; the
 //!   extra rows would receive nothing).
 //! * Scratch memory is bounded: an im2col tile holds about `COL_BUDGET`
-//!   floats (at least one output row), one per worker thread; the weight
-//!   gradient keeps one `[O, K]` partial sum per worker.
+//!   floats (at least one output row), one per rayon task; the weight
+//!   gradient keeps at most `UNITS` `[O, K]` partial sums.
+//! * The result depends on the shapes only, never on the number of threads:
+//!   every cut below is fixed by the problem's shape, and partial sums are
+//!   added in a fixed order, so a stage run on 1 core and on 16 writes the
+//!   same bytes. (gemm's own threads only share out blocks of the output;
+//!   `cpu::tests` checks that bitwise.)
 //!
 //! Parallelism: work is cut into units — (batch item, tile of output rows)
 //! for the forward and the weight gradient, (batch item, group of input
 //! channels) for the input gradient, whose column-to-image scatter overlaps
-//! between row tiles but never between channels — and the units are dealt out
-//! in contiguous runs, one run per rayon worker, each with one scratch
-//! buffer. Thin batches (CycleGAN trains with batch 1) are cut finer so there
-//! are about two units per thread; when even that leaves fewer units than
-//! threads (small feature maps), gemm's own rayon parallelism splits each
+//! between row tiles but never between channels. Thin batches (CycleGAN
+//! trains with batch 1) are cut into about `UNITS` units, whatever the thread
+//! count. The forward and the input gradient write disjoint outputs per unit,
+//! so their units are dealt out in contiguous runs, one run per rayon worker,
+//! each with one scratch buffer. The weight gradient sums its units in at
+//! most `UNITS` fixed contiguous runs, one `[O, K]` partial sum each, then
+//! adds the partials in run order. When there are fewer units than threads
+//! (small feature maps, many cores), gemm's own rayon parallelism splits each
 //! product.
 
 use super::cpu::{Mat, dims4, f32_values, gemm_into, matmul};
@@ -149,6 +157,14 @@ const MIN_TILE_COLS: usize = 256;
 /// not cut below, for the same reason.
 const MIN_GROUP_ROWS: usize = 64;
 
+/// Units a thin batch is cut into, and the most partial sums the weight
+/// gradient keeps: a constant, not the thread count, so that the cut (and
+/// with it every sum's order) is the same on any machine. Eight keeps 2–8
+/// cores busy without gemm's help (and twice two cores, so an uneven last
+/// unit does not idle one for long); more cores share each product through
+/// gemm's threads.
+const UNITS: usize = 8;
+
 /// One convolution, always in the forward direction: an "image" `[n, c, h, w]`
 /// maps to an "output" `[n, o, ho, wo]` through a weight `[o, c, kh, kw]`.
 /// (For a transposed convolution the image is its output.)
@@ -241,11 +257,13 @@ fn split(len: usize, parts: usize, part: usize) -> Range<usize> {
     len * part / parts..len * (part + 1) / parts
 }
 
-/// How work is cut: threads to use and the im2col tile budget. A parameter
-/// (not read inside the kernels) so tests can force every split.
+/// How work is cut: units to aim for and the im2col tile budget (both fix
+/// the arithmetic), and threads to use (which only schedules it). A
+/// parameter (not read inside the kernels) so tests can force every split.
 #[derive(Clone, Copy, Debug)]
 struct Plan {
     threads: usize,
+    units: usize,
     budget: usize,
 }
 
@@ -253,19 +271,14 @@ impl Plan {
     fn current() -> Self {
         Self {
             threads: rayon::current_num_threads().max(1),
+            units: UNITS,
             budget: COL_BUDGET,
         }
     }
 
-    /// Units to aim for: two per thread, so that a batch of 3 on 2 threads
-    /// (or an uneven last tile) does not leave a thread idle for a third of
-    /// the time.
+    /// Units to aim for (never the thread count: see [`UNITS`]).
     fn target_units(&self) -> usize {
-        if self.threads == 1 {
-            1
-        } else {
-            2 * self.threads
-        }
+        self.units.max(1)
     }
 
     fn workers(&self, units: usize) -> usize {
@@ -273,7 +286,8 @@ impl Plan {
     }
 
     /// gemm's own parallelism inside each unit: none when the units keep every
-    /// thread busy, else the spare threads per worker.
+    /// thread busy, else the spare threads per worker. (It changes only who
+    /// computes which block of a product, not any sum's order.)
     fn inner(&self, units: usize) -> Parallelism {
         if units >= self.threads {
             Parallelism::None
@@ -541,8 +555,10 @@ fn conv_forward(g: &Geom, img: &[f32], wt: &[f32], plan: Plan) -> Vec<f32> {
     out
 }
 
-/// Weight gradient: `dW = Σ_n dy[n] · col(img[n])ᵀ`, `[o, K]`. One partial sum
-/// per worker over its run of (item, row tile) units, added up at the end.
+/// Weight gradient: `dW = Σ_n dy[n] · col(img[n])ᵀ`, `[o, K]`. The (item, row
+/// tile) units are summed in at most `plan.units` fixed contiguous runs, one
+/// partial sum per run (in parallel), and the partials are added in run
+/// order: the same sums in the same order on any number of threads.
 fn conv_grad_weight(g: &Geom, img: &[f32], gy: &[f32], plan: Plan) -> Vec<f32> {
     let (k, pix) = (g.k(), g.pixels());
     let mut dw = vec![0f32; g.o * k];
@@ -552,8 +568,8 @@ fn conv_grad_weight(g: &Geom, img: &[f32], gy: &[f32], plan: Plan) -> Vec<f32> {
     let rows = plan.tile_rows(g, if g.pointwise() { 0 } else { k }, g.n);
     let tiles = g.ho.div_ceil(rows);
     let units = g.n * tiles;
-    let par = plan.inner(units);
-    let workers = plan.workers(units);
+    let partials = units.min(plan.target_units());
+    let par = plan.inner(partials);
     let sum_run = |run: Range<usize>, acc: &mut [f32]| {
         let mut col = if g.pointwise() {
             Vec::new()
@@ -589,18 +605,20 @@ fn conv_grad_weight(g: &Geom, img: &[f32], gy: &[f32], plan: Plan) -> Vec<f32> {
             matmul(acc, k, (g.o, k, pt), true, lhs, rhs, par);
         }
     };
-    if workers == 1 {
+    if partials == 1 {
         sum_run(0..units, &mut dw);
         return dw;
     }
-    // The first worker sums straight into `dw`.
-    let mut extra = vec![vec![0f32; g.o * k]; workers - 1];
+    // The first run sums straight into `dw`.
+    let mut extra = vec![vec![0f32; g.o * k]; partials - 1];
     std::iter::once(&mut dw[..])
         .chain(extra.iter_mut().map(|v| &mut v[..]))
         .collect::<Vec<_>>()
         .into_par_iter()
         .enumerate()
-        .for_each(|(i, acc)| sum_run(split(units, workers, i), acc));
+        .for_each(|(i, acc)| sum_run(split(units, partials, i), acc));
+    // dw += extra[0] + extra[1] + …, left to right for every value; chunks
+    // of `dw` only share the adding out.
     const CHUNK: usize = 1 << 12;
     dw.par_chunks_mut(CHUNK).enumerate().for_each(|(i, d)| {
         for e in &extra {
@@ -637,7 +655,9 @@ fn conv_grad_input(g: &Geom, gy: &[f32], wt: &[f32], plan: Plan) -> Vec<f32> {
         u => (u / groups * g.c + channels(u).start) * plane,
     };
     let max_cg = g.c.div_ceil(groups);
-    // Tiles here only bound the scratch: they run in turn.
+    // Tiles here only bound the scratch: they run in turn. Their height sets
+    // the order in which an input cell's terms are added (tile by tile), so
+    // it, like `groups`, must not depend on the thread count.
     let rows = plan.budget_rows(g, max_cg * taps);
     // Cut `dx` into the workers' contiguous runs.
     let mut runs = Vec::with_capacity(workers);
@@ -906,7 +926,9 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    use super::super::testing::{median_ms, random, rel_err, switch_on, values};
+    use super::super::testing::{
+        assert_same_bits_at_any_thread_count, median_ms, random, rel_err, switch_on, values,
+    };
     use super::super::{SWITCH, set_fast_kernels};
 
     fn random_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
@@ -1126,8 +1148,9 @@ mod tests {
         }
     }
 
-    /// Every way of cutting the work (threads, tile budget down to one row,
-    /// channel groups, gemm's inner parallelism) gives the same result.
+    /// Every way of cutting the work (units, tile budget down to one row,
+    /// channel groups, threads and gemm's inner parallelism) gives the same
+    /// result to rounding.
     #[test]
     fn all_work_splits_agree() {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
@@ -1144,14 +1167,19 @@ mod tests {
             let gy = random_vec(&mut rng, g.n * g.o * g.pixels());
             let one = Plan {
                 threads: 1,
+                units: 1,
                 budget: usize::MAX / 2,
             };
             let y = conv_forward(&g, &img, &wt, one);
             let dx = conv_grad_input(&g, &gy, &wt, one);
             let dw = conv_grad_weight(&g, &img, &gy, one);
-            for threads in [1, 2, 3, 5, 16] {
+            for (threads, units) in [(1, 1), (2, 4), (1, 8), (3, 8), (5, 3), (16, 32)] {
                 for budget in [1, 300, COL_BUDGET] {
-                    let plan = Plan { threads, budget };
+                    let plan = Plan {
+                        threads,
+                        units,
+                        budget,
+                    };
                     let case = format!("{g:?} {plan:?}");
                     let e = rel_err_vec(&conv_forward(&g, &img, &wt, plan), &y);
                     assert!(e <= TOL, "{case}: y {e:e}");
@@ -1161,6 +1189,49 @@ mod tests {
                     assert!(e <= TOL, "{case}: dw {e:e}");
                 }
             }
+        }
+    }
+
+    /// Forward and both gradients, of the convolution and of the transposed
+    /// convolution, are bit-identical at 1, 2 and 7 threads. The shapes are
+    /// ones a per-thread split cut differently (the first failed before the
+    /// split was fixed: one weight-gradient partial sum per worker, and
+    /// channel groups per thread, which set the input gradient's row tiles
+    /// and so the order each input cell's terms are added in): batch 1 with
+    /// many row tiles, a batch of 3, `K = 576` (gemm blocks a sum that deep
+    /// by 512 + 64 or 288 + 288 depending on the product's shape), pointwise,
+    /// the CycleGAN's stem and its upsampling.
+    #[test]
+    fn same_bits_at_any_thread_count() {
+        let _on = switch_on();
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        for &(n, c, h, w, o, k, s, p) in &[
+            (1, 16, 48, 48, 16, 3, 1, 1),
+            (3, 8, 21, 19, 12, 3, 2, 1),
+            (1, 64, 24, 24, 32, 3, 1, 1),
+            (2, 24, 30, 30, 20, 1, 1, 0),
+            (1, 3, 70, 70, 8, 7, 1, 0),
+        ] {
+            let x = Var::from_tensor(&random(&mut rng, &[n, c, h, w])).unwrap();
+            let wt = Var::from_tensor(&random(&mut rng, &[o, c, k, k])).unwrap();
+            let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+            let r = random(&mut rng, &[n, o, ho, wo]);
+            let case = format!("n{n} {c}->{o} {h}x{w} k{k} s{s} p{p}");
+            assert_same_bits_at_any_thread_count(&case, || {
+                let (y, dx, dw) = run(|x, w| conv2d(x, w, s, p), &x, &wt, &r);
+                vec![("y", y), ("dx", dx), ("dw", dw)]
+            });
+        }
+        // Transposed, stride 2 (the CycleGAN's upsampling), batch 1 and 2.
+        for &(n, ci, co, h, w) in &[(1, 32, 16, 24, 24), (2, 16, 8, 17, 15)] {
+            let x = Var::from_tensor(&random(&mut rng, &[n, ci, h, w])).unwrap();
+            let wt = Var::from_tensor(&random(&mut rng, &[ci, co, 3, 3])).unwrap();
+            let r = random(&mut rng, &[n, co, 2 * h, 2 * w]);
+            let case = format!("T n{n} {ci}->{co} {h}x{w}");
+            assert_same_bits_at_any_thread_count(&case, || {
+                let (y, dx, dw) = run(|x, w| conv_transpose2d(x, w, 2, 1, 1), &x, &wt, &r);
+                vec![("y", y), ("dx", dx), ("dw", dw)]
+            });
         }
     }
 
