@@ -57,6 +57,11 @@ fn with_other_ingest_bytes(lock: &str) -> String {
     toml::to_string(&t).unwrap()
 }
 
+/// Asserts that `out` holds `text`, showing `out` when it does not.
+fn says(out: &str, text: &str) {
+    assert!(out.contains(text), "expected {text:?} in:\n{out}");
+}
+
 #[test]
 fn verify_against_a_committed_lock_catches_stale_outputs_and_unrecorded_changes() {
     let p = Project::new(SMALL);
@@ -64,47 +69,21 @@ fn verify_against_a_committed_lock_catches_stale_outputs_and_unrecorded_changes(
     let committed = p.lock();
     p.write("committed.lock", &committed);
     let r = p.ok(&["verify", "--against", "committed.lock"]);
-    assert!(
-        r.stdout
-            .contains("2 stage(s): every fingerprint and output matches the committed lock"),
-        "{}",
-        r.stdout
-    );
+    says(&r.stdout, "2 stage(s): every fingerprint and output matches the committed lock");
 
     // Same fingerprint, other bytes: the stale-cache bug, named with its file.
     p.write("committed.lock", with_other_ingest_bytes(&committed));
     let r = p.fails(&["verify", "--against", "committed.lock"]);
-    assert!(
-        r.stdout.contains("STALE ingest: output abababababab -> "),
-        "{}",
-        r.stdout
-    );
-    assert!(
-        r.stdout.contains("  metadata.parquet (changed)"),
-        "{}",
-        r.stdout
-    );
+    says(&r.stdout, "STALE ingest: output abababababab -> ");
+    says(&r.stdout, "  metadata.parquet (changed)");
+    says(&r.stdout, "a cache would serve stale results");
     assert!(!r.stdout.contains("STALE synth"), "{}", r.stdout);
-    assert!(
-        r.stdout.contains("a cache would serve stale results"),
-        "{}",
-        r.stdout
-    );
 
     // A changed parameter: a new fingerprint, fine only with the lock updated.
     p.write("committed.lock", &committed);
     p.ok(&["run", "--set", "ingest.seed=9"]);
     let r = p.fails(&["verify", "--against", "committed.lock"]);
-    assert!(
-        r.stdout
-            .contains("CHANGED ingest: parameter `seed` (42 -> 9)"),
-        "{}",
-        r.stdout
-    );
-    assert!(
-        r.stdout.contains("commit the lock file this run wrote"),
-        "{}",
-        r.stdout
-    );
+    says(&r.stdout, "CHANGED ingest: parameter `seed` (42 -> 9)");
+    says(&r.stdout, "commit the lock file this run wrote");
     assert!(!r.stdout.contains("synth"), "{}", r.stdout);
 }

@@ -130,7 +130,7 @@ fn the_pipeline_runs_on_a_real_slurm_cluster() {
     assert!(!out.status.success(), "a killed job fails the run:\n{stdout}");
     assert!(stdout.contains(&format!("FAILED   classical: job {job}")), "{stdout}");
     let done = stdout.lines().filter(|l| l.starts_with("done ")).count();
-    let records = files_under(&killed.path("data/store/runs")).len();
+    let records = files_under(&killed.path("data/out/ci_small.store/runs")).len();
     assert_eq!(records, done, "only completed jobs have run records:\n{stdout}");
     assert!(!killed.path("data/pipeline.lock").exists(), "a failed Slurm run writes no lock file");
     let rerun = killed.ok(&["run", "--executor", "slurm"]);
