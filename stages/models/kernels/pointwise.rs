@@ -42,11 +42,16 @@
 //!
 //! Threads: forward and input gradient run groups in parallel with rayon,
 //! threads beyond one per group sharing each product through gemm's own rayon
-//! parallelism. The weight gradient gives each thread a partial `[O, C]` sum
-//! over its share of the batch when the batch is long enough to amortise
-//! adding them up (see `PARTIAL_COLS`), and otherwise accumulates every group
-//! into `dw` with gemm-threaded products; either way at most `threads`
-//! `[O, C]` buffers exist.
+//! parallelism. The weight gradient splits the batch into at most `UNITS`
+//! fixed runs of groups, each summed into its own `[O, C]` partial (in
+//! parallel), when the batch is long enough to amortise adding them up (see
+//! `PARTIAL_COLS`), and otherwise accumulates every group into `dw` with
+//! gemm-threaded products; either way at most `UNITS` `[O, C]` buffers exist.
+//!
+//! The result depends on the shapes only, never on the number of threads:
+//! groups and runs are fixed by the shape (`UNITS`, not the thread count),
+//! partials are added in run order, and gemm's own threads only share out
+//! blocks of each product (`cpu::tests` checks that bitwise).
 
 use super::cpu::{Mat, f32_values, matmul};
 
@@ -96,14 +101,21 @@ fn weight_rows(dims: &[usize], c: usize) -> Result<usize> {
 /// about as much as ~10 of gemm's multiply-adds).
 const GROUP_COLS: usize = 64;
 
-/// Groups are made smaller to give every thread one, but not below this many
-/// columns (thinner products run far below gemm's peak).
+/// Groups are made smaller so that a batch makes about `UNITS` of them, but
+/// not below this many columns (thinner products run far below gemm's peak).
 const MIN_GROUP_COLS: usize = 16;
 
-/// The weight gradient gives each of `P` threads its own `[O, C]` partial
-/// sum (then adds them up) only while every partial covers at least this many
-/// columns (`B·HW / P`), so the reduction stays a small fraction of the
-/// products' work; beyond that, threads share each product through gemm.
+/// Groups a batch is cut into at least (where columns allow), and the most
+/// weight-gradient partial sums: a constant, not the thread count, so that
+/// the products' shapes (gemm blocks a sum by its product's shape) and the
+/// order of the partial sums are the same on any machine. Eight keeps 2–8
+/// cores busy; more share each product through gemm's threads.
+const UNITS: usize = 8;
+
+/// The weight gradient keeps `P` `[O, C]` partial sums (then adds them up)
+/// only while every partial covers at least this many columns (`B·HW / P`),
+/// so the reduction stays a small fraction of the products' work; beyond
+/// that, threads share each product through gemm.
 const PARTIAL_COLS: usize = 256;
 
 /// Problem size for one op: `b` items of `[c, hw]` in, `[o, hw]` out.
@@ -117,14 +129,21 @@ struct Geom {
 
 impl Geom {
     /// Batch items per gemm: 1 when an item alone is wide enough (then no
-    /// copies are made), else enough for ~`GROUP_COLS` columns; fewer when
-    /// that leaves threads without a group, down to `MIN_GROUP_COLS` columns.
-    fn group(&self, threads: usize) -> usize {
+    /// copies are made), else enough for ~`GROUP_COLS` columns.
+    fn wide_group(&self) -> usize {
+        GROUP_COLS.div_ceil(self.hw.max(1)).clamp(1, self.b.max(1))
+    }
+
+    /// Batch items per gemm of the forward and the input gradient, whose
+    /// groups are their parallel units: [`Geom::wide_group`], fewer when that
+    /// makes fewer than `UNITS` groups, down to `MIN_GROUP_COLS` columns. A
+    /// function of the shape alone.
+    fn group(&self) -> usize {
         let hw = self.hw.max(1);
-        let wide = GROUP_COLS.div_ceil(hw);
-        let per_thread = self.b.div_ceil(threads.max(1));
-        // MIN_GROUP_COLS ≤ GROUP_COLS, so this never exceeds `wide`.
-        wide.min(per_thread)
+        let per_unit = self.b.div_ceil(UNITS);
+        // MIN_GROUP_COLS ≤ GROUP_COLS, so this never exceeds the wide group.
+        self.wide_group()
+            .min(per_unit)
             .max(MIN_GROUP_COLS.div_ceil(hw))
             .clamp(1, self.b.max(1))
     }
@@ -175,7 +194,7 @@ fn left_mul(a: Mat, geom: &Geom, input: &[f32]) -> Vec<f32> {
         return out; // nothing to compute, or an empty sum
     }
     let threads = rayon::current_num_threads();
-    let g = geom.group(threads);
+    let g = geom.group();
     // Groups run in parallel; threads left over (fewer groups than threads)
     // share each group's product through gemm.
     let inner = gemm_parallelism(threads / items.div_ceil(g));
@@ -226,8 +245,9 @@ fn sum_grad_weight(geom: &Geom, g: usize, x: &[f32], dy: &[f32], dw: &mut [f32],
 
 /// `dw = Σ_b dy[b] · x[b]ᵀ`, `[o, c]`, accumulated in place product by
 /// product: one sum with gemm-threaded products when the batch is thin,
-/// otherwise one partial sum per thread over its share of the batch, added up
-/// at the end (at most `threads` `[O, C]` buffers, never `[B, O, C]`).
+/// otherwise one partial sum per fixed run of groups (in parallel), added up
+/// in run order at the end (at most `UNITS` `[O, C]` buffers, never
+/// `[B, O, C]`). The runs depend on the shape alone.
 fn grad_weight(geom: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let Geom { b, c, o, hw } = *geom;
     let mut dw = vec![0f32; o * c];
@@ -235,9 +255,12 @@ fn grad_weight(geom: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
         return dw; // nothing to compute, or an empty sum
     }
     let threads = rayon::current_num_threads();
-    let g = geom.group(threads);
+    // Groups are the products' depth here, not parallel units (partial sums
+    // and gemm's threads are): thinner ones would re-read and re-write `dw`
+    // more often (at 2x2, 16-column groups measured ~1.5x slower than 64).
+    let g = geom.wide_group();
     let groups = b.div_ceil(g);
-    let partials = threads.min(groups).min(b * hw / PARTIAL_COLS).max(1);
+    let partials = UNITS.min(groups).min(b * hw / PARTIAL_COLS).max(1);
     let inner = gemm_parallelism(threads / partials);
     if partials == 1 {
         sum_grad_weight(geom, g, x, dy, &mut dw, inner);
@@ -253,6 +276,8 @@ fn grad_weight(geom: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
         .zip(x.par_chunks(per_partial * c * hw))
         .zip(dy.par_chunks(per_partial * o * hw))
         .for_each(|((sum, xp), dyp)| sum_grad_weight(geom, g, xp, dyp, sum, inner));
+    // dw += extra[0] + extra[1] + …, left to right for every value; chunks
+    // of `dw` only share the adding out.
     const CHUNK: usize = 1 << 12;
     dw.par_chunks_mut(CHUNK).enumerate().for_each(|(i, d)| {
         for e in &extra {
@@ -418,7 +443,9 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::super::SWITCH;
-    use super::super::testing::{median_ms, random, rel_err, switch_on, values};
+    use super::super::testing::{
+        assert_same_bits_at_any_thread_count, median_ms, random, rel_err, switch_on, values,
+    };
 
     const TOL: f64 = 1e-5;
 
@@ -510,6 +537,32 @@ mod tests {
                     check(xd, wd, 100 + i as u64);
                 }
                 check(&[16, 64, 14, 14], &[96, 64, 1, 1], 7);
+            });
+        }
+    }
+
+    /// Forward and both gradients are bit-identical at 1, 2 and 7 threads.
+    /// The per-thread split grouped items by thread count: `[8, 600, 5, 5]`
+    /// gave 75-column products on one thread and 50-column ones on seven,
+    /// and gemm blocks a 600-deep sum differently for the two widths; long
+    /// batches gave the weight gradient one partial sum per thread.
+    #[test]
+    fn same_bits_at_any_thread_count() {
+        let _on = switch_on();
+        for (i, (xd, wd)) in [
+            (&[8, 600, 5, 5][..], &[48, 600][..]),
+            (&[64, 32, 8, 8], &[48, 32, 1, 1]),
+            (&[32, 320, 2, 2], &[1280, 320, 1, 1]),
+            (&[16, 24, 16, 16], &[144, 24, 1, 1]),
+            (&[45, 6, 5, 5], &[11, 6, 1, 1]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (x, w, r) = inputs(900 + i as u64, xd, wd);
+            assert_same_bits_at_any_thread_count(&format!("x {xd:?} w {wd:?}"), || {
+                let (y, dx, dw) = run(&pointwise_conv2d, &x, &w, &r);
+                vec![("y", y), ("dx", dx), ("dw", dw)]
             });
         }
     }
