@@ -45,7 +45,8 @@
 //!   extra rows would receive nothing).
 //! * Scratch memory is bounded: an im2col tile holds about `COL_BUDGET`
 //!   floats (at least one output row), one per rayon task; the weight
-//!   gradient keeps at most `UNITS` `[O, K]` partial sums.
+//!   gradient keeps at most `UNITS` `[O, K]` partial sums (fewer for thin
+//!   sums, see `PARTIAL_COLS`).
 //! * The result depends on the shapes only, never on the number of threads:
 //!   every cut below is fixed by the problem's shape, and partial sums are
 //!   added in a fixed order, so a stage run on 1 core and on 16 writes the
@@ -60,10 +61,10 @@
 //! count. The forward and the input gradient write disjoint outputs per unit,
 //! so their units are dealt out in contiguous runs, one run per rayon worker,
 //! each with one scratch buffer. The weight gradient sums its units in at
-//! most `UNITS` fixed contiguous runs, one `[O, K]` partial sum each, then
-//! adds the partials in run order. When there are fewer units than threads
-//! (small feature maps, many cores), gemm's own rayon parallelism splits each
-//! product.
+//! most `UNITS` fixed contiguous runs (fewer when `N·Ho·Wo` is short), one
+//! `[O, K]` partial sum each, then adds the partials in run order. When there
+//! are fewer units than threads (small feature maps, many cores), gemm's own
+//! rayon parallelism splits each product.
 
 use super::cpu::{Mat, dims4, f32_values, gemm_into, matmul};
 use std::ops::Range;
@@ -164,6 +165,14 @@ const MIN_GROUP_ROWS: usize = 64;
 /// unit does not idle one for long); more cores share each product through
 /// gemm's threads.
 const UNITS: usize = 8;
+
+/// Output columns (`N·Ho·Wo`, the weight gradient's summation depth) per
+/// weight-gradient partial sum at least: each partial costs a zeroed `[O, K]`
+/// buffer and a pass adding it up, which for the CycleGAN's 256-channel
+/// residual blocks at 32x32 (K = 2304, 1024 columns) measured ~1 ms each on
+/// 2 cores, so thin sums keep fewer partials (and share each product through
+/// gemm's threads instead).
+const PARTIAL_COLS: usize = 256;
 
 /// One convolution, always in the forward direction: an "image" `[n, c, h, w]`
 /// maps to an "output" `[n, o, ho, wo]` through a weight `[o, c, kh, kw]`.
@@ -556,9 +565,10 @@ fn conv_forward(g: &Geom, img: &[f32], wt: &[f32], plan: Plan) -> Vec<f32> {
 }
 
 /// Weight gradient: `dW = Σ_n dy[n] · col(img[n])ᵀ`, `[o, K]`. The (item, row
-/// tile) units are summed in at most `plan.units` fixed contiguous runs, one
-/// partial sum per run (in parallel), and the partials are added in run
-/// order: the same sums in the same order on any number of threads.
+/// tile) units are summed in at most `plan.units` fixed contiguous runs (at
+/// least `PARTIAL_COLS` columns each), one partial sum per run (in
+/// parallel), and the partials are added in run order: the same sums in the
+/// same order on any number of threads.
 fn conv_grad_weight(g: &Geom, img: &[f32], gy: &[f32], plan: Plan) -> Vec<f32> {
     let (k, pix) = (g.k(), g.pixels());
     let mut dw = vec![0f32; g.o * k];
@@ -568,7 +578,10 @@ fn conv_grad_weight(g: &Geom, img: &[f32], gy: &[f32], plan: Plan) -> Vec<f32> {
     let rows = plan.tile_rows(g, if g.pointwise() { 0 } else { k }, g.n);
     let tiles = g.ho.div_ceil(rows);
     let units = g.n * tiles;
-    let partials = units.min(plan.target_units());
+    let partials = units
+        .min(plan.target_units())
+        .min(g.n * pix / PARTIAL_COLS)
+        .max(1);
     let par = plan.inner(partials);
     let sum_run = |run: Range<usize>, acc: &mut [f32]| {
         let mut col = if g.pointwise() {
