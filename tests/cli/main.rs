@@ -13,3 +13,4 @@ mod preprocess;
 mod realdata;
 mod remote;
 mod slurm;
+mod threads;
