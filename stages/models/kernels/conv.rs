@@ -168,11 +168,12 @@ const UNITS: usize = 8;
 
 /// Output columns (`N·Ho·Wo`, the weight gradient's summation depth) per
 /// weight-gradient partial sum at least: each partial costs a zeroed `[O, K]`
-/// buffer and a pass adding it up, which for the CycleGAN's 256-channel
-/// residual blocks at 32x32 (K = 2304, 1024 columns) measured ~1 ms each on
-/// 2 cores, so thin sums keep fewer partials (and share each product through
-/// gemm's threads instead).
-const PARTIAL_COLS: usize = 256;
+/// buffer and a pass adding it up. For the CycleGAN's 256-channel residual
+/// blocks at 32x32 and batch 1 (K = 2304, 1024 columns) 4 partials measured
+/// ~3 ms (15%) slower per weight gradient than 2 on 2 cores, so they keep 2;
+/// thin sums keep fewer partials and share each product through gemm's
+/// threads instead.
+const PARTIAL_COLS: usize = 512;
 
 /// One convolution, always in the forward direction: an "image" `[n, c, h, w]`
 /// maps to an "output" `[n, o, ho, wo]` through a weight `[o, c, kh, kw]`.
