@@ -192,22 +192,74 @@ impl TrainCycleGanParams {
     }
 }
 
-/// Parses `device`: "auto", "cpu" or "cuda:N".
-pub fn select_device(spec: &str) -> Result<Device> {
+/// How a `device` string is honoured, given whether this build has CUDA
+/// (`--features cuda`). Whether a GPU can be opened is found out only by
+/// [`select_device`], when a stage runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DevicePlan {
+    /// `"cpu"`, or `"auto"` in a build without CUDA.
+    Cpu,
+    /// `"auto"` in a CUDA build: GPU 0 when it can be opened, else the CPU
+    /// with a one-line notice.
+    CudaOrCpu,
+    /// `"cuda:N"`: that GPU, or an error.
+    Cuda(usize),
+}
+
+/// Parses `device` ("auto", "cpu" or "cuda:N") against the build's CUDA support.
+pub fn plan_device(spec: &str, cuda_built: bool) -> Result<DevicePlan> {
     match spec {
-        "cpu" => Ok(Device::Cpu),
-        "auto" if candle_core::utils::cuda_is_available() => Ok(Device::new_cuda(0)?),
-        "auto" => Ok(Device::Cpu),
+        "cpu" => Ok(DevicePlan::Cpu),
+        "auto" if cuda_built => Ok(DevicePlan::CudaOrCpu),
+        "auto" => Ok(DevicePlan::Cpu),
         other => {
             let n: usize = other
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .ok_or_else(|| anyhow!("device `{other}`: expected \"auto\", \"cpu\" or \"cuda:N\""))?;
-            if !candle_core::utils::cuda_is_available() {
-                return Err(anyhow!("device `{other}`: this build has no CUDA support (build with `--features cuda`)"));
+            if !cuda_built {
+                return Err(anyhow!("device `{other}`: this build has no CUDA support (build it with `make build-cuda`)"));
             }
-            Ok(Device::new_cuda(n)?)
+            Ok(DevicePlan::Cuda(n))
         }
+    }
+}
+
+/// The device a stage computes on: `"auto"` is GPU 0 in a CUDA build when
+/// one can be opened and the CPU otherwise (a build without CUDA, or no
+/// usable GPU or driver: then one notice per process, not an error);
+/// `"cuda:N"` is GPU N or an error naming it.
+pub fn select_device(spec: &str) -> Result<Device> {
+    select_device_with(spec, candle_core::utils::cuda_is_available(), Device::new_cuda)
+}
+
+/// [`select_device`] with the build's CUDA support and the GPU opener passed
+/// in, so the fallback can be tested in any build.
+fn select_device_with(spec: &str, cuda_built: bool, open: impl Fn(usize) -> candle_core::Result<Device>) -> Result<Device> {
+    match plan_device(spec, cuda_built)? {
+        DevicePlan::Cpu => Ok(Device::Cpu),
+        DevicePlan::Cuda(n) => open(n).map_err(|e| {
+            anyhow!("device `cuda:{n}`: cannot open CUDA GPU {n} (no such GPU, or no NVIDIA driver on this machine): {}", without_backtrace(e))
+        }),
+        DevicePlan::CudaOrCpu => match open(0) {
+            Ok(device) => Ok(device),
+            Err(e) => {
+                static NOTICE: std::sync::Once = std::sync::Once::new();
+                NOTICE.call_once(|| {
+                    tracing::warn!("device \"auto\": no usable CUDA GPU ({}); running on the CPU", without_backtrace(e));
+                });
+                Ok(Device::Cpu)
+            }
+        },
+    }
+}
+
+/// candle attaches a backtrace to its errors when `RUST_BACKTRACE` is set:
+/// the message alone belongs in a notice or an error line.
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        e => e,
     }
 }
 
@@ -260,5 +312,58 @@ pub fn check_device_spec(spec: &str) -> Result<(), String> {
         "auto" | "cpu" => Ok(()),
         s if s.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()) => Ok(()),
         s => Err(format!("`device` must be \"auto\", \"cpu\" or \"cuda:N\", not \"{s}\"")),
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    fn no_gpu(_: usize) -> candle_core::Result<Device> {
+        Err(candle_core::Error::Msg("DriverError(CUDA_ERROR_UNKNOWN)".into()).bt())
+    }
+
+    #[test]
+    fn plans() {
+        assert_eq!(plan_device("cpu", true).unwrap(), DevicePlan::Cpu);
+        assert_eq!(plan_device("auto", false).unwrap(), DevicePlan::Cpu);
+        assert_eq!(plan_device("auto", true).unwrap(), DevicePlan::CudaOrCpu);
+        assert_eq!(plan_device("cuda:1", true).unwrap(), DevicePlan::Cuda(1));
+        let e = plan_device("cuda:0", false).unwrap_err().to_string();
+        assert!(e.contains("cuda:0") && e.contains("no CUDA support"), "{e}");
+        for bad in ["gpu", "cuda", "cuda:x", "CPU"] {
+            assert!(plan_device(bad, true).is_err(), "{bad}");
+            assert!(check_device_spec(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn auto_falls_back_to_the_cpu_without_a_usable_gpu() {
+        // A CUDA build on a machine without a GPU: opening one fails.
+        assert!(matches!(select_device_with("auto", true, no_gpu).unwrap(), Device::Cpu));
+        assert!(matches!(select_device_with("auto", false, |_| panic!("no CUDA in this build")).unwrap(), Device::Cpu));
+        // An explicit GPU is never replaced by the CPU: the error names it,
+        // without candle's backtrace.
+        let e = select_device_with("cuda:0", true, no_gpu).unwrap_err().to_string();
+        assert!(e.starts_with("device `cuda:0`: cannot open CUDA GPU 0") && e.contains("CUDA_ERROR_UNKNOWN"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+        // A GPU that opens is used.
+        let opened = std::cell::Cell::new(None);
+        select_device_with("cuda:2", true, |n| {
+            opened.set(Some(n));
+            Ok(Device::Cpu)
+        })
+        .unwrap();
+        assert_eq!(opened.get(), Some(2));
+    }
+
+    #[test]
+    fn a_cpu_build_says_how_to_get_cuda() {
+        if candle_core::utils::cuda_is_available() {
+            return;
+        }
+        let e = select_device("cuda:0").unwrap_err().to_string();
+        assert!(e.contains("make build-cuda"), "{e}");
+        assert!(matches!(select_device("auto").unwrap(), Device::Cpu));
     }
 }
