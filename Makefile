@@ -81,13 +81,40 @@ real: weights
 	$(BIN) run --config data/isic_real100.toml
 	$(BIN) metrics --config data/isic_real100.toml
 
-# A few CycleGAN steps on CPU and GPU, losses side by side (needs an NVIDIA GPU).
-# The CUDA toolkit comes from pip (../shared/cuda/toolkit.sh); the build goes to
-# target-cuda/ so it does not disturb the CPU build.
+# The CUDA build (candle's GPU backend, `--features cuda`), as
+# target/release/melanoflow-cuda; it builds on any x86_64 Linux machine, GPU or
+# not. The toolkit (CUDA 13: nvcc, cudart, cuBLAS, cuRAND, NVRTC, a stub
+# libcuda) comes from PyPI wheels: scripts/cuda-toolkit.sh installs it into
+# CUDA_TOOLKIT (1.2 GB, about 25 s; skipped when there). The build shares
+# target/ with the CPU build: only cudarc, candle-kernels (nvcc), candle-core,
+# candle-nn and melanoflow compile again, and target/release/melanoflow is the
+# CPU binary again afterwards (cargo writes the CUDA one there first).
+CUDA_TOOLKIT ?= $(CURDIR)/.tools/cu13
+CUDA_BIN     := target/release/melanoflow-cuda
+.PHONY: build-cuda cuda-smoke
+build-cuda:
+	scripts/cuda-toolkit.sh $(CUDA_TOOLKIT)
+	if [ -f $(BIN) ]; then cp -p $(BIN) $(BIN).cpu; fi; \
+	. $(CUDA_TOOLKIT)/env.sh && $(CARGO) build --release --features cuda --bin melanoflow; rc=$$?; \
+	if [ $$rc = 0 ]; then cp -p $(BIN) $(CUDA_BIN); fi; \
+	if [ -f $(BIN).cpu ]; then mv -f $(BIN).cpu $(BIN); else rm -f $(BIN); fi; exit $$rc
+
+# CI: the CUDA build on this machine without a GPU (scripts/cuda/smoke.sh):
+# it starts, `--help` and `kinds` work, data/ci_small.toml with
+# device = "auto" falls back to the CPU with one notice and writes the same
+# lock file as the CPU build, and device = "cuda:0" fails with an error
+# naming it.
+cuda-smoke: build build-cuda
+	MELANOFLOW_CUDA_HOME=$(CUDA_TOOLKIT) scripts/cuda/smoke.sh $(CUDA_BIN) $(BIN)
+
+# A few CycleGAN steps on CPU and GPU from the same seed, losses side by side
+# with the step times (needs an NVIDIA GPU and its driver). Same toolkit and
+# target/ as build-cuda.
 gpu-check: pipeline
-	../shared/cuda/toolkit.sh /opt/cu13
-	. /opt/cu13/env.sh && CARGO_TARGET_DIR=target-cuda $(CARGO) build --release --features cuda --example gpu_check
-	LD_LIBRARY_PATH=/opt/cu13/lib:$$LD_LIBRARY_PATH target-cuda/release/examples/gpu_check data/out/preprocess 5
+	scripts/cuda-toolkit.sh $(CUDA_TOOLKIT)
+	. $(CUDA_TOOLKIT)/env.sh && $(CARGO) build --release --features cuda --example gpu_check
+	. $(CUDA_TOOLKIT)/env.sh && LD_LIBRARY_PATH=$$MELANOFLOW_CUDA_LIB$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} \
+	  target/release/examples/gpu_check data/out/preprocess 5
 
 # Reproducibility (CI runs this): the small pipeline from an empty store, its
 # lock compared with the committed data/ci_small.lock (`verify --against`:
