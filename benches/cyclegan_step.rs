@@ -12,25 +12,39 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use melanoflow::train_cyclegan::TrainCycleGanParams;
 use melanoflow::models::adam::Adam;
+use melanoflow::train_cyclegan::TrainCycleGanParams;
 use melanoflow::train_cyclegan::train::{Nets, Pool, train_step};
 use rand::SeedableRng;
 
 fn arg(args: &[String], name: &str, default: usize) -> usize {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(|v| v.parse().expect("a number")).unwrap_or(default)
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("a number"))
+        .unwrap_or(default)
 }
 
 fn main() -> anyhow::Result<()> {
     melanoflow::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
-    let kernels = args.iter().position(|a| a == "--kernels").and_then(|i| args.get(i + 1)).map_or("fast", |s| s.as_str());
+    let kernels = args
+        .iter()
+        .position(|a| a == "--kernels")
+        .and_then(|i| args.get(i + 1))
+        .map_or("fast", |s| s.as_str());
     match kernels {
         "fast" => melanoflow::models::kernels::set_fast_kernels(true),
         "candle" => melanoflow::models::kernels::set_fast_kernels(false),
         k => anyhow::bail!("--kernels fast|candle, not {k:?}"),
     }
-    let (size, ngf, ndf, blocks, batch) = (arg(&args, "--size", 128), arg(&args, "--ngf", 64), arg(&args, "--ndf", 64), arg(&args, "--blocks", 9), arg(&args, "--batch", 1));
+    let (size, ngf, ndf, blocks, batch) = (
+        arg(&args, "--size", 128),
+        arg(&args, "--ngf", 64),
+        arg(&args, "--ndf", 64),
+        arg(&args, "--blocks", 9),
+        arg(&args, "--batch", 1),
+    );
     let (steps, warmup) = (arg(&args, "--steps", 5), arg(&args, "--warmup", 2));
     let params: TrainCycleGanParams = serde_json::from_value(serde_json::json!({
         "preset": "default", "ngf": ngf, "ndf": ndf, "n_blocks": blocks, "batch_size": batch, "device": "cpu"
@@ -47,7 +61,17 @@ fn main() -> anyhow::Result<()> {
     let mut times = Vec::new();
     for i in 0..warmup + steps {
         let t = Instant::now();
-        train_step(&cfg, &nets, &mut adam_g, &mut adam_d, &mut pool_a, &mut pool_b, &real_a, &real_b, &mut rng)?;
+        train_step(
+            &cfg,
+            &nets,
+            &mut adam_g,
+            &mut adam_d,
+            &mut pool_a,
+            &mut pool_b,
+            &real_a,
+            &real_b,
+            &mut rng,
+        )?;
         if i >= warmup {
             times.push(t.elapsed().as_secs_f64() * 1000.0);
         }
@@ -56,7 +80,11 @@ fn main() -> anyhow::Result<()> {
     // The median as Python's `statistics.median` takes it (the PyTorch side),
     // which matters with the few steps the slow candle-only runs get.
     let n = times.len();
-    let median = if n % 2 == 1 { times[n / 2] } else { (times[n / 2 - 1] + times[n / 2]) / 2.0 };
+    let median = if n % 2 == 1 {
+        times[n / 2]
+    } else {
+        (times[n / 2 - 1] + times[n / 2]) / 2.0
+    };
     println!(
         "{{\"framework\":\"candle\",\"kernels\":\"{kernels}\",\"size\":{size},\"ngf\":{ngf},\"blocks\":{blocks},\"batch\":{batch},\"threads\":{},\"ms_per_step\":{:.1}}}",
         rayon::current_num_threads(),

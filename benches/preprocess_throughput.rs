@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use fast_image_resize::Resizer;
-use melanoflow::preprocess::image_ops::{ResizeFilter, decode_rgb8, decode_rgb8_at_least, resize_center_crop};
+use melanoflow::preprocess::image_ops::{
+    ResizeFilter, decode_rgb8, decode_rgb8_at_least, resize_center_crop,
+};
 use rand::SeedableRng;
 use rayon::prelude::*;
 
@@ -21,13 +23,21 @@ fn jpegs(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .expect("readable folder")
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg")))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"))
+        })
         .collect();
     v.sort();
     v
 }
 
-fn measure(work: &str, files: &[PathBuf], repeats: usize, f: &(dyn Fn(&Path, &mut Resizer) + Sync)) {
+fn measure(
+    work: &str,
+    files: &[PathBuf],
+    repeats: usize,
+    f: &(dyn Fn(&Path, &mut Resizer) + Sync),
+) {
     // Warm-up: page cache and allocator.
     files.par_iter().for_each_init(Resizer::new, |r, p| f(p, r));
     let mut best = f64::INFINITY;
@@ -50,10 +60,19 @@ fn generate(dir: &Path, count: usize, width: u32, height: u32) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         rng.set_stream(i as u64);
         let patient = melanoflow::synth::render::Patient::random(&mut rng);
-        let square = melanoflow::synth::render::render_lesion(&patient, i % 10 == 0, width.max(height), &mut rng);
-        let img = image::imageops::crop_imm(&square, 0, (width.max(height) - height) / 2, width, height).to_image();
+        let square = melanoflow::synth::render::render_lesion(
+            &patient,
+            i % 10 == 0,
+            width.max(height),
+            &mut rng,
+        );
+        let img =
+            image::imageops::crop_imm(&square, 0, (width.max(height) - height) / 2, width, height)
+                .to_image();
         let mut bytes = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90).encode_image(&img).unwrap();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90)
+            .encode_image(&img)
+            .unwrap();
         std::fs::write(dir.join(format!("SYN_{i:07}.jpg")), bytes).unwrap();
     });
 }
@@ -65,7 +84,10 @@ fn main() {
         generate(Path::new(&args[1]), n(2) as usize, n(3), n(4));
         return;
     }
-    let dir = PathBuf::from(args.first().expect("usage: preprocess_throughput DIR [SIZE] [REPEATS]"));
+    let dir = PathBuf::from(
+        args.first()
+            .expect("usage: preprocess_throughput DIR [SIZE] [REPEATS]"),
+    );
     let size: u32 = args.get(1).map(|s| s.parse().unwrap()).unwrap_or(256);
     let repeats: usize = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(3);
     let files = jpegs(&dir);
@@ -78,7 +100,10 @@ fn main() {
         let (img, _) = decode_rgb8_at_least(&bytes, size).unwrap();
         std::hint::black_box(resize_center_crop(&img, size, ResizeFilter::Bicubic, r).unwrap());
     });
-    for (name, filter) in [("decode_resize_crop", ResizeFilter::Bicubic), ("decode_resize_crop_lanczos3", ResizeFilter::Lanczos3)] {
+    for (name, filter) in [
+        ("decode_resize_crop", ResizeFilter::Bicubic),
+        ("decode_resize_crop_lanczos3", ResizeFilter::Lanczos3),
+    ] {
         measure(name, &files, repeats, &|p, r| {
             let bytes = std::fs::read(p).unwrap();
             let img = decode_rgb8(&bytes).unwrap();

@@ -29,12 +29,17 @@ use serde_json::json;
 
 /// The value after `name`, or `default`.
 fn opt(args: &[String], name: &str, default: &str) -> String {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
 }
 
 fn num(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
     let v = opt(args, name, &default.to_string());
-    v.parse().map_err(|_| anyhow::anyhow!("{name} wants a number, not {v:?}"))
+    v.parse()
+        .map_err(|_| anyhow::anyhow!("{name} wants a number, not {v:?}"))
 }
 
 /// Median (mean of the two middle values for an even count, like Python's
@@ -42,7 +47,11 @@ fn num(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn round1(x: f64) -> f64 {
@@ -99,15 +108,30 @@ fn main() -> anyhow::Result<()> {
     });
     match work.as_str() {
         "generator" => {
-            let (size, ngf, blocks, batch) = (num(&args, "--size", 128)?, num(&args, "--ngf", 64)?, num(&args, "--blocks", 9)?, num(&args, "--batch", 1)?);
+            let (size, ngf, blocks, batch) = (
+                num(&args, "--size", 128)?,
+                num(&args, "--ngf", 64)?,
+                num(&args, "--blocks", 9)?,
+                num(&args, "--batch", 1)?,
+            );
             let vm = VarMap::new();
             // The stage's defaults (train_cyclegan: transposed upsampling, slope 0.01, N(0, 0.02) weights).
-            let cfg = GeneratorConfig { ngf, n_blocks: blocks, upsample: Upsample::Transposed, slope: 0.01 };
+            let cfg = GeneratorConfig {
+                ngf,
+                n_blocks: blocks,
+                upsample: Upsample::Transposed,
+                slope: 0.01,
+            };
             let g = Generator::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &device))?;
             normal_init(&vm, 0, 0.02)?;
             let x = Tensor::rand(-1f32, 1., (batch, 3, size, size), &device)?;
             let target = Tensor::rand(-1f32, 1., (batch, 3, size, size), &device)?;
-            let (fwd, bwd) = time_fwd_bwd(warmup, steps, || Ok(g.forward(&x)?), |y| Ok((y - &target)?.abs()?.mean_all()?))?;
+            let (fwd, bwd) = time_fwd_bwd(
+                warmup,
+                steps,
+                || Ok(g.forward(&x)?),
+                |y| Ok((y - &target)?.abs()?.mean_all()?),
+            )?;
             out["size"] = json!(size);
             out["ngf"] = json!(ngf);
             out["blocks"] = json!(blocks);
@@ -120,7 +144,10 @@ fn main() -> anyhow::Result<()> {
             let variant: Variant = serde_json::from_value(serde_json::Value::String(name.clone()))?;
             let (size, batch) = (num(&args, "--size", 224)?, num(&args, "--batch", 8)?);
             let vm = VarMap::new();
-            let model = EfficientNet::new(&EfficientNetConfig::new(variant, 1), VarBuilder::from_varmap(&vm, DType::F32, &device))?;
+            let model = EfficientNet::new(
+                &EfficientNetConfig::new(variant, 1),
+                VarBuilder::from_varmap(&vm, DType::F32, &device),
+            )?;
             init_weights(&vm, 0)?;
             let mut adam = Adam::new(named_vars("", &vm), 1e-3, 0.9, 0.999)?;
             let x = Tensor::randn(0f32, 1., (batch, 3, size, size), &device)?;
@@ -142,14 +169,27 @@ fn main() -> anyhow::Result<()> {
             out["ms_per_step"] = json!(round1(median(times)));
         }
         "depthwise" => {
-            let (c, size, k, stride, batch) = (num(&args, "--channels", 96)?, num(&args, "--size", 112)?, num(&args, "--k", 3)?, num(&args, "--stride", 2)?, num(&args, "--batch", 8)?);
+            let (c, size, k, stride, batch) = (
+                num(&args, "--channels", 96)?,
+                num(&args, "--size", 112)?,
+                num(&args, "--k", 3)?,
+                num(&args, "--stride", 2)?,
+                num(&args, "--batch", 8)?,
+            );
             let pad = k / 2;
             let x = Var::from_tensor(&Tensor::randn(0f32, 1., (batch, c, size, size), &device)?)?;
-            let w = Var::from_tensor(&(Tensor::randn(0f32, 1., (c, 1, k, k), &device)? * (1.0 / k as f64))?)?;
+            let w = Var::from_tensor(
+                &(Tensor::randn(0f32, 1., (c, 1, k, k), &device)? * (1.0 / k as f64))?,
+            )?;
             let y0 = depthwise_conv2d(x.as_tensor(), w.as_tensor(), stride, pad)?;
             let g = Tensor::randn(0f32, 1., y0.shape(), &device)?;
             drop(y0);
-            let (fwd, bwd) = time_fwd_bwd(warmup, steps, || Ok(depthwise_conv2d(x.as_tensor(), w.as_tensor(), stride, pad)?), |y| Ok((y * &g)?.sum_all()?))?;
+            let (fwd, bwd) = time_fwd_bwd(
+                warmup,
+                steps,
+                || Ok(depthwise_conv2d(x.as_tensor(), w.as_tensor(), stride, pad)?),
+                |y| Ok((y * &g)?.sum_all()?),
+            )?;
             out["channels"] = json!(c);
             out["size"] = json!(size);
             out["k"] = json!(k);
@@ -158,7 +198,9 @@ fn main() -> anyhow::Result<()> {
             out["fwd_ms"] = json!(round1(median(fwd)));
             out["bwd_ms"] = json!(round1(median(bwd)));
         }
-        w => anyhow::bail!("usage: train_step generator|efficientnet|depthwise [--options]; got {w:?}"),
+        w => anyhow::bail!(
+            "usage: train_step generator|efficientnet|depthwise [--options]; got {w:?}"
+        ),
     }
     println!("{}", serde_json::to_string(&out)?);
     Ok(())

@@ -19,7 +19,9 @@ use melanoflow_pipeline::Registry;
 /// Every stage kind this build knows.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register(synth::Synth).register(ingest::Ingest).register(preprocess::Preprocess)
+    r.register(synth::Synth)
+        .register(ingest::Ingest)
+        .register(preprocess::Preprocess)
         .register(train_cyclegan::TrainCycleGan)
         .register(generate::Generate)
         .register(train_classifier::TrainClassifier)

@@ -8,7 +8,11 @@ fn main() -> std::process::ExitCode {
     main_with(
         melanoflow::registry(),
         &[
-            AppCommand { name: "metrics", about: "Print the comparison table of the last evaluate run", run: melanoflow::evaluate::metrics_command },
+            AppCommand {
+                name: "metrics",
+                about: "Print the comparison table of the last evaluate run",
+                run: melanoflow::evaluate::metrics_command,
+            },
             AppCommand {
                 name: "convert-weights",
                 about: "Convert legacy PyTorch EfficientNet weights to safetensors (make weights)",

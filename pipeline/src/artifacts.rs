@@ -32,7 +32,12 @@ pub enum ArtifactError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("blob {digest} in store {store} is corrupt (its bytes hash to {actual}); {remedy}")]
-    Corrupt { digest: Digest, actual: Digest, store: String, remedy: String },
+    Corrupt {
+        digest: Digest,
+        actual: Digest,
+        store: String,
+        remedy: String,
+    },
     #[error("blob {digest} is missing from store {store}")]
     Missing { digest: Digest, store: String },
     #[error("manifest {digest} is malformed")]
@@ -59,7 +64,11 @@ const NO_REMOTE_REMEDY: &str = "it was removed from the store: run again to reco
 
 /// Every file blob of a manifest with its size, for a transfer.
 pub fn wanted(manifest: &Manifest) -> Vec<sync::Wanted> {
-    manifest.entries().iter().map(|e| (e.digest, e.size)).collect()
+    manifest
+        .entries()
+        .iter()
+        .map(|e| (e.digest, e.size))
+        .collect()
 }
 
 impl RunRecord {
@@ -70,7 +79,10 @@ impl RunRecord {
 }
 
 fn parse_record(key: &str, bytes: &[u8]) -> Result<RunRecord, ArtifactError> {
-    serde_json::from_slice(bytes).map_err(|source| ArtifactError::BadRecord { key: key.to_string(), source })
+    serde_json::from_slice(bytes).map_err(|source| ArtifactError::BadRecord {
+        key: key.to_string(),
+        source,
+    })
 }
 
 /// What a fingerprint produced.
@@ -105,7 +117,11 @@ fn part_key(fingerprint: &Digest, part: usize, parts: usize) -> String {
 
 impl Artifacts {
     pub fn new(store: Arc<dyn BlobStore>) -> Self {
-        Artifacts { store, remote: None, progress: Progress::new(true) }
+        Artifacts {
+            store,
+            remote: None,
+            progress: Progress::new(true),
+        }
     }
 
     /// Puts `remote` behind the local store; transfers draw on `progress`.
@@ -137,7 +153,8 @@ impl Artifacts {
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<Digest, ArtifactError> {
         let d = Digest::of_bytes(bytes);
         let key = blob_key(&d);
-        let stores = std::iter::once(self.store.as_ref()).chain(self.writable_remote().map(|r| &r.store as &dyn BlobStore));
+        let stores = std::iter::once(self.store.as_ref())
+            .chain(self.writable_remote().map(|r| &r.store as &dyn BlobStore));
         for store in stores {
             if !store.exists(&key)? {
                 store.put(&key, Bytes::copy_from_slice(bytes))?;
@@ -152,14 +169,23 @@ impl Artifacts {
     pub fn get_bytes(&self, d: &Digest) -> Result<Option<Bytes>, ArtifactError> {
         let key = blob_key(d);
         if let Some(bytes) = self.store.get(&key)? {
-            match sync::check(self.store.as_ref(), d, Digest::of_bytes(&bytes), NO_REMOTE_REMEDY) {
+            match sync::check(
+                self.store.as_ref(),
+                d,
+                Digest::of_bytes(&bytes),
+                NO_REMOTE_REMEDY,
+            ) {
                 Ok(()) => return Ok(Some(bytes)),
                 Err(e) if self.remote.is_none() => return Err(e),
                 Err(e) => tracing::warn!("{e}; fetching it from the remote"),
             }
         }
-        let Some(remote) = self.remote() else { return Ok(None) };
-        let Some(bytes) = remote.store.get(&key)? else { return Ok(None) };
+        let Some(remote) = self.remote() else {
+            return Ok(None);
+        };
+        let Some(bytes) = remote.store.get(&key)? else {
+            return Ok(None);
+        };
         sync::check_remote(remote, d, Digest::of_bytes(&bytes))?;
         self.store.put(&key, bytes.clone())?;
         Ok(Some(bytes))
@@ -170,21 +196,28 @@ impl Artifacts {
     }
 
     pub fn get_manifest(&self, d: &Digest) -> Result<Option<Manifest>, ArtifactError> {
-        let Some(bytes) = self.get_bytes(d)? else { return Ok(None) };
-        Manifest::parse(&bytes).map(Some).map_err(|source| ArtifactError::BadManifest { digest: *d, source })
+        let Some(bytes) = self.get_bytes(d)? else {
+            return Ok(None);
+        };
+        Manifest::parse(&bytes)
+            .map(Some)
+            .map_err(|source| ArtifactError::BadManifest { digest: *d, source })
     }
 
     /// Stores every file of `dir` listed in `manifest` that the store lacks,
     /// then the manifest itself; returns the manifest's digest. With a
     /// writable remote, the same files go there too, before the manifest.
     pub fn put_dir(&self, dir: &Path, manifest: &Manifest) -> Result<Digest, ArtifactError> {
-        manifest.entries().par_iter().try_for_each(|e| -> Result<(), ArtifactError> {
-            let key = blob_key(&e.digest);
-            if !self.store.exists(&key)? {
-                self.store.put_file(&key, &join_rel(dir, &e.path))?;
-            }
-            Ok(())
-        })?;
+        manifest
+            .entries()
+            .par_iter()
+            .try_for_each(|e| -> Result<(), ArtifactError> {
+                let key = blob_key(&e.digest);
+                if !self.store.exists(&key)? {
+                    self.store.put_file(&key, &join_rel(dir, &e.path))?;
+                }
+                Ok(())
+            })?;
         if let Some(remote) = self.writable_remote() {
             let bar = self.progress.bytes_bar("uploading to remote");
             crate::packs::upload(self.store.as_ref(), remote, manifest, &bar)?;
@@ -203,40 +236,67 @@ impl Artifacts {
             crate::packs::download(self.store.as_ref(), remote, manifest, &bar, false)?;
             bar.finish_and_clear();
         }
-        std::fs::create_dir_all(dest).map_err(|source| ArtifactError::Io { path: dest.display().to_string(), source })?;
-        let missing = |e: &crate::manifest::Entry| ArtifactError::Missing { digest: e.digest, store: self.store.describe() };
-        manifest.entries().par_iter().try_for_each(|e| -> Result<(), ArtifactError> {
-            let path = join_rel(dest, &e.path);
-            match self.store.local_root() {
-                // A plain file copy (copy_file_range) beats a store read per file.
-                Some(root) => {
-                    let io = |source| ArtifactError::Io { path: path.display().to_string(), source };
-                    if let Some(dir) = path.parent() {
-                        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::create_dir_all(dest).map_err(|source| ArtifactError::Io {
+            path: dest.display().to_string(),
+            source,
+        })?;
+        let missing = |e: &crate::manifest::Entry| ArtifactError::Missing {
+            digest: e.digest,
+            store: self.store.describe(),
+        };
+        manifest
+            .entries()
+            .par_iter()
+            .try_for_each(|e| -> Result<(), ArtifactError> {
+                let path = join_rel(dest, &e.path);
+                match self.store.local_root() {
+                    // A plain file copy (copy_file_range) beats a store read per file.
+                    Some(root) => {
+                        let io = |source| ArtifactError::Io {
+                            path: path.display().to_string(),
+                            source,
+                        };
+                        if let Some(dir) = path.parent() {
+                            std::fs::create_dir_all(dir).map_err(io)?;
+                        }
+                        match std::fs::copy(join_rel(root, &blob_key(&e.digest)), &path) {
+                            Ok(_) => {}
+                            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                                return Err(missing(e));
+                            }
+                            Err(err) => return Err(io(err)),
+                        }
                     }
-                    match std::fs::copy(join_rel(root, &blob_key(&e.digest)), &path) {
-                        Ok(_) => {}
-                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Err(missing(e)),
-                        Err(err) => return Err(io(err)),
+                    None => {
+                        if !self.store.get_to_file(&blob_key(&e.digest), &path)? {
+                            return Err(missing(e));
+                        }
                     }
                 }
-                None => {
-                    if !self.store.get_to_file(&blob_key(&e.digest), &path)? {
-                        return Err(missing(e));
-                    }
+                let actual = Digest::of_file(&path).map_err(|source| ArtifactError::Io {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                if actual != e.digest {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(sync::check(
+                        self.store.as_ref(),
+                        &e.digest,
+                        actual,
+                        self.local_remedy(),
+                    )
+                    .unwrap_err());
                 }
-            }
-            let actual = Digest::of_file(&path).map_err(|source| ArtifactError::Io { path: path.display().to_string(), source })?;
-            if actual != e.digest {
-                let _ = std::fs::remove_file(&path);
-                return Err(sync::check(self.store.as_ref(), &e.digest, actual, self.local_remedy()).unwrap_err());
-            }
-            Ok(())
-        })
+                Ok(())
+            })
     }
 
     fn local_remedy(&self) -> &'static str {
-        if self.remote.is_some() { sync::LOCAL_REMEDY } else { NO_REMOTE_REMEDY }
+        if self.remote.is_some() {
+            sync::LOCAL_REMEDY
+        } else {
+            NO_REMOTE_REMEDY
+        }
     }
 
     /// Records what `fingerprint` produced, locally and on a writable remote.
@@ -252,7 +312,13 @@ impl Artifacts {
 
     /// Records what part `part` of `parts` of a split stage produced, after
     /// its blobs and manifest are stored.
-    pub fn put_part(&self, fingerprint: &Digest, part: usize, parts: usize, record: &RunRecord) -> Result<(), ArtifactError> {
+    pub fn put_part(
+        &self,
+        fingerprint: &Digest,
+        part: usize,
+        parts: usize,
+        record: &RunRecord,
+    ) -> Result<(), ArtifactError> {
         let key = part_key(fingerprint, part, parts);
         self.store.put(&key, record.to_bytes())?;
         if let Some(remote) = self.writable_remote() {
@@ -262,7 +328,12 @@ impl Artifacts {
     }
 
     /// The record of a committed part whose manifest is stored.
-    pub fn get_part(&self, fingerprint: &Digest, part: usize, parts: usize) -> Result<Option<RunRecord>, ArtifactError> {
+    pub fn get_part(
+        &self,
+        fingerprint: &Digest,
+        part: usize,
+        parts: usize,
+    ) -> Result<Option<RunRecord>, ArtifactError> {
         let key = part_key(fingerprint, part, parts);
         let bytes = match self.store.get(&key)? {
             Some(b) => Some(b),
@@ -279,13 +350,21 @@ impl Artifacts {
     /// Records what `fingerprint` produced unless a record exists already
     /// (two workers racing on one fingerprint); returns the record that
     /// stands. Atomic where the store supports create-only writes.
-    pub fn put_run_once(&self, fingerprint: &Digest, record: &RunRecord) -> Result<RunRecord, ArtifactError> {
+    pub fn put_run_once(
+        &self,
+        fingerprint: &Digest,
+        record: &RunRecord,
+    ) -> Result<RunRecord, ArtifactError> {
         let key = run_key(fingerprint);
         let json = record.to_bytes();
-        let stores = std::iter::once(self.store.as_ref()).chain(self.writable_remote().map(|r| &r.store as &dyn BlobStore));
+        let stores = std::iter::once(self.store.as_ref())
+            .chain(self.writable_remote().map(|r| &r.store as &dyn BlobStore));
         for store in stores {
             if !store.put_if_absent(&key, json.clone())? {
-                let existing = store.get(&key)?.map(|b| parse_record(&key, &b)).transpose()?;
+                let existing = store
+                    .get(&key)?
+                    .map(|b| parse_record(&key, &b))
+                    .transpose()?;
                 if let Some(existing) = existing.filter(|e| e != record) {
                     return Ok(existing);
                 }
@@ -305,8 +384,12 @@ impl Artifacts {
                 return Ok(Some(record));
             }
         }
-        let Some(remote) = self.remote() else { return Ok(None) };
-        let Some(bytes) = remote.store.get(&key)? else { return Ok(None) };
+        let Some(remote) = self.remote() else {
+            return Ok(None);
+        };
+        let Some(bytes) = remote.store.get(&key)? else {
+            return Ok(None);
+        };
         let record = parse_record(&key, &bytes)?;
         if self.get_manifest(&record.output)?.is_none() {
             return Ok(None);
@@ -322,7 +405,10 @@ impl Artifacts {
             .list("blobs")?
             .into_iter()
             .map(|k| {
-                let d = k.strip_prefix("blobs/").map(|r| r.replace('/', "")).and_then(|h| h.parse().ok());
+                let d = k
+                    .strip_prefix("blobs/")
+                    .map(|r| r.replace('/', ""))
+                    .and_then(|h| h.parse().ok());
                 (k, d)
             })
             .collect())
@@ -335,7 +421,10 @@ impl Artifacts {
             .list("runs")?
             .into_iter()
             .map(|k| {
-                let d = k.strip_prefix("runs/").and_then(|r| r.strip_suffix(".json")).and_then(|h| h.parse().ok());
+                let d = k
+                    .strip_prefix("runs/")
+                    .and_then(|r| r.strip_suffix(".json"))
+                    .and_then(|h| h.parse().ok());
                 (k, d)
             })
             .collect())
@@ -355,7 +444,11 @@ mod tests {
             let path = join_rel(dir.path(), p);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, b).unwrap();
-            entries.push(Entry { path: p.to_string(), size: b.len() as u64, digest: Digest::of_bytes(b) });
+            entries.push(Entry {
+                path: p.to_string(),
+                size: b.len() as u64,
+                digest: Digest::of_bytes(b),
+            });
         }
         (dir, Manifest::new(entries))
     }
@@ -378,13 +471,18 @@ mod tests {
         let store = Arc::new(ObjectBlobStore::memory());
         let a = Artifacts::new(store.clone());
         let d = a.put_bytes(b"good").unwrap();
-        store.put(&blob_key(&d), Bytes::from_static(b"evil")).unwrap();
+        store
+            .put(&blob_key(&d), Bytes::from_static(b"evil"))
+            .unwrap();
         let e = a.get_bytes(&d).unwrap_err().to_string();
         assert!(e.contains(&d.to_hex()), "{e}");
         let (_dir, m) = dir_with(&[("f", b"good")]);
         let out = tempfile::tempdir().unwrap();
         assert!(a.materialize(&m, &out.path().join("x")).is_err());
-        assert!(!out.path().join("x/f").exists(), "a corrupt blob is never left in place");
+        assert!(
+            !out.path().join("x/f").exists(),
+            "a corrupt blob is never left in place"
+        );
     }
 
     #[test]
@@ -393,7 +491,12 @@ mod tests {
         let fp = Digest::of_bytes(b"fp");
         assert_eq!(a.get_run(&fp).unwrap(), None);
         let out = a.put_manifest(&Manifest::default()).unwrap();
-        let r = RunRecord { kind: "k".into(), output: out, files: 0, bytes: 0 };
+        let r = RunRecord {
+            kind: "k".into(),
+            output: out,
+            files: 0,
+            bytes: 0,
+        };
         a.put_run(&fp, &r).unwrap();
         assert_eq!(a.get_run(&fp).unwrap(), Some(r));
         assert_eq!(a.list_runs().unwrap()[0].1, Some(fp));

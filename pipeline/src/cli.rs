@@ -14,16 +14,20 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, ExecutorKind, Override};
-use crate::digest::Digest;
 use crate::context::Progress;
+use crate::digest::Digest;
 use crate::error::Error;
 use crate::maintenance;
-use crate::share;
 use crate::registry::Registry;
-use crate::runner::{Engine, RunOptions, State, StageOutcome, Work, WorkerOutcome};
+use crate::runner::{Engine, RunOptions, StageOutcome, State, Work, WorkerOutcome};
+use crate::share;
 
 #[derive(Parser, Debug)]
-#[command(name = "melanoflow", version, about = "Content-hashed pipeline: CycleGAN augmentation for melanoma classification")]
+#[command(
+    name = "melanoflow",
+    version,
+    about = "Content-hashed pipeline: CycleGAN augmentation for melanoma classification"
+)]
 pub struct Cli {
     /// The pipeline file.
     #[arg(long, short = 'c', global = true, default_value = "data/pipeline.toml")]
@@ -181,7 +185,10 @@ pub fn main(registry: Registry) -> ExitCode {
 /// Runs the CLI with the given stage kinds and application commands.
 pub fn main_with(registry: Registry, app: &[AppCommand]) -> ExitCode {
     use clap::{CommandFactory, FromArgMatches};
-    let listing: String = app.iter().map(|c| format!("  {:<10} {}\n", c.name, c.about)).collect();
+    let listing: String = app
+        .iter()
+        .map(|c| format!("  {:<10} {}\n", c.name, c.about))
+        .collect();
     let command = Cli::command().after_help(format!("Application commands:\n{listing}"));
     let cli = match Cli::from_arg_matches(&command.get_matches()) {
         Ok(cli) => cli,
@@ -203,7 +210,9 @@ pub fn main_with(registry: Registry, app: &[AppCommand]) -> ExitCode {
                 source = cause.source();
             }
             match e {
-                Error::Config(_) | Error::UnknownStage { .. } | Error::UnknownCommand(_) => ExitCode::from(2),
+                Error::Config(_) | Error::UnknownStage { .. } | Error::UnknownCommand(_) => {
+                    ExitCode::from(2)
+                }
                 _ => ExitCode::FAILURE,
             }
         }
@@ -219,12 +228,24 @@ fn init_logging(quiet: bool, verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MELANOFLOW_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }
 
-fn run_app(cli: &Cli, registry: &Registry, app: &[AppCommand], args: &[String]) -> Result<ExitCode, Error> {
+fn run_app(
+    cli: &Cli,
+    registry: &Registry,
+    app: &[AppCommand],
+    args: &[String],
+) -> Result<ExitCode, Error> {
     let name = args.first().map(String::as_str).unwrap_or_default();
-    let command = app.iter().find(|c| c.name == name).ok_or_else(|| Error::UnknownCommand(name.to_string()))?;
+    let command = app
+        .iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| Error::UnknownCommand(name.to_string()))?;
     // clap hands an external subcommand everything after its name, global
     // options included: take `--config`/`-c` and `--quiet`/`-q` back out.
     let mut config = cli.config.clone();
@@ -233,7 +254,12 @@ fn run_app(cli: &Cli, registry: &Registry, app: &[AppCommand], args: &[String]) 
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--config" | "-c" => config = it.next().map(PathBuf::from).ok_or_else(|| Error::UnknownCommand(format!("{name} {a} (needs a file)")))?,
+            "--config" | "-c" => {
+                config = it
+                    .next()
+                    .map(PathBuf::from)
+                    .ok_or_else(|| Error::UnknownCommand(format!("{name} {a} (needs a file)")))?
+            }
             "--quiet" | "-q" => quiet = true,
             _ => match a.strip_prefix("--config=") {
                 Some(v) => config = PathBuf::from(v),
@@ -241,14 +267,28 @@ fn run_app(cli: &Cli, registry: &Registry, app: &[AppCommand], args: &[String]) 
             },
         }
     }
-    let invocation = AppInvocation { config: &config, overrides: &cli.overrides, quiet, registry, args: &rest };
-    (command.run)(&invocation).map_err(|source| Error::Command { command: name.to_string(), source })
+    let invocation = AppInvocation {
+        config: &config,
+        overrides: &cli.overrides,
+        quiet,
+        registry,
+        args: &rest,
+    };
+    (command.run)(&invocation).map_err(|source| Error::Command {
+        command: name.to_string(),
+        source,
+    })
 }
 
 fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
     if let Command::Kinds = cli.command {
         for k in registry.kinds() {
-            println!("{:<18} {:<12} {}", k.kind(), crate::registry::short_code(k.code()), k.about());
+            println!(
+                "{:<18} {:<12} {}",
+                k.kind(),
+                crate::registry::short_code(k.code()),
+                k.about()
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -258,7 +298,15 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
     }
     let progress = Progress::new(cli.quiet);
     match &cli.command {
-        Command::Run { stages, force, dry_run, no_wait, jobs, executor, keep_going } => {
+        Command::Run {
+            stages,
+            force,
+            dry_run,
+            no_wait,
+            jobs,
+            executor,
+            keep_going,
+        } => {
             let started = Instant::now();
             let executor = executor.unwrap_or(pipeline.executor.kind);
             let jobs = jobs.or(pipeline.executor.jobs).unwrap_or(1);
@@ -283,7 +331,13 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
             let result = match executor {
                 ExecutorKind::Slurm if !*dry_run => {
                     let worker = worker_command(cli, &engine.pipeline)?;
-                    crate::slurm::run(&mut engine, &opts, &worker, &mut |line| println!("{line}"), &mut print)
+                    crate::slurm::run(
+                        &mut engine,
+                        &opts,
+                        &worker,
+                        &mut |line| println!("{line}"),
+                        &mut print,
+                    )
                 }
                 _ => engine.run(&opts, &mut print),
             };
@@ -306,7 +360,10 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
         }
         Command::Status { stages, json } => {
             let mut engine = Engine::open(pipeline, registry, progress)?;
-            let outcomes = engine.plan(&RunOptions { targets: stages.clone(), ..Default::default() })?;
+            let outcomes = engine.plan(&RunOptions {
+                targets: stages.clone(),
+                ..Default::default()
+            })?;
             if *json {
                 let doc = serde_json::json!({
                     "pipeline": engine.pipeline.file,
@@ -335,24 +392,46 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
         Command::Gc { dry_run } => {
             let engine = Engine::open(pipeline, registry, progress)?;
             let _guard = engine.run_lock(true)?;
-            let locks: Vec<_> = maintenance::lock_files_in(&engine.pipeline.base_dir)?.into_iter().map(|(_, l)| l).collect();
+            let locks: Vec<_> = maintenance::lock_files_in(&engine.pipeline.base_dir)?
+                .into_iter()
+                .map(|(_, l)| l)
+                .collect();
             let r = maintenance::gc(engine.artifacts(), &locks, *dry_run)?;
             let verb = if *dry_run { "would delete" } else { "deleted" };
-            let parts = if r.deleted_parts > 0 { format!(" (and {} part records of split stages)", r.deleted_parts) } else { String::new() };
+            let parts = if r.deleted_parts > 0 {
+                format!(" (and {} part records of split stages)", r.deleted_parts)
+            } else {
+                String::new()
+            };
             println!(
                 "{verb} {} blobs and {} run records{parts}; kept {} blobs and {} run records referenced by {} lock file(s)",
-                r.deleted_blobs, r.deleted_runs, r.kept_blobs, r.kept_runs, locks.len()
+                r.deleted_blobs,
+                r.deleted_runs,
+                r.kept_blobs,
+                r.kept_runs,
+                locks.len()
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { against: Some(expected), .. } => {
+        Command::Verify {
+            against: Some(expected),
+            ..
+        } => {
             let expected = crate::lockfile::LockFile::load(expected)?;
             let actual = crate::lockfile::LockFile::load(&pipeline.lock_path())?;
             let report = crate::golden::compare(&expected, &actual);
             print!("{report}");
-            Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        Command::Verify { rerun: true, stages, .. } => {
+        Command::Verify {
+            rerun: true,
+            stages,
+            ..
+        } => {
             let mut engine = Engine::open(pipeline, registry, progress)?;
             let quiet = cli.quiet;
             let outcomes = engine.verify_rerun(stages, &mut |o| {
@@ -364,13 +443,25 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
             println!(
                 "re-ran {} stage(s): {}",
                 outcomes.len(),
-                if differ == 0 { "every output matches the lock file".to_string() } else { format!("{differ} differ from the lock file") }
+                if differ == 0 {
+                    "every output matches the lock file".to_string()
+                } else {
+                    format!("{differ} differ from the lock file")
+                }
             );
-            Ok(if differ == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if differ == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Verify { rerun: false, .. } => {
             let engine = Engine::open(pipeline, registry, progress)?;
-            let r = maintenance::verify(engine.artifacts(), engine.lock_file(), &engine.pipeline.out_dir)?;
+            let r = maintenance::verify(
+                engine.artifacts(),
+                engine.lock_file(),
+                &engine.pipeline.out_dir,
+            )?;
             for p in &r.problems {
                 println!("MISMATCH {}: {}", p.stage, p.what);
             }
@@ -378,11 +469,26 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
                 "verified {} stage(s), {} stored file(s): {}",
                 r.stages,
                 r.blobs,
-                if r.problems.is_empty() { "all match the lock file".to_string() } else { format!("{} problem(s)", r.problems.len()) }
+                if r.problems.is_empty() {
+                    "all match the lock file".to_string()
+                } else {
+                    format!("{} problem(s)", r.problems.len())
+                }
             );
-            Ok(if r.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if r.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        Command::RunStage { stage, fingerprint, force, parts, part, assemble } => {
+        Command::RunStage {
+            stage,
+            fingerprint,
+            force,
+            parts,
+            part,
+            assemble,
+        } => {
             let started = Instant::now();
             let work = match (parts, assemble) {
                 (Some(parts), _) => {
@@ -393,9 +499,14 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
                         })?,
                     };
                     if part >= *parts {
-                        return Err(Error::Worker(format!("part {part} of {parts}: parts count from 0")));
+                        return Err(Error::Worker(format!(
+                            "part {part} of {parts}: parts count from 0"
+                        )));
                     }
-                    Work::Part { part, parts: *parts }
+                    Work::Part {
+                        part,
+                        parts: *parts,
+                    }
                 }
                 (None, Some(parts)) => Work::Assemble { parts: *parts },
                 (None, None) => Work::Whole,
@@ -403,10 +514,20 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
             let mut engine = Engine::open(pipeline, registry, progress)?;
             match engine.run_stage(stage, *fingerprint, *force, work)? {
                 WorkerOutcome::Committed { output, summary } => {
-                    let summary = if summary.is_empty() { String::new() } else { format!(": {summary}") };
-                    println!("committed {stage} -> {} ({:.1}s){summary}", output.short(), started.elapsed().as_secs_f64())
+                    let summary = if summary.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {summary}")
+                    };
+                    println!(
+                        "committed {stage} -> {} ({:.1}s){summary}",
+                        output.short(),
+                        started.elapsed().as_secs_f64()
+                    )
                 }
-                WorkerOutcome::AlreadyCommitted { output } => println!("already committed {stage} -> {}", output.short()),
+                WorkerOutcome::AlreadyCommitted { output } => {
+                    println!("already committed {stage} -> {}", output.short())
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -417,14 +538,25 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
             println!("{}", report.line("pushed"));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Pull { stages, no_checkout } => {
+        Command::Pull {
+            stages,
+            no_checkout,
+        } => {
             let mut engine = Engine::open(pipeline, registry, progress)?;
             let names = engine.locked_stages(stages)?;
             let report = share::pull(engine.artifacts(), engine.lock_file(), &names)?;
             println!("{}", report.line("pulled"));
             if !no_checkout {
                 let written = engine.checkout(stages)?;
-                println!("checked out {} output folder(s){}", written.len(), if written.is_empty() { String::new() } else { format!(": {}", written.join(", ")) });
+                println!(
+                    "checked out {} output folder(s){}",
+                    written.len(),
+                    if written.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", written.join(", "))
+                    }
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -435,10 +567,16 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
 
 /// How Slurm jobs call this binary back: the same program (or `[executor]
 /// command`), the same pipeline file and the same global options.
-fn worker_command(cli: &Cli, pipeline: &config::Pipeline) -> Result<crate::slurm::WorkerCommand, Error> {
+fn worker_command(
+    cli: &Cli,
+    pipeline: &config::Pipeline,
+) -> Result<crate::slurm::WorkerCommand, Error> {
     let program = match &pipeline.executor.command {
         Some(c) => c.clone(),
-        None => std::env::current_exe().map_err(|e| Error::io("the melanoflow binary", e))?.display().to_string(),
+        None => std::env::current_exe()
+            .map_err(|e| Error::io("the melanoflow binary", e))?
+            .display()
+            .to_string(),
     };
     let config = std::path::absolute(&cli.config).map_err(|e| Error::io(&cli.config, e))?;
     let mut global_args = vec!["--config".to_string(), config.display().to_string()];
@@ -448,7 +586,10 @@ fn worker_command(cli: &Cli, pipeline: &config::Pipeline) -> Result<crate::slurm
     if cli.remote_read_only {
         global_args.push("--remote-read-only".into());
     }
-    Ok(crate::slurm::WorkerCommand { program, global_args })
+    Ok(crate::slurm::WorkerCommand {
+        program,
+        global_args,
+    })
 }
 
 fn summary(outcomes: &[StageOutcome], seconds: f64) -> String {
@@ -468,5 +609,9 @@ fn summary(outcomes: &[StageOutcome], seconds: f64) -> String {
             parts.push(format!("{n} {label}"));
         }
     }
-    format!("{} stage(s): {} in {seconds:.2}s", outcomes.len(), parts.join(", "))
+    format!(
+        "{} stage(s): {} in {seconds:.2}s",
+        outcomes.len(),
+        parts.join(", ")
+    )
 }

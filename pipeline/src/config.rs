@@ -10,8 +10,8 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use toml::de::{DeTable, DeValue};
 use toml::Spanned;
+use toml::de::{DeTable, DeValue};
 
 use crate::dag;
 use crate::registry::{ParsedParams, Registry, Resources};
@@ -138,12 +138,20 @@ pub struct Override {
 impl std::str::FromStr for Override {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (lhs, value) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected STAGE.KEY=VALUE"))?;
-        let (stage, key) = lhs.split_once('.').ok_or_else(|| format!("`{s}`: expected STAGE.KEY=VALUE"))?;
+        let (lhs, value) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}`: expected STAGE.KEY=VALUE"))?;
+        let (stage, key) = lhs
+            .split_once('.')
+            .ok_or_else(|| format!("`{s}`: expected STAGE.KEY=VALUE"))?;
         if stage.is_empty() || key.is_empty() {
             return Err(format!("`{s}`: expected STAGE.KEY=VALUE"));
         }
-        Ok(Override { stage: stage.into(), key: key.into(), value: value.into() })
+        Ok(Override {
+            stage: stage.into(),
+            key: key.into(),
+            value: value.into(),
+        })
     }
 }
 
@@ -156,7 +164,11 @@ impl std::fmt::Display for Override {
 const STAGE_RESERVED: &[&str] = &["kind", "inputs", "resources"];
 
 /// Reads, parses and validates a pipeline file.
-pub fn load(file: &Path, registry: &Registry, overrides: &[Override]) -> Result<Pipeline, ConfigError> {
+pub fn load(
+    file: &Path,
+    registry: &Registry,
+    overrides: &[Override],
+) -> Result<Pipeline, ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
         file: file.into(),
         line: None,
@@ -167,7 +179,12 @@ pub fn load(file: &Path, registry: &Registry, overrides: &[Override]) -> Result<
 }
 
 /// Parses and validates pipeline text; `file` is used for paths and messages.
-pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override]) -> Result<Pipeline, ConfigError> {
+pub fn parse(
+    file: &Path,
+    text: &str,
+    registry: &Registry,
+    overrides: &[Override],
+) -> Result<Pipeline, ConfigError> {
     let err_at = |span: Option<std::ops::Range<usize>>, message: String| {
         let (line, column) = match span {
             Some(s) if s.start <= text.len() => {
@@ -176,7 +193,12 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
             }
             _ => (None, None),
         };
-        ConfigError { file: file.into(), line, column, message }
+        ConfigError {
+            file: file.into(),
+            line,
+            column,
+            message,
+        }
     };
     let root = DeTable::parse(text).map_err(|e| err_at(e.span(), e.message().to_string()))?;
     let base_dir = absolute(file.parent().unwrap_or(Path::new("")));
@@ -191,7 +213,12 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
         match key.get_ref().as_ref() {
             "store" => {
                 store_url = string_field(&value, "url", "store", &err_at)?.unwrap_or(store_url);
-                only_keys(&value, &["url", "remote", "endpoint", "region", "remote_read_only"], "store", &err_at)?;
+                only_keys(
+                    &value,
+                    &["url", "remote", "endpoint", "region", "remote_read_only"],
+                    "store",
+                    &err_at,
+                )?;
                 remote = remote_config(&value, &err_at)?;
             }
             "executor" => {
@@ -205,7 +232,10 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
             }
             "stages" => {
                 let DeValue::Table(stages) = value.into_inner() else {
-                    return Err(err_at(Some(key_span), "`stages` must be a table of `[stages.NAME]` tables".into()));
+                    return Err(err_at(
+                        Some(key_span),
+                        "`stages` must be a table of `[stages.NAME]` tables".into(),
+                    ));
                 };
                 for (name, table) in stages {
                     let line = line_col(text, name.span().start).0;
@@ -215,7 +245,9 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
             other => {
                 return Err(err_at(
                     Some(key_span),
-                    format!("unknown key `{other}`, expected one of `store`, `outputs`, `executor`, `stages`"),
+                    format!(
+                        "unknown key `{other}`, expected one of `store`, `outputs`, `executor`, `stages`"
+                    ),
                 ));
             }
         }
@@ -237,36 +269,67 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
     for (name, table, line) in stage_tables {
         let span = table.span();
         let DeValue::Table(mut table) = table.into_inner() else {
-            return Err(err_at(Some(span.clone()), format!("stage `{name}` must be a table")));
+            return Err(err_at(
+                Some(span.clone()),
+                format!("stage `{name}` must be a table"),
+            ));
         };
         if !is_valid_name(&name) {
             return Err(err_at(
                 Some(span.clone()),
-                format!("stage name `{name}` must be letters, digits, `_` or `-` (it names a folder)"),
+                format!(
+                    "stage name `{name}` must be letters, digits, `_` or `-` (it names a folder)"
+                ),
             ));
         }
         let kind = match take(&mut table, "kind") {
             Some(v) => match v.get_ref() {
                 DeValue::String(s) => s.to_string(),
-                _ => return Err(err_at(Some(v.span()), format!("stages.{name}.kind must be a string"))),
+                _ => {
+                    return Err(err_at(
+                        Some(v.span()),
+                        format!("stages.{name}.kind must be a string"),
+                    ));
+                }
             },
-            None => return Err(err_at(Some(span.clone()), format!("stage `{name}` has no `kind` (one of {})", registry.kinds_list()))),
+            None => {
+                return Err(err_at(
+                    Some(span.clone()),
+                    format!(
+                        "stage `{name}` has no `kind` (one of {})",
+                        registry.kinds_list()
+                    ),
+                ));
+            }
         };
         let stage_kind = registry.get(&kind).ok_or_else(|| {
-            err_at(Some(span.clone()), format!("stages.{name}: unknown kind `{kind}`, expected one of {}", registry.kinds_list()))
+            err_at(
+                Some(span.clone()),
+                format!(
+                    "stages.{name}: unknown kind `{kind}`, expected one of {}",
+                    registry.kinds_list()
+                ),
+            )
         })?;
         let inputs = match take(&mut table, "inputs") {
             None => Vec::new(),
             Some(v) => string_list(&v).ok_or_else(|| {
-                err_at(Some(v.span()), format!("stages.{name}.inputs must be a list of stage names"))
+                err_at(
+                    Some(v.span()),
+                    format!("stages.{name}.inputs must be a list of stage names"),
+                )
             })?,
         };
         let explicit = match take(&mut table, "resources") {
             None => Resources::default(),
             Some(v) => {
                 use serde::Deserialize;
-                Resources::deserialize(toml::de::ValueDeserializer::from(v))
-                    .map_err(|e| err_at(e.span(), format!("stages.{name}.resources: {}", e.message())))?
+                Resources::deserialize(toml::de::ValueDeserializer::from(v)).map_err(|e| {
+                    err_at(
+                        e.span(),
+                        format!("stages.{name}.resources: {}", e.message()),
+                    )
+                })?
             }
         };
         let file_table = table.clone();
@@ -277,48 +340,91 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
         let my_overrides: Vec<&Override> = overrides.iter().filter(|o| o.stage == name).collect();
         for o in &my_overrides {
             if STAGE_RESERVED.contains(&o.key.as_str()) {
-                return Err(ConfigError { file: file.into(), line: None, column: None, message: format!("--set {o}: `{}` cannot be overridden", o.key) });
+                return Err(ConfigError {
+                    file: file.into(),
+                    line: None,
+                    column: None,
+                    message: format!("--set {o}: `{}` cannot be overridden", o.key),
+                });
             }
             let value = match DeValue::parse(&o.value) {
                 Ok(v) => v.into_inner(),
                 // A bare word is a string: `--set ingest.duplicates=dups.csv`.
                 Err(_) => DeValue::String(Cow::Borrowed(o.value.as_str())),
             };
-            table.insert(Spanned::new(0..0, Cow::Borrowed(o.key.as_str())), Spanned::new(0..0, value));
+            table.insert(
+                Spanned::new(0..0, Cow::Borrowed(o.key.as_str())),
+                Spanned::new(0..0, value),
+            );
         }
-        let params = match stage_kind.parse_params(Spanned::new(span.clone(), DeValue::Table(table))) {
-            Ok(p) => p,
-            Err(e) => {
-                let blame_overrides = !my_overrides.is_empty()
-                    && stage_kind.parse_params(Spanned::new(span.clone(), DeValue::Table(file_table))).is_ok();
-                if blame_overrides {
-                    let list = my_overrides.iter().map(|o| format!("--set {o}")).collect::<Vec<_>>().join(", ");
-                    return Err(ConfigError { file: file.into(), line: None, column: None, message: format!("{list}: {}", e.message()) });
+        let params =
+            match stage_kind.parse_params(Spanned::new(span.clone(), DeValue::Table(table))) {
+                Ok(p) => p,
+                Err(e) => {
+                    let blame_overrides = !my_overrides.is_empty()
+                        && stage_kind
+                            .parse_params(Spanned::new(span.clone(), DeValue::Table(file_table)))
+                            .is_ok();
+                    if blame_overrides {
+                        let list = my_overrides
+                            .iter()
+                            .map(|o| format!("--set {o}"))
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        return Err(ConfigError {
+                            file: file.into(),
+                            line: None,
+                            column: None,
+                            message: format!("{list}: {}", e.message()),
+                        });
+                    }
+                    let key = e
+                        .span()
+                        .and_then(|at| key_spans.iter().find(|(_, span)| span.contains(&at.start)))
+                        .map(|(k, _)| format!(".{k}"))
+                        .unwrap_or_default();
+                    return Err(err_at(
+                        e.span(),
+                        format!("stages.{name}{key} (kind `{kind}`): {}", e.message()),
+                    ));
                 }
-                let key = e
-                    .span()
-                    .and_then(|at| key_spans.iter().find(|(_, span)| span.contains(&at.start)))
-                    .map(|(k, _)| format!(".{k}"))
-                    .unwrap_or_default();
-                return Err(err_at(e.span(), format!("stages.{name}{key} (kind `{kind}`): {}", e.message())));
-            }
-        };
+            };
         stage_kind
             .check(&params, &inputs)
             .map_err(|m| err_at(Some(span.clone()), format!("stages.{name}: {m}")))?;
         if explicit.array.is_some_and(|n| n > 1) && !stage_kind.splits() {
-            return Err(err_at(Some(span.clone()), format!("stages.{name}.resources.array: kind `{kind}` cannot be split into parts (only map stages can)")));
+            return Err(err_at(
+                Some(span.clone()),
+                format!(
+                    "stages.{name}.resources.array: kind `{kind}` cannot be split into parts (only map stages can)"
+                ),
+            ));
         }
         let resources = explicit.or(stage_kind.resources(&params));
-        stages.push(StageDecl { name, kind, inputs, line, params, resources });
+        stages.push(StageDecl {
+            name,
+            kind,
+            inputs,
+            line,
+            params,
+            resources,
+        });
     }
 
     let order = dag::topo_order(&stages).map_err(|e| {
         let line = stages.iter().find(|s| s.name == e.stage()).map(|s| s.line);
-        ConfigError { file: file.into(), line, column: None, message: e.to_string() }
+        ConfigError {
+            file: file.into(),
+            line,
+            column: None,
+            message: e.to_string(),
+        }
     })?;
     let mut slots: Vec<Option<StageDecl>> = stages.into_iter().map(Some).collect();
-    let stages = order.into_iter().map(|i| slots[i].take().expect("each index once")).collect();
+    let stages = order
+        .into_iter()
+        .map(|i| slots[i].take().expect("each index once"))
+        .collect();
 
     Ok(Pipeline {
         file: file.into(),
@@ -331,7 +437,10 @@ pub fn parse(file: &Path, text: &str, registry: &Registry, overrides: &[Override
     })
 }
 
-fn remote_config(store: &Spanned<DeValue>, err_at: &ErrAt) -> Result<Option<RemoteConfig>, ConfigError> {
+fn remote_config(
+    store: &Spanned<DeValue>,
+    err_at: &ErrAt,
+) -> Result<Option<RemoteConfig>, ConfigError> {
     let url = string_field(store, "remote", "store", err_at)?;
     let endpoint = string_field(store, "endpoint", "store", err_at)?;
     let region = string_field(store, "region", "store", err_at)?;
@@ -339,7 +448,15 @@ fn remote_config(store: &Spanned<DeValue>, err_at: &ErrAt) -> Result<Option<Remo
         None => false,
         Some(v) => match v.get_ref() {
             DeValue::Boolean(b) => *b,
-            other => return Err(err_at(Some(v.span()), format!("store.remote_read_only: expected true or false, found {}", other.type_str()))),
+            other => {
+                return Err(err_at(
+                    Some(v.span()),
+                    format!(
+                        "store.remote_read_only: expected true or false, found {}",
+                        other.type_str()
+                    ),
+                ));
+            }
         },
     };
     match url {
@@ -352,8 +469,12 @@ fn remote_config(store: &Spanned<DeValue>, err_at: &ErrAt) -> Result<Option<Remo
 }
 
 fn field<'a, 'i>(v: &'a Spanned<DeValue<'i>>, key: &str) -> Option<&'a Spanned<DeValue<'i>>> {
-    let DeValue::Table(t) = v.get_ref() else { return None };
-    t.iter().find(|(k, _)| k.get_ref().as_ref() == key).map(|(_, v)| v)
+    let DeValue::Table(t) = v.get_ref() else {
+        return None;
+    };
+    t.iter()
+        .find(|(k, _)| k.get_ref().as_ref() == key)
+        .map(|(_, v)| v)
 }
 
 fn take<'i>(table: &mut DeTable<'i>, key: &str) -> Option<Spanned<DeValue<'i>>> {
@@ -376,7 +497,12 @@ fn string_list(v: &Spanned<DeValue>) -> Option<Vec<String>> {
 
 type ErrAt<'a> = dyn Fn(Option<std::ops::Range<usize>>, String) -> ConfigError + 'a;
 
-fn string_field(v: &Spanned<DeValue>, key: &str, table: &str, err_at: &ErrAt) -> Result<Option<String>, ConfigError> {
+fn string_field(
+    v: &Spanned<DeValue>,
+    key: &str,
+    table: &str,
+    err_at: &ErrAt,
+) -> Result<Option<String>, ConfigError> {
     if !matches!(v.get_ref(), DeValue::Table(_)) {
         return Err(err_at(Some(v.span()), format!("`{table}` must be a table")));
     }
@@ -384,17 +510,38 @@ fn string_field(v: &Spanned<DeValue>, key: &str, table: &str, err_at: &ErrAt) ->
         None => Ok(None),
         Some(val) => match val.get_ref() {
             DeValue::String(s) => Ok(Some(s.to_string())),
-            other => Err(err_at(Some(val.span()), format!("{table}.{key}: expected a string, found {}", other.type_str()))),
+            other => Err(err_at(
+                Some(val.span()),
+                format!(
+                    "{table}.{key}: expected a string, found {}",
+                    other.type_str()
+                ),
+            )),
         },
     }
 }
 
-fn only_keys(v: &Spanned<DeValue>, allowed: &[&str], table: &str, err_at: &ErrAt) -> Result<(), ConfigError> {
+fn only_keys(
+    v: &Spanned<DeValue>,
+    allowed: &[&str],
+    table: &str,
+    err_at: &ErrAt,
+) -> Result<(), ConfigError> {
     if let DeValue::Table(t) = v.get_ref() {
         for k in t.keys() {
             if !allowed.contains(&k.get_ref().as_ref()) {
-                let expected = allowed.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ");
-                return Err(err_at(Some(k.span()), format!("{table}: unknown key `{}`, expected {expected}", k.get_ref())));
+                let expected = allowed
+                    .iter()
+                    .map(|a| format!("`{a}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(err_at(
+                    Some(k.span()),
+                    format!(
+                        "{table}: unknown key `{}`, expected {expected}",
+                        k.get_ref()
+                    ),
+                ));
             }
         }
     }
@@ -402,19 +549,31 @@ fn only_keys(v: &Spanned<DeValue>, allowed: &[&str], table: &str, err_at: &ErrAt
 }
 
 fn is_valid_name(name: &str) -> bool {
-    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// 1-based line and column of a byte offset.
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
     (line, col)
 }
 
 fn absolute(p: &Path) -> PathBuf {
-    let p = if p.as_os_str().is_empty() { Path::new(".") } else { p };
+    let p = if p.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        p
+    };
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
@@ -442,7 +601,11 @@ mod tests {
         const CODE: &'static str = "test-code";
         const ABOUT: &'static str = "test kind";
         fn check(&self, p: &ToyParams, _inputs: &[String]) -> Result<(), String> {
-            if p.rate > 1.0 { Err(format!("`rate` must be at most 1, not {}", p.rate)) } else { Ok(()) }
+            if p.rate > 1.0 {
+                Err(format!("`rate` must be at most 1, not {}", p.rate))
+            } else {
+                Ok(())
+            }
         }
         fn run(&self, _: &ToyParams, _: &StageContext) -> Result<StageReport, BoxError> {
             Ok(StageReport::default())
@@ -467,13 +630,30 @@ mod tests {
         let p = parse_text(GOOD, &[]).unwrap();
         assert_eq!(p.executor, ExecutorConfig::default());
         assert_eq!(p.stage("a").unwrap().resources, Resources::default());
-        let text = format!("[executor]\nkind = \"slurm\"\npartition = \"gpu\"\n\n{GOOD}\n[stages.a.resources]\ncpus = 4\nmem = \"8G\"\n");
+        let text = format!(
+            "[executor]\nkind = \"slurm\"\npartition = \"gpu\"\n\n{GOOD}\n[stages.a.resources]\ncpus = 4\nmem = \"8G\"\n"
+        );
         let p = parse_text(&text, &[]).unwrap();
-        assert_eq!((p.executor.kind, p.executor.partition.as_deref()), (ExecutorKind::Slurm, Some("gpu")));
+        assert_eq!(
+            (p.executor.kind, p.executor.partition.as_deref()),
+            (ExecutorKind::Slurm, Some("gpu"))
+        );
         let r = &p.stage("a").unwrap().resources;
-        assert_eq!((r.cpus, r.mem.as_deref(), r.gpus), (Some(4), Some("8G"), None));
+        assert_eq!(
+            (r.cpus, r.mem.as_deref(), r.gpus),
+            (Some(4), Some("8G"), None)
+        );
         let fp_params = &p.stage("a").unwrap().params.canonical;
-        assert_eq!(fp_params, &parse_text(GOOD, &[]).unwrap().stage("a").unwrap().params.canonical, "resources are not parameters");
+        assert_eq!(
+            fp_params,
+            &parse_text(GOOD, &[])
+                .unwrap()
+                .stage("a")
+                .unwrap()
+                .params
+                .canonical,
+            "resources are not parameters"
+        );
         let e = parse_text(&format!("{GOOD}\n[stages.a.resources]\ngpu = 1\n"), &[]).unwrap_err();
         assert!(e.contains("stages.a.resources") && e.contains("gpu"), "{e}");
         let e = parse_text(&format!("[executor]\nkind = \"kubernetes\"\n{GOOD}"), &[]).unwrap_err();
@@ -485,12 +665,34 @@ mod tests {
         assert_eq!(parse_text(GOOD, &[]).unwrap().remote, None);
         let text = GOOD.replace("url = \"store\"\n", "url = \"store\"\nremote = \"s3://b/p\"\nendpoint = \"http://127.0.0.1:9000\"\nremote_read_only = true\n");
         let remote = parse_text(&text, &[]).unwrap().remote.unwrap();
-        let expected = RemoteConfig { url: "s3://b/p".into(), endpoint: Some("http://127.0.0.1:9000".into()), region: None, read_only: true };
+        let expected = RemoteConfig {
+            url: "s3://b/p".into(),
+            endpoint: Some("http://127.0.0.1:9000".into()),
+            region: None,
+            read_only: true,
+        };
         assert_eq!(remote, expected);
-        let e = parse_text(&GOOD.replace("url = \"store\"\n", "url = \"store\"\nendpoint = \"http://x\"\n"), &[]).unwrap_err();
+        let e = parse_text(
+            &GOOD.replace(
+                "url = \"store\"\n",
+                "url = \"store\"\nendpoint = \"http://x\"\n",
+            ),
+            &[],
+        )
+        .unwrap_err();
         assert!(e.contains("set `remote"), "{e}");
-        let e = parse_text(&GOOD.replace("url = \"store\"\n", "url = \"store\"\nremote = \"s3://b\"\nremote_read_only = \"yes\"\n"), &[]).unwrap_err();
-        assert!(e.contains(":4:") && e.contains("expected true or false"), "{e}");
+        let e = parse_text(
+            &GOOD.replace(
+                "url = \"store\"\n",
+                "url = \"store\"\nremote = \"s3://b\"\nremote_read_only = \"yes\"\n",
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.contains(":4:") && e.contains("expected true or false"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -514,7 +716,10 @@ mod tests {
     fn wrong_type_names_line() {
         let e = parse_text("[stages.a]\nkind = \"toy\"\n\nseed = \"many\"\n", &[]).unwrap_err();
         assert!(e.starts_with("data/p.toml:4:"), "{e}");
-        assert!(e.contains("stages.a.seed (kind `toy`): invalid type: string \"many\""), "{e}");
+        assert!(
+            e.contains("stages.a.seed (kind `toy`): invalid type: string \"many\""),
+            "{e}"
+        );
     }
 
     #[test]
@@ -528,9 +733,15 @@ mod tests {
     #[test]
     fn missing_upstream_and_cycle_and_self_loop() {
         let e = parse_text("[stages.a]\nkind = \"toy\"\ninputs = [\"nope\"]\n", &[]).unwrap_err();
-        assert!(e.contains("data/p.toml:1: stages.a.inputs: no stage named `nope`"), "{e}");
+        assert!(
+            e.contains("data/p.toml:1: stages.a.inputs: no stage named `nope`"),
+            "{e}"
+        );
         let e = parse_text("[stages.a]\nkind = \"toy\"\ninputs = [\"b\"]\n[stages.b]\nkind = \"toy\"\ninputs = [\"a\"]\n", &[]).unwrap_err();
-        assert!(e.contains("stages form a cycle: a -> b -> a") || e.contains("b -> a -> b"), "{e}");
+        assert!(
+            e.contains("stages form a cycle: a -> b -> a") || e.contains("b -> a -> b"),
+            "{e}"
+        );
         let e = parse_text("[stages.a]\nkind = \"toy\"\ninputs = [\"a\"]\n", &[]).unwrap_err();
         assert!(e.contains("cannot read its own output"), "{e}");
     }
@@ -538,7 +749,10 @@ mod tests {
     #[test]
     fn unknown_kind_and_missing_kind() {
         let e = parse_text("[stages.a]\nkind = \"tyo\"\n", &[]).unwrap_err();
-        assert!(e.contains("unknown kind `tyo`, expected one of `toy`"), "{e}");
+        assert!(
+            e.contains("unknown kind `tyo`, expected one of `toy`"),
+            "{e}"
+        );
         let e = parse_text("[stages.a]\nseed = 1\n", &[]).unwrap_err();
         assert!(e.contains("has no `kind`"), "{e}");
     }
@@ -546,20 +760,29 @@ mod tests {
     #[test]
     fn stage_check_is_reported_at_the_stage() {
         let e = parse_text("[stages.a]\nkind = \"toy\"\nrate = 2.0\n", &[]).unwrap_err();
-        assert!(e.contains("data/p.toml:1:") && e.contains("`rate` must be at most 1"), "{e}");
+        assert!(
+            e.contains("data/p.toml:1:") && e.contains("`rate` must be at most 1"),
+            "{e}"
+        );
     }
 
     #[test]
     fn overrides_apply_and_bad_ones_name_the_flag() {
         let p = parse_text(GOOD, &["b.seed=9", "a.path=some/file.csv"]).unwrap();
         assert_eq!(p.stage("b").unwrap().params.canonical["seed"], 9);
-        assert_eq!(p.stage("a").unwrap().params.canonical["path"], "some/file.csv");
+        assert_eq!(
+            p.stage("a").unwrap().params.canonical["path"],
+            "some/file.csv"
+        );
         let e = parse_text(GOOD, &["b.seed=many"]).unwrap_err();
         assert!(e.contains("--set b.seed=many"), "{e}");
         let e = parse_text(GOOD, &["zz.seed=1"]).unwrap_err();
         assert!(e.contains("no stage `zz`"), "{e}");
         let e = parse_text(GOOD, &["b.sede=1"]).unwrap_err();
-        assert!(e.contains("--set b.sede=1") && e.contains("unknown field"), "{e}");
+        assert!(
+            e.contains("--set b.sede=1") && e.contains("unknown field"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -73,7 +73,9 @@ pub struct StageReport {
 
 impl StageReport {
     pub fn new(summary: impl Into<String>) -> Self {
-        StageReport { summary: summary.into() }
+        StageReport {
+            summary: summary.into(),
+        }
     }
 }
 
@@ -89,16 +91,22 @@ impl Progress {
     }
 
     fn target(&self) -> ProgressDrawTarget {
-        if self.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() }
+        if self.quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        }
     }
 
     /// A bar counting `len` items with a rate (`items/s`) and an ETA.
     pub fn bar(&self, len: u64, what: &str) -> ProgressBar {
         let bar = ProgressBar::with_draw_target(Some(len), self.target());
         bar.set_style(
-            ProgressStyle::with_template("  {msg:<24} [{bar:30}] {human_pos}/{human_len} {per_sec} eta {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "  {msg:<24} [{bar:30}] {human_pos}/{human_len} {per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar.set_message(what.to_string());
         bar
@@ -119,7 +127,10 @@ impl Progress {
     /// A counter for work of unknown size (files hashed, objects fetched).
     pub fn counter(&self, what: &str) -> ProgressBar {
         let bar = ProgressBar::with_draw_target(None, self.target());
-        bar.set_style(ProgressStyle::with_template("  {msg:<24} {human_pos} {per_sec}").expect("valid template"));
+        bar.set_style(
+            ProgressStyle::with_template("  {msg:<24} {human_pos} {per_sec}")
+                .expect("valid template"),
+        );
         bar.set_message(what.to_string());
         bar
     }
@@ -127,5 +138,6 @@ impl Progress {
 
 /// Joins a `/`-separated manifest path onto a folder.
 pub fn join_rel(dir: &Path, rel: &str) -> PathBuf {
-    rel.split('/').fold(dir.to_path_buf(), |p, part| p.join(part))
+    rel.split('/')
+        .fold(dir.to_path_buf(), |p, part| p.join(part))
 }

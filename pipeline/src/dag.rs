@@ -20,7 +20,9 @@ impl DagError {
     /// The stage the error is reported at.
     pub fn stage(&self) -> &str {
         match self {
-            DagError::MissingUpstream { stage, .. } | DagError::SelfLoop { stage } | DagError::Cycle { stage, .. } => stage,
+            DagError::MissingUpstream { stage, .. }
+            | DagError::SelfLoop { stage }
+            | DagError::Cycle { stage, .. } => stage,
         }
     }
 }
@@ -35,9 +37,14 @@ pub fn topo_order(stages: &[StageDecl]) -> Result<Vec<usize>, DagError> {
         let mut d = Vec::new();
         for input in &s.inputs {
             if *input == s.name {
-                return Err(DagError::SelfLoop { stage: s.name.clone() });
+                return Err(DagError::SelfLoop {
+                    stage: s.name.clone(),
+                });
             }
-            let i = index(input).ok_or_else(|| DagError::MissingUpstream { stage: s.name.clone(), missing: input.clone() })?;
+            let i = index(input).ok_or_else(|| DagError::MissingUpstream {
+                stage: s.name.clone(),
+                missing: input.clone(),
+            })?;
             d.push(i);
         }
         deps.push(d);
@@ -52,22 +59,40 @@ pub fn topo_order(stages: &[StageDecl]) -> Result<Vec<usize>, DagError> {
                 order.push(i);
             }
             None => {
-                let start = (0..stages.len()).find(|&i| !done[i]).expect("some stage is left");
-                return Err(DagError::Cycle { stage: stages[start].name.clone(), cycle: find_cycle(start, &deps, &done, stages) });
+                let start = (0..stages.len())
+                    .find(|&i| !done[i])
+                    .expect("some stage is left");
+                return Err(DagError::Cycle {
+                    stage: stages[start].name.clone(),
+                    cycle: find_cycle(start, &deps, &done, stages),
+                });
             }
         }
     }
     Ok(order)
 }
 
-fn find_cycle(start: usize, deps: &[Vec<usize>], done: &[bool], stages: &[StageDecl]) -> Vec<String> {
+fn find_cycle(
+    start: usize,
+    deps: &[Vec<usize>],
+    done: &[bool],
+    stages: &[StageDecl],
+) -> Vec<String> {
     // Follow undone dependencies until a stage repeats: that loop is a cycle.
     let mut path = vec![start];
     loop {
         let cur = *path.last().expect("non-empty");
-        let next = deps[cur].iter().copied().find(|&d| !done[d]).expect("a blocked stage has an undone input");
+        let next = deps[cur]
+            .iter()
+            .copied()
+            .find(|&d| !done[d])
+            .expect("a blocked stage has an undone input");
         if let Some(pos) = path.iter().position(|&p| p == next) {
-            let mut names: Vec<String> = path[pos..].iter().rev().map(|&i| stages[i].name.clone()).collect();
+            let mut names: Vec<String> = path[pos..]
+                .iter()
+                .rev()
+                .map(|&i| stages[i].name.clone())
+                .collect();
             names.push(names[0].clone());
             return names;
         }
@@ -77,20 +102,36 @@ fn find_cycle(start: usize, deps: &[Vec<usize>], done: &[bool], stages: &[StageD
 
 /// The named targets and everything they depend on, as names; all stages when
 /// `targets` is empty. Unknown names are returned as the error.
-pub fn select<'a>(stages: &'a [StageDecl], targets: &[String]) -> Result<BTreeSet<&'a str>, String> {
+pub fn select<'a>(
+    stages: &'a [StageDecl],
+    targets: &[String],
+) -> Result<BTreeSet<&'a str>, String> {
     if targets.is_empty() {
         return Ok(stages.iter().map(|s| s.name.as_str()).collect());
     }
     let mut keep = BTreeSet::new();
     let mut todo: Vec<&str> = Vec::new();
     for t in targets {
-        let s = stages.iter().find(|s| s.name == *t).ok_or_else(|| t.clone())?;
+        let s = stages
+            .iter()
+            .find(|s| s.name == *t)
+            .ok_or_else(|| t.clone())?;
         todo.push(&s.name);
     }
     while let Some(name) = todo.pop() {
         if keep.insert(name) {
-            let s = stages.iter().find(|s| s.name == name).expect("validated upstream");
-            todo.extend(s.inputs.iter().map(|i| stages.iter().find(|s| s.name == *i).expect("validated").name.as_str()));
+            let s = stages
+                .iter()
+                .find(|s| s.name == name)
+                .expect("validated upstream");
+            todo.extend(s.inputs.iter().map(|i| {
+                stages
+                    .iter()
+                    .find(|s| s.name == *i)
+                    .expect("validated")
+                    .name
+                    .as_str()
+            }));
         }
     }
     Ok(keep)
@@ -101,16 +142,24 @@ pub fn render_text(stages: &[StageDecl]) -> String {
     let width = stages.iter().map(|s| s.name.len()).max().unwrap_or(0);
     let mut out = String::new();
     for s in stages {
-        let inputs = if s.inputs.is_empty() { String::from("(source)") } else { format!("<- {}", s.inputs.join(", ")) };
+        let inputs = if s.inputs.is_empty() {
+            String::from("(source)")
+        } else {
+            format!("<- {}", s.inputs.join(", "))
+        };
         out.push_str(&format!("{:width$}  [{}]  {}\n", s.name, s.kind, inputs));
     }
     out
 }
 
 pub fn render_dot(stages: &[StageDecl]) -> String {
-    let mut out = String::from("digraph pipeline {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
+    let mut out =
+        String::from("digraph pipeline {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
     for s in stages {
-        out.push_str(&format!("  \"{}\" [label=\"{}\\n({})\"];\n", s.name, s.name, s.kind));
+        out.push_str(&format!(
+            "  \"{}\" [label=\"{}\\n({})\"];\n",
+            s.name, s.name, s.kind
+        ));
     }
     for s in stages {
         for i in &s.inputs {
@@ -125,7 +174,12 @@ pub fn render_mermaid(stages: &[StageDecl]) -> String {
     let id = |name: &str| name.replace('-', "_");
     let mut out = String::from("flowchart LR\n");
     for s in stages {
-        out.push_str(&format!("  {}[\"{}<br/>({})\"]\n", id(&s.name), s.name, s.kind));
+        out.push_str(&format!(
+            "  {}[\"{}<br/>({})\"]\n",
+            id(&s.name),
+            s.name,
+            s.kind
+        ));
     }
     for s in stages {
         for i in &s.inputs {

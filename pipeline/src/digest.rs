@@ -92,7 +92,10 @@ impl FromStr for Digest {
         let bytes = s.as_bytes();
         let mut out = [0u8; 32];
         for (i, byte) in out.iter_mut().enumerate() {
-            let (hi, lo) = (nibble(bytes[2 * i]).ok_or_else(err)?, nibble(bytes[2 * i + 1]).ok_or_else(err)?);
+            let (hi, lo) = (
+                nibble(bytes[2 * i]).ok_or_else(err)?,
+                nibble(bytes[2 * i + 1]).ok_or_else(err)?,
+            );
             *byte = hi << 4 | lo;
         }
         Ok(Digest(out))
@@ -143,7 +146,10 @@ mod tests {
     fn hex_round_trip_and_known_value() {
         // BLAKE3 of the empty input, from the BLAKE3 reference test vectors.
         let d = Digest::of_bytes(b"");
-        assert_eq!(d.to_hex(), "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262");
+        assert_eq!(
+            d.to_hex(),
+            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+        );
         assert_eq!(d.to_hex().parse::<Digest>().unwrap(), d);
         assert!("xyz".parse::<Digest>().is_err());
         assert!("zz".repeat(32).parse::<Digest>().is_err());
@@ -154,7 +160,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         std::fs::write(&p, b"hello world").unwrap();
-        assert_eq!(Digest::of_file(&p).unwrap(), Digest::of_bytes(b"hello world"));
+        assert_eq!(
+            Digest::of_file(&p).unwrap(),
+            Digest::of_bytes(b"hello world")
+        );
     }
 
     #[test]

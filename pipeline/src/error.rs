@@ -20,7 +20,11 @@ pub enum Error {
     #[error(transparent)]
     LockFile(#[from] LockFileError),
     #[error("stage `{stage}`: input `{name}` not found at {location}")]
-    MissingInput { stage: String, name: String, location: String },
+    MissingInput {
+        stage: String,
+        name: String,
+        location: String,
+    },
     #[error("{}", path.display())]
     Io {
         path: PathBuf,
@@ -36,7 +40,10 @@ pub enum Error {
     /// `run --keep-going`: every stage that failed, with its error, and every
     /// stage left out because an upstream failed.
     #[error("{}", failure_report(failed, skipped))]
-    StagesFailed { failed: Vec<StageFailure>, skipped: Vec<Skipped> },
+    StagesFailed {
+        failed: Vec<StageFailure>,
+        skipped: Vec<Skipped>,
+    },
     #[error("another melanoflow run (pid {pid}) is using this store (lock {}); try again when it ends", path.display())]
     Busy { path: PathBuf, pid: String },
     #[error("no stage named `{name}`; the pipeline has: {known}")]
@@ -100,21 +107,30 @@ impl StageFailure {
 fn failure_report(failed: &[StageFailure], skipped: &[Skipped]) -> String {
     let mut s = format!("{} stage(s) failed", failed.len());
     if !skipped.is_empty() {
-        s.push_str(&format!(", {} skipped because an upstream failed", skipped.len()));
+        s.push_str(&format!(
+            ", {} skipped because an upstream failed",
+            skipped.len()
+        ));
     }
     s.push(':');
     for f in failed {
         s.push_str(&format!("\n  {}: {}", f.stage, f.why()));
     }
     for k in skipped {
-        s.push_str(&format!("\n  {}: skipped (upstream `{}` failed)", k.stage, k.upstream));
+        s.push_str(&format!(
+            "\n  {}: skipped (upstream `{}` failed)",
+            k.stage, k.upstream
+        ));
     }
     s
 }
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

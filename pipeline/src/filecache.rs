@@ -60,8 +60,13 @@ impl FileHashCache {
     /// Loads the cache file; a missing or unreadable file starts an empty cache
     /// (the cache only saves work, it never decides correctness).
     pub fn load(file: &Path) -> Self {
-        let mut cache = FileHashCache { file: Some(file.to_path_buf()), ..Default::default() };
-        let Ok(text) = std::fs::read_to_string(file) else { return cache };
+        let mut cache = FileHashCache {
+            file: Some(file.to_path_buf()),
+            ..Default::default()
+        };
+        let Ok(text) = std::fs::read_to_string(file) else {
+            return cache;
+        };
         // Rows are ~170 bytes: reserve once instead of rehashing as it grows.
         cache.entries.reserve(text.len() / 150);
         for line in text.lines().skip(1) {
@@ -72,7 +77,17 @@ impl FileHashCache {
                 let mtime_ns = parts.next()?.parse().ok()?;
                 let inode = parts.next()?.parse().ok()?;
                 let path: Box<[u8]> = parts.next()?.as_bytes().into();
-                Some((path, (Stamp { size, mtime_ns, inode }, digest)))
+                Some((
+                    path,
+                    (
+                        Stamp {
+                            size,
+                            mtime_ns,
+                            inode,
+                        },
+                        digest,
+                    ),
+                ))
             })();
             match parsed {
                 Some((p, v)) => {
@@ -103,7 +118,11 @@ impl FileHashCache {
     ) -> std::io::Result<Vec<(u64, Digest)>> {
         let stamps: Vec<Stamp> = paths
             .iter()
-            .map(|p| std::fs::metadata(p).map(|m| Stamp::of(&m)).map_err(|e| with_path(e, p)))
+            .map(|p| {
+                std::fs::metadata(p)
+                    .map(|m| Stamp::of(&m))
+                    .map_err(|e| with_path(e, p))
+            })
             .collect::<Result<_, _>>()?;
         self.digest_stamped(paths, &stamps, on_hashed)
     }
@@ -143,7 +162,10 @@ impl FileHashCache {
             }
             self.dirty = true;
         }
-        Ok(results.into_iter().map(|r| r.expect("every path was looked up or hashed")).collect())
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every path was looked up or hashed"))
+            .collect())
     }
 
     /// Remembers the digest of a file this process just wrote and hashed.
@@ -167,7 +189,8 @@ impl FileHashCache {
 
     /// Remembers a remote object's digest under its size and version.
     pub fn put_remote(&mut self, url: &str, size: u64, version: &str, digest: Digest) {
-        self.entries.insert(url.as_bytes().into(), (remote_stamp(size, version), digest));
+        self.entries
+            .insert(url.as_bytes().into(), (remote_stamp(size, version), digest));
         self.hashed += 1;
         self.dirty = true;
     }
@@ -183,7 +206,9 @@ impl FileHashCache {
 
     /// Writes the cache back (atomically) if anything changed.
     pub fn save(&mut self) -> std::io::Result<()> {
-        let Some(file) = &self.file else { return Ok(()) };
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
         if !self.dirty {
             return Ok(());
         }
@@ -193,8 +218,13 @@ impl FileHashCache {
         text.push_str(HEADER);
         text.push('\n');
         for (path, (s, d)) in rows {
-            let Ok(p) = std::str::from_utf8(path) else { continue };
-            text.push_str(&format!("{} {} {} {} {}\n", d, s.size, s.mtime_ns, s.inode, p));
+            let Ok(p) = std::str::from_utf8(path) else {
+                continue;
+            };
+            text.push_str(&format!(
+                "{} {} {} {} {}\n",
+                d, s.size, s.mtime_ns, s.inode, p
+            ));
         }
         crate::fsutil::write_atomic(file, text.as_bytes())?;
         self.dirty = false;
@@ -215,7 +245,11 @@ impl FileHashCache {
             files
                 .into_iter()
                 .zip(digests)
-                .map(|(f, (size, digest))| Entry { path: f.rel, size, digest })
+                .map(|(f, (size, digest))| Entry {
+                    path: f.rel,
+                    size,
+                    digest,
+                })
                 .collect(),
         ))
     }
@@ -225,7 +259,11 @@ impl FileHashCache {
 /// (remote keys are URLs, so they never collide with local paths).
 fn remote_stamp(size: u64, version: &str) -> Stamp {
     let h = Digest::of_bytes(version.as_bytes());
-    Stamp { size, mtime_ns: -1, inode: u64::from_le_bytes(h.0[..8].try_into().expect("8 bytes")) }
+    Stamp {
+        size,
+        mtime_ns: -1,
+        inode: u64::from_le_bytes(h.0[..8].try_into().expect("8 bytes")),
+    }
 }
 
 fn is_racy(stamp: Stamp, now: SystemTime) -> bool {
@@ -250,7 +288,12 @@ mod tests {
 
     fn age(path: &Path) {
         let old = SystemTime::now() - Duration::from_secs(3600);
-        std::fs::File::options().write(true).open(path).unwrap().set_modified(old).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
     }
 
     #[test]
@@ -290,7 +333,10 @@ mod tests {
         let mut c = FileHashCache::in_memory();
         c.digest(&f).unwrap();
         c.digest(&f).unwrap();
-        assert_eq!(c.hashed, 2, "a file younger than the racy window is re-hashed");
+        assert_eq!(
+            c.hashed, 2,
+            "a file younger than the racy window is re-hashed"
+        );
     }
 
     #[test]

@@ -34,7 +34,9 @@ pub struct FingerprintInputs<'a> {
 pub fn fingerprint(i: &FingerprintInputs) -> Digest {
     let mut b = DigestBuilder::new("melanoflow/fingerprint");
     b.part(&CACHE_VERSION.to_le_bytes());
-    b.str(i.kind).str(i.code).part(&i.code_version.to_le_bytes());
+    b.str(i.kind)
+        .str(i.code)
+        .part(&i.code_version.to_le_bytes());
     b.str(&canonical_json(i.params));
     b.part(&(i.upstream.len() as u64).to_le_bytes());
     for (name, digest) in i.upstream {
@@ -103,7 +105,13 @@ pub fn changed_params(old: &serde_json::Value, new: &serde_json::Value) -> Vec<S
             let null = serde_json::Value::Null;
             a.unwrap_or(&null) != b.unwrap_or(&null)
         })
-        .map(|k| format!("`{k}` ({} -> {})", show(old_map.get(k)), show(new_map.get(k))))
+        .map(|k| {
+            format!(
+                "`{k}` ({} -> {})",
+                show(old_map.get(k)),
+                show(new_map.get(k))
+            )
+        })
         .collect()
 }
 
@@ -122,12 +130,32 @@ mod tests {
 
     const CODE: &str = "5b1f0c3e";
 
-    fn fp(kind: &str, version: u32, p: &serde_json::Value, up: &[(String, Digest)], ext: Option<Digest>) -> Digest {
+    fn fp(
+        kind: &str,
+        version: u32,
+        p: &serde_json::Value,
+        up: &[(String, Digest)],
+        ext: Option<Digest>,
+    ) -> Digest {
         fp_with_code(kind, CODE, version, p, up, ext)
     }
 
-    fn fp_with_code(kind: &str, code: &str, version: u32, p: &serde_json::Value, up: &[(String, Digest)], ext: Option<Digest>) -> Digest {
-        fingerprint(&FingerprintInputs { kind, code, code_version: version, params: p, upstream: up, external: ext })
+    fn fp_with_code(
+        kind: &str,
+        code: &str,
+        version: u32,
+        p: &serde_json::Value,
+        up: &[(String, Digest)],
+        ext: Option<Digest>,
+    ) -> Digest {
+        fingerprint(&FingerprintInputs {
+            kind,
+            code,
+            code_version: version,
+            params: p,
+            upstream: up,
+            external: ext,
+        })
     }
 
     #[test]
@@ -144,8 +172,12 @@ mod tests {
     #[test]
     fn key_order_does_not_matter() {
         let (_, up, ext) = base();
-        let a: serde_json::Value = serde_json::from_str(r#"{"seed":42,"fractions":{"val":0.15,"test":0.15},"name":"x"}"#).unwrap();
-        let b: serde_json::Value = serde_json::from_str(r#"{"name":"x","fractions":{"test":0.15,"val":0.15},"seed":42}"#).unwrap();
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"seed":42,"fractions":{"val":0.15,"test":0.15},"name":"x"}"#)
+                .unwrap();
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{"name":"x","fractions":{"test":0.15,"val":0.15},"seed":42}"#)
+                .unwrap();
         assert_eq!(canonical_json(&a), canonical_json(&b));
         assert_eq!(fp("ingest", 1, &a, &up, ext), fp("ingest", 1, &b, &up, ext));
     }
@@ -159,7 +191,10 @@ mod tests {
     #[test]
     fn differs_when_code_identity_changes() {
         let (p, up, ext) = base();
-        assert_ne!(fp("ingest", 1, &p, &up, ext), fp_with_code("ingest", "5b1f0c3f", 1, &p, &up, ext));
+        assert_ne!(
+            fp("ingest", 1, &p, &up, ext),
+            fp_with_code("ingest", "5b1f0c3f", 1, &p, &up, ext)
+        );
     }
 
     #[test]
@@ -176,23 +211,39 @@ mod tests {
         assert_ne!(fp("ingest", 1, &p, &up, ext), fp("ingest", 1, &q, &up, ext));
         let mut r = p.clone();
         r["seed"] = json!("42");
-        assert_ne!(fp("ingest", 1, &p, &up, ext), fp("ingest", 1, &r, &up, ext), "type is part of the value");
+        assert_ne!(
+            fp("ingest", 1, &p, &up, ext),
+            fp("ingest", 1, &r, &up, ext),
+            "type is part of the value"
+        );
     }
 
     #[test]
     fn differs_when_an_upstream_output_changes() {
         let (p, up, ext) = base();
         let other = vec![("synth".to_string(), Digest::of_bytes(b"other output"))];
-        assert_ne!(fp("ingest", 1, &p, &up, ext), fp("ingest", 1, &p, &other, ext));
+        assert_ne!(
+            fp("ingest", 1, &p, &up, ext),
+            fp("ingest", 1, &p, &other, ext)
+        );
         let renamed = vec![("source".to_string(), up[0].1)];
-        assert_ne!(fp("ingest", 1, &p, &up, ext), fp("ingest", 1, &p, &renamed, ext));
+        assert_ne!(
+            fp("ingest", 1, &p, &up, ext),
+            fp("ingest", 1, &p, &renamed, ext)
+        );
     }
 
     #[test]
     fn differs_when_external_inputs_change() {
         let (p, up, ext) = base();
-        assert_ne!(fp("ingest", 1, &p, &up, ext), fp("ingest", 1, &p, &up, Some(Digest::of_bytes(b"x"))));
-        assert_ne!(fp("ingest", 1, &p, &up, ext), fp("ingest", 1, &p, &up, None));
+        assert_ne!(
+            fp("ingest", 1, &p, &up, ext),
+            fp("ingest", 1, &p, &up, Some(Digest::of_bytes(b"x")))
+        );
+        assert_ne!(
+            fp("ingest", 1, &p, &up, ext),
+            fp("ingest", 1, &p, &up, None)
+        );
     }
 
     #[test]
@@ -201,7 +252,11 @@ mod tests {
         let new = json!({"seed": 7, "a": 1, "new": "x"});
         assert_eq!(
             changed_params(&old, &new),
-            vec!["`gone` (true -> unset)", "`new` (unset -> \"x\")", "`seed` (42 -> 7)"]
+            vec![
+                "`gone` (true -> unset)",
+                "`new` (unset -> \"x\")",
+                "`seed` (42 -> 7)"
+            ]
         );
     }
 }

@@ -22,16 +22,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 fn tempfile_in(dir: &Path, target: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
-    let stem = target.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let stem = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("file");
     for attempt in 0..100u32 {
         let p = dir.join(format!(".{stem}.tmp.{}.{attempt}", std::process::id()));
-        match std::fs::File::options().write(true).create_new(true).open(&p) {
+        match std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+        {
             Ok(f) => return Ok((p, f)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         }
     }
-    Err(std::io::Error::other(format!("could not create a temporary file in {}", dir.display())))
+    Err(std::io::Error::other(format!(
+        "could not create a temporary file in {}",
+        dir.display()
+    )))
 }
 
 /// Removes a directory tree if it exists.

@@ -63,7 +63,11 @@ pub fn contents_of(manifest: &crate::manifest::Manifest) -> BTreeMap<String, Dig
     if manifest.len() > CONTENTS_LIMIT {
         return BTreeMap::new();
     }
-    manifest.entries().iter().map(|e| (e.path.clone(), e.digest)).collect()
+    manifest
+        .entries()
+        .iter()
+        .map(|e| (e.path.clone(), e.digest))
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,13 +80,20 @@ pub struct LockFileError {
 impl LockFile {
     /// Reads the lock file; a missing file is an empty lock.
     pub fn load(path: &Path) -> Result<LockFile, LockFileError> {
-        let err = |message: String| LockFileError { path: path.display().to_string(), message };
+        let err = |message: String| LockFileError {
+            path: path.display().to_string(),
+            message,
+        };
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(LockFile::default()),
             Err(e) => return Err(err(e.to_string())),
         };
-        toml::from_str(&text).map_err(|e| err(format!("{e} (delete it to start over; outputs stay cached in the store)")))
+        toml::from_str(&text).map_err(|e| {
+            err(format!(
+                "{e} (delete it to start over; outputs stay cached in the store)"
+            ))
+        })
     }
 
     pub fn to_text(&self) -> String {
@@ -113,9 +124,11 @@ pub fn params_to_toml(v: &serde_json::Value) -> toml::Table {
             },
             serde_json::Value::String(s) => toml::Value::String(s.clone()),
             serde_json::Value::Array(a) => toml::Value::Array(a.iter().filter_map(strip).collect()),
-            serde_json::Value::Object(m) => {
-                toml::Value::Table(m.iter().filter_map(|(k, v)| strip(v).map(|v| (k.clone(), v))).collect())
-            }
+            serde_json::Value::Object(m) => toml::Value::Table(
+                m.iter()
+                    .filter_map(|(k, v)| strip(v).map(|v| (k.clone(), v)))
+                    .collect(),
+            ),
         })
     }
     match strip(v) {
@@ -135,7 +148,10 @@ mod tests {
 
     #[test]
     fn round_trips_and_is_deterministic() {
-        let mut lock = LockFile { cache_version: 1, ..Default::default() };
+        let mut lock = LockFile {
+            cache_version: 1,
+            ..Default::default()
+        };
         let params = serde_json::json!({"seed": 42, "frac": 0.15, "dups": null, "list": ["a"]});
         lock.stages.insert(
             "ingest".into(),
@@ -160,13 +176,19 @@ mod tests {
         assert_eq!(back, lock);
         assert_eq!(back.to_text(), lock.to_text());
         let json = params_to_json(&back.stages["ingest"].params);
-        assert_eq!(json, serde_json::json!({"seed": 42, "frac": 0.15, "list": ["a"]}));
+        assert_eq!(
+            json,
+            serde_json::json!({"seed": 42, "frac": 0.15, "list": ["a"]})
+        );
     }
 
     #[test]
     fn missing_is_empty_and_garbage_is_an_error_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(LockFile::load(&dir.path().join("none.lock")).unwrap(), LockFile::default());
+        assert_eq!(
+            LockFile::load(&dir.path().join("none.lock")).unwrap(),
+            LockFile::default()
+        );
         let bad = dir.path().join("bad.lock");
         std::fs::write(&bad, "stages = 3\n").unwrap();
         let e = LockFile::load(&bad).unwrap_err().to_string();

@@ -106,11 +106,17 @@ pub fn verify(artifacts: &Artifacts, lock: &LockFile, out_dir: &Path) -> Result<
     let mut cache = FileHashCache::in_memory();
     for (stage, entry) in &lock.stages {
         report.stages += 1;
-        let problem = |what: String| Problem { stage: stage.clone(), what };
+        let problem = |what: String| Problem {
+            stage: stage.clone(),
+            what,
+        };
         let manifest = match artifacts.get_manifest(&entry.output) {
             Ok(Some(m)) => m,
             Ok(None) => {
-                report.problems.push(problem(format!("output manifest {} is missing from the store", entry.output)));
+                report.problems.push(problem(format!(
+                    "output manifest {} is missing from the store",
+                    entry.output
+                )));
                 continue;
             }
             Err(e) => {
@@ -124,21 +130,36 @@ pub fn verify(artifacts: &Artifacts, lock: &LockFile, out_dir: &Path) -> Result<
                 Ok(Some(bytes)) => {
                     let actual = Digest::of_bytes(&bytes);
                     if actual != e.digest {
-                        report.problems.push(problem(format!("stored `{}` (blob {}) is corrupt: it hashes to {actual}", e.path, e.digest)));
+                        report.problems.push(problem(format!(
+                            "stored `{}` (blob {}) is corrupt: it hashes to {actual}",
+                            e.path, e.digest
+                        )));
                     }
                 }
-                Ok(None) => report.problems.push(problem(format!("stored `{}` (blob {}) is missing", e.path, e.digest))),
+                Ok(None) => report.problems.push(problem(format!(
+                    "stored `{}` (blob {}) is missing",
+                    e.path, e.digest
+                ))),
                 Err(err) => report.problems.push(problem(err.to_string())),
             }
         }
         let dir = out_dir.join(stage);
         if dir.is_dir() {
-            let on_disk = cache.manifest_of_dir(&dir, &|_| {}).map_err(|e| Error::io(&dir, e))?;
+            let on_disk = cache
+                .manifest_of_dir(&dir, &|_| {})
+                .map_err(|e| Error::io(&dir, e))?;
             if on_disk.digest() != entry.output {
-                report.problems.push(problem(format!("{} differs from the lock file: {}", dir.display(), manifest.diff(&on_disk, 5))));
+                report.problems.push(problem(format!(
+                    "{} differs from the lock file: {}",
+                    dir.display(),
+                    manifest.diff(&on_disk, 5)
+                )));
             }
         } else {
-            report.problems.push(problem(format!("{} is missing (`melanoflow run` restores it)", dir.display())));
+            report.problems.push(problem(format!(
+                "{} is missing (`melanoflow run` restores it)",
+                dir.display()
+            )));
         }
     }
     Ok(report)

@@ -47,7 +47,10 @@ impl Manifest {
     pub fn new(mut entries: Vec<Entry>) -> Manifest {
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         entries.dedup_by(|a, b| a.path == b.path);
-        Manifest { entries, digest: std::sync::OnceLock::new() }
+        Manifest {
+            entries,
+            digest: std::sync::OnceLock::new(),
+        }
     }
 
     pub fn entries(&self) -> &[Entry] {
@@ -87,7 +90,9 @@ impl Manifest {
     }
 
     pub fn digest(&self) -> Digest {
-        *self.digest.get_or_init(|| Digest::of_bytes(&self.to_bytes()))
+        *self
+            .digest
+            .get_or_init(|| Digest::of_bytes(&self.to_bytes()))
     }
 
     pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
@@ -97,7 +102,10 @@ impl Manifest {
         })?;
         let mut entries = Vec::new();
         for (i, line) in text.lines().enumerate() {
-            let bad = |what: &str| ManifestError { line: i + 1, what: what.to_string() };
+            let bad = |what: &str| ManifestError {
+                line: i + 1,
+                what: what.to_string(),
+            };
             let mut parts = line.splitn(3, ' ');
             let digest = parts.next().ok_or_else(|| bad("empty line"))?;
             let size = parts.next().ok_or_else(|| bad("missing size"))?;
@@ -113,8 +121,10 @@ impl Manifest {
 
     /// Paths whose digest differs, and paths only on one side, at most `limit` in all.
     pub fn diff(&self, newer: &Manifest, limit: usize) -> ManifestDiff {
-        let old: BTreeMap<&str, &Entry> = self.entries.iter().map(|e| (e.path.as_str(), e)).collect();
-        let new: BTreeMap<&str, &Entry> = newer.entries.iter().map(|e| (e.path.as_str(), e)).collect();
+        let old: BTreeMap<&str, &Entry> =
+            self.entries.iter().map(|e| (e.path.as_str(), e)).collect();
+        let new: BTreeMap<&str, &Entry> =
+            newer.entries.iter().map(|e| (e.path.as_str(), e)).collect();
         let mut d = ManifestDiff::default();
         for (p, e) in &new {
             match old.get(p) {
@@ -148,7 +158,12 @@ pub struct ManifestDiff {
 impl std::fmt::Display for ManifestDiff {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut parts = Vec::new();
-        let list = |v: &[String]| v.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ");
+        let list = |v: &[String]| {
+            v.iter()
+                .map(|p| format!("`{p}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         if !self.changed.is_empty() {
             parts.push(format!("changed {}", list(&self.changed)));
         }
@@ -197,7 +212,11 @@ pub fn walk_files(root: &Path) -> std::io::Result<Vec<WalkedFile>> {
             if name.starts_with('.') {
                 continue;
             }
-            let rel_path = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+            let rel_path = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
             let mut meta = entry.metadata()?;
             if meta.file_type().is_symlink() {
                 meta = std::fs::metadata(entry.path())?;
@@ -205,7 +224,11 @@ pub fn walk_files(root: &Path) -> std::io::Result<Vec<WalkedFile>> {
             if meta.is_dir() {
                 stack.push((rel_path, entry.path()));
             } else if meta.is_file() {
-                found.push(WalkedFile { rel: rel_path, path: entry.path(), meta });
+                found.push(WalkedFile {
+                    rel: rel_path,
+                    path: entry.path(),
+                    meta,
+                });
             }
         }
     }
@@ -218,7 +241,11 @@ mod tests {
     use super::*;
 
     fn e(path: &str, content: &[u8]) -> Entry {
-        Entry { path: path.into(), size: content.len() as u64, digest: Digest::of_bytes(content) }
+        Entry {
+            path: path.into(),
+            size: content.len() as u64,
+            digest: Digest::of_bytes(content),
+        }
     }
 
     #[test]

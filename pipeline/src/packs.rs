@@ -42,7 +42,10 @@ pub fn plan(manifest: &Manifest) -> Vec<Vec<Wanted>> {
             packs.push(Vec::new());
             fill = 0;
         }
-        packs.last_mut().expect("a pack was opened").push((e.digest, e.size));
+        packs
+            .last_mut()
+            .expect("a pack was opened")
+            .push((e.digest, e.size));
         fill += e.size;
     }
     packs
@@ -54,12 +57,22 @@ fn pack_key(manifest: &Digest, k: usize) -> String {
 
 /// The blobs of a manifest that travel loose.
 fn loose(manifest: &Manifest) -> Vec<Wanted> {
-    manifest.entries().iter().filter(|e| e.size >= PACK_BLOB_MAX).map(|e| (e.digest, e.size)).collect()
+    manifest
+        .entries()
+        .iter()
+        .filter(|e| e.size >= PACK_BLOB_MAX)
+        .map(|e| (e.digest, e.size))
+        .collect()
 }
 
 /// Uploads a manifest's files the remote lacks: large ones loose, the rest as
 /// packs. Call before uploading the manifest itself.
-pub fn upload(local: &dyn BlobStore, remote: &Remote, manifest: &Manifest, bar: &ProgressBar) -> Result<Transfer, ArtifactError> {
+pub fn upload(
+    local: &dyn BlobStore,
+    remote: &Remote,
+    manifest: &Manifest,
+    bar: &ProgressBar,
+) -> Result<Transfer, ArtifactError> {
     let mut done = sync::upload(local, remote, &loose(manifest), bar)?;
     let packs = plan(manifest);
     let digest = manifest.digest();
@@ -72,11 +85,19 @@ pub fn upload(local: &dyn BlobStore, remote: &Remote, manifest: &Manifest, bar: 
             continue;
         }
         bar.inc_length(len);
-        let blobs: Vec<Bytes> = pack.par_iter().map(|(d, _)| sync::read_local(local, d)).collect::<Result<_, _>>()?;
+        let blobs: Vec<Bytes> = pack
+            .par_iter()
+            .map(|(d, _)| sync::read_local(local, d))
+            .collect::<Result<_, _>>()?;
         let mut body = BytesMut::with_capacity(len as usize);
         blobs.iter().for_each(|b| body.extend_from_slice(b));
         remote.store.put(key, body.freeze())?;
-        done += Transfer { copied: pack.len() as u64, present: 0, bytes: len, objects: 1 };
+        done += Transfer {
+            copied: pack.len() as u64,
+            present: 0,
+            bytes: len,
+            objects: 1,
+        };
         bar.inc(len);
     }
     Ok(done)
@@ -84,7 +105,13 @@ pub fn upload(local: &dyn BlobStore, remote: &Remote, manifest: &Manifest, bar: 
 
 /// Downloads a manifest's files the local store lacks (or holds damaged, with
 /// `rehash_local`): packs for the small ones, loose objects for the rest.
-pub fn download(local: &dyn BlobStore, remote: &Remote, manifest: &Manifest, bar: &ProgressBar, rehash_local: bool) -> Result<Transfer, ArtifactError> {
+pub fn download(
+    local: &dyn BlobStore,
+    remote: &Remote,
+    manifest: &Manifest,
+    bar: &ProgressBar,
+    rehash_local: bool,
+) -> Result<Transfer, ArtifactError> {
     let mut done = sync::download(local, remote, &loose(manifest), bar, rehash_local)?;
     let digest = manifest.digest();
     for (k, pack) in plan(manifest).into_iter().enumerate() {
@@ -108,15 +135,23 @@ pub fn download(local: &dyn BlobStore, remote: &Remote, manifest: &Manifest, bar
             at += *size as usize;
         }
         let wanted: std::collections::HashSet<Digest> = missing.iter().map(|w| w.0).collect();
-        offsets.par_iter().filter(|(d, ..)| wanted.contains(d)).try_for_each(|(d, at, size)| {
-            let blob = body.slice(*at..*at + *size);
-            if let Err(e) = sync::check_remote(remote, d, Digest::of_bytes(&blob)) {
-                drop_pack(remote, &key);
-                return Err(e);
-            }
-            local.put(&blob_key(d), blob).map_err(ArtifactError::from)
-        })?;
-        done += Transfer { copied: missing.len() as u64, present: 0, bytes: len, objects: 1 };
+        offsets
+            .par_iter()
+            .filter(|(d, ..)| wanted.contains(d))
+            .try_for_each(|(d, at, size)| {
+                let blob = body.slice(*at..*at + *size);
+                if let Err(e) = sync::check_remote(remote, d, Digest::of_bytes(&blob)) {
+                    drop_pack(remote, &key);
+                    return Err(e);
+                }
+                local.put(&blob_key(d), blob).map_err(ArtifactError::from)
+            })?;
+        done += Transfer {
+            copied: missing.len() as u64,
+            present: 0,
+            bytes: len,
+            objects: 1,
+        };
         bar.inc(len);
     }
     Ok(done)
@@ -146,7 +181,11 @@ mod tests {
                 .map(|(p, b)| {
                     let d = Digest::of_bytes(b);
                     store.put(&blob_key(&d), Bytes::from(b.clone())).unwrap();
-                    Entry { path: p.to_string(), size: b.len() as u64, digest: d }
+                    Entry {
+                        path: p.to_string(),
+                        size: b.len() as u64,
+                        digest: d,
+                    }
                 })
                 .collect(),
         )
@@ -156,23 +195,44 @@ mod tests {
     fn small_files_travel_in_packs_large_ones_loose() {
         let local = ObjectBlobStore::memory();
         let big = vec![7u8; PACK_BLOB_MAX as usize + 5];
-        let files: Vec<(&str, Vec<u8>)> =
-            vec![("a.jpg", b"aaa".to_vec()), ("b.jpg", b"bb".to_vec()), ("copy-of-a.jpg", b"aaa".to_vec()), ("big.bin", big.clone())];
+        let files: Vec<(&str, Vec<u8>)> = vec![
+            ("a.jpg", b"aaa".to_vec()),
+            ("b.jpg", b"bb".to_vec()),
+            ("copy-of-a.jpg", b"aaa".to_vec()),
+            ("big.bin", big.clone()),
+        ];
         let m = stored(&local, &files);
         assert_eq!(plan(&m).len(), 1);
         assert_eq!(plan(&m)[0].len(), 2, "a duplicate blob is packed once");
-        let remote = Remote { store: ObjectBlobStore::memory(), read_only: false };
+        let remote = Remote {
+            store: ObjectBlobStore::memory(),
+            read_only: false,
+        };
         let bar = ProgressBar::hidden();
         let t = upload(&local, &remote, &m, &bar).unwrap();
-        assert_eq!((t.copied, t.objects), (3, 2), "two small blobs in one pack, one loose");
+        assert_eq!(
+            (t.copied, t.objects),
+            (3, 2),
+            "two small blobs in one pack, one loose"
+        );
         assert_eq!(remote.store.list("packs").unwrap().len(), 1);
-        assert_eq!(upload(&local, &remote, &m, &bar).unwrap().copied, 0, "nothing twice");
+        assert_eq!(
+            upload(&local, &remote, &m, &bar).unwrap().copied,
+            0,
+            "nothing twice"
+        );
 
         let fresh = ObjectBlobStore::memory();
         let t = download(&fresh, &remote, &m, &bar, true).unwrap();
         assert_eq!((t.copied, t.objects), (3, 2));
         for (_, bytes) in &files {
-            assert_eq!(fresh.get(&blob_key(&Digest::of_bytes(bytes))).unwrap().unwrap(), Bytes::from(bytes.clone()));
+            assert_eq!(
+                fresh
+                    .get(&blob_key(&Digest::of_bytes(bytes)))
+                    .unwrap()
+                    .unwrap(),
+                Bytes::from(bytes.clone())
+            );
         }
         assert_eq!(download(&fresh, &remote, &m, &bar, true).unwrap().copied, 0);
     }
@@ -180,18 +240,41 @@ mod tests {
     #[test]
     fn a_corrupt_blob_in_a_pack_is_named_and_the_pack_dropped() {
         let local = ObjectBlobStore::memory();
-        let m = stored(&local, &[("a", b"first".to_vec()), ("b", b"second".to_vec())]);
-        let remote = Remote { store: ObjectBlobStore::memory(), read_only: false };
+        let m = stored(
+            &local,
+            &[("a", b"first".to_vec()), ("b", b"second".to_vec())],
+        );
+        let remote = Remote {
+            store: ObjectBlobStore::memory(),
+            read_only: false,
+        };
         upload(&local, &remote, &m, &ProgressBar::hidden()).unwrap();
         let key = pack_key(&m.digest(), 0);
-        remote.store.put(&key, Bytes::from_static(b"firstSECOND")).unwrap();
+        remote
+            .store
+            .put(&key, Bytes::from_static(b"firstSECOND"))
+            .unwrap();
         let fresh = ObjectBlobStore::memory();
-        let e = download(&fresh, &remote, &m, &ProgressBar::hidden(), true).unwrap_err().to_string();
+        let e = download(&fresh, &remote, &m, &ProgressBar::hidden(), true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&Digest::of_bytes(b"second").to_hex()), "{e}");
-        assert!(!remote.store.exists(&key).unwrap(), "the corrupt pack is removed");
-        assert!(!fresh.exists(&blob_key(&Digest::of_bytes(b"second"))).unwrap());
+        assert!(
+            !remote.store.exists(&key).unwrap(),
+            "the corrupt pack is removed"
+        );
+        assert!(
+            !fresh
+                .exists(&blob_key(&Digest::of_bytes(b"second")))
+                .unwrap()
+        );
         // The next push writes it again.
-        assert_eq!(upload(&local, &remote, &m, &ProgressBar::hidden()).unwrap().objects, 1);
+        assert_eq!(
+            upload(&local, &remote, &m, &ProgressBar::hidden())
+                .unwrap()
+                .objects,
+            1
+        );
         download(&fresh, &remote, &m, &ProgressBar::hidden(), true).unwrap();
     }
 
@@ -199,20 +282,43 @@ mod tests {
     fn an_absent_pack_falls_back_to_loose_blobs() {
         let local = ObjectBlobStore::memory();
         let m = stored(&local, &[("a", b"one".to_vec()), ("b", b"two".to_vec())]);
-        let remote = Remote { store: ObjectBlobStore::memory(), read_only: false };
-        sync::upload(&local, &remote, &crate::artifacts::wanted(&m), &ProgressBar::hidden()).unwrap();
+        let remote = Remote {
+            store: ObjectBlobStore::memory(),
+            read_only: false,
+        };
+        sync::upload(
+            &local,
+            &remote,
+            &crate::artifacts::wanted(&m),
+            &ProgressBar::hidden(),
+        )
+        .unwrap();
         let fresh = ObjectBlobStore::memory();
-        assert_eq!(download(&fresh, &remote, &m, &ProgressBar::hidden(), true).unwrap().copied, 2);
+        assert_eq!(
+            download(&fresh, &remote, &m, &ProgressBar::hidden(), true)
+                .unwrap()
+                .copied,
+            2
+        );
     }
 
     #[test]
     fn packs_close_near_the_target() {
         let entries: Vec<Entry> = (0..200u32)
-            .map(|i| Entry { path: format!("f{i:03}"), size: PACK_BLOB_MAX - 1, digest: Digest::of_bytes(&i.to_le_bytes()) })
+            .map(|i| Entry {
+                path: format!("f{i:03}"),
+                size: PACK_BLOB_MAX - 1,
+                digest: Digest::of_bytes(&i.to_le_bytes()),
+            })
             .collect();
         let packs = plan(&Manifest::new(entries));
         assert_eq!(packs.iter().map(Vec::len).sum::<usize>(), 200);
-        assert!(packs.iter().all(|p| p.iter().map(|w| w.1).sum::<u64>() <= PACK_TARGET), "no pack exceeds the target");
+        assert!(
+            packs
+                .iter()
+                .all(|p| p.iter().map(|w| w.1).sum::<u64>() <= PACK_TARGET),
+            "no pack exceeds the target"
+        );
         assert_eq!(packs.len(), 4);
     }
 }

@@ -64,13 +64,24 @@ pub trait Stage: Send + Sync + 'static {
 
     /// Part `part` of `parts` (0-based) of the work: writes its share under
     /// `ctx.out_dir`, in whatever layout `assemble` reads.
-    fn run_part(&self, _params: &Self::Params, _ctx: &StageContext, _part: usize, _parts: usize) -> Result<StageReport, BoxError> {
+    fn run_part(
+        &self,
+        _params: &Self::Params,
+        _ctx: &StageContext,
+        _part: usize,
+        _parts: usize,
+    ) -> Result<StageReport, BoxError> {
         Err(format!("stage kind `{}` cannot be split into parts", Self::KIND).into())
     }
 
     /// Joins the parts' folders (in part order) into the stage's output under
     /// `ctx.out_dir`: byte for byte what `run` writes.
-    fn assemble(&self, _params: &Self::Params, _ctx: &StageContext, _parts: &[PathBuf]) -> Result<StageReport, BoxError> {
+    fn assemble(
+        &self,
+        _params: &Self::Params,
+        _ctx: &StageContext,
+        _parts: &[PathBuf],
+    ) -> Result<StageReport, BoxError> {
         Err(format!("stage kind `{}` cannot be split into parts", Self::KIND).into())
     }
 }
@@ -132,7 +143,11 @@ pub enum Source {
 impl Source {
     /// A parameter value: a URL (`scheme://...`) or a path relative to `base_dir`.
     pub fn from_param(value: &str, base_dir: &Path) -> Source {
-        if value.contains("://") { Source::Remote(value.to_string()) } else { Source::Local(base_dir.join(value)) }
+        if value.contains("://") {
+            Source::Remote(value.to_string())
+        } else {
+            Source::Local(base_dir.join(value))
+        }
     }
 }
 
@@ -147,7 +162,10 @@ impl std::fmt::Display for Source {
 
 impl ExternalInput {
     pub fn new(name: &str, value: &str, base_dir: &Path) -> Self {
-        ExternalInput { name: name.to_string(), source: Source::from_param(value, base_dir) }
+        ExternalInput {
+            name: name.to_string(),
+            source: Source::from_param(value, base_dir),
+        }
     }
 }
 
@@ -167,7 +185,9 @@ impl std::fmt::Debug for ParsedParams {
 
 impl ParsedParams {
     pub fn typed<T: 'static>(&self) -> &T {
-        self.typed.downcast_ref().expect("params parsed by this stage's kind")
+        self.typed
+            .downcast_ref()
+            .expect("params parsed by this stage's kind")
     }
 }
 
@@ -182,8 +202,19 @@ pub trait DynStage: Send + Sync {
     fn external_inputs(&self, params: &ParsedParams, base_dir: &Path) -> Vec<ExternalInput>;
     fn resources(&self, params: &ParsedParams) -> Resources;
     fn splits(&self) -> bool;
-    fn run_part(&self, params: &ParsedParams, ctx: &StageContext, part: usize, parts: usize) -> Result<StageReport, BoxError>;
-    fn assemble(&self, params: &ParsedParams, ctx: &StageContext, parts: &[PathBuf]) -> Result<StageReport, BoxError>;
+    fn run_part(
+        &self,
+        params: &ParsedParams,
+        ctx: &StageContext,
+        part: usize,
+        parts: usize,
+    ) -> Result<StageReport, BoxError>;
+    fn assemble(
+        &self,
+        params: &ParsedParams,
+        ctx: &StageContext,
+        parts: &[PathBuf],
+    ) -> Result<StageReport, BoxError>;
     fn run(&self, params: &ParsedParams, ctx: &StageContext) -> Result<StageReport, BoxError>;
 }
 
@@ -203,9 +234,13 @@ impl<S: Stage> DynStage for Typed<S> {
         S::ABOUT
     }
     fn parse_params(&self, table: Spanned<DeValue<'_>>) -> Result<ParsedParams, toml::de::Error> {
-        let typed: S::Params = serde::Deserialize::deserialize(toml::de::ValueDeserializer::from(table))?;
+        let typed: S::Params =
+            serde::Deserialize::deserialize(toml::de::ValueDeserializer::from(table))?;
         let canonical = serde_json::to_value(&typed).expect("parameters serialise to JSON");
-        Ok(ParsedParams { typed: Arc::new(typed), canonical })
+        Ok(ParsedParams {
+            typed: Arc::new(typed),
+            canonical,
+        })
     }
     fn check(&self, params: &ParsedParams, inputs: &[String]) -> Result<(), String> {
         self.0.check(params.typed(), inputs)
@@ -219,10 +254,21 @@ impl<S: Stage> DynStage for Typed<S> {
     fn splits(&self) -> bool {
         S::SPLITS
     }
-    fn run_part(&self, params: &ParsedParams, ctx: &StageContext, part: usize, parts: usize) -> Result<StageReport, BoxError> {
+    fn run_part(
+        &self,
+        params: &ParsedParams,
+        ctx: &StageContext,
+        part: usize,
+        parts: usize,
+    ) -> Result<StageReport, BoxError> {
         self.0.run_part(params.typed(), ctx, part, parts)
     }
-    fn assemble(&self, params: &ParsedParams, ctx: &StageContext, parts: &[PathBuf]) -> Result<StageReport, BoxError> {
+    fn assemble(
+        &self,
+        params: &ParsedParams,
+        ctx: &StageContext,
+        parts: &[PathBuf],
+    ) -> Result<StageReport, BoxError> {
         self.0.assemble(params.typed(), ctx, parts)
     }
     fn run(&self, params: &ParsedParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
@@ -242,13 +288,20 @@ impl Registry {
     }
 
     pub fn register<S: Stage>(&mut self, stage: S) -> &mut Self {
-        assert!(self.get(S::KIND).is_none(), "stage kind `{}` registered twice", S::KIND);
+        assert!(
+            self.get(S::KIND).is_none(),
+            "stage kind `{}` registered twice",
+            S::KIND
+        );
         self.kinds.push(Box::new(Typed(stage)));
         self
     }
 
     pub fn get(&self, kind: &str) -> Option<&dyn DynStage> {
-        self.kinds.iter().find(|k| k.kind() == kind).map(|k| k.as_ref())
+        self.kinds
+            .iter()
+            .find(|k| k.kind() == kind)
+            .map(|k| k.as_ref())
     }
 
     pub fn kinds(&self) -> impl Iterator<Item = &dyn DynStage> {
@@ -256,12 +309,20 @@ impl Registry {
     }
 
     pub(crate) fn kinds_list(&self) -> String {
-        self.kinds.iter().map(|k| format!("`{}`", k.kind())).collect::<Vec<_>>().join(", ")
+        self.kinds
+            .iter()
+            .map(|k| format!("`{}`", k.kind()))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
 /// A code identity as people read it: its first 12 hex digits (`none` for a
 /// lock entry written before code identities existed).
 pub fn short_code(code: &str) -> &str {
-    if code.is_empty() { "none" } else { &code[..code.len().min(12)] }
+    if code.is_empty() {
+        "none"
+    } else {
+        &code[..code.len().min(12)]
+    }
 }

@@ -35,9 +35,15 @@ impl RunLock {
                 let _ = file.read_to_string(&mut holder);
                 let pid = holder.trim().to_string();
                 if !wait {
-                    return Err(Error::Busy { path: path.into(), pid });
+                    return Err(Error::Busy {
+                        path: path.into(),
+                        pid,
+                    });
                 }
-                eprintln!("waiting for another melanoflow run (pid {pid}) to finish with {}", path.display());
+                eprintln!(
+                    "waiting for another melanoflow run (pid {pid}) to finish with {}",
+                    path.display()
+                );
                 file.lock().map_err(|e| Error::io(path, e))?;
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(path, e)),
@@ -47,7 +53,10 @@ impl RunLock {
         let _ = file.rewind();
         let _ = write!(file, "{}", std::process::id());
         let _ = file.flush();
-        Ok(RunLock { _file: file, path: path.into() })
+        Ok(RunLock {
+            _file: file,
+            path: path.into(),
+        })
     }
 }
 

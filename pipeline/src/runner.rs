@@ -15,8 +15,8 @@
 //! `out/STAGE` -> lock file rewritten.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::mpsc;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -127,8 +127,18 @@ impl RerunOutcome {
 
     pub fn line(&self) -> String {
         match &self.differences {
-            None => format!("reproduced {} ({}, {:.1}s)", self.stage, self.rerun.short(), self.seconds),
-            Some(d) => format!("DIFFERS    {}: lock {} vs re-run {}: {d}", self.stage, self.locked.short(), self.rerun.short()),
+            None => format!(
+                "reproduced {} ({}, {:.1}s)",
+                self.stage,
+                self.rerun.short(),
+                self.seconds
+            ),
+            Some(d) => format!(
+                "DIFFERS    {}: lock {} vs re-run {}: {d}",
+                self.stage,
+                self.locked.short(),
+                self.rerun.short()
+            ),
         }
     }
 }
@@ -198,7 +208,9 @@ enum Step {
 
 /// Runs a stage's work, turning a panic into its error: a panicking stage
 /// fails like any other instead of taking the scheduler down.
-fn run_catching_panics(f: impl FnOnce() -> std::result::Result<StageReport, BoxError>) -> std::result::Result<StageReport, BoxError> {
+fn run_catching_panics(
+    f: impl FnOnce() -> std::result::Result<StageReport, BoxError>,
+) -> std::result::Result<StageReport, BoxError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
         let message = panic
             .downcast_ref::<String>()
@@ -231,7 +243,15 @@ impl Failures {
 
     /// Stage `i` failed: says so, then either stops new stages or (keep-going)
     /// takes its dependants, direct or not, out of `waiting` as skipped.
-    fn add(&mut self, stages: &[StageDecl], i: usize, error: Error, started: Instant, waiting: &mut Vec<usize>, done: &mut dyn FnMut(StageOutcome)) {
+    fn add(
+        &mut self,
+        stages: &[StageDecl],
+        i: usize,
+        error: Error,
+        started: Instant,
+        waiting: &mut Vec<usize>,
+        done: &mut dyn FnMut(StageOutcome),
+    ) {
         let outcome = |decl: &StageDecl, state, why: String, seconds| StageOutcome {
             stage: decl.name.clone(),
             kind: decl.kind.clone(),
@@ -242,20 +262,43 @@ impl Failures {
             summary: None,
             seconds,
         };
-        let failure = StageFailure { stage: stages[i].name.clone(), error };
-        done(outcome(&stages[i], State::Failed, failure.why(), started.elapsed().as_secs_f64()));
+        let failure = StageFailure {
+            stage: stages[i].name.clone(),
+            error,
+        };
+        done(outcome(
+            &stages[i],
+            State::Failed,
+            failure.why(),
+            started.elapsed().as_secs_f64(),
+        ));
         if !self.keep_going {
             self.first.get_or_insert(failure.error);
             return;
         }
-        self.blocked.insert(failure.stage.clone(), failure.stage.clone());
+        self.blocked
+            .insert(failure.stage.clone(), failure.stage.clone());
         self.failed.push(failure);
         // Stages are in topological order: one pass finds every dependant.
         waiting.retain(|&w| {
-            let Some(root) = stages[w].inputs.iter().find_map(|n| self.blocked.get(n).cloned()) else { return true };
-            done(outcome(&stages[w], State::Skipped, format!("upstream `{root}` failed"), 0.0));
+            let Some(root) = stages[w]
+                .inputs
+                .iter()
+                .find_map(|n| self.blocked.get(n).cloned())
+            else {
+                return true;
+            };
+            done(outcome(
+                &stages[w],
+                State::Skipped,
+                format!("upstream `{root}` failed"),
+                0.0,
+            ));
             self.blocked.insert(stages[w].name.clone(), root.clone());
-            self.skipped.push(Skipped { stage: stages[w].name.clone(), upstream: root });
+            self.skipped.push(Skipped {
+                stage: stages[w].name.clone(),
+                upstream: root,
+            });
             false
         });
     }
@@ -264,7 +307,10 @@ impl Failures {
         match self.first {
             Some(e) => Err(e),
             None if self.failed.is_empty() => Ok(()),
-            None => Err(Error::StagesFailed { failed: self.failed, skipped: self.skipped }),
+            None => Err(Error::StagesFailed {
+                failed: self.failed,
+                skipped: self.skipped,
+            }),
         }
     }
 }
@@ -278,8 +324,13 @@ struct Externals {
 enum Decision {
     Cached(Output),
     Restored(Output, Vec<String>),
-    Restore { output: Digest, reasons: Vec<String> },
-    Run { reasons: Vec<String> },
+    Restore {
+        output: Digest,
+        reasons: Vec<String>,
+    },
+    Run {
+        reasons: Vec<String>,
+    },
 }
 
 pub struct Engine<'r> {
@@ -297,15 +348,33 @@ impl<'r> Engine<'r> {
         Self::with_store(pipeline, registry, Arc::new(store), progress)
     }
 
-    pub fn with_store(pipeline: Pipeline, registry: &'r Registry, store: Arc<dyn BlobStore>, progress: Progress) -> Result<Self> {
+    pub fn with_store(
+        pipeline: Pipeline,
+        registry: &'r Registry,
+        store: Arc<dyn BlobStore>,
+        progress: Progress,
+    ) -> Result<Self> {
         let lock = LockFile::load(&pipeline.lock_path())?;
         let cache = FileHashCache::load(&pipeline.state_dir().join("filecache"));
         let mut artifacts = Artifacts::new(store);
         if let Some(remote) = &pipeline.remote {
             let store = ObjectBlobStore::open_remote(remote, &pipeline.base_dir)?;
-            artifacts = artifacts.with_remote(Remote { store, read_only: remote.read_only }, progress.clone());
+            artifacts = artifacts.with_remote(
+                Remote {
+                    store,
+                    read_only: remote.read_only,
+                },
+                progress.clone(),
+            );
         }
-        Ok(Engine { pipeline, registry, artifacts, cache, lock, progress })
+        Ok(Engine {
+            pipeline,
+            registry,
+            artifacts,
+            cache,
+            lock,
+            progress,
+        })
     }
 
     pub fn artifacts(&self) -> &Artifacts {
@@ -327,11 +396,20 @@ impl<'r> Engine<'r> {
     }
 
     fn selected(&self, targets: &[String]) -> Result<Vec<usize>> {
-        let keep = dag::select(&self.pipeline.stages, targets).map_err(|name| Error::UnknownStage {
-            name,
-            known: self.pipeline.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
-        })?;
-        Ok((0..self.pipeline.stages.len()).filter(|&i| keep.contains(self.pipeline.stages[i].name.as_str())).collect())
+        let keep =
+            dag::select(&self.pipeline.stages, targets).map_err(|name| Error::UnknownStage {
+                name,
+                known: self
+                    .pipeline
+                    .stages
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        Ok((0..self.pipeline.stages.len())
+            .filter(|&i| keep.contains(self.pipeline.stages[i].name.as_str()))
+            .collect())
     }
 
     /// Decides every selected stage without running anything (`status`, `--dry-run`).
@@ -341,17 +419,35 @@ impl<'r> Engine<'r> {
         for i in self.selected(&opts.targets)? {
             let decl = &self.pipeline.stages[i];
             let (name, kind) = (decl.name.clone(), decl.kind.clone());
-            let pending: Vec<&String> = decl.inputs.iter().filter(|n| !outputs.contains_key(*n)).collect();
+            let pending: Vec<&String> = decl
+                .inputs
+                .iter()
+                .filter(|n| !outputs.contains_key(*n))
+                .collect();
             // (state, reasons, fingerprint, output digest)
             let (state, reasons, fp, output) = if !pending.is_empty() {
-                (State::WouldRun, pending.iter().map(|n| format!("upstream `{n}` will run")).collect(), None, None)
+                (
+                    State::WouldRun,
+                    pending
+                        .iter()
+                        .map(|n| format!("upstream `{n}` will run"))
+                        .collect(),
+                    None,
+                    None,
+                )
             } else {
-                let upstream: Vec<(String, Digest)> = decl.inputs.iter().map(|n| (n.clone(), outputs[n])).collect();
+                let upstream: Vec<(String, Digest)> = decl
+                    .inputs
+                    .iter()
+                    .map(|n| (n.clone(), outputs[n]))
+                    .collect();
                 let ext = self.resolve_external(i)?;
                 let fp = self.fingerprint_of(i, &upstream, &ext);
                 match self.decide(i, fp, &upstream, &ext, opts.forces(&name))? {
                     Decision::Cached(out) => (State::Cached, vec![], Some(fp), Some(out.digest)),
-                    Decision::Restore { output, reasons } => (State::WouldRestore, reasons, Some(fp), Some(output)),
+                    Decision::Restore { output, reasons } => {
+                        (State::WouldRestore, reasons, Some(fp), Some(output))
+                    }
                     Decision::Run { reasons } => (State::WouldRun, reasons, Some(fp), None),
                     Decision::Restored(..) => unreachable!("decide never restores"),
                 }
@@ -359,7 +455,16 @@ impl<'r> Engine<'r> {
             if let Some(d) = output {
                 outputs.insert(name.clone(), d);
             }
-            let outcome = StageOutcome { stage: name, kind, state, reasons, fingerprint: fp, output, summary: None, seconds: 0.0 };
+            let outcome = StageOutcome {
+                stage: name,
+                kind,
+                state,
+                reasons,
+                fingerprint: fp,
+                output,
+                summary: None,
+                seconds: 0.0,
+            };
             outcomes.push(outcome);
         }
         self.save_cache();
@@ -368,7 +473,11 @@ impl<'r> Engine<'r> {
 
     /// Brings the selected stages up to date. `on_stage` sees each outcome as
     /// soon as it is known (for streaming output).
-    pub fn run(&mut self, opts: &RunOptions, on_stage: &mut dyn FnMut(&StageOutcome)) -> Result<Vec<StageOutcome>> {
+    pub fn run(
+        &mut self,
+        opts: &RunOptions,
+        on_stage: &mut dyn FnMut(&StageOutcome),
+    ) -> Result<Vec<StageOutcome>> {
         if opts.dry_run {
             let outcomes = self.plan(opts)?;
             outcomes.iter().for_each(|o| on_stage(o));
@@ -383,9 +492,13 @@ impl<'r> Engine<'r> {
             on_stage(&o);
             outcomes.push(o);
         });
-        self.lock.stages.retain(|name, _| self.pipeline.stage(name).is_some());
+        self.lock
+            .stages
+            .retain(|name, _| self.pipeline.stage(name).is_some());
         self.lock.cache_version = CACHE_VERSION;
-        self.lock.save(&self.pipeline.lock_path()).map_err(|e| Error::io(self.pipeline.lock_path(), e))?;
+        self.lock
+            .save(&self.pipeline.lock_path())
+            .map_err(|e| Error::io(self.pipeline.lock_path(), e))?;
         self.save_cache();
         result.map(|()| outcomes)
     }
@@ -427,22 +540,34 @@ impl<'r> Engine<'r> {
     /// output with the lock file. Every selected stage must be up to date
     /// first. Nothing is stored, published or recorded: the store, the output
     /// folders and the lock file stay exactly as they were.
-    pub fn verify_rerun(&mut self, targets: &[String], on_stage: &mut dyn FnMut(&RerunOutcome)) -> Result<Vec<RerunOutcome>> {
+    pub fn verify_rerun(
+        &mut self,
+        targets: &[String],
+        on_stage: &mut dyn FnMut(&RerunOutcome),
+    ) -> Result<Vec<RerunOutcome>> {
         let _guard = self.run_lock(true)?;
         self.lock = LockFile::load(&self.pipeline.lock_path())?;
         let stale: Vec<String> = self
-            .plan(&RunOptions { targets: targets.to_vec(), ..Default::default() })?
+            .plan(&RunOptions {
+                targets: targets.to_vec(),
+                ..Default::default()
+            })?
             .into_iter()
             .filter(|o| o.state != State::Cached)
             .map(|o| o.stage)
             .collect();
         if !stale.is_empty() {
-            return Err(Error::NotUpToDate { stages: stale.join(", ") });
+            return Err(Error::NotUpToDate {
+                stages: stale.join(", "),
+            });
         }
         let selected: Vec<usize> = if targets.is_empty() {
             (0..self.pipeline.stages.len()).collect()
         } else {
-            self.selected(targets)?.into_iter().filter(|&i| targets.contains(&self.pipeline.stages[i].name)).collect()
+            self.selected(targets)?
+                .into_iter()
+                .filter(|&i| targets.contains(&self.pipeline.stages[i].name))
+                .collect()
         };
         let root = self.pipeline.out_dir.join(".verify");
         let mut outcomes = Vec::new();
@@ -454,8 +579,15 @@ impl<'r> Engine<'r> {
             let mut upstream = Vec::new();
             for n in &inputs {
                 let dir = self.pipeline.stage_out_dir(n);
-                let manifest = self.dir_manifest(&dir)?.ok_or_else(|| Error::NotUpToDate { stages: n.clone() })?;
-                upstream.push(Upstream { name: n.clone(), kind: self.pipeline.stage(n).expect("validated").kind.clone(), dir, manifest });
+                let manifest = self
+                    .dir_manifest(&dir)?
+                    .ok_or_else(|| Error::NotUpToDate { stages: n.clone() })?;
+                upstream.push(Upstream {
+                    name: n.clone(),
+                    kind: self.pipeline.stage(n).expect("validated").kind.clone(),
+                    dir,
+                    manifest,
+                });
             }
             let ext = self.resolve_external(i)?;
             let (out_dir, scratch) = (root.join(&name), root.join(format!("{name}.scratch")));
@@ -479,8 +611,15 @@ impl<'r> Engine<'r> {
             // folders are removed below.
             let result = run_catching_panics(|| kind.run(&decl.params, &ctx));
             let manifest = result
-                .map_err(|source| Error::StageFailed { stage: name.clone(), source })
-                .and_then(|_| self.cache.manifest_of_dir(&out_dir, &|_| {}).map_err(|e| Error::io(&out_dir, e)));
+                .map_err(|source| Error::StageFailed {
+                    stage: name.clone(),
+                    source,
+                })
+                .and_then(|_| {
+                    self.cache
+                        .manifest_of_dir(&out_dir, &|_| {})
+                        .map_err(|e| Error::io(&out_dir, e))
+                });
             let committed = self.dir_manifest(&self.pipeline.stage_out_dir(&name));
             for d in [&out_dir, &scratch] {
                 let _ = fsutil::remove_dir_if_exists(d);
@@ -499,7 +638,13 @@ impl<'r> Engine<'r> {
                 Ok(Some(m)) => m.diff(&manifest, 10).to_string(),
                 _ => "the committed output folder could not be read to compare files".to_string(),
             });
-            let outcome = RerunOutcome { stage: name, locked, rerun, differences, seconds: started.elapsed().as_secs_f64() };
+            let outcome = RerunOutcome {
+                stage: name,
+                locked,
+                rerun,
+                differences,
+                seconds: started.elapsed().as_secs_f64(),
+            };
             on_stage(&outcome);
             outcomes.push(outcome);
         }
@@ -521,7 +666,10 @@ impl<'r> Engine<'r> {
         let registry: &'r Registry = self.registry;
         let mut waiting: Vec<usize> = self.selected(&opts.targets)?;
         let mut outputs: BTreeMap<String, Output> = BTreeMap::new();
-        let mut failures = Failures { keep_going: opts.keep_going, ..Default::default() };
+        let mut failures = Failures {
+            keep_going: opts.keep_going,
+            ..Default::default()
+        };
         std::thread::scope(|scope| {
             let (tx, rx) = mpsc::channel::<(Launch, std::result::Result<StageReport, BoxError>)>();
             let mut queued: VecDeque<Launch> = VecDeque::new();
@@ -530,9 +678,16 @@ impl<'r> Engine<'r> {
                 // Decide, in pipeline order, every stage whose upstreams are done.
                 // With one job, one stage at a time: exactly the sequential order.
                 let mut k = 0;
-                while !failures.stop() && k < waiting.len() && (jobs > 1 || (running == 0 && queued.is_empty())) {
+                while !failures.stop()
+                    && k < waiting.len()
+                    && (jobs > 1 || (running == 0 && queued.is_empty()))
+                {
                     let i = waiting[k];
-                    if !self.pipeline.stages[i].inputs.iter().all(|n| outputs.contains_key(n)) {
+                    if !self.pipeline.stages[i]
+                        .inputs
+                        .iter()
+                        .all(|n| outputs.contains_key(n))
+                    {
                         k += 1;
                         continue;
                     }
@@ -552,8 +707,12 @@ impl<'r> Engine<'r> {
                     }
                 }
                 while !failures.stop() && running < jobs {
-                    let Some(launch) = queued.pop_front() else { break };
-                    let kind = registry.get(&self.pipeline.stages[launch.i].kind).expect("validated kind");
+                    let Some(launch) = queued.pop_front() else {
+                        break;
+                    };
+                    let kind = registry
+                        .get(&self.pipeline.stages[launch.i].kind)
+                        .expect("validated kind");
                     let params = self.pipeline.stages[launch.i].params.clone();
                     let tx = tx.clone();
                     scope.spawn(move || {
@@ -573,7 +732,9 @@ impl<'r> Engine<'r> {
                         outputs.insert(outcome.stage.clone(), output);
                         done(outcome);
                     }
-                    Err(e) => failures.add(&self.pipeline.stages, i, e, started, &mut waiting, done),
+                    Err(e) => {
+                        failures.add(&self.pipeline.stages, i, e, started, &mut waiting, done)
+                    }
                 }
             }
         });
@@ -582,11 +743,20 @@ impl<'r> Engine<'r> {
 
     /// Decides one stage whose upstreams are done: finished when cached or
     /// restorable, else prepared for a worker.
-    fn step(&mut self, i: usize, opts: &RunOptions, outputs: &BTreeMap<String, Output>) -> Result<Step> {
+    fn step(
+        &mut self,
+        i: usize,
+        opts: &RunOptions,
+        outputs: &BTreeMap<String, Output>,
+    ) -> Result<Step> {
         let started = Instant::now();
         let decl = &self.pipeline.stages[i];
         let name = decl.name.clone();
-        let upstream: Vec<(String, Digest)> = decl.inputs.iter().map(|n| (n.clone(), outputs[n].digest)).collect();
+        let upstream: Vec<(String, Digest)> = decl
+            .inputs
+            .iter()
+            .map(|n| (n.clone(), outputs[n].digest))
+            .collect();
         let ext = self.resolve_external(i)?;
         let fp = self.fingerprint_of(i, &upstream, &ext);
         let mut decision = self.decide(i, fp, &upstream, &ext, opts.forces(&name))?;
@@ -594,7 +764,9 @@ impl<'r> Engine<'r> {
             match self.restore(&name, *output) {
                 Ok(out) => decision = Decision::Restored(out, reasons.clone()),
                 // A damaged or incomplete store copy is not fatal: recompute it.
-                Err(Error::Artifact(e @ (ArtifactError::Corrupt { .. } | ArtifactError::Missing { .. }))) => {
+                Err(Error::Artifact(
+                    e @ (ArtifactError::Corrupt { .. } | ArtifactError::Missing { .. }),
+                )) => {
                     tracing::warn!("stage `{name}`: {e}");
                     let mut reasons = reasons.clone();
                     reasons.push("stored result is damaged, recomputing".into());
@@ -627,12 +799,30 @@ impl<'r> Engine<'r> {
                     })
                     .collect();
                 let ctx = self.prepare(i, &fp, ups, ext.files)?;
-                let launch = Launch { i, fp, reasons, upstream, external: ext.combined, ctx, started };
+                let launch = Launch {
+                    i,
+                    fp,
+                    reasons,
+                    upstream,
+                    external: ext.combined,
+                    ctx,
+                    started,
+                };
                 return Ok(Step::Launch(Box::new(launch)));
             }
         };
-        let stage = Finished { i, fp, state, reasons, upstream, external: ext.combined, summary: None, started };
-        self.record(stage, output).map(|(o, out)| Step::Done(o, out))
+        let stage = Finished {
+            i,
+            fp,
+            state,
+            reasons,
+            upstream,
+            external: ext.combined,
+            summary: None,
+            started,
+        };
+        self.record(stage, output)
+            .map(|(o, out)| Step::Done(o, out))
     }
 
     /// Records a finished stage in the lock file (saved at once: a later
@@ -640,12 +830,13 @@ impl<'r> Engine<'r> {
     fn record(&mut self, f: Finished, output: Output) -> Result<(StageOutcome, Output)> {
         let decl = &self.pipeline.stages[f.i];
         let (name, kind) = (decl.name.clone(), decl.kind.clone());
+        let stage = self.registry.get(&kind).expect("validated kind");
         self.lock.stages.insert(
             name.clone(),
             LockEntry {
                 kind: kind.clone(),
-                code: self.registry.get(&kind).expect("validated kind").code().to_string(),
-                code_version: self.registry.get(&kind).expect("validated kind").version(),
+                code: stage.code().to_string(),
+                code_version: stage.version(),
                 fingerprint: f.fp,
                 output: output.digest,
                 files: output.manifest.len() as u64,
@@ -657,7 +848,9 @@ impl<'r> Engine<'r> {
             },
         );
         self.lock.cache_version = CACHE_VERSION;
-        self.lock.save(&self.pipeline.lock_path()).map_err(|e| Error::io(self.pipeline.lock_path(), e))?;
+        self.lock
+            .save(&self.pipeline.lock_path())
+            .map_err(|e| Error::io(self.pipeline.lock_path(), e))?;
         let outcome = StageOutcome {
             stage: name,
             kind,
@@ -673,27 +866,40 @@ impl<'r> Engine<'r> {
 
     fn fingerprint_of(&self, i: usize, upstream: &[(String, Digest)], ext: &Externals) -> Digest {
         let decl = &self.pipeline.stages[i];
+        let stage = self.registry.get(&decl.kind).expect("validated kind");
         fingerprint(&FingerprintInputs {
             kind: &decl.kind,
-            code: self.registry.get(&decl.kind).expect("validated kind").code(),
-            code_version: self.registry.get(&decl.kind).expect("validated kind").version(),
+            code: stage.code(),
+            code_version: stage.version(),
             params: &decl.params.canonical,
             upstream,
             external: ext.combined.as_ref().map(|m| m.digest()),
         })
     }
 
-    fn decide(&mut self, i: usize, fp: Digest, upstream: &[(String, Digest)], ext: &Externals, forced: bool) -> Result<Decision> {
+    fn decide(
+        &mut self,
+        i: usize,
+        fp: Digest,
+        upstream: &[(String, Digest)],
+        ext: &Externals,
+        forced: bool,
+    ) -> Result<Decision> {
         let name = self.pipeline.stages[i].name.clone();
         if forced {
-            return Ok(Decision::Run { reasons: vec!["forced with --force".into()] });
+            return Ok(Decision::Run {
+                reasons: vec!["forced with --force".into()],
+            });
         }
         let out_dir = self.pipeline.stage_out_dir(&name);
         let on_disk = self.dir_manifest(&out_dir)?;
         let entry = self.lock.stages.get(&name).cloned();
         if let Some(entry) = entry.as_ref().filter(|e| e.fingerprint == fp) {
             if let Some(m) = on_disk.as_ref().filter(|m| m.digest() == entry.output) {
-                return Ok(Decision::Cached(Output { digest: entry.output, manifest: m.clone() }));
+                return Ok(Decision::Cached(Output {
+                    digest: entry.output,
+                    manifest: m.clone(),
+                }));
             }
             if self.artifacts.get_manifest(&entry.output)?.is_some() {
                 let why = match &on_disk {
@@ -703,37 +909,64 @@ impl<'r> Engine<'r> {
                         None => "output folder modified".to_string(),
                     },
                 };
-                return Ok(Decision::Restore { output: entry.output, reasons: vec![why] });
+                return Ok(Decision::Restore {
+                    output: entry.output,
+                    reasons: vec![why],
+                });
             }
         }
         let reasons = self.why_stale(i, fp, entry.as_ref(), upstream, ext)?;
         if let Some(record) = self.artifacts.get_run(&fp)? {
             if let Some(m) = on_disk.filter(|m| m.digest() == record.output) {
-                return Ok(Decision::Cached(Output { digest: record.output, manifest: m }));
+                return Ok(Decision::Cached(Output {
+                    digest: record.output,
+                    manifest: m,
+                }));
             }
             let mut reasons = reasons;
             reasons.push("result found in the store".into());
-            return Ok(Decision::Restore { output: record.output, reasons });
+            return Ok(Decision::Restore {
+                output: record.output,
+                reasons,
+            });
         }
         Ok(Decision::Run { reasons })
     }
 
     /// Why the fingerprint differs from the lock file's, in the user's terms.
-    fn why_stale(&self, i: usize, fp: Digest, entry: Option<&LockEntry>, upstream: &[(String, Digest)], ext: &Externals) -> Result<Vec<String>> {
+    fn why_stale(
+        &self,
+        i: usize,
+        fp: Digest,
+        entry: Option<&LockEntry>,
+        upstream: &[(String, Digest)],
+        ext: &Externals,
+    ) -> Result<Vec<String>> {
         let decl = &self.pipeline.stages[i];
         let Some(entry) = entry else {
-            return Ok(vec![format!("never run (not in {})", file_name(&self.pipeline.lock_path()))]);
+            return Ok(vec![format!(
+                "never run (not in {})",
+                file_name(&self.pipeline.lock_path())
+            )]);
         };
         if entry.fingerprint == fp {
-            return Ok(vec!["its result is not in the store (a fresh store, or removed by gc)".into()]);
+            return Ok(vec![
+                "its result is not in the store (a fresh store, or removed by gc)".into(),
+            ]);
         }
         let mut reasons = Vec::new();
         if self.lock.cache_version != CACHE_VERSION {
-            reasons.push(format!("engine cache version changed ({} -> {CACHE_VERSION})", self.lock.cache_version));
+            reasons.push(format!(
+                "engine cache version changed ({} -> {CACHE_VERSION})",
+                self.lock.cache_version
+            ));
         }
         let stage = self.registry.get(&decl.kind).expect("validated");
         if entry.kind != decl.kind {
-            reasons.push(format!("kind changed (`{}` -> `{}`)", entry.kind, decl.kind));
+            reasons.push(format!(
+                "kind changed (`{}` -> `{}`)",
+                entry.kind, decl.kind
+            ));
         } else {
             if entry.code != stage.code() {
                 reasons.push(format!(
@@ -744,17 +977,28 @@ impl<'r> Engine<'r> {
                 ));
             }
             if entry.code_version != stage.version() {
-                reasons.push(format!("kind `{}` version override changed (v{} -> v{})", decl.kind, entry.code_version, stage.version()));
+                reasons.push(format!(
+                    "kind `{}` version override changed (v{} -> v{})",
+                    decl.kind,
+                    entry.code_version,
+                    stage.version()
+                ));
             }
         }
-        for p in changed_params(&params_to_json(&entry.params), &strip_nulls(&decl.params.canonical)) {
+        for p in changed_params(
+            &params_to_json(&entry.params),
+            &strip_nulls(&decl.params.canonical),
+        ) {
             reasons.push(format!("parameter {p}"));
         }
         let old_inputs: Vec<&String> = entry.upstream.keys().collect();
         let mut new_inputs: Vec<&String> = upstream.iter().map(|(n, _)| n).collect();
         new_inputs.sort();
         if old_inputs != new_inputs {
-            reasons.push(format!("inputs changed ({:?} -> {:?})", old_inputs, new_inputs));
+            reasons.push(format!(
+                "inputs changed ({:?} -> {:?})",
+                old_inputs, new_inputs
+            ));
         } else {
             for (n, d) in upstream {
                 if entry.upstream.get(n) != Some(d) {
@@ -785,7 +1029,10 @@ impl<'r> Engine<'r> {
         let kind = self.registry.get(&decl.kind).expect("validated kind");
         let declared = kind.external_inputs(&decl.params, &self.pipeline.base_dir);
         if declared.is_empty() {
-            return Ok(Externals { files: vec![], combined: None });
+            return Ok(Externals {
+                files: vec![],
+                combined: None,
+            });
         }
         let stage = decl.name.clone();
         let mut files = Vec::new();
@@ -793,16 +1040,36 @@ impl<'r> Engine<'r> {
         let bar: OnceLock<ProgressBar> = OnceLock::new();
         let progress = self.progress.clone();
         for input in declared {
-            let on_hashed = |n: u64| bar.get_or_init(|| progress.counter("hashing input files")).inc(n);
-            let missing = || Error::MissingInput { stage: stage.clone(), name: input.name.clone(), location: input.source.to_string() };
+            let on_hashed = |n: u64| {
+                bar.get_or_init(|| progress.counter("hashing input files"))
+                    .inc(n)
+            };
+            let missing = || Error::MissingInput {
+                stage: stage.clone(),
+                name: input.name.clone(),
+                location: input.source.to_string(),
+            };
             let (manifest, is_dir) = match &input.source {
                 Source::Local(path) => {
                     let meta = std::fs::metadata(path).map_err(|_| missing())?;
                     if meta.is_dir() {
-                        (self.cache.manifest_of_dir(path, &on_hashed).map_err(|e| Error::io(path, e))?, true)
+                        (
+                            self.cache
+                                .manifest_of_dir(path, &on_hashed)
+                                .map_err(|e| Error::io(path, e))?,
+                            true,
+                        )
                     } else {
-                        let (size, digest) = self.cache.digest(path).map_err(|e| Error::io(path, e))?;
-                        (Manifest::new(vec![Entry { path: input.name.clone(), size, digest }]), false)
+                        let (size, digest) =
+                            self.cache.digest(path).map_err(|e| Error::io(path, e))?;
+                        (
+                            Manifest::new(vec![Entry {
+                                path: input.name.clone(),
+                                size,
+                                digest,
+                            }]),
+                            false,
+                        )
                     }
                 }
                 Source::Remote(url) => {
@@ -815,37 +1082,59 @@ impl<'r> Engine<'r> {
                 }
             };
             for e in manifest.entries() {
-                let path = if is_dir { format!("{}/{}", input.name, e.path) } else { e.path.clone() };
+                let path = if is_dir {
+                    format!("{}/{}", input.name, e.path)
+                } else {
+                    e.path.clone()
+                };
                 combined.push(Entry { path, ..e.clone() });
             }
-            files.push(ExternalFiles { name: input.name, source: input.source, is_dir, manifest });
+            files.push(ExternalFiles {
+                name: input.name,
+                source: input.source,
+                is_dir,
+                manifest,
+            });
         }
         if let Some(b) = bar.get() {
             b.finish_and_clear();
         }
-        Ok(Externals { files, combined: Some(Manifest::new(combined)) })
+        Ok(Externals {
+            files,
+            combined: Some(Manifest::new(combined)),
+        })
     }
 
     fn dir_manifest(&mut self, dir: &Path) -> Result<Option<Manifest>> {
         if !dir.is_dir() {
             return Ok(None);
         }
-        self.cache.manifest_of_dir(dir, &|_| {}).map(Some).map_err(|e| Error::io(dir, e))
+        self.cache
+            .manifest_of_dir(dir, &|_| {})
+            .map(Some)
+            .map_err(|e| Error::io(dir, e))
     }
 
     /// Per stage and fingerprint: `.melanoflow/scratch/STAGE-FINGERPRINT`.
     fn scratch_dir(&self, name: &str, fp: &Digest) -> PathBuf {
-        self.pipeline.state_dir().join("scratch").join(format!("{name}-{}", fp.short()))
+        self.pipeline
+            .state_dir()
+            .join("scratch")
+            .join(format!("{name}-{}", fp.short()))
     }
 
     /// Drops the stage's scratch folders (checkpoints of this and of abandoned
     /// fingerprints) once it has committed.
     fn remove_scratch(&self, name: &str) {
         let root = self.pipeline.state_dir().join("scratch");
-        let Ok(entries) = std::fs::read_dir(&root) else { return };
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return;
+        };
         for e in entries.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if n.strip_prefix(name).is_some_and(|rest| rest.starts_with('-') && rest.len() == 13) {
+            if n.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('-') && rest.len() == 13)
+            {
                 let _ = fsutil::remove_dir_if_exists(&e.path());
             }
         }
@@ -864,7 +1153,13 @@ impl<'r> Engine<'r> {
     }
 
     /// A fresh staging folder and the context a stage runs with.
-    fn prepare(&mut self, i: usize, fp: &Digest, upstream: Vec<Upstream>, external: Vec<ExternalFiles>) -> Result<StageContext> {
+    fn prepare(
+        &mut self,
+        i: usize,
+        fp: &Digest,
+        upstream: Vec<Upstream>,
+        external: Vec<ExternalFiles>,
+    ) -> Result<StageContext> {
         let name = self.pipeline.stages[i].name.clone();
         let staging = self.staging_root().join(&name);
         fsutil::remove_dir_if_exists(&staging).map_err(|e| Error::io(&staging, e))?;
@@ -886,22 +1181,42 @@ impl<'r> Engine<'r> {
     /// exactly what the lock file records: map stages reuse per-item results
     /// from it (`StageContext::previous`).
     fn previous_output(&mut self, name: &str) -> Result<Option<PathBuf>> {
-        let Some(committed) = self.lock.stages.get(name).map(|e| e.output) else { return Ok(None) };
+        let Some(committed) = self.lock.stages.get(name).map(|e| e.output) else {
+            return Ok(None);
+        };
         let dir = self.pipeline.stage_out_dir(name);
-        Ok(self.dir_manifest(&dir)?.filter(|m| m.digest() == committed).map(|_| dir))
+        Ok(self
+            .dir_manifest(&dir)?
+            .filter(|m| m.digest() == committed)
+            .map(|_| dir))
     }
 
     /// Commits what a stage's run wrote: hash, upload, record, then make
     /// visible. A failed run leaves nothing behind.
-    fn commit(&mut self, launch: Launch, result: std::result::Result<StageReport, BoxError>) -> Result<(StageOutcome, Output)> {
-        let Launch { i, fp, reasons, upstream, external, ctx, started } = launch;
+    fn commit(
+        &mut self,
+        launch: Launch,
+        result: std::result::Result<StageReport, BoxError>,
+    ) -> Result<(StageOutcome, Output)> {
+        let Launch {
+            i,
+            fp,
+            reasons,
+            upstream,
+            external,
+            ctx,
+            started,
+        } = launch;
         let name = ctx.stage;
         let staging = ctx.out_dir;
         let report = match result {
             Ok(r) => r,
             Err(source) => {
                 let _ = fsutil::remove_dir_if_exists(&staging);
-                return Err(Error::StageFailed { stage: name, source });
+                return Err(Error::StageFailed {
+                    stage: name,
+                    source,
+                });
             }
         };
         let (manifest, record) = self.store_output(i, &staging, external.as_ref())?;
@@ -909,34 +1224,68 @@ impl<'r> Engine<'r> {
         self.publish(&name, &staging, &manifest)?;
         self.remove_scratch(&name);
         let summary = Some(report.summary).filter(|s| !s.is_empty());
-        let stage = Finished { i, fp, state: State::Ran, reasons, upstream, external, summary, started };
-        self.record(stage, Output { digest: record.output, manifest })
+        let stage = Finished {
+            i,
+            fp,
+            state: State::Ran,
+            reasons,
+            upstream,
+            external,
+            summary,
+            started,
+        };
+        self.record(
+            stage,
+            Output {
+                digest: record.output,
+                manifest,
+            },
+        )
     }
 
     /// Hashes what a stage wrote into `dir` and stores its files, its
     /// manifest and the manifest of the external files it read; returns the
     /// manifest and the run record, which the caller writes its own way.
-    fn store_output(&mut self, i: usize, dir: &Path, external: Option<&Manifest>) -> Result<(Manifest, RunRecord)> {
-        let manifest = self.cache.manifest_of_dir(dir, &|_| {}).map_err(|e| Error::io(dir, e))?;
+    fn store_output(
+        &mut self,
+        i: usize,
+        dir: &Path,
+        external: Option<&Manifest>,
+    ) -> Result<(Manifest, RunRecord)> {
+        let manifest = self
+            .cache
+            .manifest_of_dir(dir, &|_| {})
+            .map_err(|e| Error::io(dir, e))?;
         let output = self.artifacts.put_dir(dir, &manifest)?;
         if let Some(m) = external {
             self.artifacts.put_manifest(m)?;
         }
-        let record = RunRecord { kind: self.pipeline.stages[i].kind.clone(), output, files: manifest.len() as u64, bytes: manifest.total_bytes() };
+        let record = RunRecord {
+            kind: self.pipeline.stages[i].kind.clone(),
+            output,
+            files: manifest.len() as u64,
+            bytes: manifest.total_bytes(),
+        };
         Ok((manifest, record))
     }
 
     /// Writes a stored output into `out/STAGE` (through staging, atomically).
     fn restore(&mut self, name: &str, output: Digest) -> Result<Output> {
-        let manifest = self
-            .artifacts
-            .get_manifest(&output)?
-            .ok_or_else(|| ArtifactError::Missing { digest: output, store: self.artifacts.store().describe() })?;
+        let manifest =
+            self.artifacts
+                .get_manifest(&output)?
+                .ok_or_else(|| ArtifactError::Missing {
+                    digest: output,
+                    store: self.artifacts.store().describe(),
+                })?;
         let staging = self.staging_root().join(name);
         fsutil::remove_dir_if_exists(&staging).map_err(|e| Error::io(&staging, e))?;
         self.artifacts.materialize(&manifest, &staging)?;
         self.publish(name, &staging, &manifest)?;
-        Ok(Output { digest: output, manifest })
+        Ok(Output {
+            digest: output,
+            manifest,
+        })
     }
 
     fn publish(&mut self, name: &str, staging: &Path, manifest: &Manifest) -> Result<()> {
@@ -945,7 +1294,9 @@ impl<'r> Engine<'r> {
         fsutil::swap_dir(staging, &target, &trash).map_err(|e| Error::io(&target, e))?;
         self.cache.forget_under(staging);
         for e in manifest.entries() {
-            let _ = self.cache.record(&crate::context::join_rel(&target, &e.path), e.digest);
+            let _ = self
+                .cache
+                .record(&crate::context::join_rel(&target, &e.path), e.digest);
         }
         Ok(())
     }
@@ -967,7 +1318,9 @@ fn strip_nulls(v: &serde_json::Value) -> serde_json::Value {
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -996,7 +1349,10 @@ mod tests {
         fn run(&self, p: &CounterParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
             std::fs::write(ctx.out_dir.join("fixed.txt"), "same")?;
             if !p.deterministic {
-                std::fs::write(ctx.out_dir.join("count.txt"), RUNS.fetch_add(1, Ordering::SeqCst).to_string())?;
+                std::fs::write(
+                    ctx.out_dir.join("count.txt"),
+                    RUNS.fetch_add(1, Ordering::SeqCst).to_string(),
+                )?;
             }
             Ok(StageReport::default())
         }
@@ -1023,12 +1379,18 @@ mod tests {
             let mut arrived = ARRIVED.lock().unwrap();
             *arrived += 1;
             ARRIVAL.notify_all();
-            let (arrived, timeout) = ARRIVAL.wait_timeout_while(arrived, std::time::Duration::from_secs(30), |n| *n < p.count).unwrap();
+            let (arrived, timeout) = ARRIVAL
+                .wait_timeout_while(arrived, std::time::Duration::from_secs(30), |n| {
+                    *n < p.count
+                })
+                .unwrap();
             drop(arrived);
             match p.fail.as_deref() {
                 Some("panic") => panic!("deliberate panic in {}", ctx.stage),
                 Some(message) => return Err(message.to_string().into()),
-                None if timeout.timed_out() => return Err("ran alone: the other stage never started".into()),
+                None if timeout.timed_out() => {
+                    return Err("ran alone: the other stage never started".into());
+                }
                 None => {}
             }
             std::fs::write(ctx.out_dir.join("done.txt"), &ctx.stage)?;
@@ -1053,7 +1415,10 @@ mod tests {
         const CODE: &'static str = "test-code";
         const ABOUT: &'static str = "test kind";
         fn run(&self, p: &BrokenParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
-            if p.when_exists.as_ref().is_some_and(|f| !ctx.base_dir.join(f).exists()) {
+            if p.when_exists
+                .as_ref()
+                .is_some_and(|f| !ctx.base_dir.join(f).exists())
+            {
                 std::fs::write(ctx.out_dir.join("ok.txt"), "fine this time")?;
                 return Ok(StageReport::default());
             }
@@ -1089,28 +1454,66 @@ mod tests {
         for jobs in [1, 2] {
             let dir = tempfile::tempdir().unwrap();
             let (registry, file) = parallel_engine(dir.path(), pipeline);
-            let open = || Engine::open(crate::config::load(&file, &registry, &[]).unwrap(), &registry, Progress::new(true)).unwrap();
+            let open = || {
+                Engine::open(
+                    crate::config::load(&file, &registry, &[]).unwrap(),
+                    &registry,
+                    Progress::new(true),
+                )
+                .unwrap()
+            };
             let mut seen: Vec<(String, State, Vec<String>)> = Vec::new();
-            let opts = RunOptions { jobs, keep_going: true, ..Default::default() };
-            let err = open().run(&opts, &mut |o| seen.push((o.stage.clone(), o.state, o.reasons.clone()))).unwrap_err();
+            let opts = RunOptions {
+                jobs,
+                keep_going: true,
+                ..Default::default()
+            };
+            let err = open()
+                .run(&opts, &mut |o| {
+                    seen.push((o.stage.clone(), o.state, o.reasons.clone()))
+                })
+                .unwrap_err();
             let state = |name: &str| {
-                seen.iter().find(|(s, ..)| s == name).map(|(_, st, r)| (*st, r.join("; "))).unwrap_or_else(|| panic!("no outcome for {name}: {seen:?}"))
+                seen.iter()
+                    .find(|(s, ..)| s == name)
+                    .map(|(_, st, r)| (*st, r.join("; ")))
+                    .unwrap_or_else(|| panic!("no outcome for {name}: {seen:?}"))
             };
             assert_eq!(seen.len(), 7, "every stage has one outcome: {seen:?}");
             assert_eq!(state("a").0, State::Ran);
             assert_eq!(state("fine").0, State::Ran);
-            assert_eq!(state("bad"), (State::Failed, "deliberate failure in bad".into()));
-            assert_eq!(state("boom"), (State::Failed, "panicked: deliberate panic in boom".into()));
-            assert_eq!(state("after_bad"), (State::Skipped, "upstream `bad` failed".into()));
-            assert_eq!(state("after_after"), (State::Skipped, "upstream `bad` failed".into()));
-            assert_eq!(state("joined"), (State::Skipped, "upstream `boom` failed".into()));
-            let Error::StagesFailed { failed, skipped } = &err else { panic!("{err}") };
+            assert_eq!(
+                state("bad"),
+                (State::Failed, "deliberate failure in bad".into())
+            );
+            assert_eq!(
+                state("boom"),
+                (State::Failed, "panicked: deliberate panic in boom".into())
+            );
+            assert_eq!(
+                state("after_bad"),
+                (State::Skipped, "upstream `bad` failed".into())
+            );
+            assert_eq!(
+                state("after_after"),
+                (State::Skipped, "upstream `bad` failed".into())
+            );
+            assert_eq!(
+                state("joined"),
+                (State::Skipped, "upstream `boom` failed".into())
+            );
+            let Error::StagesFailed { failed, skipped } = &err else {
+                panic!("{err}")
+            };
             let mut names: Vec<&str> = failed.iter().map(|f| f.stage.as_str()).collect();
             names.sort();
             assert_eq!(names, ["bad", "boom"]);
             assert_eq!(skipped.len(), 3);
             let report = err.to_string();
-            assert!(report.starts_with("2 stage(s) failed, 3 skipped because an upstream failed:"), "{report}");
+            assert!(
+                report.starts_with("2 stage(s) failed, 3 skipped because an upstream failed:"),
+                "{report}"
+            );
             for line in [
                 "\n  bad: deliberate failure in bad",
                 "\n  boom: panicked: deliberate panic in boom",
@@ -1121,20 +1524,55 @@ mod tests {
             }
             // What ran is committed; nothing of the failed or skipped stages.
             let lock = std::fs::read_to_string(dir.path().join("p.lock")).unwrap();
-            assert!(lock.contains("[stages.a]") && lock.contains("[stages.fine]"), "{lock}");
+            assert!(
+                lock.contains("[stages.a]") && lock.contains("[stages.fine]"),
+                "{lock}"
+            );
             for stage in ["bad", "boom", "after_bad", "joined"] {
-                assert!(!lock.contains(&format!("[stages.{stage}]")) && !dir.path().join("out").join(stage).exists(), "{stage}: {lock}");
+                assert!(
+                    !lock.contains(&format!("[stages.{stage}]"))
+                        && !dir.path().join("out").join(stage).exists(),
+                    "{stage}: {lock}"
+                );
             }
-            assert!(!dir.path().join("out/.staging").read_dir().is_ok_and(|mut d| d.next().is_some()), "staging left behind");
+            assert!(
+                !dir.path()
+                    .join("out/.staging")
+                    .read_dir()
+                    .is_ok_and(|mut d| d.next().is_some()),
+                "staging left behind"
+            );
 
             // Without keep-going the first failure stops everything not yet started.
             let dir = tempfile::tempdir().unwrap();
             let (registry, file) = parallel_engine(dir.path(), pipeline);
-            let mut engine = Engine::open(crate::config::load(&file, &registry, &[]).unwrap(), &registry, Progress::new(true)).unwrap();
+            let mut engine = Engine::open(
+                crate::config::load(&file, &registry, &[]).unwrap(),
+                &registry,
+                Progress::new(true),
+            )
+            .unwrap();
             let mut seen = Vec::new();
-            let err = engine.run(&RunOptions { jobs: 1, ..Default::default() }, &mut |o| seen.push((o.stage.clone(), o.state))).unwrap_err();
-            assert!(matches!(err, Error::StageFailed { ref stage, .. } if stage == "bad"), "{err}");
-            assert_eq!(seen, [("a".to_string(), State::Ran), ("bad".to_string(), State::Failed)]);
+            let err = engine
+                .run(
+                    &RunOptions {
+                        jobs: 1,
+                        ..Default::default()
+                    },
+                    &mut |o| seen.push((o.stage.clone(), o.state)),
+                )
+                .unwrap_err();
+            assert!(
+                matches!(err, Error::StageFailed { ref stage, .. } if stage == "bad"),
+                "{err}"
+            );
+            assert_eq!(
+                seen,
+                [
+                    ("a".to_string(), State::Ran),
+                    ("bad".to_string(), State::Failed)
+                ]
+            );
         }
     }
 
@@ -1145,11 +1583,31 @@ mod tests {
         let pipeline = "[stages.left]\nkind = \"rendezvous\"\ncount = 2\n\n[stages.right]\nkind = \"rendezvous\"\ncount = 2\n\n\
                         [stages.joined]\nkind = \"counter\"\ninputs = [\"left\", \"right\"]\n";
         let (registry, file) = parallel_engine(dir.path(), pipeline);
-        let mut engine = Engine::open(crate::config::load(&file, &registry, &[]).unwrap(), &registry, Progress::new(true)).unwrap();
+        let mut engine = Engine::open(
+            crate::config::load(&file, &registry, &[]).unwrap(),
+            &registry,
+            Progress::new(true),
+        )
+        .unwrap();
         let mut order = Vec::new();
-        engine.run(&RunOptions { jobs: 2, ..Default::default() }, &mut |o| order.push(o.stage.clone())).unwrap();
-        assert_eq!(order.last().unwrap(), "joined", "the downstream stage waits for both");
-        assert_eq!(std::fs::read_to_string(dir.path().join("out/right/done.txt")).unwrap(), "right");
+        engine
+            .run(
+                &RunOptions {
+                    jobs: 2,
+                    ..Default::default()
+                },
+                &mut |o| order.push(o.stage.clone()),
+            )
+            .unwrap();
+        assert_eq!(
+            order.last().unwrap(),
+            "joined",
+            "the downstream stage waits for both"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out/right/done.txt")).unwrap(),
+            "right"
+        );
 
         // A failing and a panicking stage: both reported, the third (independent)
         // one commits, the downstream of a failure never starts.
@@ -1159,16 +1617,52 @@ mod tests {
                         [stages.fine]\nkind = \"rendezvous\"\ncount = 5\n\n\
                         [stages.after]\nkind = \"counter\"\ninputs = [\"fails\"]\n";
         let (registry, file) = parallel_engine(dir.path(), pipeline);
-        let mut engine = Engine::open(crate::config::load(&file, &registry, &[]).unwrap(), &registry, Progress::new(true)).unwrap();
+        let mut engine = Engine::open(
+            crate::config::load(&file, &registry, &[]).unwrap(),
+            &registry,
+            Progress::new(true),
+        )
+        .unwrap();
         let mut finished = Vec::new();
-        let err = engine.run(&RunOptions { jobs: 3, ..Default::default() }, &mut |o| finished.push((o.stage.clone(), o.state))).unwrap_err();
-        let chain = format!("{err}: {}", std::error::Error::source(&err).map(|e| e.to_string()).unwrap_or_default());
-        assert!(chain.contains("fails") || chain.contains("panics"), "{chain}");
+        let err = engine
+            .run(
+                &RunOptions {
+                    jobs: 3,
+                    ..Default::default()
+                },
+                &mut |o| finished.push((o.stage.clone(), o.state)),
+            )
+            .unwrap_err();
+        let chain = format!(
+            "{err}: {}",
+            std::error::Error::source(&err)
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        );
+        assert!(
+            chain.contains("fails") || chain.contains("panics"),
+            "{chain}"
+        );
         finished.sort_by(|a, b| a.0.cmp(&b.0));
-        assert_eq!(finished, [("fails".into(), State::Failed), ("fine".into(), State::Ran), ("panics".into(), State::Failed)]);
+        assert_eq!(
+            finished,
+            [
+                ("fails".into(), State::Failed),
+                ("fine".into(), State::Ran),
+                ("panics".into(), State::Failed)
+            ]
+        );
         let lock = std::fs::read_to_string(dir.path().join("p.lock")).unwrap();
-        assert!(lock.contains("[stages.fine]") && !lock.contains("[stages.after]") && !lock.contains("[stages.fails]"), "{lock}");
-        assert!(!dir.path().join("out/.staging/fails").exists() && !dir.path().join("out/.staging/panics").exists());
+        assert!(
+            lock.contains("[stages.fine]")
+                && !lock.contains("[stages.after]")
+                && !lock.contains("[stages.fails]"),
+            "{lock}"
+        );
+        assert!(
+            !dir.path().join("out/.staging/fails").exists()
+                && !dir.path().join("out/.staging/panics").exists()
+        );
     }
 
     /// `counter` as a later build would see it: same kind and behaviour,
@@ -1231,11 +1725,17 @@ mod tests {
         new.register(RecodedCounter).register(Constant);
         let outcomes = run(&new);
         assert_eq!(outcomes["counted"].0, State::Ran);
-        assert_eq!(outcomes["counted"].1, "code of kind `counter` changed (test-code -> test-code-2)");
+        assert_eq!(
+            outcomes["counted"].1,
+            "code of kind `counter` changed (test-code -> test-code-2)"
+        );
         assert_eq!(outcomes["below"].0, State::Ran);
         assert_eq!(outcomes["below"].1, "upstream `counted` output changed");
         assert_eq!(outcomes["apart"].0, State::Cached);
-        assert_eq!(LockFile::load(&dir.path().join("p.lock")).unwrap().stages["counted"].code, "test-code-2");
+        assert_eq!(
+            LockFile::load(&dir.path().join("p.lock")).unwrap().stages["counted"].code,
+            "test-code-2"
+        );
     }
 
     #[test]
@@ -1245,23 +1745,52 @@ mod tests {
         std::fs::write(&file, "[stages.same]\nkind = \"counter\"\ndeterministic = true\n\n[stages.drifts]\nkind = \"counter\"\ninputs = [\"same\"]\n").unwrap();
         let mut registry = Registry::new();
         registry.register(Counter);
-        let open = || Engine::open(crate::config::load(&file, &registry, &[]).unwrap(), &registry, Progress::new(true)).unwrap();
+        let open = || {
+            Engine::open(
+                crate::config::load(&file, &registry, &[]).unwrap(),
+                &registry,
+                Progress::new(true),
+            )
+            .unwrap()
+        };
         open().run(&RunOptions::default(), &mut |_| {}).unwrap();
         let lock_before = std::fs::read_to_string(dir.path().join("p.lock")).unwrap();
-        let count_before = std::fs::read_to_string(dir.path().join("out/drifts/count.txt")).unwrap();
+        let count_before =
+            std::fs::read_to_string(dir.path().join("out/drifts/count.txt")).unwrap();
 
         let outcomes = open().verify_rerun(&[], &mut |_| {}).unwrap();
         assert_eq!(outcomes.len(), 2);
         assert!(outcomes[0].reproduced(), "{:?}", outcomes[0]);
         assert!(!outcomes[1].reproduced());
         let diff = outcomes[1].differences.as_deref().unwrap();
-        assert!(diff.contains("count.txt") && !diff.contains("fixed.txt"), "{diff}");
+        assert!(
+            diff.contains("count.txt") && !diff.contains("fixed.txt"),
+            "{diff}"
+        );
         // Only one stage when named.
-        assert_eq!(open().verify_rerun(&["same".into()], &mut |_| {}).unwrap().len(), 1);
+        assert_eq!(
+            open()
+                .verify_rerun(&["same".into()], &mut |_| {})
+                .unwrap()
+                .len(),
+            1
+        );
         // Nothing committed: lock, outputs, every stage still cached; no leftovers.
-        assert_eq!(std::fs::read_to_string(dir.path().join("p.lock")).unwrap(), lock_before);
-        assert_eq!(std::fs::read_to_string(dir.path().join("out/drifts/count.txt")).unwrap(), count_before);
-        assert!(open().plan(&RunOptions::default()).unwrap().iter().all(|o| o.state == State::Cached));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("p.lock")).unwrap(),
+            lock_before
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out/drifts/count.txt")).unwrap(),
+            count_before
+        );
+        assert!(
+            open()
+                .plan(&RunOptions::default())
+                .unwrap()
+                .iter()
+                .all(|o| o.state == State::Cached)
+        );
         assert!(!dir.path().join("out/.verify").exists());
     }
 
@@ -1274,18 +1803,42 @@ mod tests {
         let pipeline = "[stages.a]\nkind = \"counter\"\ndeterministic = true\n\n\
                         [stages.flaky]\nkind = \"broken\"\ninputs = [\"a\"]\npanic = true\nwhen_exists = \"now-panic\"\n";
         let (registry, file) = parallel_engine(dir.path(), pipeline);
-        let open = || Engine::open(crate::config::load(&file, &registry, &[]).unwrap(), &registry, Progress::new(true)).unwrap();
+        let open = || {
+            Engine::open(
+                crate::config::load(&file, &registry, &[]).unwrap(),
+                &registry,
+                Progress::new(true),
+            )
+            .unwrap()
+        };
         open().run(&RunOptions::default(), &mut |_| {}).unwrap();
         let lock_before = std::fs::read_to_string(dir.path().join("p.lock")).unwrap();
         std::fs::write(dir.path().join("now-panic"), "").unwrap();
         let mut reproduced = Vec::new();
-        let err = open().verify_rerun(&[], &mut |o| reproduced.push(o.stage.clone())).unwrap_err();
-        assert!(matches!(err, Error::StageFailed { ref stage, .. } if stage == "flaky"), "{err}");
-        assert_eq!(crate::error::chain(&err), "stage `flaky` failed; nothing of it was committed: panicked: deliberate panic in flaky");
+        let err = open()
+            .verify_rerun(&[], &mut |o| reproduced.push(o.stage.clone()))
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::StageFailed { ref stage, .. } if stage == "flaky"),
+            "{err}"
+        );
+        assert_eq!(
+            crate::error::chain(&err),
+            "stage `flaky` failed; nothing of it was committed: panicked: deliberate panic in flaky"
+        );
         assert_eq!(reproduced, ["a"], "the stage before it was compared");
-        assert!(!dir.path().join("out/.verify").exists(), "re-run folders removed");
-        assert_eq!(std::fs::read_to_string(dir.path().join("p.lock")).unwrap(), lock_before);
-        assert_eq!(std::fs::read_to_string(dir.path().join("out/flaky/ok.txt")).unwrap(), "fine this time");
+        assert!(
+            !dir.path().join("out/.verify").exists(),
+            "re-run folders removed"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("p.lock")).unwrap(),
+            lock_before
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out/flaky/ok.txt")).unwrap(),
+            "fine this time"
+        );
     }
 
     #[test]
@@ -1295,8 +1848,19 @@ mod tests {
         std::fs::write(&file, "[stages.a]\nkind = \"counter\"\n").unwrap();
         let mut registry = Registry::new();
         registry.register(Counter);
-        let mut engine = Engine::open(crate::config::load(&file, &registry, &[]).unwrap(), &registry, Progress::new(true)).unwrap();
-        let err = engine.verify_rerun(&[], &mut |_| {}).unwrap_err().to_string();
-        assert!(err.contains("not up to date: a") && err.contains("melanoflow run"), "{err}");
+        let mut engine = Engine::open(
+            crate::config::load(&file, &registry, &[]).unwrap(),
+            &registry,
+            Progress::new(true),
+        )
+        .unwrap();
+        let err = engine
+            .verify_rerun(&[], &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not up to date: a") && err.contains("melanoflow run"),
+            "{err}"
+        );
     }
 }

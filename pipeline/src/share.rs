@@ -13,11 +13,11 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::artifacts::{ArtifactError, Artifacts, RunRecord, blob_key, run_key};
-use crate::packs;
-use crate::store::BlobStore;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::lockfile::LockFile;
+use crate::packs;
+use crate::store::BlobStore;
 use crate::sync::{self, Remote, Transfer};
 
 /// What a push or pull did.
@@ -49,7 +49,10 @@ pub fn push(artifacts: &Artifacts, lock: &LockFile, stages: &[String]) -> Result
     let started = Instant::now();
     let remote = remote_of(artifacts)?;
     if remote.read_only {
-        return Err(Error::Remote(format!("the remote {} is read-only here (--remote-read-only or remote_read_only = true)", remote.store.describe())));
+        return Err(Error::Remote(format!(
+            "the remote {} is read-only here (--remote-read-only or remote_read_only = true)",
+            remote.store.describe()
+        )));
     }
     let local = artifacts.store();
     let bar = artifacts.progress().bytes_bar("pushing");
@@ -58,11 +61,18 @@ pub fn push(artifacts: &Artifacts, lock: &LockFile, stages: &[String]) -> Result
     for name in stages {
         let entry = &lock.stages[name];
         let manifest = artifacts.get_manifest(&entry.output)?.ok_or_else(|| {
-            Error::Remote(format!("stage `{name}`: its output {} is not in the local store {}; run it first", entry.output.short(), local.describe()))
+            Error::Remote(format!(
+                "stage `{name}`: its output {} is not in the local store {}; run it first",
+                entry.output.short(),
+                local.describe()
+            ))
         })?;
         transfer += packs::upload(local, remote, &manifest, &bar)?;
         manifests.push((entry.output, manifest.to_bytes().len() as u64));
-        if let Some(ext) = entry.external.filter(|d| local.exists(&blob_key(d)).unwrap_or(false)) {
+        if let Some(ext) = entry
+            .external
+            .filter(|d| local.exists(&blob_key(d)).unwrap_or(false))
+        {
             manifests.push((ext, local.size(&blob_key(&ext))?.unwrap_or_default()));
         }
     }
@@ -72,7 +82,11 @@ pub fn push(artifacts: &Artifacts, lock: &LockFile, stages: &[String]) -> Result
     transfer.objects += records.len() as u64;
     remote.store.put_many(records, 16)?;
     bar.finish_and_clear();
-    Ok(ShareReport { stages: stages.len(), transfer, seconds: started.elapsed().as_secs_f64() })
+    Ok(ShareReport {
+        stages: stages.len(),
+        transfer,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// Downloads the named stages' results (from the lock file) into the local store.
@@ -80,8 +94,11 @@ pub fn pull(artifacts: &Artifacts, lock: &LockFile, stages: &[String]) -> Result
     let started = Instant::now();
     let remote = remote_of(artifacts)?;
     let local = artifacts.store();
-    let present_before: BTreeSet<Digest> =
-        stages.iter().map(|n| lock.stages[n].output).filter(|d| local.exists(&blob_key(d)).unwrap_or(false)).collect();
+    let present_before: BTreeSet<Digest> = stages
+        .iter()
+        .map(|n| lock.stages[n].output)
+        .filter(|d| local.exists(&blob_key(d)).unwrap_or(false))
+        .collect();
     let bar = artifacts.progress().bytes_bar("pulling");
     let mut transfer = Transfer::default();
     for name in stages {
@@ -100,7 +117,10 @@ pub fn pull(artifacts: &Artifacts, lock: &LockFile, stages: &[String]) -> Result
         }
     }
     bar.finish_and_clear();
-    let fetched = stages.iter().filter(|n| !present_before.contains(&lock.stages[*n].output)).count() as u64;
+    let fetched = stages
+        .iter()
+        .filter(|n| !present_before.contains(&lock.stages[*n].output))
+        .count() as u64;
     transfer.copied += fetched;
     transfer.objects += fetched;
     transfer.present += stages.len() as u64 - fetched;
@@ -108,7 +128,11 @@ pub fn pull(artifacts: &Artifacts, lock: &LockFile, stages: &[String]) -> Result
         let (key, bytes) = record_of(lock, name);
         local.put(&key, bytes).map_err(ArtifactError::from)?;
     }
-    Ok(ShareReport { stages: stages.len(), transfer, seconds: started.elapsed().as_secs_f64() })
+    Ok(ShareReport {
+        stages: stages.len(),
+        transfer,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 fn remote_of(artifacts: &Artifacts) -> Result<&Remote> {
@@ -118,7 +142,12 @@ fn remote_of(artifacts: &Artifacts) -> Result<&Remote> {
 /// The run record a lock entry stands for, as stored.
 fn record_of(lock: &LockFile, name: &str) -> (String, Bytes) {
     let e = &lock.stages[name];
-    let record = RunRecord { kind: e.kind.clone(), output: e.output, files: e.files, bytes: e.bytes };
+    let record = RunRecord {
+        kind: e.kind.clone(),
+        output: e.output,
+        files: e.files,
+        bytes: e.bytes,
+    };
     (run_key(&e.fingerprint), record.to_bytes())
 }
 

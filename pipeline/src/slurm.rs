@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crate::config::{ExecutorConfig, StageDecl};
 use crate::error::{Error, Result, Skipped, StageFailure};
 use crate::registry::Resources;
-use crate::runner::{Engine, RunOptions, State, StageOutcome};
+use crate::runner::{Engine, RunOptions, StageOutcome, State};
 
 /// Seconds a Slurm client call may take before it counts as failed.
 const CLIENT_TIMEOUT: &str = "60";
@@ -50,11 +50,26 @@ struct Job {
 
 impl Job {
     fn log(&self) -> PathBuf {
-        PathBuf::from(self.log_pattern.to_string_lossy().replace("%j", &self.id).replace("%A", &self.id).replace("%a", "*"))
+        PathBuf::from(
+            self.log_pattern
+                .to_string_lossy()
+                .replace("%j", &self.id)
+                .replace("%A", &self.id)
+                .replace("%a", "*"),
+        )
     }
 
     fn finished(&self) -> bool {
-        !matches!(self.state.as_str(), "" | "PENDING" | "CONFIGURING" | "RUNNING" | "COMPLETING" | "SUSPENDED" | "REQUEUED" | "RESIZING")
+        !matches!(
+            self.state.as_str(),
+            "" | "PENDING"
+                | "CONFIGURING"
+                | "RUNNING"
+                | "COMPLETING"
+                | "SUSPENDED"
+                | "REQUEUED"
+                | "RESIZING"
+        )
     }
 }
 
@@ -75,10 +90,13 @@ pub fn run(
         std::fs::create_dir_all(&log_dir).map_err(|e| Error::io(&log_dir, e))?;
         let interrupted = Arc::new(AtomicBool::new(false));
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            signal_hook::flag::register(signal, interrupted.clone()).map_err(|e| Error::io("signal handler", e))?;
+            signal_hook::flag::register(signal, interrupted.clone())
+                .map_err(|e| Error::io("signal handler", e))?;
         }
         let mut jobs: Vec<Job> = Vec::new();
-        let submitted = submit_all(engine, opts, &cfg, worker, &to_run, &log_dir, &mut jobs, on_line);
+        let submitted = submit_all(
+            engine, opts, &cfg, worker, &to_run, &log_dir, &mut jobs, on_line,
+        );
         if let Err(e) = submitted {
             cancel(&jobs, on_line);
             return Err(e);
@@ -89,12 +107,25 @@ pub fn run(
             return finish_keep_going(engine, opts, &plan, &jobs, on_stage);
         }
         if !failed.is_empty() {
-            let names: Vec<String> = failed.iter().map(|j| format!("{} (job {} {})", j.stage, j.id, j.state)).collect();
-            return Err(Error::Slurm(format!("{} of {} job(s) did not complete: {}", failed.len(), jobs.len(), names.join(", "))));
+            let names: Vec<String> = failed
+                .iter()
+                .map(|j| format!("{} (job {} {})", j.stage, j.id, j.state))
+                .collect();
+            return Err(Error::Slurm(format!(
+                "{} of {} job(s) did not complete: {}",
+                failed.len(),
+                jobs.len(),
+                names.join(", ")
+            )));
         }
     }
     // Everything is in the store now: write the folders and the lock file.
-    let final_pass = RunOptions { force: false, jobs: 1, restore_only: true, ..opts.clone() };
+    let final_pass = RunOptions {
+        force: false,
+        jobs: 1,
+        restore_only: true,
+        ..opts.clone()
+    };
     engine.run(&final_pass, on_stage)
 }
 
@@ -116,36 +147,97 @@ fn finish_keep_going(
     let mut skipped: Vec<Skipped> = Vec::new();
     // Stages in pipeline (topological) order: a stage's upstreams come first.
     for o in plan {
-        let mine: Vec<&Job> = jobs.iter().filter(|j| stage_of(j) == o.stage && j.state != "COMPLETED").collect();
+        let mine: Vec<&Job> = jobs
+            .iter()
+            .filter(|j| stage_of(j) == o.stage && j.state != "COMPLETED")
+            .collect();
         if mine.is_empty() {
             continue;
         }
-        let decl = engine.pipeline.stage(&o.stage).expect("planned stages exist");
+        let decl = engine
+            .pipeline
+            .stage(&o.stage)
+            .expect("planned stages exist");
         // The failed stage an upstream is, or is skipped because of.
-        let root = decl.inputs.iter().find_map(|n| match failed.iter().any(|f| &f.stage == n) {
-            true => Some(n.clone()),
-            false => skipped.iter().find(|k| &k.stage == n).map(|k| k.upstream.clone()),
-        });
+        let root = decl
+            .inputs
+            .iter()
+            .find_map(|n| match failed.iter().any(|f| &f.stage == n) {
+                true => Some(n.clone()),
+                false => skipped
+                    .iter()
+                    .find(|k| &k.stage == n)
+                    .map(|k| k.upstream.clone()),
+            });
         match root {
-            Some(upstream) if mine.iter().all(|j| j.state == "CANCELLED") => skipped.push(Skipped { stage: o.stage.clone(), upstream }),
+            Some(upstream) if mine.iter().all(|j| j.state == "CANCELLED") => {
+                skipped.push(Skipped {
+                    stage: o.stage.clone(),
+                    upstream,
+                })
+            }
             _ => {
-                let why: Vec<String> =
-                    mine.iter().map(|j| format!("job {} {}, exit code {}; log: {}", j.id, j.state, j.exit_code, j.log().display())).collect();
-                failed.push(StageFailure { stage: o.stage.clone(), error: Error::Slurm(why.join("; ")) });
+                let why: Vec<String> = mine
+                    .iter()
+                    .map(|j| {
+                        format!(
+                            "job {} {}, exit code {}; log: {}",
+                            j.id,
+                            j.state,
+                            j.exit_code,
+                            j.log().display()
+                        )
+                    })
+                    .collect();
+                failed.push(StageFailure {
+                    stage: o.stage.clone(),
+                    error: Error::Slurm(why.join("; ")),
+                });
             }
         }
     }
-    let left_out = |name: &str| failed.iter().any(|f| f.stage == name) || skipped.iter().any(|k| k.stage == name);
-    let targets: Vec<String> = plan.iter().map(|o| o.stage.clone()).filter(|n| !left_out(n)).collect();
+    let left_out = |name: &str| {
+        failed.iter().any(|f| f.stage == name) || skipped.iter().any(|k| k.stage == name)
+    };
+    let targets: Vec<String> = plan
+        .iter()
+        .map(|o| o.stage.clone())
+        .filter(|n| !left_out(n))
+        .collect();
     if !targets.is_empty() {
-        let final_pass = RunOptions { force: false, jobs: 1, restore_only: true, targets, ..opts.clone() };
+        let final_pass = RunOptions {
+            force: false,
+            jobs: 1,
+            restore_only: true,
+            targets,
+            ..opts.clone()
+        };
         engine.run(&final_pass, on_stage)?;
     }
     let lines = failed.iter().map(|f| (&f.stage, State::Failed, f.why()));
-    for (stage, state, why) in lines.chain(skipped.iter().map(|k| (&k.stage, State::Skipped, format!("upstream `{}` failed", k.upstream)))) {
-        let kind = engine.pipeline.stage(stage).map(|d| d.kind.clone()).unwrap_or_default();
+    for (stage, state, why) in lines.chain(skipped.iter().map(|k| {
+        (
+            &k.stage,
+            State::Skipped,
+            format!("upstream `{}` failed", k.upstream),
+        )
+    })) {
+        let kind = engine
+            .pipeline
+            .stage(stage)
+            .map(|d| d.kind.clone())
+            .unwrap_or_default();
         let (fingerprint, output, summary) = (None, None, None);
-        on_stage(&StageOutcome { stage: stage.clone(), kind, state, reasons: vec![why], fingerprint, output, summary, seconds: 0.0 });
+        on_stage(&StageOutcome {
+            stage: stage.clone(),
+            kind,
+            state,
+            reasons: vec![why],
+            fingerprint,
+            output,
+            summary,
+            seconds: 0.0,
+        });
     }
     Err(Error::StagesFailed { failed, skipped })
 }
@@ -163,8 +255,15 @@ fn submit_all(
 ) -> Result<()> {
     let mut ids: BTreeMap<&str, String> = BTreeMap::new();
     for o in to_run {
-        let decl = engine.pipeline.stage(&o.stage).expect("planned stages exist");
-        let mut deps: Vec<String> = decl.inputs.iter().filter_map(|n| ids.get(n.as_str()).cloned()).collect();
+        let decl = engine
+            .pipeline
+            .stage(&o.stage)
+            .expect("planned stages exist");
+        let mut deps: Vec<String> = decl
+            .inputs
+            .iter()
+            .filter_map(|n| ids.get(n.as_str()).cloned())
+            .collect();
         let mut stage_args = vec!["run-stage".to_string(), decl.name.clone()];
         // Known now when every upstream is cached: the worker then refuses to
         // run if anything changed between planning and running.
@@ -180,11 +279,35 @@ fn submit_all(
             let mut part_args = stage_args.clone();
             part_args.extend(["--parts".to_string(), parts.to_string()]);
             let label = format!("{}[0-{}]", decl.name, parts - 1);
-            let id = submit(engine, cfg, worker, decl, &part_args, &deps, Some(parts), &label, log_dir, jobs, on_line)?;
+            let id = submit(
+                engine,
+                cfg,
+                worker,
+                decl,
+                &part_args,
+                &deps,
+                Some(parts),
+                &label,
+                log_dir,
+                jobs,
+                on_line,
+            )?;
             deps = vec![id];
             stage_args.extend(["--assemble".to_string(), parts.to_string()]);
         }
-        let id = submit(engine, cfg, worker, decl, &stage_args, &deps, None, &decl.name, log_dir, jobs, on_line)?;
+        let id = submit(
+            engine,
+            cfg,
+            worker,
+            decl,
+            &stage_args,
+            &deps,
+            None,
+            &decl.name,
+            log_dir,
+            jobs,
+            on_line,
+        )?;
         ids.insert(&o.stage, id);
     }
     Ok(())
@@ -205,40 +328,90 @@ fn submit(
     jobs: &mut Vec<Job>,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<String> {
-    let file_stem = if array.is_some() { format!("{}-parts", decl.name) } else { decl.name.clone() };
+    let file_stem = if array.is_some() {
+        format!("{}-parts", decl.name)
+    } else {
+        decl.name.clone()
+    };
     let script = log_dir.join(format!("{file_stem}.sh"));
-    std::fs::write(&script, job_script(engine, decl, worker, stage_args)).map_err(|e| Error::io(&script, e))?;
-    let log_pattern = log_dir.join(if array.is_some() { format!("{file_stem}-%A_%a.log") } else { format!("{file_stem}-%j.log") });
+    std::fs::write(&script, job_script(engine, decl, worker, stage_args))
+        .map_err(|e| Error::io(&script, e))?;
+    let log_pattern = log_dir.join(if array.is_some() {
+        format!("{file_stem}-%A_%a.log")
+    } else {
+        format!("{file_stem}-%j.log")
+    });
     let mut args = sbatch_args(cfg, decl, &engine.pipeline.base_dir, &log_pattern, deps);
     if let Some(n) = array {
         args.push(format!("--array=0-{}", n - 1));
     }
-    let out = client("sbatch", &args.iter().map(String::as_str).chain([script.to_str().unwrap_or_default()]).collect::<Vec<_>>())?;
+    let out = client(
+        "sbatch",
+        &args
+            .iter()
+            .map(String::as_str)
+            .chain([script.to_str().unwrap_or_default()])
+            .collect::<Vec<_>>(),
+    )?;
     let id = out.trim().split(';').next().unwrap_or_default().to_string();
     if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
-        return Err(Error::Slurm(format!("stage `{}`: sbatch printed `{}`, not a job id", decl.name, out.trim())));
+        return Err(Error::Slurm(format!(
+            "stage `{}`: sbatch printed `{}`, not a job id",
+            decl.name,
+            out.trim()
+        )));
     }
-    let after = if deps.is_empty() { String::new() } else { format!(" (after {})", deps.join(", ")) };
+    let after = if deps.is_empty() {
+        String::new()
+    } else {
+        format!(" (after {})", deps.join(", "))
+    };
     on_line(&format!("submit   {label}: job {id}{after}"));
-    let job = Job { stage: label.to_string(), id: id.clone(), log_pattern, state: String::new(), exit_code: String::new(), node: String::new(), started: Instant::now() };
+    let job = Job {
+        stage: label.to_string(),
+        id: id.clone(),
+        log_pattern,
+        state: String::new(),
+        exit_code: String::new(),
+        node: String::new(),
+        started: Instant::now(),
+    };
     jobs.push(job);
     Ok(id)
 }
 
 /// The batch script: this binary, on one stage, from the pipeline's folder.
-fn job_script(engine: &Engine, decl: &StageDecl, worker: &WorkerCommand, stage_args: &[String]) -> String {
-    let words: Vec<String> = std::iter::once(worker.program.clone()).chain(worker.global_args.iter().cloned()).chain(stage_args.iter().cloned()).collect();
+fn job_script(
+    engine: &Engine,
+    decl: &StageDecl,
+    worker: &WorkerCommand,
+    stage_args: &[String],
+) -> String {
+    let words: Vec<String> = std::iter::once(worker.program.clone())
+        .chain(worker.global_args.iter().cloned())
+        .chain(stage_args.iter().cloned())
+        .collect();
     format!(
         "#!/bin/sh\n# melanoflow: stage `{}` of {}\ncd {} || exit 1\nexec {}\n",
         decl.name,
         engine.pipeline.file.display(),
         shell_quote(&engine.pipeline.base_dir.to_string_lossy()),
-        words.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ")
+        words
+            .iter()
+            .map(|w| shell_quote(w))
+            .collect::<Vec<_>>()
+            .join(" ")
     )
 }
 
 /// `sbatch` options for a stage: name, log, folder, dependencies, resources.
-fn sbatch_args(cfg: &ExecutorConfig, decl: &StageDecl, base_dir: &Path, log: &Path, deps: &[String]) -> Vec<String> {
+fn sbatch_args(
+    cfg: &ExecutorConfig,
+    decl: &StageDecl,
+    base_dir: &Path,
+    log: &Path,
+    deps: &[String],
+) -> Vec<String> {
     let mut args = vec![
         "--parsable".to_string(),
         format!("--job-name=mf-{}", decl.name),
@@ -280,22 +453,35 @@ pub fn resource_args(r: &Resources, cfg: &ExecutorConfig) -> Vec<String> {
 
 /// Polls until every job has finished, printing state changes; on Ctrl-C,
 /// cancels the jobs still queued or running.
-fn follow(jobs: &mut [Job], cfg: &ExecutorConfig, interrupted: &AtomicBool, on_line: &mut dyn FnMut(&str)) -> Result<()> {
+fn follow(
+    jobs: &mut [Job],
+    cfg: &ExecutorConfig,
+    interrupted: &AtomicBool,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<()> {
     let poll = Duration::from_secs_f64(cfg.poll_seconds.unwrap_or(1.0).max(0.05));
     loop {
         if interrupted.load(Ordering::SeqCst) {
             cancel(jobs, on_line);
-            return Err(Error::Slurm("interrupted: the submitted jobs were cancelled".into()));
+            return Err(Error::Slurm(
+                "interrupted: the submitted jobs were cancelled".into(),
+            ));
         }
         for job in jobs.iter_mut().filter(|j| !j.finished()) {
-            let Some(info) = job_info(&job.id)? else { continue };
+            let Some(info) = job_info(&job.id)? else {
+                continue;
+            };
             let state = info.get("JobState").cloned().unwrap_or_default();
             if state == job.state {
                 continue;
             }
             job.state = state;
             job.exit_code = info.get("ExitCode").cloned().unwrap_or_default();
-            job.node = info.get("NodeList").cloned().filter(|n| !n.is_empty() && n != "(null)").unwrap_or(job.node.clone());
+            job.node = info
+                .get("NodeList")
+                .cloned()
+                .filter(|n| !n.is_empty() && n != "(null)")
+                .unwrap_or(job.node.clone());
             on_line(&event_line(job, info.get("Reason").map(String::as_str)));
         }
         if jobs.iter().all(Job::finished) {
@@ -306,19 +492,39 @@ fn follow(jobs: &mut [Job], cfg: &ExecutorConfig, interrupted: &AtomicBool, on_l
 }
 
 fn event_line(job: &Job, reason: Option<&str>) -> String {
-    let on = if job.node.is_empty() { String::new() } else { format!(" on {}", job.node) };
+    let on = if job.node.is_empty() {
+        String::new()
+    } else {
+        format!(" on {}", job.node)
+    };
     match job.state.as_str() {
-        "PENDING" => format!("pending  {}: job {} ({})", job.stage, job.id, reason.unwrap_or("queued")),
+        "PENDING" => format!(
+            "pending  {}: job {} ({})",
+            job.stage,
+            job.id,
+            reason.unwrap_or("queued")
+        ),
         "RUNNING" => format!("running  {}: job {}{on}", job.stage, job.id),
-        "COMPLETED" => format!("done     {}: job {}{on} ({:.1}s)", job.stage, job.id, job.started.elapsed().as_secs_f64()),
+        "COMPLETED" => format!(
+            "done     {}: job {}{on} ({:.1}s)",
+            job.stage,
+            job.id,
+            job.started.elapsed().as_secs_f64()
+        ),
         "CANCELLED" if reason == Some("DependencyNeverSatisfied") => {
-            format!("CANCELLED {}: job {} (an upstream job failed)", job.stage, job.id)
+            format!(
+                "CANCELLED {}: job {} (an upstream job failed)",
+                job.stage, job.id
+            )
         }
         other => format!(
             "FAILED   {}: job {} {other}{}, exit code {}{on}; log: {}",
             job.stage,
             job.id,
-            reason.filter(|r| *r != "None").map(|r| format!(" ({r})")).unwrap_or_default(),
+            reason
+                .filter(|r| *r != "None")
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default(),
             job.exit_code,
             job.log().display()
         ),
@@ -326,7 +532,11 @@ fn event_line(job: &Job, reason: Option<&str>) -> String {
 }
 
 fn cancel(jobs: &[Job], on_line: &mut dyn FnMut(&str)) {
-    let ids: Vec<&str> = jobs.iter().filter(|j| !j.finished()).map(|j| j.id.as_str()).collect();
+    let ids: Vec<&str> = jobs
+        .iter()
+        .filter(|j| !j.finished())
+        .map(|j| j.id.as_str())
+        .collect();
     if ids.is_empty() {
         return;
     }
@@ -341,11 +551,26 @@ fn cancel(jobs: &[Job], on_line: &mut dyn FnMut(&str)) {
 fn job_info(id: &str) -> Result<Option<BTreeMap<String, String>>> {
     match client("scontrol", &["show", "job", "-o", id]) {
         Ok(out) => Ok(aggregate(out.lines().map(parse_fields).collect())),
-        Err(scontrol) => match client("sacct", &["-n", "-P", "-X", "-j", id, "-o", "State,ExitCode"]) {
+        Err(scontrol) => match client(
+            "sacct",
+            &["-n", "-P", "-X", "-j", id, "-o", "State,ExitCode"],
+        ) {
             Ok(out) => Ok(out.lines().next().map(|l| {
                 let mut it = l.split('|');
-                let state = it.next().unwrap_or_default().split_whitespace().next().unwrap_or_default().to_string();
-                BTreeMap::from([("JobState".to_string(), state), ("ExitCode".to_string(), it.next().unwrap_or_default().to_string())])
+                let state = it
+                    .next()
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                BTreeMap::from([
+                    ("JobState".to_string(), state),
+                    (
+                        "ExitCode".to_string(),
+                        it.next().unwrap_or_default().to_string(),
+                    ),
+                ])
             })),
             Err(_) => Err(scontrol),
         },
@@ -362,7 +587,11 @@ fn aggregate(mut tasks: Vec<BTreeMap<String, String>>) -> Option<BTreeMap<String
         "RUNNING" | "COMPLETING" | "RESIZING" => 2,
         _ => 3,
     };
-    let nodes: Vec<String> = tasks.iter().filter_map(|t| t.get("NodeList").cloned()).filter(|n| !n.is_empty() && n != "(null)").collect();
+    let nodes: Vec<String> = tasks
+        .iter()
+        .filter_map(|t| t.get("NodeList").cloned())
+        .filter(|n| !n.is_empty() && n != "(null)")
+        .collect();
     tasks.sort_by_key(|t| std::cmp::Reverse(rank(&state(t))));
     let mut first = tasks.into_iter().next()?;
     let mut unique: Vec<String> = Vec::new();
@@ -377,7 +606,10 @@ fn aggregate(mut tasks: Vec<BTreeMap<String, String>>) -> Option<BTreeMap<String
 
 /// `Key=Value Key=Value ...` (scontrol's one-line format) as a map.
 fn parse_fields(line: &str) -> BTreeMap<String, String> {
-    line.split_whitespace().filter_map(|w| w.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Runs a Slurm client under `timeout`; its stdout, or an error with stderr.
@@ -387,20 +619,30 @@ fn client(program: &str, args: &[&str]) -> Result<String> {
         .arg(program)
         .args(args)
         .output()
-        .map_err(|e| Error::Slurm(format!("cannot run `{program}` (is Slurm installed here?): {e}")))?;
+        .map_err(|e| {
+            Error::Slurm(format!(
+                "cannot run `{program}` (is Slurm installed here?): {e}"
+            ))
+        })?;
     if !out.status.success() {
         let why = if out.status.code() == Some(124) {
             format!("no answer within {CLIENT_TIMEOUT} s (is slurmctld up?)")
         } else {
             String::from_utf8_lossy(&out.stderr).trim().to_string()
         };
-        return Err(Error::Slurm(format!("`{program} {}` failed: {why}", args.join(" "))));
+        return Err(Error::Slurm(format!(
+            "`{program} {}` failed: {why}",
+            args.join(" ")
+        )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -424,26 +666,75 @@ mod tests {
 
     #[test]
     fn an_array_is_one_state() {
-        let task = |state: &str, node: &str| parse_fields(&format!("JobId=7 ArrayTaskId=0 JobState={state} NodeList={node} ExitCode=0:0"));
+        let task = |state: &str, node: &str| {
+            parse_fields(&format!(
+                "JobId=7 ArrayTaskId=0 JobState={state} NodeList={node} ExitCode=0:0"
+            ))
+        };
         let state = |tasks| aggregate(tasks).unwrap()["JobState"].clone();
-        assert_eq!(state(vec![task("COMPLETED", "n1"), task("RUNNING", "n2")]), "RUNNING");
-        assert_eq!(state(vec![task("COMPLETED", "n1"), task("PENDING", "")]), "PENDING");
-        assert_eq!(state(vec![task("RUNNING", "n1"), task("FAILED", "n2")]), "FAILED");
-        assert_eq!(state(vec![task("COMPLETED", "n1"), task("COMPLETED", "n2")]), "COMPLETED");
-        assert_eq!(aggregate(vec![task("COMPLETED", "n1"), task("COMPLETED", "n2"), task("COMPLETED", "n1")]).unwrap()["NodeList"], "n1,n2");
+        assert_eq!(
+            state(vec![task("COMPLETED", "n1"), task("RUNNING", "n2")]),
+            "RUNNING"
+        );
+        assert_eq!(
+            state(vec![task("COMPLETED", "n1"), task("PENDING", "")]),
+            "PENDING"
+        );
+        assert_eq!(
+            state(vec![task("RUNNING", "n1"), task("FAILED", "n2")]),
+            "FAILED"
+        );
+        assert_eq!(
+            state(vec![task("COMPLETED", "n1"), task("COMPLETED", "n2")]),
+            "COMPLETED"
+        );
+        assert_eq!(
+            aggregate(vec![
+                task("COMPLETED", "n1"),
+                task("COMPLETED", "n2"),
+                task("COMPLETED", "n1")
+            ])
+            .unwrap()["NodeList"],
+            "n1,n2"
+        );
         assert!(aggregate(vec![]).is_none());
     }
 
     #[test]
     fn resources_become_sbatch_options() {
-        let r = Resources { cpus: Some(4), mem: Some("16G".into()), gpus: Some(1), time: Some("2:00:00".into()), partition: None, array: None };
-        let cfg = ExecutorConfig { partition: Some("batch".into()), account: Some("lab".into()), ..Default::default() };
+        let r = Resources {
+            cpus: Some(4),
+            mem: Some("16G".into()),
+            gpus: Some(1),
+            time: Some("2:00:00".into()),
+            partition: None,
+            array: None,
+        };
+        let cfg = ExecutorConfig {
+            partition: Some("batch".into()),
+            account: Some("lab".into()),
+            ..Default::default()
+        };
         assert_eq!(
             resource_args(&r, &cfg),
-            ["--cpus-per-task=4", "--mem=16G", "--gres=gpu:1", "--time=2:00:00", "--partition=batch", "--account=lab"]
+            [
+                "--cpus-per-task=4",
+                "--mem=16G",
+                "--gres=gpu:1",
+                "--time=2:00:00",
+                "--partition=batch",
+                "--account=lab"
+            ]
         );
-        let own = Resources { partition: Some("gpu".into()), gpus: Some(0), ..Default::default() };
-        assert_eq!(resource_args(&own, &ExecutorConfig::default()), ["--partition=gpu"]);
+        let own = Resources {
+            partition: Some("gpu".into()),
+            gpus: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(
+            resource_args(&own, &ExecutorConfig::default()),
+            ["--partition=gpu"]
+        );
     }
 
     #[test]
@@ -462,9 +753,14 @@ mod tests {
         job.exit_code = "1:0".into();
         job.node = "n2".into();
         assert!(job.finished());
-        assert_eq!(event_line(&job, Some("NonZeroExitCode")), "FAILED   train: job 15 FAILED (NonZeroExitCode), exit code 1:0 on n2; log: /x/train-15.log");
+        assert_eq!(
+            event_line(&job, Some("NonZeroExitCode")),
+            "FAILED   train: job 15 FAILED (NonZeroExitCode), exit code 1:0 on n2; log: /x/train-15.log"
+        );
         job.state = "CANCELLED".into();
-        assert!(event_line(&job, Some("DependencyNeverSatisfied")).contains("an upstream job failed"));
+        assert!(
+            event_line(&job, Some("DependencyNeverSatisfied")).contains("an upstream job failed")
+        );
     }
 
     #[test]

@@ -15,12 +15,15 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
-use object_store::aws::AmazonS3Builder;
-use object_store::azure::MicrosoftAzureBuilder;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart};
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig, WriteMultipart,
+};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -100,9 +103,17 @@ impl ObjectBlobStore {
     /// (credentials from the environment). Any other scheme is an error
     /// naming these ([`SCHEMES`]).
     pub fn open(url: &str, base: &Path) -> Result<Self, StoreError> {
-        let url_err = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Url { url: url.to_string(), source: e };
+        let url_err = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Url {
+            url: url.to_string(),
+            source: e,
+        };
         if url == "memory://" || url.starts_with("memory://") {
-            return Ok(Self::with(Arc::new(InMemory::new()), ObjPath::default(), url.into(), None));
+            return Ok(Self::with(
+                Arc::new(InMemory::new()),
+                ObjPath::default(),
+                url.into(),
+                None,
+            ));
         }
         if let Some(rest) = url.strip_prefix("file://") {
             return Self::local(&base.join(rest));
@@ -113,7 +124,8 @@ impl ObjectBlobStore {
         cloud_scheme(url)?;
         let parsed = url::Url::parse(url).map_err(|e| url_err(Box::new(e)))?;
         let env = std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v));
-        let (store, prefix) = object_store::parse_url_opts(&parsed, env).map_err(|e| url_err(Box::new(e)))?;
+        let (store, prefix) =
+            object_store::parse_url_opts(&parsed, env).map_err(|e| url_err(Box::new(e)))?;
         Ok(Self::with(Arc::from(store), prefix, url.into(), None))
     }
 
@@ -126,10 +138,15 @@ impl ObjectBlobStore {
     /// prompt error, not minutes of back-off.
     pub fn open_remote(remote: &RemoteConfig, base: &Path) -> Result<Self, StoreError> {
         let url = remote.url.as_str();
-        let url_err = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Url { url: url.to_string(), source: e };
+        let url_err = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Url {
+            url: url.to_string(),
+            source: e,
+        };
         if !url.contains("://") || url.starts_with("file://") || url.starts_with("memory://") {
             if remote.endpoint.is_some() || remote.region.is_some() {
-                return Err(url_err("`endpoint` and `region` apply to s3:// and az:// remotes only".into()));
+                return Err(url_err(
+                    "`endpoint` and `region` apply to s3:// and az:// remotes only".into(),
+                ));
             }
             return Self::open(url, base);
         }
@@ -140,15 +157,27 @@ impl ObjectBlobStore {
         let parsed = url::Url::parse(url).map_err(|e| url_err(Box::new(e)))?;
         let prefix = ObjPath::from_url_path(parsed.path()).map_err(|e| url_err(Box::new(e)))?;
         let retry = RetryConfig {
-            backoff: BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(2), base: 2.0 },
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+            },
             max_retries: 3,
             retry_timeout: Duration::from_secs(20),
         };
-        let http = remote.endpoint.as_ref().is_some_and(|e| e.starts_with("http://"));
-        let options = ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_allow_http(http);
+        let http = remote
+            .endpoint
+            .as_ref()
+            .is_some_and(|e| e.starts_with("http://"));
+        let options = ClientOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_allow_http(http);
         let store: Arc<dyn ObjectStore> = match scheme {
             Cloud::S3 => {
-                let mut builder = AmazonS3Builder::from_env().with_url(url).with_retry(retry).with_client_options(options);
+                let mut builder = AmazonS3Builder::from_env()
+                    .with_url(url)
+                    .with_retry(retry)
+                    .with_client_options(options);
                 if let Some(endpoint) = &remote.endpoint {
                     builder = builder.with_endpoint(endpoint);
                 }
@@ -158,7 +187,10 @@ impl ObjectBlobStore {
                 Arc::new(builder.build().map_err(|e| url_err(Box::new(e)))?)
             }
             Cloud::Azure => {
-                let mut builder = MicrosoftAzureBuilder::from_env().with_url(url).with_retry(retry).with_client_options(options);
+                let mut builder = MicrosoftAzureBuilder::from_env()
+                    .with_url(url)
+                    .with_retry(retry)
+                    .with_client_options(options);
                 if let Some(endpoint) = &remote.endpoint {
                     builder = builder.with_endpoint(endpoint.clone());
                 }
@@ -174,7 +206,13 @@ impl ObjectBlobStore {
 
     /// A store in a local directory (created if missing).
     pub fn local(root: &Path) -> Result<Self, StoreError> {
-        let io = |e| StoreError::Io { store: root.display().to_string(), op: "create", key: String::new(), path: root.into(), source: e };
+        let io = |e| StoreError::Io {
+            store: root.display().to_string(),
+            op: "create",
+            key: String::new(),
+            path: root.into(),
+            source: e,
+        };
         std::fs::create_dir_all(root).map_err(io)?;
         let root = root.canonicalize().map_err(io)?;
         let fs = LocalFileSystem::new_with_prefix(&root).map_err(|e| StoreError::Backend {
@@ -183,33 +221,66 @@ impl ObjectBlobStore {
             key: String::new(),
             source: e,
         })?;
-        Ok(Self::with(Arc::new(fs), ObjPath::default(), root.display().to_string(), Some(root)))
+        Ok(Self::with(
+            Arc::new(fs),
+            ObjPath::default(),
+            root.display().to_string(),
+            Some(root),
+        ))
     }
 
     /// An empty in-memory store (tests).
     pub fn memory() -> Self {
-        Self::with(Arc::new(InMemory::new()), ObjPath::default(), "memory://".into(), None)
+        Self::with(
+            Arc::new(InMemory::new()),
+            ObjPath::default(),
+            "memory://".into(),
+            None,
+        )
     }
 
-    fn with(inner: Arc<dyn ObjectStore>, prefix: ObjPath, describe: String, local_root: Option<PathBuf>) -> Self {
+    fn with(
+        inner: Arc<dyn ObjectStore>,
+        prefix: ObjPath,
+        describe: String,
+        local_root: Option<PathBuf>,
+    ) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("tokio runtime");
-        ObjectBlobStore { inner, prefix, describe, local_root, runtime }
+        ObjectBlobStore {
+            inner,
+            prefix,
+            describe,
+            local_root,
+            runtime,
+        }
     }
 
     fn path(&self, key: &str) -> ObjPath {
-        key.split('/').fold(self.prefix.clone(), |p, part| p.join(part))
+        key.split('/')
+            .fold(self.prefix.clone(), |p, part| p.join(part))
     }
 
     fn backend(&self, op: &'static str, key: &str, source: object_store::Error) -> StoreError {
-        StoreError::Backend { store: self.describe.clone(), op, key: key.into(), source }
+        StoreError::Backend {
+            store: self.describe.clone(),
+            op,
+            key: key.into(),
+            source,
+        }
     }
 
     fn io(&self, op: &'static str, key: &str, path: &Path, source: std::io::Error) -> StoreError {
-        StoreError::Io { store: self.describe.clone(), op, key: key.into(), path: path.into(), source }
+        StoreError::Io {
+            store: self.describe.clone(),
+            op,
+            key: key.into(),
+            path: path.into(),
+            source,
+        }
     }
 }
 
@@ -232,7 +303,10 @@ fn cloud_scheme(url: &str) -> Result<Cloud, StoreError> {
     match scheme.to_ascii_lowercase().as_str() {
         "s3" | "s3a" => Ok(Cloud::S3),
         "az" => Ok(Cloud::Azure),
-        _ => Err(StoreError::Url { url: url.into(), source: format!("unsupported scheme `{scheme}://`; a store is {SCHEMES}").into() }),
+        _ => Err(StoreError::Url {
+            url: url.into(),
+            source: format!("unsupported scheme `{scheme}://`; a store is {SCHEMES}").into(),
+        }),
     }
 }
 
@@ -270,7 +344,10 @@ impl ObjectBlobStore {
             .map(|m| ObjectInfo {
                 key: self.relative_key(&m),
                 size: m.size,
-                version: m.e_tag.clone().unwrap_or_else(|| m.last_modified.to_rfc3339()),
+                version: m
+                    .e_tag
+                    .clone()
+                    .unwrap_or_else(|| m.last_modified.to_rfc3339()),
             })
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
@@ -279,11 +356,19 @@ impl ObjectBlobStore {
 
     /// Fetches several objects with up to `concurrency` requests in flight;
     /// results in the order of `keys`, `None` for a missing key.
-    pub fn get_many(&self, keys: &[&str], concurrency: usize) -> Result<Vec<Option<Bytes>>, StoreError> {
+    pub fn get_many(
+        &self,
+        keys: &[&str],
+        concurrency: usize,
+    ) -> Result<Vec<Option<Bytes>>, StoreError> {
         self.runtime.block_on(async {
             futures::stream::iter(keys.iter().map(|key| async move {
                 match self.inner.get(&self.path(key)).await {
-                    Ok(got) => got.bytes().await.map(Some).map_err(|e| self.backend("get", key, e)),
+                    Ok(got) => got
+                        .bytes()
+                        .await
+                        .map(Some)
+                        .map_err(|e| self.backend("get", key, e)),
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
                     Err(e) => Err(self.backend("get", key, e)),
                 }
@@ -296,11 +381,19 @@ impl ObjectBlobStore {
 
     /// Uploads several objects with up to `concurrency` requests in flight.
     /// Each object is published whole or not at all.
-    pub fn put_many(&self, items: Vec<(String, Bytes)>, concurrency: usize) -> Result<(), StoreError> {
+    pub fn put_many(
+        &self,
+        items: Vec<(String, Bytes)>,
+        concurrency: usize,
+    ) -> Result<(), StoreError> {
         self.runtime.block_on(async {
             futures::stream::iter(items.into_iter().map(|(key, bytes)| async move {
                 let path = self.path(&key);
-                self.inner.put(&path, PutPayload::from_bytes(bytes)).await.map(|_| ()).map_err(|e| self.backend("put", &key, e))
+                self.inner
+                    .put(&path, PutPayload::from_bytes(bytes))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.backend("put", &key, e))
             }))
             .buffer_unordered(concurrency.max(1))
             .try_collect::<Vec<()>>()
@@ -311,18 +404,33 @@ impl ObjectBlobStore {
 
     /// Sizes of several keys (`None` when absent), with up to `concurrency`
     /// HEAD requests in flight; in the order of `keys`.
-    pub fn size_many(&self, keys: &[String], concurrency: usize) -> Result<Vec<Option<u64>>, StoreError> {
+    pub fn size_many(
+        &self,
+        keys: &[String],
+        concurrency: usize,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
         self.runtime.block_on(async {
-            futures::stream::iter(keys.iter().map(|key| self.head_size(key))).buffered(concurrency.max(1)).try_collect().await
+            futures::stream::iter(keys.iter().map(|key| self.head_size(key)))
+                .buffered(concurrency.max(1))
+                .try_collect()
+                .await
         })
     }
 
     /// Every object under each of `prefixes` (one listing each, concurrently):
     /// key -> size. One request per 1,000 keys instead of one per key.
-    pub fn list_sizes(&self, prefixes: &[String], concurrency: usize) -> Result<HashMap<String, u64>, StoreError> {
+    pub fn list_sizes(
+        &self,
+        prefixes: &[String],
+        concurrency: usize,
+    ) -> Result<HashMap<String, u64>, StoreError> {
         let lists: Vec<Vec<object_store::ObjectMeta>> = self.runtime.block_on(async {
             futures::stream::iter(prefixes.iter().map(|p| async move {
-                self.inner.list(Some(&self.path(p))).try_collect::<Vec<_>>().await.map_err(|e| self.backend("list", p, e))
+                self.inner
+                    .list(Some(&self.path(p)))
+                    .try_collect::<Vec<_>>()
+                    .await
+                    .map_err(|e| self.backend("list", p, e))
             }))
             .buffer_unordered(concurrency.max(1))
             .try_collect()
@@ -337,7 +445,9 @@ impl ObjectBlobStore {
 
     /// A listed object's key relative to the store's prefix.
     fn relative_key(&self, m: &object_store::ObjectMeta) -> String {
-        m.location.as_ref()[self.prefix.as_ref().len()..].trim_start_matches('/').to_string()
+        m.location.as_ref()[self.prefix.as_ref().len()..]
+            .trim_start_matches('/')
+            .to_string()
     }
 
     async fn head_size(&self, key: &str) -> Result<Option<u64>, StoreError> {
@@ -360,14 +470,15 @@ impl BlobStore for ObjectBlobStore {
 
     fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         let path = self.path(key);
-        self.runtime.block_on(async {
-            match self.inner.get(&path).await {
-                Ok(r) => r.bytes().await.map(Some),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e),
-            }
-        })
-        .map_err(|e| self.backend("get", key, e))
+        self.runtime
+            .block_on(async {
+                match self.inner.get(&path).await {
+                    Ok(r) => r.bytes().await.map(Some),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .map_err(|e| self.backend("get", key, e))
     }
 
     fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
@@ -384,10 +495,20 @@ impl BlobStore for ObjectBlobStore {
 
     fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, StoreError> {
         let path = self.path(key);
-        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.runtime.block_on(self.inner.put_opts(&path, PutPayload::from_bytes(bytes.clone()), opts)) {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self.runtime.block_on(self.inner.put_opts(
+            &path,
+            PutPayload::from_bytes(bytes.clone()),
+            opts,
+        )) {
             Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(false),
             Err(object_store::Error::NotImplemented { .. }) => {
                 if self.exists(key)? {
                     return Ok(false);
@@ -399,14 +520,20 @@ impl BlobStore for ObjectBlobStore {
     }
 
     fn put_file(&self, key: &str, file: &Path) -> Result<(), StoreError> {
-        let len = std::fs::metadata(file).map_err(|e| self.io("put", key, file, e))?.len();
+        let len = std::fs::metadata(file)
+            .map_err(|e| self.io("put", key, file, e))?
+            .len();
         if len < MULTIPART_THRESHOLD {
             let bytes = std::fs::read(file).map_err(|e| self.io("put", key, file, e))?;
             return self.put(key, Bytes::from(bytes));
         }
         let path = self.path(key);
         self.runtime.block_on(async {
-            let upload = self.inner.put_multipart(&path).await.map_err(|e| self.backend("put", key, e))?;
+            let upload = self
+                .inner
+                .put_multipart(&path)
+                .await
+                .map_err(|e| self.backend("put", key, e))?;
             let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
             let mut f = std::fs::File::open(file).map_err(|e| self.io("put", key, file, e))?;
             let mut buf = vec![0u8; PART_SIZE];
@@ -415,10 +542,17 @@ impl BlobStore for ObjectBlobStore {
                 if n == 0 {
                     break;
                 }
-                writer.wait_for_capacity(4).await.map_err(|e| self.backend("put", key, e))?;
+                writer
+                    .wait_for_capacity(4)
+                    .await
+                    .map_err(|e| self.backend("put", key, e))?;
                 writer.write(&buf[..n]);
             }
-            writer.finish().await.map(|_| ()).map_err(|e| self.backend("put", key, e))
+            writer
+                .finish()
+                .await
+                .map(|_| ())
+                .map_err(|e| self.backend("put", key, e))
         })
     }
 
@@ -442,7 +576,8 @@ impl BlobStore for ObjectBlobStore {
             let mut stream = got.into_stream();
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| self.backend("get", key, e))?;
-                out.write_all(&chunk).map_err(|e| self.io("get", key, &tmp, e))?;
+                out.write_all(&chunk)
+                    .map_err(|e| self.io("get", key, &tmp, e))?;
             }
             out.sync_all().map_err(|e| self.io("get", key, &tmp, e))?;
             std::fs::rename(&tmp, dest).map_err(|e| self.io("get", key, dest, e))?;
@@ -455,7 +590,11 @@ impl BlobStore for ObjectBlobStore {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        Ok(self.list_under(prefix)?.into_iter().map(|o| o.key).collect())
+        Ok(self
+            .list_under(prefix)?
+            .into_iter()
+            .map(|o| o.key)
+            .collect())
     }
 
     fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -472,25 +611,58 @@ mod tests {
     use super::*;
 
     fn exercise(store: &dyn BlobStore, scratch: &Path) {
-        assert_eq!(store.get("blobs/missing").unwrap(), None, "a miss is Ok(None)");
+        assert_eq!(
+            store.get("blobs/missing").unwrap(),
+            None,
+            "a miss is Ok(None)"
+        );
         assert!(!store.exists("blobs/missing").unwrap());
-        store.put("blobs/ab/cd", Bytes::from_static(b"hello")).unwrap();
+        store
+            .put("blobs/ab/cd", Bytes::from_static(b"hello"))
+            .unwrap();
         assert!(store.exists("blobs/ab/cd").unwrap());
-        assert_eq!(store.get("blobs/ab/cd").unwrap().unwrap(), Bytes::from_static(b"hello"));
+        assert_eq!(
+            store.get("blobs/ab/cd").unwrap().unwrap(),
+            Bytes::from_static(b"hello")
+        );
         let src = scratch.join("src");
         std::fs::write(&src, b"file bytes").unwrap();
         store.put_file("runs/x.json", &src).unwrap();
         let dest = scratch.join("out/dest");
         assert!(store.get_to_file("runs/x.json", &dest).unwrap());
         assert_eq!(std::fs::read(&dest).unwrap(), b"file bytes");
-        assert!(!store.get_to_file("runs/none", &scratch.join("none")).unwrap());
+        assert!(
+            !store
+                .get_to_file("runs/none", &scratch.join("none"))
+                .unwrap()
+        );
         assert!(!scratch.join("none").exists(), "a miss writes nothing");
-        assert_eq!(store.list("blobs").unwrap(), vec!["blobs/ab/cd".to_string()]);
-        assert_eq!(store.list("runs/").unwrap(), vec!["runs/x.json".to_string()]);
-        assert!(store.size("runs/x.json").unwrap() == Some(10) && store.size("runs/none").unwrap().is_none());
-        assert!(store.put_if_absent("runs/once", Bytes::from_static(b"first")).unwrap());
-        assert!(!store.put_if_absent("runs/once", Bytes::from_static(b"second")).unwrap());
-        assert_eq!(store.get("runs/once").unwrap().unwrap(), Bytes::from_static(b"first"));
+        assert_eq!(
+            store.list("blobs").unwrap(),
+            vec!["blobs/ab/cd".to_string()]
+        );
+        assert_eq!(
+            store.list("runs/").unwrap(),
+            vec!["runs/x.json".to_string()]
+        );
+        assert!(
+            store.size("runs/x.json").unwrap() == Some(10)
+                && store.size("runs/none").unwrap().is_none()
+        );
+        assert!(
+            store
+                .put_if_absent("runs/once", Bytes::from_static(b"first"))
+                .unwrap()
+        );
+        assert!(
+            !store
+                .put_if_absent("runs/once", Bytes::from_static(b"second"))
+                .unwrap()
+        );
+        assert_eq!(
+            store.get("runs/once").unwrap().unwrap(),
+            Bytes::from_static(b"first")
+        );
         store.delete("blobs/ab/cd").unwrap();
         store.delete("blobs/ab/cd").unwrap();
         assert_eq!(store.get("blobs/ab/cd").unwrap(), None);
@@ -506,32 +678,72 @@ mod tests {
     fn local_store_contract() {
         let dir = tempfile::tempdir().unwrap();
         let store = ObjectBlobStore::open("store", dir.path()).unwrap();
-        assert_eq!(store.local_root().unwrap(), dir.path().join("store").canonicalize().unwrap());
+        assert_eq!(
+            store.local_root().unwrap(),
+            dir.path().join("store").canonicalize().unwrap()
+        );
         exercise(&store, dir.path());
     }
 
     #[test]
     fn bad_url_is_a_clear_error() {
-        let err = ObjectBlobStore::open("nosuch://bucket/x", Path::new(".")).err().unwrap();
+        let err = ObjectBlobStore::open("nosuch://bucket/x", Path::new("."))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("nosuch://bucket/x"), "{err}");
         // An untested scheme is refused, naming the ones that work.
         for url in ["gs://bucket/x", "http://host/x", "abfs://c/x"] {
             let err = ObjectBlobStore::open(url, Path::new(".")).err().unwrap();
-            let remote = RemoteConfig { url: url.into(), endpoint: None, region: None, read_only: false };
-            let err_remote = ObjectBlobStore::open_remote(&remote, Path::new(".")).err().unwrap();
+            let remote = RemoteConfig {
+                url: url.into(),
+                endpoint: None,
+                region: None,
+                read_only: false,
+            };
+            let err_remote = ObjectBlobStore::open_remote(&remote, Path::new("."))
+                .err()
+                .unwrap();
             for e in [err, err_remote] {
                 let chain = crate::error::chain(&e);
-                assert!(chain.contains(url) && chain.contains("unsupported scheme") && chain.contains("s3://") && chain.contains("az://"), "{chain}");
+                assert!(
+                    chain.contains(url)
+                        && chain.contains("unsupported scheme")
+                        && chain.contains("s3://")
+                        && chain.contains("az://"),
+                    "{chain}"
+                );
             }
         }
     }
 
     #[test]
     fn azure_remotes_take_no_region() {
-        let remote = RemoteConfig { url: "az://container/prefix".into(), endpoint: None, region: Some("eu-west-1".into()), read_only: false };
-        let err = ObjectBlobStore::open_remote(&remote, Path::new(".")).err().unwrap();
-        assert!(crate::error::chain(&err).contains("`region` applies to s3:// remotes only"), "{err}");
-        let local = RemoteConfig { url: "elsewhere".into(), endpoint: Some("http://x".into()), region: None, read_only: false };
-        assert!(crate::error::chain(&ObjectBlobStore::open_remote(&local, Path::new(".")).err().unwrap()).contains("s3:// and az://"));
+        let remote = RemoteConfig {
+            url: "az://container/prefix".into(),
+            endpoint: None,
+            region: Some("eu-west-1".into()),
+            read_only: false,
+        };
+        let err = ObjectBlobStore::open_remote(&remote, Path::new("."))
+            .err()
+            .unwrap();
+        assert!(
+            crate::error::chain(&err).contains("`region` applies to s3:// remotes only"),
+            "{err}"
+        );
+        let local = RemoteConfig {
+            url: "elsewhere".into(),
+            endpoint: Some("http://x".into()),
+            region: None,
+            read_only: false,
+        };
+        assert!(
+            crate::error::chain(
+                &ObjectBlobStore::open_remote(&local, Path::new("."))
+                    .err()
+                    .unwrap()
+            )
+            .contains("s3:// and az://")
+        );
     }
 }

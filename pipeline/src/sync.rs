@@ -69,13 +69,27 @@ pub type Wanted = (Digest, u64);
 
 /// Uploads the `wanted` blobs the remote lacks, reading and checking each
 /// from the local store.
-pub fn upload(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: &ProgressBar) -> Result<Transfer, ArtifactError> {
+pub fn upload(
+    local: &dyn BlobStore,
+    remote: &Remote,
+    wanted: &[Wanted],
+    bar: &ProgressBar,
+) -> Result<Transfer, ArtifactError> {
     let wanted = dedup(wanted);
     let sizes = remote_sizes(&remote.store, &wanted)?;
-    let missing: Vec<Wanted> = wanted.iter().zip(&sizes).filter(|(w, s)| **s != Some(w.1)).map(|(w, _)| *w).collect();
-    let mut done = Transfer { present: (wanted.len() - missing.len()) as u64, ..Default::default() };
+    let missing: Vec<Wanted> = wanted
+        .iter()
+        .zip(&sizes)
+        .filter(|(w, s)| **s != Some(w.1))
+        .map(|(w, _)| *w)
+        .collect();
+    let mut done = Transfer {
+        present: (wanted.len() - missing.len()) as u64,
+        ..Default::default()
+    };
     bar.set_length(missing.iter().map(|w| w.1).sum());
-    let (large, small): (Vec<Wanted>, Vec<Wanted>) = missing.into_iter().partition(|w| w.1 >= LARGE);
+    let (large, small): (Vec<Wanted>, Vec<Wanted>) =
+        missing.into_iter().partition(|w| w.1 >= LARGE);
     for batch in batches(&small) {
         let items: Vec<(String, Bytes)> = batch
             .par_iter()
@@ -83,15 +97,33 @@ pub fn upload(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: &P
             .collect::<Result<_, ArtifactError>>()?;
         let bytes: u64 = items.iter().map(|(_, b)| b.len() as u64).sum();
         remote.store.put_many(items, CONCURRENCY)?;
-        done += Transfer { copied: batch.len() as u64, present: 0, bytes, objects: batch.len() as u64 };
+        done += Transfer {
+            copied: batch.len() as u64,
+            present: 0,
+            bytes,
+            objects: batch.len() as u64,
+        };
         bar.inc(bytes);
     }
     for (d, size) in large {
         let key = blob_key(&d);
-        let path = local_path(local, &key).ok_or_else(|| ArtifactError::Missing { digest: d, store: local.describe() })?;
-        check(local, &d, Digest::of_file(&path).map_err(|source| io(&path, source))?, LOCAL_REMEDY)?;
+        let path = local_path(local, &key).ok_or_else(|| ArtifactError::Missing {
+            digest: d,
+            store: local.describe(),
+        })?;
+        check(
+            local,
+            &d,
+            Digest::of_file(&path).map_err(|source| io(&path, source))?,
+            LOCAL_REMEDY,
+        )?;
         remote.store.put_file(&key, &path)?;
-        done += Transfer { copied: 1, present: 0, bytes: size, objects: 1 };
+        done += Transfer {
+            copied: 1,
+            present: 0,
+            bytes: size,
+            objects: 1,
+        };
         bar.inc(size);
     }
     Ok(done)
@@ -102,13 +134,26 @@ pub fn upload(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: &P
 /// re-hashed (cheap next to a transfer), so a corrupt one is replaced, not
 /// trusted; without, a local copy of the right size counts as present (for
 /// callers that check what they read anyway).
-pub fn download(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: &ProgressBar, rehash_local: bool) -> Result<Transfer, ArtifactError> {
+pub fn download(
+    local: &dyn BlobStore,
+    remote: &Remote,
+    wanted: &[Wanted],
+    bar: &ProgressBar,
+    rehash_local: bool,
+) -> Result<Transfer, ArtifactError> {
     let wanted = dedup(wanted);
     let missing = missing_locally(local, &wanted, rehash_local)?;
-    let mut done = Transfer { present: (wanted.len() - missing.len()) as u64, ..Default::default() };
+    let mut done = Transfer {
+        present: (wanted.len() - missing.len()) as u64,
+        ..Default::default()
+    };
     bar.set_length(missing.iter().map(|w| w.1).sum());
-    let remote_missing = |d: Digest| ArtifactError::Missing { digest: d, store: remote.store.describe() };
-    let (large, small): (Vec<Wanted>, Vec<Wanted>) = missing.into_iter().partition(|w| w.1 >= LARGE);
+    let remote_missing = |d: Digest| ArtifactError::Missing {
+        digest: d,
+        store: remote.store.describe(),
+    };
+    let (large, small): (Vec<Wanted>, Vec<Wanted>) =
+        missing.into_iter().partition(|w| w.1 >= LARGE);
     for batch in batches(&small) {
         let keys: Vec<String> = batch.iter().map(|(d, _)| blob_key(d)).collect();
         let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
@@ -124,12 +169,18 @@ pub fn download(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: 
                 Ok(n)
             })
             .sum::<Result<u64, ArtifactError>>()?;
-        done += Transfer { copied: batch.len() as u64, present: 0, bytes, objects: batch.len() as u64 };
+        done += Transfer {
+            copied: batch.len() as u64,
+            present: 0,
+            bytes,
+            objects: batch.len() as u64,
+        };
         bar.inc(bytes);
     }
     for (d, size) in large {
         let key = blob_key(&d);
-        let tmp = std::env::temp_dir().join(format!("melanoflow-{}-{}", d.to_hex(), std::process::id()));
+        let tmp =
+            std::env::temp_dir().join(format!("melanoflow-{}-{}", d.to_hex(), std::process::id()));
         if !remote.store.get_to_file(&key, &tmp)? {
             return Err(remote_missing(d));
         }
@@ -139,7 +190,12 @@ pub fn download(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: 
             .and_then(|()| local.put_file(&key, &tmp).map_err(ArtifactError::from));
         let _ = std::fs::remove_file(&tmp);
         stored?;
-        done += Transfer { copied: 1, present: 0, bytes: size, objects: 1 };
+        done += Transfer {
+            copied: 1,
+            present: 0,
+            bytes: size,
+            objects: 1,
+        };
         bar.inc(size);
     }
     Ok(done)
@@ -147,12 +203,27 @@ pub fn download(local: &dyn BlobStore, remote: &Remote, wanted: &[Wanted], bar: 
 
 /// The `wanted` blobs the local store lacks: absent or of the wrong size, or
 /// with `rehash_local` also corrupt (such a copy is removed).
-pub(crate) fn missing_locally(local: &dyn BlobStore, wanted: &[Wanted], rehash_local: bool) -> Result<Vec<Wanted>, ArtifactError> {
+pub(crate) fn missing_locally(
+    local: &dyn BlobStore,
+    wanted: &[Wanted],
+    rehash_local: bool,
+) -> Result<Vec<Wanted>, ArtifactError> {
     let intact: Vec<bool> = wanted
         .par_iter()
-        .map(|w| if rehash_local { local_intact(local, w) } else { Ok(local.size(&blob_key(&w.0))? == Some(w.1)) })
+        .map(|w| {
+            if rehash_local {
+                local_intact(local, w)
+            } else {
+                Ok(local.size(&blob_key(&w.0))? == Some(w.1))
+            }
+        })
         .collect::<Result<_, _>>()?;
-    Ok(wanted.iter().zip(&intact).filter(|(_, ok)| !**ok).map(|(w, _)| *w).collect())
+    Ok(wanted
+        .iter()
+        .zip(&intact)
+        .filter(|(_, ok)| !**ok)
+        .map(|(w, _)| *w)
+        .collect())
 }
 
 /// Whether the local store holds this blob whole and uncorrupted; a damaged
@@ -184,14 +255,23 @@ pub(crate) const LOCAL_REMEDY: &str = "it was removed from the local store: `mel
 
 /// Reads a local blob for upload; a corrupt one is removed and reported.
 pub(crate) fn read_local(local: &dyn BlobStore, d: &Digest) -> Result<Bytes, ArtifactError> {
-    let bytes = local.get(&blob_key(d))?.ok_or_else(|| ArtifactError::Missing { digest: *d, store: local.describe() })?;
+    let bytes = local
+        .get(&blob_key(d))?
+        .ok_or_else(|| ArtifactError::Missing {
+            digest: *d,
+            store: local.describe(),
+        })?;
     check(local, d, Digest::of_bytes(&bytes), LOCAL_REMEDY)?;
     Ok(bytes)
 }
 
 /// A remote blob whose bytes are not its name is garbage wherever it came
 /// from: drop it (when allowed) so a later push can put a good copy there.
-pub(crate) fn check_remote(remote: &Remote, d: &Digest, actual: Digest) -> Result<(), ArtifactError> {
+pub(crate) fn check_remote(
+    remote: &Remote,
+    d: &Digest,
+    actual: Digest,
+) -> Result<(), ArtifactError> {
     if actual == *d {
         return Ok(());
     }
@@ -203,18 +283,33 @@ pub(crate) fn check_remote(remote: &Remote, d: &Digest, actual: Digest) -> Resul
             Err(e) => format!("removing it failed too ({e})"),
         }
     };
-    Err(ArtifactError::Corrupt { digest: *d, actual, store: remote.store.describe(), remedy })
+    Err(ArtifactError::Corrupt {
+        digest: *d,
+        actual,
+        store: remote.store.describe(),
+        remedy,
+    })
 }
 
 /// Checks a local blob's hash; a mismatch removes it and is an error.
-pub(crate) fn check(store: &dyn BlobStore, d: &Digest, actual: Digest, remedy: &str) -> Result<(), ArtifactError> {
+pub(crate) fn check(
+    store: &dyn BlobStore,
+    d: &Digest,
+    actual: Digest,
+    remedy: &str,
+) -> Result<(), ArtifactError> {
     if actual == *d {
         return Ok(());
     }
     if let Err(e) = store.delete(&blob_key(d)) {
         tracing::warn!("could not remove corrupt blob {d}: {e}");
     }
-    Err(ArtifactError::Corrupt { digest: *d, actual, store: store.describe(), remedy: remedy.to_string() })
+    Err(ArtifactError::Corrupt {
+        digest: *d,
+        actual,
+        store: store.describe(),
+        remedy: remedy.to_string(),
+    })
 }
 
 /// Sizes of the wanted blobs on the remote, `None` when absent, in as few
@@ -222,9 +317,15 @@ pub(crate) fn check(store: &dyn BlobStore, d: &Digest, actual: Digest, remedy: &
 /// blobs (1,000 keys a page: fewer pages than 256 prefix listings while the
 /// remote holds under 256,000 blobs); else one listing per distinct
 /// `blobs/XX/` prefix when that beats one HEAD per blob; else HEADs.
-fn remote_sizes(remote: &ObjectBlobStore, wanted: &[Wanted]) -> Result<Vec<Option<u64>>, ArtifactError> {
+fn remote_sizes(
+    remote: &ObjectBlobStore,
+    wanted: &[Wanted],
+) -> Result<Vec<Option<u64>>, ArtifactError> {
     let keys: Vec<String> = wanted.iter().map(|(d, _)| blob_key(d)).collect();
-    let prefixes: BTreeSet<String> = keys.iter().map(|k| k[..k.rfind('/').expect("blob keys have a folder")].to_string()).collect();
+    let prefixes: BTreeSet<String> = keys
+        .iter()
+        .map(|k| k[..k.rfind('/').expect("blob keys have a folder")].to_string())
+        .collect();
     let listing = if keys.len() >= FULL_LISTING {
         vec!["blobs".to_string()]
     } else if prefixes.len() * 2 < keys.len() {
@@ -238,7 +339,11 @@ fn remote_sizes(remote: &ObjectBlobStore, wanted: &[Wanted]) -> Result<Vec<Optio
 
 fn dedup(wanted: &[Wanted]) -> Vec<Wanted> {
     let mut seen = BTreeSet::new();
-    wanted.iter().filter(|(d, _)| seen.insert(*d)).copied().collect()
+    wanted
+        .iter()
+        .filter(|(d, _)| seen.insert(*d))
+        .copied()
+        .collect()
 }
 
 /// Consecutive runs of at most `BATCH_OBJECTS` blobs and about `BATCH_BYTES`.
@@ -259,11 +364,16 @@ fn batches(items: &[Wanted]) -> Vec<&[Wanted]> {
 }
 
 fn local_path(local: &dyn BlobStore, key: &str) -> Option<PathBuf> {
-    local.local_root().map(|root| crate::context::join_rel(root, key))
+    local
+        .local_root()
+        .map(|root| crate::context::join_rel(root, key))
 }
 
 fn io(path: &std::path::Path, source: std::io::Error) -> ArtifactError {
-    ArtifactError::Io { path: path.display().to_string(), source }
+    ArtifactError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 #[cfg(test)]
@@ -271,7 +381,10 @@ mod tests {
     use super::*;
 
     fn remote() -> Remote {
-        Remote { store: ObjectBlobStore::memory(), read_only: false }
+        Remote {
+            store: ObjectBlobStore::memory(),
+            read_only: false,
+        }
     }
 
     fn put(store: &dyn BlobStore, bytes: &'static [u8]) -> Wanted {
@@ -289,16 +402,56 @@ mod tests {
         put(&remote.store, b"alpha");
         let bar = ProgressBar::hidden();
         let t = upload(&local, &remote, &[a, b, b], &bar).unwrap();
-        assert_eq!(t, Transfer { copied: 1, present: 1, bytes: 4, objects: 1 });
-        assert_eq!(upload(&local, &remote, &[a, b], &bar).unwrap(), Transfer { copied: 0, present: 2, bytes: 0, objects: 0 });
+        assert_eq!(
+            t,
+            Transfer {
+                copied: 1,
+                present: 1,
+                bytes: 4,
+                objects: 1
+            }
+        );
+        assert_eq!(
+            upload(&local, &remote, &[a, b], &bar).unwrap(),
+            Transfer {
+                copied: 0,
+                present: 2,
+                bytes: 0,
+                objects: 0
+            }
+        );
 
         let fresh = ObjectBlobStore::memory();
-        assert_eq!(download(&fresh, &remote, &[a, b], &bar, true).unwrap(), Transfer { copied: 2, present: 0, bytes: 9, objects: 2 });
-        assert_eq!(fresh.get(&blob_key(&b.0)).unwrap().unwrap(), Bytes::from_static(b"beta"));
+        assert_eq!(
+            download(&fresh, &remote, &[a, b], &bar, true).unwrap(),
+            Transfer {
+                copied: 2,
+                present: 0,
+                bytes: 9,
+                objects: 2
+            }
+        );
+        assert_eq!(
+            fresh.get(&blob_key(&b.0)).unwrap().unwrap(),
+            Bytes::from_static(b"beta")
+        );
         // A corrupt local copy (same size) is replaced, not trusted.
-        fresh.put(&blob_key(&b.0), Bytes::from_static(b"BETA")).unwrap();
-        assert_eq!(download(&fresh, &remote, &[a, b], &bar, true).unwrap(), Transfer { copied: 1, present: 1, bytes: 4, objects: 1 });
-        assert_eq!(fresh.get(&blob_key(&b.0)).unwrap().unwrap(), Bytes::from_static(b"beta"));
+        fresh
+            .put(&blob_key(&b.0), Bytes::from_static(b"BETA"))
+            .unwrap();
+        assert_eq!(
+            download(&fresh, &remote, &[a, b], &bar, true).unwrap(),
+            Transfer {
+                copied: 1,
+                present: 1,
+                bytes: 4,
+                objects: 1
+            }
+        );
+        assert_eq!(
+            fresh.get(&blob_key(&b.0)).unwrap().unwrap(),
+            Bytes::from_static(b"beta")
+        );
     }
 
     #[test]
@@ -306,10 +459,16 @@ mod tests {
         let local = ObjectBlobStore::memory();
         let remote = remote();
         let a = put(&local, b"complete");
-        remote.store.put(&blob_key(&a.0), Bytes::from_static(b"comp")).unwrap();
+        remote
+            .store
+            .put(&blob_key(&a.0), Bytes::from_static(b"comp"))
+            .unwrap();
         let t = upload(&local, &remote, &[a], &ProgressBar::hidden()).unwrap();
         assert_eq!(t.copied, 1);
-        assert_eq!(remote.store.get(&blob_key(&a.0)).unwrap().unwrap(), Bytes::from_static(b"complete"));
+        assert_eq!(
+            remote.store.get(&blob_key(&a.0)).unwrap().unwrap(),
+            Bytes::from_static(b"complete")
+        );
     }
 
     #[test]
@@ -318,22 +477,41 @@ mod tests {
         // Remote corrupt (same size, other bytes): not stored locally, removed remotely.
         let remote = remote();
         let d = Digest::of_bytes(b"good");
-        remote.store.put(&blob_key(&d), Bytes::from_static(b"evil")).unwrap();
+        remote
+            .store
+            .put(&blob_key(&d), Bytes::from_static(b"evil"))
+            .unwrap();
         let local = ObjectBlobStore::memory();
-        let e = download(&local, &remote, &[(d, 4)], &bar, true).unwrap_err().to_string();
+        let e = download(&local, &remote, &[(d, 4)], &bar, true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&d.to_hex()) && e.contains("push"), "{e}");
         assert!(!local.exists(&blob_key(&d)).unwrap());
         assert!(!remote.store.exists(&blob_key(&d)).unwrap());
 
         // Read-only remote: reported, left alone.
-        let ro = Remote { store: ObjectBlobStore::memory(), read_only: true };
-        ro.store.put(&blob_key(&d), Bytes::from_static(b"evil")).unwrap();
-        assert!(download(&local, &ro, &[(d, 4)], &bar, true).unwrap_err().to_string().contains("read-only"));
+        let ro = Remote {
+            store: ObjectBlobStore::memory(),
+            read_only: true,
+        };
+        ro.store
+            .put(&blob_key(&d), Bytes::from_static(b"evil"))
+            .unwrap();
+        assert!(
+            download(&local, &ro, &[(d, 4)], &bar, true)
+                .unwrap_err()
+                .to_string()
+                .contains("read-only")
+        );
         assert!(ro.store.exists(&blob_key(&d)).unwrap());
 
         // Local corrupt: never uploaded, removed locally.
-        local.put(&blob_key(&d), Bytes::from_static(b"evil")).unwrap();
-        let e = upload(&local, &remote, &[(d, 4)], &bar).unwrap_err().to_string();
+        local
+            .put(&blob_key(&d), Bytes::from_static(b"evil"))
+            .unwrap();
+        let e = upload(&local, &remote, &[(d, 4)], &bar)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&d.to_hex()) && e.contains("pull"), "{e}");
         assert!(!remote.store.exists(&blob_key(&d)).unwrap());
         assert!(!local.exists(&blob_key(&d)).unwrap());
@@ -351,9 +529,14 @@ mod tests {
                 (d, 4)
             })
             .collect();
-        assert!(batches(&blobs).len() == 3 && batches(&blobs).iter().all(|b| b.len() <= BATCH_OBJECTS));
+        assert!(
+            batches(&blobs).len() == 3 && batches(&blobs).iter().all(|b| b.len() <= BATCH_OBJECTS)
+        );
         let bar = ProgressBar::hidden();
-        assert_eq!(upload(&local, &remote, &blobs[..700], &bar).unwrap().copied, 700);
+        assert_eq!(
+            upload(&local, &remote, &blobs[..700], &bar).unwrap().copied,
+            700
+        );
         let t = upload(&local, &remote, &blobs, &bar).unwrap();
         assert_eq!((t.copied, t.present, t.bytes), (800, 700, 3200));
         assert_eq!(remote.store.list("blobs").unwrap().len(), 1500);

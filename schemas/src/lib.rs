@@ -72,21 +72,46 @@ pub enum SchemaError {
 /// Writes `columns` (in schema order) as one Parquet file with the schema's
 /// tag in its metadata. The row group size is fixed so output bytes depend
 /// only on the data.
-pub fn write_parquet(path: &Path, schema: &ArtifactSchema, columns: Vec<ArrayRef>) -> Result<(), SchemaError> {
+pub fn write_parquet(
+    path: &Path,
+    schema: &ArtifactSchema,
+    columns: Vec<ArrayRef>,
+) -> Result<(), SchemaError> {
     let file_name = path.display().to_string();
-    let batch = RecordBatch::try_new(schema.arrow(), columns)
-        .map_err(|source| SchemaError::Arrow { file: file_name.clone(), source })?;
+    let batch =
+        RecordBatch::try_new(schema.arrow(), columns).map_err(|source| SchemaError::Arrow {
+            file: file_name.clone(),
+            source,
+        })?;
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(1 << 20))
         .set_created_by(format!("melanoflow (schema {})", schema.tag()))
-        .set_key_value_metadata(Some(vec![KeyValue::new(SCHEMA_KEY.to_string(), schema.tag())]))
+        .set_key_value_metadata(Some(vec![KeyValue::new(
+            SCHEMA_KEY.to_string(),
+            schema.tag(),
+        )]))
         .build();
-    let file = File::create(path).map_err(|source| SchemaError::Io { file: file_name.clone(), source })?;
-    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props))
-        .map_err(|source| SchemaError::Parquet { file: file_name.clone(), source })?;
-    writer.write(&batch).map_err(|source| SchemaError::Parquet { file: file_name.clone(), source })?;
-    writer.close().map_err(|source| SchemaError::Parquet { file: file_name, source })?;
+    let file = File::create(path).map_err(|source| SchemaError::Io {
+        file: file_name.clone(),
+        source,
+    })?;
+    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(|source| {
+        SchemaError::Parquet {
+            file: file_name.clone(),
+            source,
+        }
+    })?;
+    writer
+        .write(&batch)
+        .map_err(|source| SchemaError::Parquet {
+            file: file_name.clone(),
+            source,
+        })?;
+    writer.close().map_err(|source| SchemaError::Parquet {
+        file: file_name,
+        source,
+    })?;
     Ok(())
 }
 
@@ -94,9 +119,18 @@ pub fn write_parquet(path: &Path, schema: &ArtifactSchema, columns: Vec<ArrayRef
 /// expected column present with its type and nullability. Returns the row count.
 pub fn check_parquet(path: &Path, schema: &ArtifactSchema) -> Result<u64, SchemaError> {
     let file_name = path.display().to_string();
-    let mismatch = |message: String| SchemaError::Mismatch { file: file_name.clone(), message };
-    let file = File::open(path).map_err(|source| SchemaError::Io { file: file_name.clone(), source })?;
-    let reader = SerializedFileReader::new(file).map_err(|source| SchemaError::Parquet { file: file_name.clone(), source })?;
+    let mismatch = |message: String| SchemaError::Mismatch {
+        file: file_name.clone(),
+        message,
+    };
+    let file = File::open(path).map_err(|source| SchemaError::Io {
+        file: file_name.clone(),
+        source,
+    })?;
+    let reader = SerializedFileReader::new(file).map_err(|source| SchemaError::Parquet {
+        file: file_name.clone(),
+        source,
+    })?;
     let meta = reader.metadata().file_metadata();
     let tag = meta
         .key_value_metadata()
@@ -104,14 +138,32 @@ pub fn check_parquet(path: &Path, schema: &ArtifactSchema) -> Result<u64, Schema
         .and_then(|k| k.value.clone());
     match tag {
         Some(t) if t == schema.tag() => {}
-        Some(t) => return Err(mismatch(format!("holds schema `{t}`, this build reads `{}`; re-run the stage that wrote it", schema.tag()))),
-        None => return Err(mismatch(format!("has no `{SCHEMA_KEY}` tag; expected a `{}` file written by melanoflow", schema.tag()))),
+        Some(t) => {
+            return Err(mismatch(format!(
+                "holds schema `{t}`, this build reads `{}`; re-run the stage that wrote it",
+                schema.tag()
+            )));
+        }
+        None => {
+            return Err(mismatch(format!(
+                "has no `{SCHEMA_KEY}` tag; expected a `{}` file written by melanoflow",
+                schema.tag()
+            )));
+        }
     }
-    let found = parquet::arrow::parquet_to_arrow_schema(meta.schema_descr(), meta.key_value_metadata())
-        .map_err(|source| SchemaError::Parquet { file: file_name.clone(), source })?;
+    let found =
+        parquet::arrow::parquet_to_arrow_schema(meta.schema_descr(), meta.key_value_metadata())
+            .map_err(|source| SchemaError::Parquet {
+                file: file_name.clone(),
+                source,
+            })?;
     for expected in (schema.fields)() {
         let Ok(actual) = found.field_with_name(expected.name()) else {
-            return Err(mismatch(format!("missing column `{}` ({})", expected.name(), expected.data_type())));
+            return Err(mismatch(format!(
+                "missing column `{}` ({})",
+                expected.name(),
+                expected.data_type()
+            )));
         };
         if !same_type(actual.data_type(), expected.data_type()) {
             return Err(mismatch(format!(
@@ -122,7 +174,10 @@ pub fn check_parquet(path: &Path, schema: &ArtifactSchema) -> Result<u64, Schema
             )));
         }
         if actual.is_nullable() && !expected.is_nullable() {
-            return Err(mismatch(format!("column `{}` is nullable, expected required", expected.name())));
+            return Err(mismatch(format!(
+                "column `{}` is nullable, expected required",
+                expected.name()
+            )));
         }
     }
     Ok(meta.num_rows() as u64)
@@ -146,12 +201,20 @@ mod tests {
         ArtifactSchema {
             name: "tiny",
             version: 1,
-            fields: || vec![Field::new("name", DataType::Utf8, false), Field::new("n", DataType::Int32, true)],
+            fields: || {
+                vec![
+                    Field::new("name", DataType::Utf8, false),
+                    Field::new("n", DataType::Int32, true),
+                ]
+            },
         }
     }
 
     fn columns() -> Vec<ArrayRef> {
-        vec![Arc::new(StringArray::from(vec!["a", "b"])), Arc::new(Int32Array::from(vec![Some(1), None]))]
+        vec![
+            Arc::new(StringArray::from(vec!["a", "b"])),
+            Arc::new(Int32Array::from(vec![Some(1), None])),
+        ]
     }
 
     #[test]
@@ -167,8 +230,13 @@ mod tests {
     #[test]
     fn nulls_in_a_required_column_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from(vec![Some("a"), None])), Arc::new(Int32Array::from(vec![1, 2]))];
-        let e = write_parquet(&dir.path().join("x.parquet"), &tiny(), cols).unwrap_err().to_string();
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(vec![Some("a"), None])),
+            Arc::new(Int32Array::from(vec![1, 2])),
+        ];
+        let e = write_parquet(&dir.path().join("x.parquet"), &tiny(), cols)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("x.parquet"), "{e}");
     }
 
@@ -177,11 +245,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.parquet");
         write_parquet(&p, &tiny(), columns()).unwrap();
-        let v2 = ArtifactSchema { version: 2, ..tiny() };
+        let v2 = ArtifactSchema {
+            version: 2,
+            ..tiny()
+        };
         let e = check_parquet(&p, &v2).unwrap_err().to_string();
         assert!(e.contains("tiny/1") && e.contains("tiny/2"), "{e}");
         let more = ArtifactSchema {
-            fields: || vec![Field::new("name", DataType::Utf8, false), Field::new("extra", DataType::Int64, false)],
+            fields: || {
+                vec![
+                    Field::new("name", DataType::Utf8, false),
+                    Field::new("extra", DataType::Int64, false),
+                ]
+            },
             ..tiny()
         };
         let e = check_parquet(&p, &more).unwrap_err().to_string();

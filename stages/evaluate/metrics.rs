@@ -50,8 +50,15 @@ impl fmt::Display for MetricError {
             MetricError::LengthMismatch { scores, labels } => {
                 write!(f, "{scores} scores but {labels} labels")
             }
-            MetricError::OneClass { metric, positives, n } => {
-                write!(f, "{metric} needs both classes: {positives} positives among {n}")
+            MetricError::OneClass {
+                metric,
+                positives,
+                n,
+            } => {
+                write!(
+                    f,
+                    "{metric} needs both classes: {positives} positives among {n}"
+                )
             }
             MetricError::NanScore { index } => write!(f, "score {index} is NaN"),
             MetricError::BadParameter(why) => write!(f, "{why}"),
@@ -69,9 +76,16 @@ pub struct Interval {
 }
 
 /// Checks the input and returns (positives, negatives).
-fn check(scores: &[f64], labels: &[bool], metric: &'static str) -> Result<(usize, usize), MetricError> {
+fn check(
+    scores: &[f64],
+    labels: &[bool],
+    metric: &'static str,
+) -> Result<(usize, usize), MetricError> {
     if scores.len() != labels.len() {
-        return Err(MetricError::LengthMismatch { scores: scores.len(), labels: labels.len() });
+        return Err(MetricError::LengthMismatch {
+            scores: scores.len(),
+            labels: labels.len(),
+        });
     }
     if scores.is_empty() {
         return Err(MetricError::Empty);
@@ -81,7 +95,11 @@ fn check(scores: &[f64], labels: &[bool], metric: &'static str) -> Result<(usize
     }
     let positives = labels.iter().filter(|&&l| l).count();
     if positives == 0 || positives == labels.len() {
-        return Err(MetricError::OneClass { metric, positives, n: labels.len() });
+        return Err(MetricError::OneClass {
+            metric,
+            positives,
+            n: labels.len(),
+        });
     }
     Ok((positives, labels.len() - positives))
 }
@@ -187,9 +205,15 @@ pub fn average_precision(scores: &[f64], labels: &[bool]) -> Result<f64, MetricE
 /// interpolation between ROC points, so the answer is achievable by a cut-off.
 /// The "reject everything" threshold always qualifies, so the result is 0 at
 /// worst.
-pub fn sensitivity_at_specificity(scores: &[f64], labels: &[bool], specificity: f64) -> Result<f64, MetricError> {
+pub fn sensitivity_at_specificity(
+    scores: &[f64],
+    labels: &[bool],
+    specificity: f64,
+) -> Result<f64, MetricError> {
     if !(0.0..=1.0).contains(&specificity) {
-        return Err(MetricError::BadParameter(format!("specificity must be in [0, 1], got {specificity}")));
+        return Err(MetricError::BadParameter(format!(
+            "specificity must be in [0, 1], got {specificity}"
+        )));
     }
     let (p, n) = check(scores, labels, "sensitivity at specificity")?;
     // Tolerance so that a target computed as, say, 1.0 - 0.1 still admits
@@ -220,14 +244,28 @@ pub fn bootstrap_auc_ci(
     seed: u64,
 ) -> Result<Interval, MetricError> {
     if resamples == 0 {
-        return Err(MetricError::BadParameter("bootstrap needs at least one resample".into()));
+        return Err(MetricError::BadParameter(
+            "bootstrap needs at least one resample".into(),
+        ));
     }
     if !(level > 0.0 && level < 1.0) {
-        return Err(MetricError::BadParameter(format!("confidence level must be in (0, 1), got {level}")));
+        return Err(MetricError::BadParameter(format!(
+            "confidence level must be in (0, 1), got {level}"
+        )));
     }
     let (p, n) = check(scores, labels, "ROC-AUC")?;
-    let positives: Vec<f64> = scores.iter().zip(labels).filter(|(_, l)| **l).map(|(s, _)| *s).collect();
-    let negatives: Vec<f64> = scores.iter().zip(labels).filter(|(_, l)| !**l).map(|(s, _)| *s).collect();
+    let positives: Vec<f64> = scores
+        .iter()
+        .zip(labels)
+        .filter(|(_, l)| **l)
+        .map(|(s, _)| *s)
+        .collect();
+    let negatives: Vec<f64> = scores
+        .iter()
+        .zip(labels)
+        .filter(|(_, l)| !**l)
+        .map(|(s, _)| *s)
+        .collect();
     // The resample's labels never change: positives first, then negatives.
     let resample_labels: Vec<bool> = (0..p + n).map(|i| i < p).collect();
     let mut resample = vec![0.0; p + n];
@@ -244,7 +282,10 @@ pub fn bootstrap_auc_ci(
     }
     aucs.sort_unstable_by(f64::total_cmp);
     let tail = (1.0 - level) / 2.0;
-    Ok(Interval { low: quantile_sorted(&aucs, tail), high: quantile_sorted(&aucs, 1.0 - tail) })
+    Ok(Interval {
+        low: quantile_sorted(&aucs, tail),
+        high: quantile_sorted(&aucs, 1.0 - tail),
+    })
 }
 
 /// Linear interpolation between order statistics of a sorted, non-empty slice.
@@ -279,7 +320,10 @@ mod tests {
     }
 
     fn trapezoid(points: &[(f64, f64)]) -> f64 {
-        points.windows(2).map(|w| (w[1].0 - w[0].0) * (w[1].1 + w[0].1) / 2.0).sum()
+        points
+            .windows(2)
+            .map(|w| (w[1].0 - w[0].0) * (w[1].1 + w[0].1) / 2.0)
+            .sum()
     }
 
     fn close(a: f64, b: f64) -> bool {
@@ -292,7 +336,10 @@ mod tests {
         assert_eq!(roc_auc(&[0.1, 0.2, 0.8, 0.9], &y).unwrap(), 1.0);
         assert_eq!(roc_auc(&[0.9, 0.8, 0.2, 0.1], &y).unwrap(), 0.0);
         assert_eq!(roc_auc(&[0.5; 4], &y).unwrap(), 0.5);
-        assert_eq!(roc_curve(&[0.5; 4], &y).unwrap(), vec![(0.0, 0.0), (1.0, 1.0)]);
+        assert_eq!(
+            roc_curve(&[0.5; 4], &y).unwrap(),
+            vec![(0.0, 0.0), (1.0, 1.0)]
+        );
     }
 
     #[test]
@@ -302,8 +349,14 @@ mod tests {
         let y = labels(&[0, 0, 1, 1]);
         let s = [0.1, 0.4, 0.35, 0.8];
         assert!(close(roc_auc(&s, &y).unwrap(), 0.75));
-        assert!(close(average_precision(&s, &y).unwrap(), 0.5 * 1.0 + 0.5 * 2.0 / 3.0));
-        assert_eq!(roc_curve(&s, &y).unwrap(), vec![(0.0, 0.0), (0.0, 0.5), (0.5, 0.5), (0.5, 1.0), (1.0, 1.0)]);
+        assert!(close(
+            average_precision(&s, &y).unwrap(),
+            0.5 * 1.0 + 0.5 * 2.0 / 3.0
+        ));
+        assert_eq!(
+            roc_curve(&s, &y).unwrap(),
+            vec![(0.0, 0.0), (0.0, 0.5), (0.5, 0.5), (0.5, 1.0), (1.0, 1.0)]
+        );
     }
 
     #[test]
@@ -323,7 +376,13 @@ mod tests {
         let s = [0.1, 0.4, 0.35, 0.8, 0.4];
         assert!(close(roc_auc(&s, &y).unwrap(), 0.75));
         let curve = roc_curve(&s, &y).unwrap();
-        let expected = [(0.0, 0.0), (0.0, 1.0 / 3.0), (0.5, 2.0 / 3.0), (0.5, 1.0), (1.0, 1.0)];
+        let expected = [
+            (0.0, 0.0),
+            (0.0, 1.0 / 3.0),
+            (0.5, 2.0 / 3.0),
+            (0.5, 1.0),
+            (1.0, 1.0),
+        ];
         assert_eq!(curve.len(), expected.len());
         for (got, want) in curve.iter().zip(expected) {
             assert!(close(got.0, want.0) && close(got.1, want.1), "{curve:?}");
@@ -338,7 +397,9 @@ mod tests {
         for _ in 0..50 {
             let len = rng.random_range(2..300);
             // Coarse scores so that ties are common.
-            let s: Vec<f64> = (0..len).map(|_| (rng.random_range(0..20) as f64) / 20.0).collect();
+            let s: Vec<f64> = (0..len)
+                .map(|_| (rng.random_range(0..20) as f64) / 20.0)
+                .collect();
             let mut y: Vec<bool> = (0..len).map(|_| rng.random_bool(0.3)).collect();
             y[0] = true;
             y[1] = false;
@@ -346,7 +407,11 @@ mod tests {
             let curve = roc_curve(&s, &y).unwrap();
             assert_eq!(curve.first(), Some(&(0.0, 0.0)));
             assert_eq!(curve.last(), Some(&(1.0, 1.0)));
-            assert!((trapezoid(&curve) - auc).abs() < 1e-9, "{} vs {auc}", trapezoid(&curve));
+            assert!(
+                (trapezoid(&curve) - auc).abs() < 1e-9,
+                "{} vs {auc}",
+                trapezoid(&curve)
+            );
         }
     }
 
@@ -387,10 +452,19 @@ mod tests {
     #[test]
     fn errors() {
         let one_class = roc_auc(&[0.5; 40], &[false; 40]).unwrap_err();
-        assert_eq!(one_class.to_string(), "ROC-AUC needs both classes: 0 positives among 40");
+        assert_eq!(
+            one_class.to_string(),
+            "ROC-AUC needs both classes: 0 positives among 40"
+        );
         assert!(matches!(roc_auc(&[], &[]), Err(MetricError::Empty)));
-        assert!(matches!(roc_auc(&[0.1], &[true, false]), Err(MetricError::LengthMismatch { .. })));
-        assert_eq!(roc_auc(&[0.1, f64::NAN], &[true, false]), Err(MetricError::NanScore { index: 1 }));
+        assert!(matches!(
+            roc_auc(&[0.1], &[true, false]),
+            Err(MetricError::LengthMismatch { .. })
+        ));
+        assert_eq!(
+            roc_auc(&[0.1, f64::NAN], &[true, false]),
+            Err(MetricError::NanScore { index: 1 })
+        );
         assert!(average_precision(&[0.1, 0.2], &[true, true]).is_err());
         assert!(roc_curve(&[f64::NAN, 0.2], &[true, false]).is_err());
         assert!(sensitivity_at_specificity(&[0.1, 0.2], &[false, true], 1.5).is_err());
@@ -409,14 +483,20 @@ mod tests {
         let s: Vec<f64> = negatives.iter().chain(&positives).copied().collect();
         let y: Vec<bool> = (0..15).map(|i| i >= 10).collect();
         assert!(close(sensitivity_at_specificity(&s, &y, 0.9).unwrap(), 0.6));
-        assert!(close(sensitivity_at_specificity(&s, &y, 1.0 - 0.1).unwrap(), 0.6));
+        assert!(close(
+            sensitivity_at_specificity(&s, &y, 1.0 - 0.1).unwrap(),
+            0.6
+        ));
         assert!(close(sensitivity_at_specificity(&s, &y, 1.0).unwrap(), 0.4));
         assert!(close(sensitivity_at_specificity(&s, &y, 0.0).unwrap(), 1.0));
         // A tie cannot be split: if the 0.92 positive scored 0.90, tied with
         // a negative, reaching it costs a second false positive: 0.4.
         let mut tied = s.clone();
         tied[12] = 0.9;
-        assert!(close(sensitivity_at_specificity(&tied, &y, 0.9).unwrap(), 0.4));
+        assert!(close(
+            sensitivity_at_specificity(&tied, &y, 0.9).unwrap(),
+            0.4
+        ));
     }
 
     #[test]

@@ -25,7 +25,9 @@ use melanoflow_pipeline::{BoxError, Stage, StageContext, StageReport, Upstream};
 use polars::prelude::{ParquetReader, SerReader};
 use serde::{Deserialize, Serialize};
 
-use metrics::{average_precision, bootstrap_auc_ci, roc_auc, roc_curve, sensitivity_at_specificity};
+use metrics::{
+    average_precision, bootstrap_auc_ci, roc_auc, roc_curve, sensitivity_at_specificity,
+};
 use report::{ArmSummary, SeedMetrics};
 
 pub struct Evaluate;
@@ -104,13 +106,28 @@ struct Prediction {
 
 fn read_predictions(path: &Path) -> Result<Vec<Prediction>> {
     melanoflow_schemas::check_parquet(path, &melanoflow_schemas::PREDICTIONS)?;
-    let df = ParquetReader::new(std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?).finish()?;
-    let (seed, split, target, score) = (df.column("seed")?.i64()?, df.column("split")?.str()?, df.column("target")?.i32()?, df.column("score")?.f64()?);
+    let df = ParquetReader::new(
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+    )
+    .finish()?;
+    let (seed, split, target, score) = (
+        df.column("seed")?.i64()?,
+        df.column("split")?.str()?,
+        df.column("target")?.i32()?,
+        df.column("score")?.f64()?,
+    );
     (0..df.height())
-        .map(|i| match (seed.get(i), split.get(i), target.get(i), score.get(i)) {
-            (Some(s), Some(sp), Some(t), Some(x)) => Ok(Prediction { seed: s as u64, split: sp.to_string(), target: t == 1, score: x }),
-            _ => bail!("{}: row {i} has a null", path.display()),
-        })
+        .map(
+            |i| match (seed.get(i), split.get(i), target.get(i), score.get(i)) {
+                (Some(s), Some(sp), Some(t), Some(x)) => Ok(Prediction {
+                    seed: s as u64,
+                    split: sp.to_string(),
+                    target: t == 1,
+                    score: x,
+                }),
+                _ => bail!("{}: row {i} has a null", path.display()),
+            },
+        )
         .collect()
 }
 
@@ -119,30 +136,64 @@ fn read_val_auc(path: &Path, seed: u64) -> Result<Vec<f32>> {
     melanoflow_schemas::check_parquet(path, &melanoflow_schemas::CLASSIFIER_HISTORY)?;
     let df = ParquetReader::new(std::fs::File::open(path)?).finish()?;
     let (s, auc) = (df.column("seed")?.i64()?, df.column("val_auc")?.f64()?);
-    Ok((0..df.height()).filter(|&i| s.get(i) == Some(seed as i64)).filter_map(|i| auc.get(i)).map(|v| v as f32).collect())
+    Ok((0..df.height())
+        .filter(|&i| s.get(i) == Some(seed as i64))
+        .filter_map(|i| auc.get(i))
+        .map(|v| v as f32)
+        .collect())
 }
 
 fn describe(train: &serde_json::Value, gans: &[(&Upstream, serde_json::Value)]) -> String {
     let variant = train["variant"].as_str().unwrap_or("?");
     let size = train["image_size"].as_u64().unwrap_or(0);
-    let weights = if train["pretrained"].is_null() { "from scratch" } else { "ImageNet weights" };
-    let base = format!("EfficientNet-{} at {size} px, {weights}", variant.to_uppercase());
+    let weights = if train["pretrained"].is_null() {
+        "from scratch"
+    } else {
+        "ImageNet weights"
+    };
+    let base = format!(
+        "EfficientNet-{} at {size} px, {weights}",
+        variant.to_uppercase()
+    );
     let c = &train["epoch_composition"];
-    let (b, m) = (c["benign"].as_u64().unwrap_or(0), c["malignant"].as_u64().unwrap_or(0));
+    let (b, m) = (
+        c["benign"].as_u64().unwrap_or(0),
+        c["malignant"].as_u64().unwrap_or(0),
+    );
     match train["augmentation"].as_str() {
-        Some("classical") => format!("{base}; {m} malignant oversampled by {} rotated/cropped/mirrored copies to {b} benign", c["oversampled"]),
+        Some("classical") => format!(
+            "{base}; {m} malignant oversampled by {} rotated/cropped/mirrored copies to {b} benign",
+            c["oversampled"]
+        ),
         Some("cyclegan") => {
             let digest = train["generator_digest"].as_str().unwrap_or_default();
-            let gan = gans.iter().find(|(u, _)| u.manifest.get("G_A.safetensors").is_some_and(|e| e.digest.to_hex() == digest));
-            let smoothing = gan.map_or("?".to_string(), |(u, cfg)| format!("`{}`, label smoothing {}", u.name, cfg["label_smoothing"].as_str().unwrap_or("?")));
-            format!("{base}; {m} malignant + {} CycleGAN-synthetic (generator {smoothing}) to {b} benign", c["synthetic"])
+            let gan = gans.iter().find(|(u, _)| {
+                u.manifest
+                    .get("G_A.safetensors")
+                    .is_some_and(|e| e.digest.to_hex() == digest)
+            });
+            let smoothing = gan.map_or("?".to_string(), |(u, cfg)| {
+                format!(
+                    "`{}`, label smoothing {}",
+                    u.name,
+                    cfg["label_smoothing"].as_str().unwrap_or("?")
+                )
+            });
+            format!(
+                "{base}; {m} malignant + {} CycleGAN-synthetic (generator {smoothing}) to {b} benign",
+                c["synthetic"]
+            )
         }
         _ => format!("{base}; no balancing ({m} malignant, {b} benign)"),
     }
 }
 
 fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
-    let arms_up: Vec<&Upstream> = ctx.upstream.iter().filter(|u| u.kind == "train_classifier").collect();
+    let arms_up: Vec<&Upstream> = ctx
+        .upstream
+        .iter()
+        .filter(|u| u.kind == "train_classifier")
+        .collect();
     if arms_up.is_empty() {
         bail!("no `train_classifier` stage among the inputs");
     }
@@ -150,7 +201,12 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
         .upstream
         .iter()
         .filter(|u| u.kind == "train_cyclegan")
-        .map(|u| Ok((u, serde_json::from_str(&std::fs::read_to_string(u.dir.join("config.json"))?)?)))
+        .map(|u| {
+            Ok((
+                u,
+                serde_json::from_str(&std::fs::read_to_string(u.dir.join("config.json"))?)?,
+            ))
+        })
         .collect::<Result<_>>()?;
 
     let mut arms = Vec::new();
@@ -158,32 +214,54 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
     let mut curves: Vec<(String, Vec<f32>)> = Vec::new();
     let mut test_sizes = std::collections::BTreeSet::new();
     for (k, up) in arms_up.iter().enumerate() {
-        let train: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(up.dir.join("train.json")).with_context(|| format!("reading {}/train.json", up.name))?)?;
+        let train: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(up.dir.join("train.json"))
+                .with_context(|| format!("reading {}/train.json", up.name))?,
+        )?;
         let preds = read_predictions(&up.dir.join("predictions.parquet"))?;
         let mut seeds = Vec::new();
         let mut first_curve = 0;
-        for s in train["seeds"].as_array().context("train.json lacks `seeds`")? {
+        for s in train["seeds"]
+            .as_array()
+            .context("train.json lacks `seeds`")?
+        {
             let seed = s["seed"].as_u64().context("seed")?;
-            let test: Vec<&Prediction> = preds.iter().filter(|x| x.seed == seed && x.split == "test").collect();
-            let (scores, labels): (Vec<f64>, Vec<bool>) = test.iter().map(|x| (x.score, x.target)).unzip();
-            let err = |what: &str, e: metrics::MetricError| anyhow!("arm `{}` seed {seed}: {what}: {e}", up.name);
+            let test: Vec<&Prediction> = preds
+                .iter()
+                .filter(|x| x.seed == seed && x.split == "test")
+                .collect();
+            let (scores, labels): (Vec<f64>, Vec<bool>) =
+                test.iter().map(|x| (x.score, x.target)).unzip();
+            let err = |what: &str, e: metrics::MetricError| {
+                anyhow!("arm `{}` seed {seed}: {what}: {e}", up.name)
+            };
             let auc = roc_auc(&scores, &labels).map_err(|e| err("test ROC-AUC", e))?;
             let curve = roc_curve(&scores, &labels).map_err(|e| err("ROC curve", e))?;
             // The first seed's curve carries the legend; its label is filled in below.
-            roc_series.push(plot::RocSeries { label: String::new(), points: curve, color_index: k });
+            roc_series.push(plot::RocSeries {
+                label: String::new(),
+                points: curve,
+                color_index: k,
+            });
             if seeds.is_empty() {
                 first_curve = roc_series.len() - 1;
             }
             if seeds.is_empty() {
-                curves.push((format!("{} val ROC-AUC", up.name), read_val_auc(&up.dir.join("history.parquet"), seed)?));
+                curves.push((
+                    format!("{} val ROC-AUC", up.name),
+                    read_val_auc(&up.dir.join("history.parquet"), seed)?,
+                ));
             }
             test_sizes.insert((labels.len(), labels.iter().filter(|&&l| l).count()));
             seeds.push(SeedMetrics {
                 seed,
                 auc,
-                auc_ci: bootstrap_auc_ci(&scores, &labels, p.bootstrap_resamples, 0.95, p.seed).map_err(|e| err("bootstrap", e))?,
-                average_precision: average_precision(&scores, &labels).map_err(|e| err("PR-AUC", e))?,
-                sensitivity_at_90_specificity: sensitivity_at_specificity(&scores, &labels, 0.9).map_err(|e| err("sensitivity", e))?,
+                auc_ci: bootstrap_auc_ci(&scores, &labels, p.bootstrap_resamples, 0.95, p.seed)
+                    .map_err(|e| err("bootstrap", e))?,
+                average_precision: average_precision(&scores, &labels)
+                    .map_err(|e| err("PR-AUC", e))?,
+                sensitivity_at_90_specificity: sensitivity_at_specificity(&scores, &labels, 0.9)
+                    .map_err(|e| err("sensitivity", e))?,
                 n_test: labels.len(),
                 n_test_malignant: labels.iter().filter(|&&l| l).count(),
                 best_epoch: s["best_epoch"].as_u64().unwrap_or(0) as usize,
@@ -193,31 +271,67 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
         let aucs: Vec<f64> = seeds.iter().map(|s| s.auc).collect();
         roc_series[first_curve].label = match aucs.len() {
             1 => format!("{} (AUC {:.3})", up.name, aucs[0]),
-            n => format!("{} (AUC {:.3}, mean of {n})", up.name, metrics::mean_std(&aucs).0),
+            n => format!(
+                "{} (AUC {:.3}, mean of {n})",
+                up.name,
+                metrics::mean_std(&aucs).0
+            ),
         };
-        arms.push(ArmSummary { arm: up.name.clone(), description: describe(&train, &gans), seeds });
+        arms.push(ArmSummary {
+            arm: up.name.clone(),
+            description: describe(&train, &gans),
+            seeds,
+        });
     }
     if test_sizes.len() > 1 {
-        bail!("the arms were tested on different test sets (images, malignant): {test_sizes:?}; they must share one preprocess stage");
+        bail!(
+            "the arms were tested on different test sets (images, malignant): {test_sizes:?}; they must share one preprocess stage"
+        );
     }
 
     let out = &ctx.out_dir;
     plot::roc_png(&out.join("roc.png"), &roc_series)?;
-    plot::loss_curves_png(&out.join("training.png"), &curves, "Validation ROC-AUC per epoch", "Epoch")?;
+    plot::loss_curves_png(
+        &out.join("training.png"),
+        &curves,
+        "Validation ROC-AUC per epoch",
+        "Epoch",
+    )?;
     let mut images: Vec<(String, String)> = vec![
-        ("ROC curves on the test split (thin: further seeds)".into(), "roc.png".into()),
-        ("Classifier validation ROC-AUC per epoch (first seed of each arm)".into(), "training.png".into()),
+        (
+            "ROC curves on the test split (thin: further seeds)".into(),
+            "roc.png".into(),
+        ),
+        (
+            "Classifier validation ROC-AUC per epoch (first seed of each arm)".into(),
+            "training.png".into(),
+        ),
     ];
     let mut gan_curves = Vec::new();
     for (u, _) in &gans {
         let grid = format!("cyclegan_samples_{}.png", u.name);
-        std::fs::copy(u.dir.join("samples.png"), out.join(&grid)).with_context(|| format!("copying {}'s samples.png", u.name))?;
-        images.push((format!("`{}`: benign inputs, their malignant translations, reconstructions", u.name), grid));
+        std::fs::copy(u.dir.join("samples.png"), out.join(&grid))
+            .with_context(|| format!("copying {}'s samples.png", u.name))?;
+        images.push((
+            format!(
+                "`{}`: benign inputs, their malignant translations, reconstructions",
+                u.name
+            ),
+            grid,
+        ));
         gan_curves.extend(cyclegan_curves(&u.dir.join("losses.parquet"), &u.name)?);
     }
     if !gan_curves.is_empty() {
-        plot::loss_curves_png(&out.join("cyclegan_losses.png"), &gan_curves, "CycleGAN losses (mean per epoch)", "Epoch")?;
-        images.push(("CycleGAN generator and discriminator losses (epoch means)".into(), "cyclegan_losses.png".into()));
+        plot::loss_curves_png(
+            &out.join("cyclegan_losses.png"),
+            &gan_curves,
+            "CycleGAN losses (mean per epoch)",
+            "Epoch",
+        )?;
+        images.push((
+            "CycleGAN generator and discriminator losses (epoch means)".into(),
+            "cyclegan_losses.png".into(),
+        ));
     }
 
     let (n_test, n_mal) = test_sizes.into_iter().next().unwrap_or_default();
@@ -230,26 +344,55 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
         "Synthetic images come only from benign training images and stay in the training split.".into(),
     ];
     let paper: Vec<(&str, &str)> = if p.show_paper { PAPER.to_vec() } else { vec![] };
-    let captions: Vec<(&str, &str)> = images.iter().map(|(c, f)| (c.as_str(), f.as_str())).collect();
-    std::fs::write(out.join("report.md"), report::report_markdown(&p.title, &arms, &paper, &captions, &notes))?;
-    let pngs: Vec<(String, Vec<u8>)> = images.iter().map(|(c, f)| Ok((c.clone(), std::fs::read(out.join(f))?))).collect::<Result<_>>()?;
-    let embedded: Vec<(&str, &[u8])> = pngs.iter().map(|(c, b)| (c.as_str(), b.as_slice())).collect();
-    std::fs::write(out.join("report.html"), report::report_html(&p.title, &arms, &paper, &embedded, &notes))?;
+    let captions: Vec<(&str, &str)> = images
+        .iter()
+        .map(|(c, f)| (c.as_str(), f.as_str()))
+        .collect();
+    std::fs::write(
+        out.join("report.md"),
+        report::report_markdown(&p.title, &arms, &paper, &captions, &notes),
+    )?;
+    let pngs: Vec<(String, Vec<u8>)> = images
+        .iter()
+        .map(|(c, f)| Ok((c.clone(), std::fs::read(out.join(f))?)))
+        .collect::<Result<_>>()?;
+    let embedded: Vec<(&str, &[u8])> = pngs
+        .iter()
+        .map(|(c, b)| (c.as_str(), b.as_slice()))
+        .collect();
+    std::fs::write(
+        out.join("report.html"),
+        report::report_html(&p.title, &arms, &paper, &embedded, &notes),
+    )?;
     let file = MetricsFile {
         title: p.title.clone(),
         arms: arms.clone(),
-        paper: paper.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+        paper: paper
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect(),
         notes,
     };
-    std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&file)? + "\n")?;
+    std::fs::write(
+        out.join("metrics.json"),
+        serde_json::to_string_pretty(&file)? + "\n",
+    )?;
 
     let best = arms
         .iter()
-        .map(|a| (a, metrics::mean_std(&a.seeds.iter().map(|s| s.auc).collect::<Vec<_>>()).0))
+        .map(|a| {
+            (
+                a,
+                metrics::mean_std(&a.seeds.iter().map(|s| s.auc).collect::<Vec<_>>()).0,
+            )
+        })
         .max_by(|x, y| x.1.total_cmp(&y.1))
         .map(|(a, auc)| format!("best `{}` {auc:.3}", a.arm))
         .unwrap_or_default();
-    Ok(StageReport::new(format!("{} arm(s) on {n_test} test images ({n_mal} malignant): {best}; report.html", arms.len())))
+    Ok(StageReport::new(format!(
+        "{} arm(s) on {n_test} test images ({n_mal} malignant): {best}; report.html",
+        arms.len()
+    )))
 }
 
 /// Per-epoch means of the CycleGAN's generator and discriminator losses.
@@ -262,7 +405,9 @@ fn cyclegan_curves(path: &Path, name: &str) -> Result<Vec<(String, Vec<f32>)>> {
         let v = df.column(col)?.f32()?;
         let mut sums: Vec<(f32, u32)> = Vec::new();
         for i in 0..df.height() {
-            let (Some(e), Some(x)) = (epoch.get(i), v.get(i)) else { continue };
+            let (Some(e), Some(x)) = (epoch.get(i), v.get(i)) else {
+                continue;
+            };
             let e = e as usize;
             if sums.len() <= e {
                 sums.resize(e + 1, (0.0, 0));
@@ -270,23 +415,39 @@ fn cyclegan_curves(path: &Path, name: &str) -> Result<Vec<(String, Vec<f32>)>> {
             sums[e].0 += x;
             sums[e].1 += 1;
         }
-        out.push((format!("{name} {label}"), sums.iter().map(|(s, n)| s / (*n).max(1) as f32).collect()));
+        out.push((
+            format!("{name} {label}"),
+            sums.iter().map(|(s, n)| s / (*n).max(1) as f32).collect(),
+        ));
     }
     Ok(out)
 }
 
 /// `melanoflow metrics`: the comparison table of the pipeline's `evaluate`
 /// stages, from their last committed `metrics.json`.
-pub fn metrics_command(inv: &melanoflow_pipeline::cli::AppInvocation) -> Result<std::process::ExitCode, BoxError> {
+pub fn metrics_command(
+    inv: &melanoflow_pipeline::cli::AppInvocation,
+) -> Result<std::process::ExitCode, BoxError> {
     let pipeline = inv.pipeline()?;
-    let stages: Vec<_> = pipeline.stages.iter().filter(|s| s.kind == "evaluate").collect();
+    let stages: Vec<_> = pipeline
+        .stages
+        .iter()
+        .filter(|s| s.kind == "evaluate")
+        .collect();
     if stages.is_empty() {
         return Err(format!("{} has no `evaluate` stage", pipeline.file.display()).into());
     }
     for s in stages {
         let path = pipeline.out_dir.join(&s.name).join("metrics.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}; run `melanoflow run {}` first", path.display(), s.name))?;
-        let m: MetricsFile = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "{}: {e}; run `melanoflow run {}` first",
+                path.display(),
+                s.name
+            )
+        })?;
+        let m: MetricsFile =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         println!("{} (stage `{}`)\n", m.title, s.name);
         print!("{}", report::table_terminal(&m.arms));
         if !m.paper.is_empty() {
@@ -298,7 +459,10 @@ pub fn metrics_command(inv: &melanoflow_pipeline::cli::AppInvocation) -> Result<
         for n in &m.notes {
             println!("\n{n}");
         }
-        println!("\nreport: {}", pipeline.out_dir.join(&s.name).join("report.html").display());
+        println!(
+            "\nreport: {}",
+            pipeline.out_dir.join(&s.name).join("report.html").display()
+        );
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

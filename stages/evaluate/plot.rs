@@ -39,12 +39,19 @@ pub fn roc_png(path: &Path, curves: &[RocSeries]) -> Result<()> {
 /// Draws training curves (x = position in the vector, i.e. the step or
 /// epoch index; y auto-scaled) titled `title`, one colour per series, and
 /// writes a 720x480 PNG.
-pub fn loss_curves_png(path: &Path, series: &[(String, Vec<f32>)], title: &str, x_label: &str) -> Result<()> {
+pub fn loss_curves_png(
+    path: &Path,
+    series: &[(String, Vec<f32>)],
+    title: &str,
+    x_label: &str,
+) -> Result<()> {
     save(&render_loss_curves(series, title, x_label).0, path)
 }
 
 fn save(image: &RgbImage, path: &Path) -> Result<()> {
-    image.save_with_format(path, ImageFormat::Png).with_context(|| format!("writing {}", path.display()))
+    image
+        .save_with_format(path, ImageFormat::Png)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 // Okabe & Ito (2008), reordered so the first colours contrast most on white;
@@ -91,11 +98,18 @@ struct Canvas {
 
 impl Canvas {
     fn new(width: u32, height: u32) -> Canvas {
-        Canvas { image: RgbImage::from_pixel(width, height, Rgb(WHITE)) }
+        Canvas {
+            image: RgbImage::from_pixel(width, height, Rgb(WHITE)),
+        }
     }
 
     fn blend(&mut self, x: i64, y: i64, color: [u8; 3], alpha: f64) {
-        if x < 0 || y < 0 || x >= self.image.width() as i64 || y >= self.image.height() as i64 || alpha <= 0.0 {
+        if x < 0
+            || y < 0
+            || x >= self.image.width() as i64
+            || y >= self.image.height() as i64
+            || alpha <= 0.0
+        {
             return;
         }
         let pixel = self.image.get_pixel_mut(x as u32, y as u32);
@@ -115,10 +129,34 @@ impl Canvas {
 
     /// A one-pixel border just inside `rect`.
     fn outline(&mut self, r: Rect, color: [u8; 3]) {
-        self.fill(Rect { bottom: r.top + 1, ..r }, color);
-        self.fill(Rect { top: r.bottom - 1, ..r }, color);
-        self.fill(Rect { right: r.left + 1, ..r }, color);
-        self.fill(Rect { left: r.right - 1, ..r }, color);
+        self.fill(
+            Rect {
+                bottom: r.top + 1,
+                ..r
+            },
+            color,
+        );
+        self.fill(
+            Rect {
+                top: r.bottom - 1,
+                ..r
+            },
+            color,
+        );
+        self.fill(
+            Rect {
+                right: r.left + 1,
+                ..r
+            },
+            color,
+        );
+        self.fill(
+            Rect {
+                left: r.right - 1,
+                ..r
+            },
+            color,
+        );
     }
 
     /// An anti-aliased polyline `width` pixels wide with round joins and
@@ -126,7 +164,14 @@ impl Canvas {
     /// `dash` = (on, off) lengths along the line. Coverage is the maximum
     /// over segments, so joints are not darkened by double blending; one
     /// point draws a dot.
-    fn polyline(&mut self, points: &[(f64, f64)], width: f64, color: [u8; 3], opacity: f64, dash: Option<(f64, f64)>) {
+    fn polyline(
+        &mut self,
+        points: &[(f64, f64)],
+        width: f64,
+        color: [u8; 3],
+        opacity: f64,
+        dash: Option<(f64, f64)>,
+    ) {
         let Some(&first) = points.first() else { return };
         let reach = width / 2.0 + 1.0;
         let (mut min_x, mut min_y, mut max_x, mut max_y) = (first.0, first.1, first.0, first.1);
@@ -143,8 +188,11 @@ impl Canvas {
         };
         let stride = (area.right - area.left).max(0) as usize;
         let mut coverage = vec![0f32; stride * (area.bottom - area.top).max(0) as usize];
-        let segments: Vec<((f64, f64), (f64, f64))> =
-            if points.len() == 1 { vec![(first, first)] } else { points.windows(2).map(|w| (w[0], w[1])).collect() };
+        let segments: Vec<((f64, f64), (f64, f64))> = if points.len() == 1 {
+            vec![(first, first)]
+        } else {
+            points.windows(2).map(|w| (w[0], w[1])).collect()
+        };
         let mut travelled = 0.0;
         for (a, b) in segments {
             let (dx, dy) = (b.0 - a.0, b.1 - a.1);
@@ -164,9 +212,11 @@ impl Canvas {
                     {
                         continue;
                     }
-                    let distance = ((px - a.0 - t * dx).powi(2) + (py - a.1 - t * dy).powi(2)).sqrt();
+                    let distance =
+                        ((px - a.0 - t * dx).powi(2) + (py - a.1 - t * dy).powi(2)).sqrt();
                     let cover = (width / 2.0 + 0.5 - distance).clamp(0.0, 1.0) as f32;
-                    let slot = &mut coverage[(y - area.top) as usize * stride + (x - area.left) as usize];
+                    let slot =
+                        &mut coverage[(y - area.top) as usize * stride + (x - area.left) as usize];
                     *slot = slot.max(cover);
                 }
             }
@@ -186,7 +236,11 @@ impl Canvas {
     fn text(&mut self, x: i64, y: i64, text: &str, scale: i64, anchor: (f64, f64), vertical: bool) {
         let along = text_width(text, scale);
         let across = GLYPH_ROWS * scale;
-        let (width, height) = if vertical { (across, along) } else { (along, across) };
+        let (width, height) = if vertical {
+            (across, along)
+        } else {
+            (along, across)
+        };
         let left = x - (anchor.0 * width as f64).round() as i64;
         let top = y - (anchor.1 * height as f64).round() as i64;
         for (i, ch) in text.chars().enumerate() {
@@ -198,9 +252,20 @@ impl Canvas {
                     // (u, v): position along and across the text direction.
                     let u = (i as i64 * GLYPH_ADVANCE + column as i64) * scale;
                     let v = row * scale;
-                    let (cell_x, cell_y) =
-                        if vertical { (left + v, top + height - u - scale) } else { (left + u, top + v) };
-                    self.fill(Rect { left: cell_x, top: cell_y, right: cell_x + scale, bottom: cell_y + scale }, INK);
+                    let (cell_x, cell_y) = if vertical {
+                        (left + v, top + height - u - scale)
+                    } else {
+                        (left + u, top + v)
+                    };
+                    self.fill(
+                        Rect {
+                            left: cell_x,
+                            top: cell_y,
+                            right: cell_x + scale,
+                            bottom: cell_y + scale,
+                        },
+                        INK,
+                    );
                 }
             }
         }
@@ -210,7 +275,11 @@ impl Canvas {
 /// Width in pixels of `text` at `scale`, without the trailing gap.
 fn text_width(text: &str, scale: i64) -> i64 {
     let n = text.chars().count() as i64;
-    if n == 0 { 0 } else { (n * GLYPH_ADVANCE - 1) * scale }
+    if n == 0 {
+        0
+    } else {
+        (n * GLYPH_ADVANCE - 1) * scale
+    }
 }
 
 /// One polyline to plot, in data coordinates; an empty label marks a
@@ -233,7 +302,10 @@ impl Frame {
         let a = self.area;
         let fx = (x - self.x_range.0) / (self.x_range.1 - self.x_range.0);
         let fy = (y - self.y_range.0) / (self.y_range.1 - self.y_range.0);
-        (a.left as f64 + fx * (a.right - a.left) as f64, a.bottom as f64 - fy * (a.bottom - a.top) as f64)
+        (
+            a.left as f64 + fx * (a.right - a.left) as f64,
+            a.bottom as f64 - fy * (a.bottom - a.top) as f64,
+        )
     }
 
     /// Grid, frame, tick marks and labels, and the axis titles.
@@ -248,39 +320,103 @@ impl Frame {
         let a = self.area;
         for (value, _) in x_ticks {
             let x = self.to_pixel((*value, self.y_range.0)).0.round() as i64;
-            canvas.fill(Rect { left: x, top: a.top, right: x + 1, bottom: a.bottom }, GRID);
+            canvas.fill(
+                Rect {
+                    left: x,
+                    top: a.top,
+                    right: x + 1,
+                    bottom: a.bottom,
+                },
+                GRID,
+            );
         }
         for (value, _) in y_ticks {
             let y = self.to_pixel((self.x_range.0, *value)).1.round() as i64;
-            canvas.fill(Rect { left: a.left, top: y, right: a.right, bottom: y + 1 }, GRID);
+            canvas.fill(
+                Rect {
+                    left: a.left,
+                    top: y,
+                    right: a.right,
+                    bottom: y + 1,
+                },
+                GRID,
+            );
         }
-        canvas.outline(Rect { left: a.left - 1, top: a.top - 1, right: a.right + 1, bottom: a.bottom + 1 }, FRAME);
+        canvas.outline(
+            Rect {
+                left: a.left - 1,
+                top: a.top - 1,
+                right: a.right + 1,
+                bottom: a.bottom + 1,
+            },
+            FRAME,
+        );
         for (value, label) in x_ticks {
             let x = self.to_pixel((*value, self.y_range.0)).0.round() as i64;
-            canvas.fill(Rect { left: x, top: a.bottom, right: x + 1, bottom: a.bottom + 6 }, FRAME);
+            canvas.fill(
+                Rect {
+                    left: x,
+                    top: a.bottom,
+                    right: x + 1,
+                    bottom: a.bottom + 6,
+                },
+                FRAME,
+            );
             canvas.text(x, a.bottom + 10, label, TEXT_SCALE, (0.5, 0.0), false);
         }
         let mut widest_y_label = 0;
         for (value, label) in y_ticks {
             let y = self.to_pixel((self.x_range.0, *value)).1.round() as i64;
-            canvas.fill(Rect { left: a.left - 6, top: y, right: a.left, bottom: y + 1 }, FRAME);
+            canvas.fill(
+                Rect {
+                    left: a.left - 6,
+                    top: y,
+                    right: a.left,
+                    bottom: y + 1,
+                },
+                FRAME,
+            );
             canvas.text(a.left - 10, y, label, TEXT_SCALE, (1.0, 0.5), false);
             widest_y_label = widest_y_label.max(text_width(label, TEXT_SCALE));
         }
         let line_height = GLYPH_ROWS * TEXT_SCALE;
-        canvas.text((a.left + a.right) / 2, a.bottom + 10 + line_height + 12, x_title, TEXT_SCALE, (0.5, 0.0), false);
+        canvas.text(
+            (a.left + a.right) / 2,
+            a.bottom + 10 + line_height + 12,
+            x_title,
+            TEXT_SCALE,
+            (0.5, 0.0),
+            false,
+        );
         let y_title_x = a.left - 10 - widest_y_label - 12;
-        canvas.text(y_title_x, (a.top + a.bottom) / 2, y_title, TEXT_SCALE, (1.0, 0.5), true);
+        canvas.text(
+            y_title_x,
+            (a.top + a.bottom) / 2,
+            y_title,
+            TEXT_SCALE,
+            (1.0, 0.5),
+            true,
+        );
     }
 
     /// Plots secondary (unlabelled) series first so labelled ones stay on top.
     fn draw_series(&self, canvas: &mut Canvas, lines: &[Line]) {
-        let (secondary, primary): (Vec<&Line>, Vec<&Line>) = lines.iter().partition(|line| line.label.is_empty());
+        let (secondary, primary): (Vec<&Line>, Vec<&Line>) =
+            lines.iter().partition(|line| line.label.is_empty());
         for line in secondary.into_iter().chain(primary) {
             let pixels: Vec<(f64, f64)> = line.points.iter().map(|&p| self.to_pixel(p)).collect();
-            let (width, opacity) =
-                if line.label.is_empty() { (SECONDARY_WIDTH, SECONDARY_OPACITY) } else { (PRIMARY_WIDTH, 1.0) };
-            canvas.polyline(&pixels, width, series_color(line.color_index), opacity, None);
+            let (width, opacity) = if line.label.is_empty() {
+                (SECONDARY_WIDTH, SECONDARY_OPACITY)
+            } else {
+                (PRIMARY_WIDTH, 1.0)
+            };
+            canvas.polyline(
+                &pixels,
+                width,
+                series_color(line.color_index),
+                opacity,
+                None,
+            );
         }
     }
 
@@ -302,7 +438,11 @@ impl Frame {
         const SWATCH: i64 = 28;
         let available = (self.area.right - self.area.left) - 2 * PAD - (SWATCH + 3 * PAD);
         // Long labels first drop to the small font, then get cut.
-        let longest = entries.iter().map(|(_, l)| text_width(l, TEXT_SCALE)).max().unwrap_or(0);
+        let longest = entries
+            .iter()
+            .map(|(_, l)| text_width(l, TEXT_SCALE))
+            .max()
+            .unwrap_or(0);
         let scale = if longest <= available { TEXT_SCALE } else { 1 };
         let max_chars = ((available / scale + 1) / GLYPH_ADVANCE).max(4) as usize;
         for (_, label) in &mut entries {
@@ -311,19 +451,49 @@ impl Frame {
             }
         }
         let row_height = GLYPH_ROWS * scale + 8;
-        let text_w = entries.iter().map(|(_, l)| text_width(l, scale)).max().unwrap_or(0);
+        let text_w = entries
+            .iter()
+            .map(|(_, l)| text_width(l, scale))
+            .max()
+            .unwrap_or(0);
         let width = PAD + SWATCH + PAD + text_w + PAD;
         let height = PAD + row_height * entries.len() as i64 - 8 + PAD;
         let left = self.area.right - PAD - width;
-        let top = if bottom { self.area.bottom - PAD - height } else { self.area.top + PAD };
-        let rect = Rect { left, top, right: left + width, bottom: top + height };
+        let top = if bottom {
+            self.area.bottom - PAD - height
+        } else {
+            self.area.top + PAD
+        };
+        let rect = Rect {
+            left,
+            top,
+            right: left + width,
+            bottom: top + height,
+        };
         canvas.fill(rect, WHITE);
         canvas.outline(rect, FRAME);
         for (i, (color_index, label)) in entries.iter().enumerate() {
-            let middle = (top + PAD + i as i64 * row_height) as f64 + (GLYPH_ROWS * scale) as f64 / 2.0;
-            let swatch = [((left + PAD) as f64, middle), ((left + PAD + SWATCH) as f64, middle)];
-            canvas.polyline(&swatch, PRIMARY_WIDTH + 0.5, PALETTE[*color_index], 1.0, None);
-            canvas.text(left + 2 * PAD + SWATCH, middle.round() as i64, label, scale, (0.0, 0.5), false);
+            let middle =
+                (top + PAD + i as i64 * row_height) as f64 + (GLYPH_ROWS * scale) as f64 / 2.0;
+            let swatch = [
+                ((left + PAD) as f64, middle),
+                ((left + PAD + SWATCH) as f64, middle),
+            ];
+            canvas.polyline(
+                &swatch,
+                PRIMARY_WIDTH + 0.5,
+                PALETTE[*color_index],
+                1.0,
+                None,
+            );
+            canvas.text(
+                left + 2 * PAD + SWATCH,
+                middle.round() as i64,
+                label,
+                scale,
+                (0.0, 0.5),
+                false,
+            );
         }
         Some(rect)
     }
@@ -332,14 +502,36 @@ impl Frame {
 /// The ROC chart, and its legend's rectangle (for tests).
 fn render_roc(curves: &[RocSeries]) -> (RgbImage, Option<Rect>) {
     let mut canvas = Canvas::new(640, 640);
-    let frame =
-        Frame { area: Rect { left: 96, top: 24, right: 612, bottom: 540 }, x_range: (0.0, 1.0), y_range: (0.0, 1.0) };
-    let ticks: Vec<(f64, String)> = (0..=5).map(|i| (i as f64 / 5.0, format!("{:.1}", i as f64 / 5.0))).collect();
-    frame.draw_axes(&mut canvas, &ticks, &ticks, "False positive rate", "True positive rate");
+    let frame = Frame {
+        area: Rect {
+            left: 96,
+            top: 24,
+            right: 612,
+            bottom: 540,
+        },
+        x_range: (0.0, 1.0),
+        y_range: (0.0, 1.0),
+    };
+    let ticks: Vec<(f64, String)> = (0..=5)
+        .map(|i| (i as f64 / 5.0, format!("{:.1}", i as f64 / 5.0)))
+        .collect();
+    frame.draw_axes(
+        &mut canvas,
+        &ticks,
+        &ticks,
+        "False positive rate",
+        "True positive rate",
+    );
     let diagonal = [frame.to_pixel((0.0, 0.0)), frame.to_pixel((1.0, 1.0))];
     canvas.polyline(&diagonal, 1.5, DIAGONAL, 1.0, Some((8.0, 6.0)));
-    let lines: Vec<Line> =
-        curves.iter().map(|c| Line { label: &c.label, color_index: c.color_index, points: c.points.clone() }).collect();
+    let lines: Vec<Line> = curves
+        .iter()
+        .map(|c| Line {
+            label: &c.label,
+            color_index: c.color_index,
+            points: c.points.clone(),
+        })
+        .collect();
     frame.draw_series(&mut canvas, &lines);
     // ROC curves bow to the top-left, so the bottom-right corner is free.
     let legend = frame.draw_legend(&mut canvas, &lines, true);
@@ -347,10 +539,21 @@ fn render_roc(curves: &[RocSeries]) -> (RgbImage, Option<Rect>) {
 }
 
 /// The training-curve chart, and its legend's rectangle (for tests).
-fn render_loss_curves(series: &[(String, Vec<f32>)], title: &str, x_label: &str) -> (RgbImage, Option<Rect>) {
+fn render_loss_curves(
+    series: &[(String, Vec<f32>)],
+    title: &str,
+    x_label: &str,
+) -> (RgbImage, Option<Rect>) {
     let mut canvas = Canvas::new(720, 480);
-    let finite = || series.iter().flat_map(|(_, v)| v.iter().map(|&y| y as f64)).filter(|y| y.is_finite());
-    let (mut low, mut high) = finite().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), y| (l.min(y), h.max(y)));
+    let finite = || {
+        series
+            .iter()
+            .flat_map(|(_, v)| v.iter().map(|&y| y as f64))
+            .filter(|y| y.is_finite())
+    };
+    let (mut low, mut high) = finite().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), y| {
+        (l.min(y), h.max(y))
+    });
     if low > high {
         (low, high) = (0.0, 1.0);
     } else if low == high {
@@ -360,7 +563,11 @@ fn render_loss_curves(series: &[(String, Vec<f32>)], title: &str, x_label: &str)
     let (y_ticks, y_range) = nice_ticks(low, high, 6, false);
     let longest = series.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
     let (x_ticks, x_range) = nice_ticks(0.0, longest.saturating_sub(1).max(1) as f64, 8, true);
-    let widest_y_label = y_ticks.iter().map(|(_, l)| text_width(l, TEXT_SCALE)).max().unwrap_or(0);
+    let widest_y_label = y_ticks
+        .iter()
+        .map(|(_, l)| text_width(l, TEXT_SCALE))
+        .max()
+        .unwrap_or(0);
     let line_height = GLYPH_ROWS * TEXT_SCALE;
     let area = Rect {
         left: 24 + widest_y_label + 16,
@@ -368,7 +575,11 @@ fn render_loss_curves(series: &[(String, Vec<f32>)], title: &str, x_label: &str)
         right: 690,
         bottom: 480 - 2 * line_height - 34,
     };
-    let frame = Frame { area, x_range, y_range };
+    let frame = Frame {
+        area,
+        x_range,
+        y_range,
+    };
     canvas.text(360, 20, title, TEXT_SCALE, (0.5, 0.0), false);
     frame.draw_axes(&mut canvas, &x_ticks, &y_ticks, x_label, "");
     // Each run of finite values is its own line, so a NaN shows as a gap.
@@ -379,11 +590,19 @@ fn render_loss_curves(series: &[(String, Vec<f32>)], title: &str, x_label: &str)
             if y.is_finite() {
                 run.push((x as f64, y as f64));
             } else if !run.is_empty() {
-                pieces.push(Line { label, color_index, points: std::mem::take(&mut run) });
+                pieces.push(Line {
+                    label,
+                    color_index,
+                    points: std::mem::take(&mut run),
+                });
             }
         }
         // An empty run still carries the label into the legend.
-        pieces.push(Line { label, color_index, points: run });
+        pieces.push(Line {
+            label,
+            color_index,
+            points: run,
+        });
     }
     frame.draw_series(&mut canvas, &pieces);
     // Training curves usually fall from the top-left, leaving the top-right free.
@@ -394,11 +613,19 @@ fn render_loss_curves(series: &[(String, Vec<f32>)], title: &str, x_label: &str)
 /// Ticks at 1, 2 or 5 x 10^k covering [low, high] with about `count`
 /// intervals; returns the labelled ticks and the axis range (widened to the
 /// outer ticks). `integer` keeps the step at least 1.
-fn nice_ticks(low: f64, high: f64, count: usize, integer: bool) -> (Vec<(f64, String)>, (f64, f64)) {
+fn nice_ticks(
+    low: f64,
+    high: f64,
+    count: usize,
+    integer: bool,
+) -> (Vec<(f64, String)>, (f64, f64)) {
     let raw = (high - low) / count as f64;
     let magnitude = 10f64.powf(raw.log10().floor());
-    let mut step =
-        [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * magnitude).find(|&s| s >= raw).unwrap_or(10.0 * magnitude);
+    let mut step = [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * magnitude)
+        .find(|&s| s >= raw)
+        .unwrap_or(10.0 * magnitude);
     if integer {
         step = step.max(1.0);
     }
@@ -412,7 +639,15 @@ fn nice_ticks(low: f64, high: f64, count: usize, integer: bool) -> (Vec<(f64, St
             let label = if biggest >= 1e6 || (step < 1e-4 && biggest > 0.0) {
                 format!("{value:.1e}")
             } else {
-                format!("{:.*}", decimals, if value.abs() < step * 1e-9 { 0.0 } else { value })
+                format!(
+                    "{:.*}",
+                    decimals,
+                    if value.abs() < step * 1e-9 {
+                        0.0
+                    } else {
+                        value
+                    }
+                )
             };
             (value, label)
         })
@@ -427,7 +662,11 @@ const GLYPH_ADVANCE: i64 = 6;
 
 fn glyph(ch: char) -> &'static [u8; 5] {
     let code = ch as u32;
-    let index = if (32..=126).contains(&code) { code - 32 } else { '?' as u32 - 32 };
+    let index = if (32..=126).contains(&code) {
+        code - 32
+    } else {
+        '?' as u32 - 32
+    };
     &FONT[index as usize]
 }
 
@@ -558,7 +797,11 @@ mod tests {
                 points: vec![(0.0, 0.0), (0.05, 0.3), (0.3, 0.9), (1.0, 1.0)],
                 color_index: 1,
             },
-            RocSeries { label: "".into(), points: vec![(0.0, 0.0), (0.2, 0.6), (1.0, 1.0)], color_index: 1 },
+            RocSeries {
+                label: "".into(),
+                points: vec![(0.0, 0.0), (0.2, 0.6), (1.0, 1.0)],
+                color_index: 1,
+            },
             RocSeries {
                 label: "CycleGAN + label smoothing".into(),
                 points: vec![(0.0, 0.0), (0.0, 0.6), (0.5, 0.95), (1.0, 1.0)],
@@ -573,11 +816,18 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("roc.png");
         roc_png(&path, &arms()).unwrap();
-        let image = image::ImageReader::open(&path).unwrap().decode().unwrap().to_rgb8();
+        let image = image::ImageReader::open(&path)
+            .unwrap()
+            .decode()
+            .unwrap()
+            .to_rgb8();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(image.dimensions(), (640, 640));
         for index in [0, 1, 2] {
-            assert!(has_color(&image, series_color(index)), "colour {index} missing");
+            assert!(
+                has_color(&image, series_color(index)),
+                "colour {index} missing"
+            );
         }
         let (_, legend) = render_roc(&arms());
         let legend = legend.expect("labelled series have a legend");
@@ -585,24 +835,64 @@ mod tests {
         assert!(legend.bottom - legend.top < 4 * (GLYPH_ROWS * TEXT_SCALE + 8) + 20);
         assert!(count_in(&image, legend, INK) > 100, "legend text missing");
         for index in [0, 1, 2] {
-            assert!(count_in(&image, legend, series_color(index)) > 20, "swatch {index} missing");
+            assert!(
+                count_in(&image, legend, series_color(index)) > 20,
+                "swatch {index} missing"
+            );
         }
     }
 
     #[test]
     fn degenerate_inputs_do_not_panic() {
-        let single = RocSeries { label: "one point".into(), points: vec![(0.3, 0.7)], color_index: 9 };
-        let empty = RocSeries { label: "".into(), points: vec![], color_index: 0 };
+        let single = RocSeries {
+            label: "one point".into(),
+            points: vec![(0.3, 0.7)],
+            color_index: 9,
+        };
+        let empty = RocSeries {
+            label: "".into(),
+            points: vec![],
+            color_index: 0,
+        };
         let (image, _) = render_roc(&[single, empty]);
-        assert!(has_color(&image, series_color(9)), "a single point draws a dot");
+        assert!(
+            has_color(&image, series_color(9)),
+            "a single point draws a dot"
+        );
         render_roc(&[]);
-        let long = RocSeries { label: "x".repeat(300), points: vec![(0.0, 0.0), (1.0, 1.0)], color_index: 3 };
+        let long = RocSeries {
+            label: "x".repeat(300),
+            points: vec![(0.0, 0.0), (1.0, 1.0)],
+            color_index: 3,
+        };
         render_roc(&[long]);
         render_loss_curves(&[], "", "Epoch");
-        render_loss_curves(&[("flat".into(), vec![0.5; 3]), ("one".into(), vec![2.0])], "t", "Epoch");
-        render_loss_curves(&[("nan".into(), vec![f32::NAN, 1.0, f32::INFINITY, 0.5, 0.4])], "gaps", "Epoch");
-        render_loss_curves(&[("all nan".into(), vec![f32::NAN; 4]), ("zero".into(), vec![0.0])], "", "Epoch");
-        render_loss_curves(&[("huge".into(), vec![1e9, 3e9]), ("tiny".into(), vec![1e-7, 3e-7])], "", "Epoch");
+        render_loss_curves(
+            &[("flat".into(), vec![0.5; 3]), ("one".into(), vec![2.0])],
+            "t",
+            "Epoch",
+        );
+        render_loss_curves(
+            &[("nan".into(), vec![f32::NAN, 1.0, f32::INFINITY, 0.5, 0.4])],
+            "gaps",
+            "Epoch",
+        );
+        render_loss_curves(
+            &[
+                ("all nan".into(), vec![f32::NAN; 4]),
+                ("zero".into(), vec![0.0]),
+            ],
+            "",
+            "Epoch",
+        );
+        render_loss_curves(
+            &[
+                ("huge".into(), vec![1e9, 3e9]),
+                ("tiny".into(), vec![1e-7, 3e-7]),
+            ],
+            "",
+            "Epoch",
+        );
     }
 
     #[test]
@@ -613,7 +903,9 @@ mod tests {
             .enumerate()
             .map(|(k, name)| {
                 let curve = (0..steps)
-                    .map(|i| 2.0 / (1.0 + i as f32 / 30.0) + 0.1 * k as f32 + 0.05 * (i as f32).sin())
+                    .map(|i| {
+                        2.0 / (1.0 + i as f32 / 30.0) + 0.1 * k as f32 + 0.05 * (i as f32).sin()
+                    })
                     .collect();
                 (name.to_string(), curve)
             })
@@ -622,7 +914,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("loss.png");
         loss_curves_png(&path, &series, "CycleGAN training losses", "Epoch").unwrap();
-        let image = image::ImageReader::open(&path).unwrap().decode().unwrap().to_rgb8();
+        let image = image::ImageReader::open(&path)
+            .unwrap()
+            .decode()
+            .unwrap()
+            .to_rgb8();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(image.dimensions(), (720, 480));
         for index in 0..3 {
@@ -653,21 +949,55 @@ mod tests {
         let mut glyphs = Canvas::new(640, 120);
         let all: String = (32u8..=126).map(|b| b as char).collect();
         for (row, chunk) in all.as_bytes().chunks(48).enumerate() {
-            glyphs.text(8, 8 + row as i64 * 24, std::str::from_utf8(chunk).unwrap(), 2, (0.0, 0.0), false);
+            glyphs.text(
+                8,
+                8 + row as i64 * 24,
+                std::str::from_utf8(chunk).unwrap(),
+                2,
+                (0.0, 0.0),
+                false,
+            );
         }
-        glyphs.text(8, 60, "gjpqy, Ag_ jumpy quay; 0.812 [0.741, 0.874]", 2, (0.0, 0.0), false);
-        glyphs.text(8, 90, "scale 1: The quick brown fox jumps over the lazy dog 0123456789", 1, (0.0, 0.0), false);
-        glyphs.image.save("/tmp/melanoflow-plot-preview-font.png").unwrap();
+        glyphs.text(
+            8,
+            60,
+            "gjpqy, Ag_ jumpy quay; 0.812 [0.741, 0.874]",
+            2,
+            (0.0, 0.0),
+            false,
+        );
+        glyphs.text(
+            8,
+            90,
+            "scale 1: The quick brown fox jumps over the lazy dog 0123456789",
+            1,
+            (0.0, 0.0),
+            false,
+        );
+        glyphs
+            .image
+            .save("/tmp/melanoflow-plot-preview-font.png")
+            .unwrap();
         let series: Vec<(String, Vec<f32>)> = vec![
             (
                 "generator".into(),
-                (0..500).map(|i| 3.0 * (-(i as f32) / 120.0).exp() + 0.3 + 0.1 * ((i * 7) as f32).sin()).collect(),
+                (0..500)
+                    .map(|i| 3.0 * (-(i as f32) / 120.0).exp() + 0.3 + 0.1 * ((i * 7) as f32).sin())
+                    .collect(),
             ),
             (
                 "discriminator".into(),
-                (0..500).map(|i| 0.7 - 0.2 * (i as f32 / 500.0) + 0.05 * ((i * 13) as f32).cos()).collect(),
+                (0..500)
+                    .map(|i| 0.7 - 0.2 * (i as f32 / 500.0) + 0.05 * ((i * 13) as f32).cos())
+                    .collect(),
             ),
         ];
-        loss_curves_png(Path::new("/tmp/melanoflow-plot-preview-loss.png"), &series, "CycleGAN losses", "Epoch").unwrap();
+        loss_curves_png(
+            Path::new("/tmp/melanoflow-plot-preview-loss.png"),
+            &series,
+            "CycleGAN losses",
+            "Epoch",
+        )
+        .unwrap();
     }
 }

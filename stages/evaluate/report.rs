@@ -70,7 +70,13 @@ pub fn table_terminal(arms: &[ArmSummary]) -> String {
     let table = summary_table(arms);
     let widths: Vec<usize> = (0..table.header.len())
         .map(|c| {
-            table.rows.iter().map(|r| r[c].chars().count()).chain([table.header[c].chars().count()]).max().unwrap_or(0)
+            table
+                .rows
+                .iter()
+                .map(|r| r[c].chars().count())
+                .chain([table.header[c].chars().count()])
+                .max()
+                .unwrap_or(0)
         })
         .collect();
     let line = |cells: &[String]| {
@@ -78,11 +84,13 @@ pub fn table_terminal(arms: &[ArmSummary]) -> String {
             .iter()
             .zip(&widths)
             .zip(&table.numeric)
-            .map(
-                |((cell, &width), &numeric)| {
-                    if numeric { format!("{cell:>width$}") } else { format!("{cell:<width$}") }
-                },
-            )
+            .map(|((cell, &width), &numeric)| {
+                if numeric {
+                    format!("{cell:>width$}")
+                } else {
+                    format!("{cell:<width$}")
+                }
+            })
             .collect();
         padded.join("  ").trim_end().to_string() + "\n"
     };
@@ -105,12 +113,19 @@ pub fn report_markdown(
     images: &[(&str, &str)],
     notes: &[String],
 ) -> String {
-    let mut out = format!("# {title}\n\n## Test-set results\n\n{}", table_markdown(arms, paper));
+    let mut out = format!(
+        "# {title}\n\n## Test-set results\n\n{}",
+        table_markdown(arms, paper)
+    );
     out.push_str("\n### Arms\n\n");
     for arm in arms {
         let _ = writeln!(out, "- **{}**: {}", arm.arm, arm.description);
     }
-    let _ = write!(out, "\n### Per-seed results\n\n{}", markdown_table(&seed_table(arms)));
+    let _ = write!(
+        out,
+        "\n### Per-seed results\n\n{}",
+        markdown_table(&seed_table(arms))
+    );
     if !images.is_empty() {
         out.push_str("\n## Figures\n\n");
         for (caption, path) in images {
@@ -118,7 +133,11 @@ pub fn report_markdown(
         }
     }
     if !notes.is_empty() {
-        out.push_str(if images.is_empty() { "\n## Notes\n\n" } else { "## Notes\n\n" });
+        out.push_str(if images.is_empty() {
+            "\n## Notes\n\n"
+        } else {
+            "## Notes\n\n"
+        });
         for note in notes {
             let _ = writeln!(out, "- {note}");
         }
@@ -148,11 +167,19 @@ pub fn report_html(
     out.push_str("<h2>Test-set results</h2>\n<div class=\"tables\">\n");
     out.push_str(&html_table(&summary_table(arms), None));
     if !paper.is_empty() {
-        out.push_str(&html_table(&paper_table(paper), Some("Reported in the paper")));
+        out.push_str(&html_table(
+            &paper_table(paper),
+            Some("Reported in the paper"),
+        ));
     }
     out.push_str("</div>\n<h3>Arms</h3>\n<dl>\n");
     for arm in arms {
-        let _ = writeln!(out, "<dt>{}</dt><dd>{}</dd>", escape_html(&arm.arm), escape_html(&arm.description));
+        let _ = writeln!(
+            out,
+            "<dt>{}</dt><dd>{}</dd>",
+            escape_html(&arm.arm),
+            escape_html(&arm.description)
+        );
     }
     out.push_str("</dl>\n<h3>Per-seed results</h3>\n");
     out.push_str(&html_table(&seed_table(arms), None));
@@ -210,7 +237,12 @@ fn summary_table(arms: &[ArmSummary]) -> Table {
         .map(|arm| {
             let seeds = &arm.seeds;
             let auc = match seeds.as_slice() {
-                [one] => format!("{} [{}, {}]", f3(one.auc), f3(one.auc_ci.low), f3(one.auc_ci.high)),
+                [one] => format!(
+                    "{} [{}, {}]",
+                    f3(one.auc),
+                    f3(one.auc_ci.low),
+                    f3(one.auc_ci.high)
+                ),
                 _ => mean_pm_std(seeds, |s| s.auc),
             };
             let mut test_sizes: Vec<String> = Vec::new();
@@ -254,7 +286,12 @@ fn seed_table(arms: &[ArmSummary]) -> Table {
                 vec![
                     arm.arm.clone(),
                     s.seed.to_string(),
-                    format!("{} [{}, {}]", f3(s.auc), f3(s.auc_ci.low), f3(s.auc_ci.high)),
+                    format!(
+                        "{} [{}, {}]",
+                        f3(s.auc),
+                        f3(s.auc_ci.low),
+                        f3(s.auc_ci.high)
+                    ),
                     f3(s.average_precision),
                     f3(s.sensitivity_at_90_specificity),
                     s.best_epoch.to_string(),
@@ -284,19 +321,30 @@ fn paper_table(paper: &[(&str, &str)]) -> Table {
     Table {
         header: vec!["Paper", "Reported ROC-AUC"],
         numeric: vec![false, true],
-        rows: paper.iter().map(|(label, auc)| vec![label.to_string(), auc.to_string()]).collect(),
+        rows: paper
+            .iter()
+            .map(|(label, auc)| vec![label.to_string(), auc.to_string()])
+            .collect(),
     }
 }
 
 fn f3(x: f64) -> String {
-    if x.is_finite() { format!("{x:.3}") } else { "n/a".into() }
+    if x.is_finite() {
+        format!("{x:.3}")
+    } else {
+        "n/a".into()
+    }
 }
 
 /// One seed: the value; several: mean ± sample std; none: n/a.
 fn mean_pm_std(seeds: &[SeedMetrics], metric: impl Fn(&SeedMetrics) -> f64) -> String {
     let values: Vec<f64> = seeds.iter().map(metric).collect();
     let (mean, std) = mean_std(&values);
-    if values.len() > 1 { format!("{} ± {}", f3(mean), f3(std)) } else { f3(mean) }
+    if values.len() > 1 {
+        format!("{} ± {}", f3(mean), f3(std))
+    } else {
+        f3(mean)
+    }
 }
 
 fn join<T: ToString>(items: impl Iterator<Item = T>) -> String {
@@ -306,7 +354,11 @@ fn join<T: ToString>(items: impl Iterator<Item = T>) -> String {
 fn markdown_table(table: &Table) -> String {
     let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
     let header: Vec<String> = table.header.iter().map(|h| cell(h)).collect();
-    let align: Vec<&str> = table.numeric.iter().map(|&n| if n { "---:" } else { "---" }).collect();
+    let align: Vec<&str> = table
+        .numeric
+        .iter()
+        .map(|&n| if n { "---:" } else { "---" })
+        .collect();
     let mut out = format!("| {} |\n| {} |\n", header.join(" | "), align.join(" | "));
     for row in &table.rows {
         let cells: Vec<String> = row.iter().map(|c| cell(c)).collect();
@@ -357,7 +409,11 @@ fn base64_encode(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         for i in 0..4 {
             // A chunk of k bytes yields k + 1 significant characters.
@@ -399,7 +455,11 @@ mod tests {
             ArmSummary {
                 arm: "cyclegan".into(),
                 description: "Adds CycleGAN-synthesised malignant images".into(),
-                seeds: vec![seed(1, 0.80, 0.7, 0.9), seed(2, 0.82, 0.7, 0.9), seed(3, 0.84, 0.7, 0.9)],
+                seeds: vec![
+                    seed(1, 0.80, 0.7, 0.9),
+                    seed(2, 0.82, 0.7, 0.9),
+                    seed(3, 0.84, 0.7, 0.9),
+                ],
             },
         ]
     }
@@ -409,7 +469,12 @@ mod tests {
     #[test]
     fn tables_print_three_decimals() {
         let md = table_markdown(&arms(), PAPER);
-        assert!(md.contains("| classical | 0.812 [0.741, 0.874] | 0.612 | 0.412 | 600 (117) | 1 | 11 |"), "{md}");
+        assert!(
+            md.contains(
+                "| classical | 0.812 [0.741, 0.874] | 0.612 | 0.412 | 600 (117) | 1 | 11 |"
+            ),
+            "{md}"
+        );
         // mean 0.82, sample std 0.02 over seeds.
         assert!(
             md.contains(
@@ -420,17 +485,27 @@ mod tests {
         assert!(md.contains("| Classical augmentation | 0.81 |"), "{md}");
         assert!(md.contains("| --- | ---: |"));
         let terminal = table_terminal(&arms());
-        assert!(terminal.contains("0.812 [0.741, 0.874]") && terminal.contains("0.820 ± 0.020"), "{terminal}");
+        assert!(
+            terminal.contains("0.812 [0.741, 0.874]") && terminal.contains("0.820 ± 0.020"),
+            "{terminal}"
+        );
         // Right-aligned numeric columns line up: every "ROC-AUC" cell ends at the same column.
         let lines: Vec<&str> = terminal.lines().collect();
         assert_eq!(lines.len(), 4);
-        let end = |line: &str, needle: &str| line.find(needle).map(|i| line[..i + needle.len()].chars().count());
+        let end = |line: &str, needle: &str| {
+            line.find(needle)
+                .map(|i| line[..i + needle.len()].chars().count())
+        };
         assert_eq!(end(lines[2], "0.874]"), end(lines[3], "0.020"));
     }
 
     #[test]
     fn seedless_arm_and_pipes() {
-        let arm = ArmSummary { arm: "a|b".into(), description: String::new(), seeds: vec![] };
+        let arm = ArmSummary {
+            arm: "a|b".into(),
+            description: String::new(),
+            seeds: vec![],
+        };
         let md = table_markdown(&[arm], &[]);
         assert!(md.contains("| a\\|b | n/a | n/a | n/a |  |  |  |"), "{md}");
         assert!(!md.contains("Reported in the paper"));
@@ -439,7 +514,13 @@ mod tests {
     #[test]
     fn reports_have_every_part() {
         let notes = vec!["Test split is patient-disjoint.".to_string()];
-        let md = report_markdown("Melanoma", &arms(), PAPER, &[("ROC curves", "roc.png")], &notes);
+        let md = report_markdown(
+            "Melanoma",
+            &arms(),
+            PAPER,
+            &[("ROC curves", "roc.png")],
+            &notes,
+        );
         for part in [
             "# Melanoma",
             "![ROC curves](roc.png)",
@@ -462,7 +543,13 @@ mod tests {
         let mut evil = arms();
         evil[0].arm = "<script>alert('x')</script>".into();
         evil[0].description = "a & b".into();
-        let html = report_html("1 < 2", &evil, &[("<b>", "\"0.8\"")], &[("<img>", &[])], &["<i>note</i>".into()]);
+        let html = report_html(
+            "1 < 2",
+            &evil,
+            &[("<b>", "\"0.8\"")],
+            &[("<img>", &[])],
+            &["<i>note</i>".into()],
+        );
         assert!(!html.contains("<script>") && !html.contains("<b>") && !html.contains("<i>"));
         for escaped in [
             "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;",
@@ -496,7 +583,10 @@ mod tests {
     #[test]
     fn summaries_round_trip_through_json() {
         let json = serde_json::to_string(&arms()).unwrap();
-        assert!(json.contains("\"auc_ci\":{\"low\":0.7412,\"high\":0.8744}"), "{json}");
+        assert!(
+            json.contains("\"auc_ci\":{\"low\":0.7412,\"high\":0.8744}"),
+            "{json}"
+        );
         let back: Vec<ArmSummary> = serde_json::from_str(&json).unwrap();
         assert_eq!(back, arms());
     }

@@ -78,10 +78,15 @@ impl Stage for Generate {
 
     fn check(&self, p: &GenerateParams, inputs: &[String]) -> Result<(), String> {
         if inputs.len() != 2 {
-            return Err("takes two upstreams: a `preprocess` stage and a `train_cyclegan` stage".into());
+            return Err(
+                "takes two upstreams: a `preprocess` stage and a `train_cyclegan` stage".into(),
+            );
         }
         if !(p.target_ratio > 0.0 && p.target_ratio <= 10.0) {
-            return Err(format!("`target_ratio` must be within (0, 10], not {}", p.target_ratio));
+            return Err(format!(
+                "`target_ratio` must be within (0, 10], not {}",
+                p.target_ratio
+            ));
         }
         if p.batch_size == 0 || p.shard_mb == 0 {
             return Err("`batch_size` and `shard_mb` must be at least 1".into());
@@ -96,27 +101,48 @@ impl Stage for Generate {
     /// Contiguous runs of whole batches per part.
     const SPLITS: bool = true;
 
-    fn run_part(&self, p: &GenerateParams, ctx: &StageContext, part: usize, parts: usize) -> Result<StageReport, BoxError> {
+    fn run_part(
+        &self,
+        p: &GenerateParams,
+        ctx: &StageContext,
+        part: usize,
+        parts: usize,
+    ) -> Result<StageReport, BoxError> {
         let inputs = inputs(ctx)?;
         let synthetic = translate(p, ctx, &inputs, part, parts)?;
         std::fs::write(ctx.out_dir.join(PART_PIXELS), synthetic.concat())?;
-        Ok(StageReport::new(format!("part {part} of {parts}: {} images", synthetic.len())))
+        Ok(StageReport::new(format!(
+            "part {part} of {parts}: {} images",
+            synthetic.len()
+        )))
     }
 
-    fn assemble(&self, p: &GenerateParams, ctx: &StageContext, parts: &[std::path::PathBuf]) -> Result<StageReport, BoxError> {
+    fn assemble(
+        &self,
+        p: &GenerateParams,
+        ctx: &StageContext,
+        parts: &[std::path::PathBuf],
+    ) -> Result<StageReport, BoxError> {
         let inputs = inputs(ctx)?;
         let image_bytes = (inputs.set.size as usize).pow(2) * 3;
         let mut synthetic = Vec::new();
         for dir in parts {
             let path = dir.join(PART_PIXELS);
-            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             if bytes.len() % image_bytes != 0 {
-                return Err(format!("{}: {} bytes is not a whole number of {image_bytes}-byte images", path.display(), bytes.len()).into());
+                return Err(format!(
+                    "{}: {} bytes is not a whole number of {image_bytes}-byte images",
+                    path.display(),
+                    bytes.len()
+                )
+                .into());
             }
             synthetic.extend(bytes.chunks(image_bytes).map(<[u8]>::to_vec));
             let samples = dir.join(SAMPLES);
             if samples.exists() {
-                std::fs::copy(&samples, ctx.out_dir.join(SAMPLES)).with_context(|| format!("copying {}", samples.display()))?;
+                std::fs::copy(&samples, ctx.out_dir.join(SAMPLES))
+                    .with_context(|| format!("copying {}", samples.display()))?;
             }
         }
         Ok(finish(p, ctx, &inputs, synthetic)?)
@@ -126,13 +152,20 @@ impl Stage for Generate {
 /// The benign training images to translate, in generation order: as many as
 /// it takes for `malignant + n >= target_ratio * benign`. Only training-split
 /// records are ever returned.
-pub fn choose_sources<'a>(set: &'a ImageSet, target_ratio: f64, seed: u64) -> Result<Vec<&'a ImageRecord>> {
+pub fn choose_sources<'a>(
+    set: &'a ImageSet,
+    target_ratio: f64,
+    seed: u64,
+) -> Result<Vec<&'a ImageRecord>> {
     let mut benign: Vec<&ImageRecord> = set.split("train").filter(|r| !r.malignant).collect();
     let malignant = set.split("train").filter(|r| r.malignant).count();
     let wanted = (target_ratio * benign.len() as f64).round() as usize;
     let n = wanted.saturating_sub(malignant);
     if n > benign.len() {
-        bail!("target_ratio {target_ratio} needs {n} synthetic images but the train split has only {} benign sources", benign.len());
+        bail!(
+            "target_ratio {target_ratio} needs {n} synthetic images but the train split has only {} benign sources",
+            benign.len()
+        );
     }
     // Sorted first so the draw depends on the names, not the index order.
     benign.sort_by(|a, b| a.image_name.cmp(&b.image_name));
@@ -143,9 +176,14 @@ pub fn choose_sources<'a>(set: &'a ImageSet, target_ratio: f64, seed: u64) -> Re
 
 /// [-1, 1] CHW batch -> HWC RGB bytes per image.
 fn to_pixels(t: &Tensor) -> Result<Vec<Vec<u8>>> {
-    let t = ((t.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?.round()?.permute((0, 2, 3, 1))?.to_dtype(DType::U8)?;
+    let t = ((t.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
+        .round()?
+        .permute((0, 2, 3, 1))?
+        .to_dtype(DType::U8)?;
     let (b, ..) = t.dims4()?;
-    (0..b).map(|i| Ok(t.get(i)?.flatten_all()?.to_vec1::<u8>()?)).collect()
+    (0..b)
+        .map(|i| Ok(t.get(i)?.flatten_all()?.to_vec1::<u8>()?))
+        .collect()
 }
 
 /// What a stage's run reads: the preprocessed images and the generator.
@@ -156,10 +194,22 @@ struct Inputs {
 }
 
 fn inputs(ctx: &StageContext) -> Result<Inputs> {
-    let pre = ctx.upstream_of_kind("preprocess").ok_or_else(|| anyhow!("one upstream must be a `preprocess` stage"))?;
-    let gan = ctx.upstream_of_kind("train_cyclegan").ok_or_else(|| anyhow!("one upstream must be a `train_cyclegan` stage"))?;
-    let generator_digest = gan.manifest.get("G_A.safetensors").map(|e| e.digest.to_hex()).context("train_cyclegan's output has no G_A.safetensors")?;
-    Ok(Inputs { set: ImageSet::open(&pre.dir)?, generator_digest, gan_dir: gan.dir.clone() })
+    let pre = ctx
+        .upstream_of_kind("preprocess")
+        .ok_or_else(|| anyhow!("one upstream must be a `preprocess` stage"))?;
+    let gan = ctx
+        .upstream_of_kind("train_cyclegan")
+        .ok_or_else(|| anyhow!("one upstream must be a `train_cyclegan` stage"))?;
+    let generator_digest = gan
+        .manifest
+        .get("G_A.safetensors")
+        .map(|e| e.digest.to_hex())
+        .context("train_cyclegan's output has no G_A.safetensors")?;
+    Ok(Inputs {
+        set: ImageSet::open(&pre.dir)?,
+        generator_digest,
+        gan_dir: gan.dir.clone(),
+    })
 }
 
 /// Pixels of one part's translations, concatenated (NHWC u8), and the part's
@@ -171,7 +221,13 @@ const SAMPLES: &str = "samples.png";
 /// whole `batch_size` batches, the same batches a whole run forms, so a
 /// split run computes the same pixels. Writes the sample grid (from the first
 /// batch) into `ctx.out_dir` when it has that batch; returns the pixels.
-fn translate(p: &GenerateParams, ctx: &StageContext, inputs: &Inputs, part: usize, parts: usize) -> Result<Vec<Vec<u8>>> {
+fn translate(
+    p: &GenerateParams,
+    ctx: &StageContext,
+    inputs: &Inputs,
+    part: usize,
+    parts: usize,
+) -> Result<Vec<Vec<u8>>> {
     let set = &inputs.set;
     let sources = choose_sources(set, p.target_ratio, p.seed)?;
     let batches: Vec<&[&ImageRecord]> = sources.chunks(p.batch_size).collect();
@@ -181,15 +237,26 @@ fn translate(p: &GenerateParams, ctx: &StageContext, inputs: &Inputs, part: usiz
     }
     let device = select_device(&p.device)?;
     let config = inputs.gan_dir.join("config.json");
-    let cfg: CycleGanConfig = serde_json::from_str(&std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?)
-        .context("train_cyclegan's config.json")?;
+    let cfg: CycleGanConfig = serde_json::from_str(
+        &std::fs::read_to_string(&config)
+            .with_context(|| format!("reading {}", config.display()))?,
+    )
+    .context("train_cyclegan's config.json")?;
     let mut varmap = VarMap::new();
-    let generator = Generator::new(&cfg.generator, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+    let generator = Generator::new(
+        &cfg.generator,
+        VarBuilder::from_varmap(&varmap, DType::F32, &device),
+    )?;
     let weights = inputs.gan_dir.join("G_A.safetensors");
-    varmap.load(&weights).with_context(|| format!("loading {}", weights.display()))?;
+    varmap
+        .load(&weights)
+        .with_context(|| format!("loading {}", weights.display()))?;
 
     let side = set.size as usize;
-    let bar = ctx.progress.bar(batches[mine.clone()].iter().map(|b| b.len() as u64).sum(), "generating synthetic malignant images");
+    let bar = ctx.progress.bar(
+        batches[mine.clone()].iter().map(|b| b.len() as u64).sum(),
+        "generating synthetic malignant images",
+    );
     let mut synthetic: Vec<Vec<u8>> = Vec::new();
     for (b, batch) in batches.iter().enumerate().filter(|(b, _)| mine.contains(b)) {
         let mut data = Vec::with_capacity(batch.len() * 3 * side * side);
@@ -203,7 +270,10 @@ fn translate(p: &GenerateParams, ctx: &StageContext, inputs: &Inputs, part: usiz
         let y = generator.forward(&x)?;
         if b == 0 {
             let k = batch.len().min(8);
-            crate::train_cyclegan::grid::write_grid(&ctx.out_dir.join(SAMPLES), &[&x.narrow(0, 0, k)?, &y.narrow(0, 0, k)?])?;
+            crate::train_cyclegan::grid::write_grid(
+                &ctx.out_dir.join(SAMPLES),
+                &[&x.narrow(0, 0, k)?, &y.narrow(0, 0, k)?],
+            )?;
         }
         synthetic.extend(to_pixels(&y)?);
         bar.inc(batch.len() as u64);
@@ -221,15 +291,27 @@ fn run(p: &GenerateParams, ctx: &StageContext) -> Result<StageReport> {
 /// Writes the artifact from every translation, in source order: shards,
 /// index, provenance, summary (the sample grid is already in place). A whole
 /// run and an assembled split run both end here.
-fn finish(p: &GenerateParams, ctx: &StageContext, inputs: &Inputs, synthetic: Vec<Vec<u8>>) -> Result<StageReport> {
+fn finish(
+    p: &GenerateParams,
+    ctx: &StageContext,
+    inputs: &Inputs,
+    synthetic: Vec<Vec<u8>>,
+) -> Result<StageReport> {
     let (set, generator_digest) = (&inputs.set, &inputs.generator_digest);
     let sources = choose_sources(set, p.target_ratio, p.seed)?;
     if synthetic.len() != sources.len() {
-        bail!("{} translations for {} sources: the parts do not cover the sources", synthetic.len(), sources.len());
+        bail!(
+            "{} translations for {} sources: the parts do not cover the sources",
+            synthetic.len(),
+            sources.len()
+        );
     }
     let side = set.size as usize;
     let per_shard = ((p.shard_mb << 20) / (side * side * 3) as u64).max(1) as usize;
-    let names: Vec<String> = sources.iter().map(|r| format!("SYN_{}", r.image_name)).collect();
+    let names: Vec<String> = sources
+        .iter()
+        .map(|r| format!("SYN_{}", r.image_name))
+        .collect();
     let mut shard_col = Vec::with_capacity(names.len());
     let mut offset_col = Vec::with_capacity(names.len());
     for (k, chunk) in synthetic.chunks(per_shard).enumerate() {
@@ -277,7 +359,10 @@ fn finish(p: &GenerateParams, ctx: &StageContext, inputs: &Inputs, synthetic: Ve
         "target_ratio": p.target_ratio,
         "generator_digest": generator_digest,
     });
-    std::fs::write(ctx.out_dir.join("generate.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
+    std::fs::write(
+        ctx.out_dir.join("generate.json"),
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )?;
     Ok(StageReport::new(format!(
         "{n} synthetic malignant images from benign training images ({malignant} real malignant, {benign} benign: ratio {:.2})",
         (malignant + n) as f64 / benign.max(1) as f64
@@ -320,7 +405,13 @@ mod tests {
         assert_eq!(unique.len(), 32);
         assert_eq!(choose_sources(&s, 0.5, 7).unwrap().len(), 14);
         // Deterministic for a seed, different for another.
-        let names = |seed| choose_sources(&s, 0.5, seed).unwrap().iter().map(|r| r.image_name.clone()).collect::<Vec<_>>();
+        let names = |seed| {
+            choose_sources(&s, 0.5, seed)
+                .unwrap()
+                .iter()
+                .map(|r| r.image_name.clone())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(names(7), names(7));
         assert_ne!(names(7), names(8));
         // Already balanced enough: nothing to generate.

@@ -16,7 +16,15 @@ use polars::prelude::*;
 /// Columns every metadata file must have (`patient_id` unless each image is
 /// its own patient). The anatomical site may be missing or named
 /// `anatom_site_general` (ISIC archive exports); it is then null.
-pub const REQUIRED: &[&str] = &["image_name", "patient_id", "sex", "age_approx", "diagnosis", "benign_malignant", "target"];
+pub const REQUIRED: &[&str] = &[
+    "image_name",
+    "patient_id",
+    "sex",
+    "age_approx",
+    "diagnosis",
+    "benign_malignant",
+    "target",
+];
 const SITE_COLUMNS: [&str; 2] = ["anatom_site_general_challenge", "anatom_site_general"];
 /// How many problems to list before saying "and N more".
 const MAX_LISTED: usize = 20;
@@ -62,7 +70,11 @@ pub fn text_column(df: &DataFrame, name: &str) -> Result<Vec<Option<String>>> {
     let col = df.column(name)?.str()?;
     Ok(col
         .iter()
-        .map(|v| v.map(str::trim).filter(|s| !s.is_empty()).map(str::to_string))
+        .map(|v| {
+            v.map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        })
         .collect())
 }
 
@@ -80,7 +92,11 @@ pub fn is_plain_file_name(name: &str) -> bool {
 pub fn read(path: &Path, patient_per_image: bool) -> Result<Records> {
     let df = read_text_csv(path)?;
     let file = path.display().to_string();
-    let names: Vec<String> = df.get_column_names().iter().map(|s| s.to_string()).collect();
+    let names: Vec<String> = df
+        .get_column_names()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let missing: Vec<&str> = REQUIRED
         .iter()
         .copied()
@@ -90,14 +106,33 @@ pub fn read(path: &Path, patient_per_image: bool) -> Result<Records> {
     if !missing.is_empty() {
         bail!(
             "{file}: missing column(s) {}; found {}",
-            missing.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", "),
-            names.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
+            missing
+                .iter()
+                .map(|c| format!("`{c}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            names
+                .iter()
+                .map(|c| format!("`{c}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let col = |name: &str| text_column(&df, name);
     let image_name = col("image_name")?;
-    let patient_id = if patient_per_image { image_name.iter().map(|n| n.as_ref().map(|n| format!("IP_{n}"))).collect() } else { col("patient_id")? };
-    let lesion_id = if names.iter().any(|n| n == "lesion_id") { col("lesion_id")? } else { vec![None; df.height()] };
+    let patient_id = if patient_per_image {
+        image_name
+            .iter()
+            .map(|n| n.as_ref().map(|n| format!("IP_{n}")))
+            .collect()
+    } else {
+        col("patient_id")?
+    };
+    let lesion_id = if names.iter().any(|n| n == "lesion_id") {
+        col("lesion_id")?
+    } else {
+        vec![None; df.height()]
+    };
     let sex = col("sex")?;
     let age = col("age_approx")?;
     let site = match SITE_COLUMNS.iter().find(|c| names.iter().any(|n| n == *c)) {
@@ -113,14 +148,19 @@ pub fn read(path: &Path, patient_per_image: bool) -> Result<Records> {
     let mut out = Records::default();
     for i in 0..df.height() {
         let line = i + 2;
-        let mut bad = |column: &str, what: String| problems.push(format!("line {line}, column `{column}`: {what}"));
+        let mut bad = |column: &str, what: String| {
+            problems.push(format!("line {line}, column `{column}`: {what}"))
+        };
         let name = match image_name[i].as_deref() {
             None => {
                 bad("image_name", "blank".into());
                 ""
             }
             Some(n) if !is_plain_file_name(n) => {
-                bad("image_name", format!("`{n}` is not a plain file name (no path separators, no leading `.`)"));
+                bad(
+                    "image_name",
+                    format!("`{n}` is not a plain file name (no path separators, no leading `.`)"),
+                );
                 ""
             }
             Some(n) => {
@@ -138,7 +178,10 @@ pub fn read(path: &Path, patient_per_image: bool) -> Result<Records> {
             Some(a) => match parse_age(a) {
                 Some(v) => Some(v),
                 None => {
-                    bad("age_approx", format!("`{a}` is not a whole number of years"));
+                    bad(
+                        "age_approx",
+                        format!("`{a}` is not a whole number of years"),
+                    );
                     None
                 }
             },
@@ -158,10 +201,14 @@ pub fn read(path: &Path, patient_per_image: bool) -> Result<Records> {
                 bad("target", format!("{t} contradicts benign_malignant `{v}`"));
             }
             (Some("benign" | "malignant"), None) => {}
-            (other, _) => bad("benign_malignant", format!("`{}` is not `benign` or `malignant`", other.unwrap_or(""))),
+            (other, _) => bad(
+                "benign_malignant",
+                format!("`{}` is not `benign` or `malignant`", other.unwrap_or("")),
+            ),
         }
         out.image_name.push(name.to_string());
-        out.patient_id.push(patient_id[i].clone().unwrap_or_default());
+        out.patient_id
+            .push(patient_id[i].clone().unwrap_or_default());
         out.lesion_id.push(lesion_id[i].clone());
         out.sex.push(sex[i].clone());
         out.age_approx.push(age_value);
@@ -197,7 +244,10 @@ pub fn list_problems(problems: &[String]) -> String {
         s.push_str(p);
     }
     if problems.len() > MAX_LISTED {
-        s.push_str(&format!("\n    ... and {} more", problems.len() - MAX_LISTED));
+        s.push_str(&format!(
+            "\n    ... and {} more",
+            problems.len() - MAX_LISTED
+        ));
     }
     s
 }
@@ -218,7 +268,16 @@ mod tests {
     #[test]
     fn plain_names() {
         assert!(is_plain_file_name("ISIC_0015719"));
-        for bad in ["", ".", "..", "../etc/passwd", "a/b", "a\\b", ".hidden", "c:x"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../etc/passwd",
+            "a/b",
+            "a\\b",
+            ".hidden",
+            "c:x",
+        ] {
             assert!(!is_plain_file_name(bad), "{bad}");
         }
     }

@@ -25,7 +25,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use arrow_array::{ArrayRef, Int32Array, Int64Array, StringArray};
 use melanoflow_pipeline::manifest::Entry;
-use melanoflow_pipeline::{BoxError, ExternalFiles, ExternalInput, Source, Stage, StageContext, StageReport};
+use melanoflow_pipeline::{
+    BoxError, ExternalFiles, ExternalInput, Source, Stage, StageContext, StageReport,
+};
 use serde::{Deserialize, Serialize};
 
 pub struct Ingest;
@@ -90,11 +92,15 @@ impl Stage for Ingest {
         }
         let (v, t) = (p.val_fraction, p.test_fraction);
         if !(0.0..1.0).contains(&v) || !(0.0..1.0).contains(&t) || v + t >= 1.0 {
-            return Err(format!("`val_fraction` ({v}) and `test_fraction` ({t}) must be >= 0 and sum to less than 1"));
+            return Err(format!(
+                "`val_fraction` ({v}) and `test_fraction` ({t}) must be >= 0 and sum to less than 1"
+            ));
         }
         for (key, v) in [("metadata", &p.metadata), ("duplicates", &p.duplicates)] {
             if v.as_deref().is_some_and(|v| v.contains("://")) {
-                return Err(format!("`{key}` must be a local file (only `images` may be an object-store URL)"));
+                return Err(format!(
+                    "`{key}` must be a local file (only `images` may be an object-store URL)"
+                ));
             }
         }
         if p.image_extensions.is_empty() {
@@ -104,10 +110,14 @@ impl Stage for Ingest {
     }
 
     fn external_inputs(&self, p: &IngestParams, base_dir: &Path) -> Vec<ExternalInput> {
-        [("metadata", &p.metadata), ("images", &p.images), ("duplicates", &p.duplicates)]
-            .into_iter()
-            .filter_map(|(name, v)| v.as_ref().map(|v| ExternalInput::new(name, v, base_dir)))
-            .collect()
+        [
+            ("metadata", &p.metadata),
+            ("images", &p.images),
+            ("duplicates", &p.duplicates),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| v.as_ref().map(|v| ExternalInput::new(name, v, base_dir)))
+        .collect()
     }
 
     fn run(&self, p: &IngestParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
@@ -129,30 +139,72 @@ fn locate<'a>(p: &IngestParams, ctx: &'a StageContext) -> Result<(PathBuf, Image
     if let Some(up) = ctx.upstream.first() {
         let csv = up.dir.join(UPSTREAM_CSV);
         if up.manifest.get(UPSTREAM_CSV).is_none() {
-            bail!("upstream `{}` has no `{UPSTREAM_CSV}`; an ingest upstream must be an ISIC-format source", up.name);
+            bail!(
+                "upstream `{}` has no `{UPSTREAM_CSV}`; an ingest upstream must be an ISIC-format source",
+                up.name
+            );
         }
         let prefix = format!("{UPSTREAM_IMAGES}/");
         let files = up
             .manifest
             .entries()
             .iter()
-            .filter_map(|e| e.path.strip_prefix(&prefix).filter(|n| !n.contains('/')).map(|n| (n, e)))
+            .filter_map(|e| {
+                e.path
+                    .strip_prefix(&prefix)
+                    .filter(|n| !n.contains('/'))
+                    .map(|n| (n, e))
+            })
             .collect();
         let root = up.dir.join(UPSTREAM_IMAGES);
-        let portable = root.strip_prefix(&ctx.base_dir).unwrap_or(&root).to_string_lossy().into_owned();
-        return Ok((csv, ImageFolder { root: root.display().to_string(), portable, files }));
+        let portable = root
+            .strip_prefix(&ctx.base_dir)
+            .unwrap_or(&root)
+            .to_string_lossy()
+            .into_owned();
+        return Ok((
+            csv,
+            ImageFolder {
+                root: root.display().to_string(),
+                portable,
+                files,
+            },
+        ));
     }
-    let csv = ctx.external("metadata").ok_or_else(|| anyhow!("no metadata input"))?;
-    let images = ctx.external("images").ok_or_else(|| anyhow!("no images input"))?;
+    let csv = ctx
+        .external("metadata")
+        .ok_or_else(|| anyhow!("no metadata input"))?;
+    let images = ctx
+        .external("images")
+        .ok_or_else(|| anyhow!("no images input"))?;
     if !images.is_dir {
         bail!("`images` ({}) must be a folder", images.source);
     }
     let Source::Local(csv_path) = &csv.source else {
-        bail!("`metadata` ({}) must be a local file: download it first", csv.source);
+        bail!(
+            "`metadata` ({}) must be a local file: download it first",
+            csv.source
+        );
     };
-    let files = images.manifest.entries().iter().filter(|e| !e.path.contains('/')).map(|e| (e.path.as_str(), e)).collect();
-    let portable = p.images.clone().unwrap_or_else(|| images.source.to_string());
-    Ok((csv_path.clone(), ImageFolder { root: images.source.to_string(), portable, files }))
+    let files = images
+        .manifest
+        .entries()
+        .iter()
+        .filter(|e| !e.path.contains('/'))
+        .map(|e| (e.path.as_str(), e))
+        .collect();
+    let portable = p
+        .images
+        .clone()
+        .unwrap_or_else(|| images.source.to_string());
+    Ok((
+        csv_path.clone(),
+        ImageFolder {
+            root: images.source.to_string(),
+            portable,
+            files,
+        },
+    ))
 }
 
 fn run(p: &IngestParams, ctx: &StageContext) -> Result<StageReport> {
@@ -166,7 +218,10 @@ fn run(p: &IngestParams, ctx: &StageContext) -> Result<StageReport> {
     for (i, name) in records.image_name.iter().enumerate() {
         let found = p.image_extensions.iter().find_map(|ext| {
             let file = format!("{name}.{ext}");
-            folder.files.get_key_value(file.as_str()).map(|(k, e)| (*k, *e))
+            folder
+                .files
+                .get_key_value(file.as_str())
+                .map(|(k, e)| (*k, *e))
         });
         match found {
             Some(f) => image_of.push(f),
@@ -181,15 +236,29 @@ fn run(p: &IngestParams, ctx: &StageContext) -> Result<StageReport> {
             csv_path.display(),
             folder.root,
             p.image_extensions.join(", ."),
-            missing.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            missing
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
             if missing.len() > 5 { ", ..." } else { "" }
         );
     }
 
     let drops = match (&p.duplicates, ctx.external("duplicates")) {
-        (Some(_), Some(ExternalFiles { source: Source::Local(path), .. })) => duplicates::choose(path, &records)?,
+        (
+            Some(_),
+            Some(ExternalFiles {
+                source: Source::Local(path),
+                ..
+            }),
+        ) => duplicates::choose(path, &records)?,
         (Some(v), Some(_)) => bail!("`duplicates` ({v}) must be a local file"),
-        _ => duplicates::Drops { dropped: Vec::new(), unmatched_pairs: 0 },
+        _ => duplicates::Drops {
+            dropped: Vec::new(),
+            unmatched_pairs: 0,
+        },
     };
     let mut keep = vec![true; records.len()];
     for &(d, _) in &drops.dropped {
@@ -200,32 +269,82 @@ fn run(p: &IngestParams, ctx: &StageContext) -> Result<StageReport> {
     let pick_str = |v: &Vec<String>| kept.iter().map(|&i| v[i].clone()).collect::<Vec<_>>();
     let patient_id = pick_str(&records.patient_id);
     let target: Vec<i32> = kept.iter().map(|&i| records.target[i]).collect();
-    let fractions = [1.0 - p.val_fraction - p.test_fraction, p.val_fraction, p.test_fraction];
+    let fractions = [
+        1.0 - p.val_fraction - p.test_fraction,
+        p.val_fraction,
+        p.test_fraction,
+    ];
     let splits = split::assign(&patient_id, &target, fractions, p.seed)?;
 
-    let opt = |v: &Vec<Option<String>>| -> ArrayRef { Arc::new(kept.iter().map(|&i| v[i].clone()).collect::<StringArray>()) };
+    let opt = |v: &Vec<Option<String>>| -> ArrayRef {
+        Arc::new(kept.iter().map(|&i| v[i].clone()).collect::<StringArray>())
+    };
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(pick_str(&records.image_name))),
         Arc::new(StringArray::from(patient_id.clone())),
         opt(&records.lesion_id),
         opt(&records.sex),
-        Arc::new(kept.iter().map(|&i| records.age_approx[i]).collect::<Int32Array>()),
+        Arc::new(
+            kept.iter()
+                .map(|&i| records.age_approx[i])
+                .collect::<Int32Array>(),
+        ),
         opt(&records.site),
         opt(&records.diagnosis),
         Arc::new(StringArray::from(pick_str(&records.benign_malignant))),
         Arc::new(Int32Array::from(target.clone())),
-        Arc::new(kept.iter().map(|&i| Some(image_of[i].0)).collect::<StringArray>()),
-        Arc::new(kept.iter().map(|&i| Some(image_of[i].1.size as i64)).collect::<Int64Array>()),
-        Arc::new(kept.iter().map(|&i| Some(image_of[i].1.digest.to_hex())).collect::<StringArray>()),
+        Arc::new(
+            kept.iter()
+                .map(|&i| Some(image_of[i].0))
+                .collect::<StringArray>(),
+        ),
+        Arc::new(
+            kept.iter()
+                .map(|&i| Some(image_of[i].1.size as i64))
+                .collect::<Int64Array>(),
+        ),
+        Arc::new(
+            kept.iter()
+                .map(|&i| Some(image_of[i].1.digest.to_hex()))
+                .collect::<StringArray>(),
+        ),
         Arc::new(StringArray::from(splits.clone())),
     ];
-    melanoflow_schemas::write_parquet(&ctx.out_dir.join("metadata.parquet"), &melanoflow_schemas::METADATA, columns)?;
+    melanoflow_schemas::write_parquet(
+        &ctx.out_dir.join("metadata.parquet"),
+        &melanoflow_schemas::METADATA,
+        columns,
+    )?;
 
     let dropped_columns: Vec<ArrayRef> = vec![
-        Arc::new(drops.dropped.iter().map(|&(d, _)| Some(records.image_name[d].clone())).collect::<StringArray>()),
-        Arc::new(drops.dropped.iter().map(|&(_, k)| Some(records.image_name[k].clone())).collect::<StringArray>()),
-        Arc::new(drops.dropped.iter().map(|&(d, _)| Some(records.patient_id[d].clone())).collect::<StringArray>()),
-        Arc::new(drops.dropped.iter().map(|&(d, _)| Some(records.target[d])).collect::<Int32Array>()),
+        Arc::new(
+            drops
+                .dropped
+                .iter()
+                .map(|&(d, _)| Some(records.image_name[d].clone()))
+                .collect::<StringArray>(),
+        ),
+        Arc::new(
+            drops
+                .dropped
+                .iter()
+                .map(|&(_, k)| Some(records.image_name[k].clone()))
+                .collect::<StringArray>(),
+        ),
+        Arc::new(
+            drops
+                .dropped
+                .iter()
+                .map(|&(d, _)| Some(records.patient_id[d].clone()))
+                .collect::<StringArray>(),
+        ),
+        Arc::new(
+            drops
+                .dropped
+                .iter()
+                .map(|&(d, _)| Some(records.target[d]))
+                .collect::<Int32Array>(),
+        ),
     ];
     melanoflow_schemas::write_parquet(
         &ctx.out_dir.join("duplicates_dropped.parquet"),
@@ -234,7 +353,11 @@ fn run(p: &IngestParams, ctx: &StageContext) -> Result<StageReport> {
     )?;
 
     let source = serde_json::json!({ "images": folder.portable });
-    std::fs::write(ctx.out_dir.join("source.json"), serde_json::to_string_pretty(&source)? + "\n").context("writing source.json")?;
+    std::fs::write(
+        ctx.out_dir.join("source.json"),
+        serde_json::to_string_pretty(&source)? + "\n",
+    )
+    .context("writing source.json")?;
 
     let summary = Summary::of(rows_read, &drops, &patient_id, &target, &splits);
     let json = serde_json::to_string_pretty(&summary)? + "\n";
@@ -266,13 +389,28 @@ struct Summary {
 }
 
 impl Summary {
-    fn of(rows_read: usize, drops: &duplicates::Drops, patient_id: &[String], target: &[i32], splits: &[&'static str]) -> Self {
+    fn of(
+        rows_read: usize,
+        drops: &duplicates::Drops,
+        patient_id: &[String],
+        target: &[i32],
+        splits: &[&'static str],
+    ) -> Self {
         let rate = |m: usize, n: usize| if n == 0 { 0.0 } else { m as f64 / n as f64 };
         let count = |filter: &dyn Fn(usize) -> bool| {
             let idx: Vec<usize> = (0..target.len()).filter(|&i| filter(i)).collect();
             let malignant = idx.iter().filter(|&&i| target[i] == 1).count();
-            let patients = idx.iter().map(|&i| patient_id[i].as_str()).collect::<std::collections::BTreeSet<_>>().len();
-            SplitCounts { images: idx.len(), malignant, patients, malignant_rate: rate(malignant, idx.len()) }
+            let patients = idx
+                .iter()
+                .map(|&i| patient_id[i].as_str())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len();
+            SplitCounts {
+                images: idx.len(),
+                malignant,
+                patients,
+                malignant_rate: rate(malignant, idx.len()),
+            }
         };
         let all = count(&|_| true);
         Summary {
@@ -283,7 +421,10 @@ impl Summary {
             malignant: all.malignant,
             patients: all.patients,
             malignant_rate: all.malignant_rate,
-            splits: split::SPLITS.iter().map(|&s| (s, count(&|i| splits[i] == s))).collect(),
+            splits: split::SPLITS
+                .iter()
+                .map(|&s| (s, count(&|i| splits[i] == s)))
+                .collect(),
         }
     }
 
@@ -292,7 +433,10 @@ impl Summary {
             .iter()
             .map(|name| {
                 let c = &self.splits[name];
-                format!("{name} {} ({} malignant, {} patients)", c.images, c.malignant, c.patients)
+                format!(
+                    "{name} {} ({} malignant, {} patients)",
+                    c.images, c.malignant, c.patients
+                )
             })
             .collect();
         format!(

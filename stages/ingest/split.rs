@@ -21,7 +21,12 @@ use rand_chacha::ChaCha8Rng;
 pub const SPLITS: [&str; 3] = ["train", "val", "test"];
 
 /// Split name per row, in row order.
-pub fn assign(patient_id: &[String], target: &[i32], fractions: [f64; 3], seed: u64) -> Result<Vec<&'static str>> {
+pub fn assign(
+    patient_id: &[String],
+    target: &[i32],
+    fractions: [f64; 3],
+    seed: u64,
+) -> Result<Vec<&'static str>> {
     let rows = df!(
         "patient_id" => patient_id,
         "target" => target,
@@ -30,12 +35,30 @@ pub fn assign(patient_id: &[String], target: &[i32], fractions: [f64; 3], seed: 
         .clone()
         .lazy()
         .group_by([col("patient_id")])
-        .agg([len().alias("images"), col("target").sum().alias("malignant")])
+        .agg([
+            len().alias("images"),
+            col("target").sum().alias("malignant"),
+        ])
         .sort(["patient_id"], Default::default())
         .collect()?;
-    let ids: Vec<String> = per_patient.column("patient_id")?.str()?.no_null_iter().map(str::to_string).collect();
-    let images: Vec<u64> = per_patient.column("images")?.cast(&DataType::UInt64)?.u64()?.no_null_iter().collect();
-    let malignant: Vec<u64> = per_patient.column("malignant")?.cast(&DataType::UInt64)?.u64()?.no_null_iter().collect();
+    let ids: Vec<String> = per_patient
+        .column("patient_id")?
+        .str()?
+        .no_null_iter()
+        .map(str::to_string)
+        .collect();
+    let images: Vec<u64> = per_patient
+        .column("images")?
+        .cast(&DataType::UInt64)?
+        .u64()?
+        .no_null_iter()
+        .collect();
+    let malignant: Vec<u64> = per_patient
+        .column("malignant")?
+        .cast(&DataType::UInt64)?
+        .u64()?
+        .no_null_iter()
+        .collect();
 
     let mut order: Vec<usize> = (0..ids.len()).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
@@ -56,13 +79,19 @@ pub fn assign(patient_id: &[String], target: &[i32], fractions: [f64; 3], seed: 
             .max_by(|&a, &b| {
                 let key = |s: usize| {
                     if malignant[p] > 0 {
-                        (deficit(s, &got_malignant, total_malignant), deficit(s, &got_images, total_images))
+                        (
+                            deficit(s, &got_malignant, total_malignant),
+                            deficit(s, &got_images, total_images),
+                        )
                     } else {
                         (deficit(s, &got_images, total_images), 0.0)
                     }
                 };
                 // Ties go to the earlier split (train, then val, then test).
-                key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal).then(b.cmp(&a))
+                key(a)
+                    .partial_cmp(&key(b))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then(b.cmp(&a))
             })
             .expect("train fraction is positive");
         split_of[p] = best;
@@ -76,7 +105,15 @@ pub fn assign(patient_id: &[String], target: &[i32], fractions: [f64; 3], seed: 
     )?;
     let mut args = JoinArgs::new(JoinType::Left);
     args.maintain_order = MaintainOrderJoin::Left;
-    let joined = rows.lazy().join(assignment.lazy(), [col("patient_id")], [col("patient_id")], args).collect()?;
+    let joined = rows
+        .lazy()
+        .join(
+            assignment.lazy(),
+            [col("patient_id")],
+            [col("patient_id")],
+            args,
+        )
+        .collect()?;
     let split = joined.column("split")?.str()?;
     Ok(split
         .iter()
@@ -108,7 +145,11 @@ mod tests {
         let split = assign(&pid, &target, [0.7, 0.15, 0.15], 1).unwrap();
         let mut of_patient = std::collections::HashMap::new();
         for (p, s) in pid.iter().zip(&split) {
-            assert_eq!(*of_patient.entry(p).or_insert(*s), *s, "patient {p} is in two splits");
+            assert_eq!(
+                *of_patient.entry(p).or_insert(*s),
+                *s,
+                "patient {p} is in two splits"
+            );
         }
         let rate = |name: &str| {
             let idx: Vec<usize> = (0..pid.len()).filter(|&i| split[i] == name).collect();
@@ -116,8 +157,16 @@ mod tests {
         };
         let overall = target.iter().map(|&t| t as f64).sum::<f64>() / target.len() as f64;
         for s in SPLITS {
-            assert!((rate(s) - overall).abs() < 0.01, "{s}: {} vs {overall}", rate(s));
+            assert!(
+                (rate(s) - overall).abs() < 0.01,
+                "{s}: {} vs {overall}",
+                rate(s)
+            );
         }
-        assert_eq!(split, assign(&pid, &target, [0.7, 0.15, 0.15], 1).unwrap(), "deterministic");
+        assert_eq!(
+            split,
+            assign(&pid, &target, [0.7, 0.15, 0.15], 1).unwrap(),
+            "deterministic"
+        );
     }
 }

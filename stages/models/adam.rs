@@ -34,7 +34,15 @@ impl Adam {
                 Ok((n, var, zeros.clone(), zeros))
             })
             .collect::<Result<_>>()?;
-        Ok(Adam { params, lr, beta1, beta2, eps: 1e-8, weight_decay: 0.0, t: 0 })
+        Ok(Adam {
+            params,
+            lr,
+            beta1,
+            beta2,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            t: 0,
+        })
     }
 
     /// One update of every variable that has a gradient in `grads`.
@@ -52,7 +60,11 @@ impl Adam {
             let denom = ((v.sqrt()? / bc2.sqrt())? + self.eps)?;
             let update = (m.div(&denom)? * (self.lr / bc1))?;
             let p = var.as_tensor().detach();
-            let p = if self.weight_decay > 0.0 { (&p * (1.0 - self.lr * self.weight_decay))? } else { p };
+            let p = if self.weight_decay > 0.0 {
+                (&p * (1.0 - self.lr * self.weight_decay))?
+            } else {
+                p
+            };
             var.set(&p.sub(&update)?)?;
         }
         Ok(())
@@ -62,13 +74,28 @@ impl Adam {
     pub fn state(&self, prefix: &str) -> Vec<(String, Tensor)> {
         self.params
             .iter()
-            .flat_map(|(n, _, m, v)| [(format!("{prefix}m.{n}"), m.clone()), (format!("{prefix}v.{n}"), v.clone())])
+            .flat_map(|(n, _, m, v)| {
+                [
+                    (format!("{prefix}m.{n}"), m.clone()),
+                    (format!("{prefix}v.{n}"), v.clone()),
+                ]
+            })
             .collect()
     }
 
-    pub fn load_state(&mut self, prefix: &str, tensors: &HashMap<String, Tensor>, t: u64) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        prefix: &str,
+        tensors: &HashMap<String, Tensor>,
+        t: u64,
+    ) -> Result<()> {
         for (n, _, m, v) in &mut self.params {
-            let get = |k: String| tensors.get(&k).cloned().ok_or_else(|| candle_core::Error::Msg(format!("checkpoint lacks `{k}`")));
+            let get = |k: String| {
+                tensors
+                    .get(&k)
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint lacks `{k}`")))
+            };
             *m = get(format!("{prefix}m.{n}"))?;
             *v = get(format!("{prefix}v.{n}"))?;
         }
@@ -80,7 +107,10 @@ impl Adam {
 /// A var map's variables as (`PREFIX` + name, var), sorted by name.
 pub fn named_vars(prefix: &str, varmap: &VarMap) -> Vec<(String, Var)> {
     let data = varmap.data().lock().expect("varmap lock");
-    let mut v: Vec<(String, Var)> = data.iter().map(|(n, var)| (format!("{prefix}{n}"), var.clone())).collect();
+    let mut v: Vec<(String, Var)> = data
+        .iter()
+        .map(|(n, var)| (format!("{prefix}{n}"), var.clone()))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -97,15 +127,30 @@ mod tests {
         // print(p.tolist()) -> [0.7069713..., -1.7032161...]
         let vm = VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let p = vb.get_with_hints(2, "p", candle_nn::Init::Const(0.0)).unwrap();
-        vm.data().lock().unwrap()["p"].set(&Tensor::new(&[1f32, -2.], &Device::Cpu).unwrap()).unwrap();
+        let p = vb
+            .get_with_hints(2, "p", candle_nn::Init::Const(0.0))
+            .unwrap();
+        vm.data().lock().unwrap()["p"]
+            .set(&Tensor::new(&[1f32, -2.], &Device::Cpu).unwrap())
+            .unwrap();
         let mut adam = Adam::new(named_vars("", &vm), 0.1, 0.5, 0.999).unwrap();
         for _ in 0..3 {
-            let loss = vm.data().lock().unwrap()["p"].as_tensor().sqr().unwrap().sum_all().unwrap();
+            let loss = vm.data().lock().unwrap()["p"]
+                .as_tensor()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap();
             adam.step(&loss.backward().unwrap()).unwrap();
         }
         let _ = p;
-        let got = vm.data().lock().unwrap()["p"].as_tensor().to_vec1::<f32>().unwrap();
-        assert!((got[0] - 0.706_971_3).abs() < 1e-5 && (got[1] + 1.703_216_1).abs() < 1e-5, "{got:?}");
+        let got = vm.data().lock().unwrap()["p"]
+            .as_tensor()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            (got[0] - 0.706_971_3).abs() < 1e-5 && (got[1] + 1.703_216_1).abs() < 1e-5,
+            "{got:?}"
+        );
     }
 }

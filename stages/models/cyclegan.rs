@@ -68,11 +68,17 @@ struct ResBlock {
 impl ResBlock {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("conv_block");
-        Ok(ResBlock { conv1: Conv::new(dim, dim, 3, 1, 0, vb.pp(1))?, conv2: Conv::new(dim, dim, 3, 1, 0, vb.pp(5))? })
+        Ok(ResBlock {
+            conv1: Conv::new(dim, dim, 3, 1, 0, vb.pp(1))?,
+            conv2: Conv::new(dim, dim, 3, 1, 0, vb.pp(5))?,
+        })
     }
 
     fn forward(&self, x: &Tensor, slope: f64) -> Result<Tensor> {
-        let y = leaky_relu(&instance_norm(&self.conv1.forward(&reflection_pad2d(x, 1)?)?)?, slope)?;
+        let y = leaky_relu(
+            &instance_norm(&self.conv1.forward(&reflection_pad2d(x, 1)?)?)?,
+            slope,
+        )?;
         let y = instance_norm(&self.conv2.forward(&reflection_pad2d(&y, 1)?)?)?;
         x + y
     }
@@ -96,9 +102,17 @@ impl Generator {
         let m = vb.pp("model");
         Ok(Generator {
             stem: Conv::new(3, ngf, 7, 1, 0, m.pp(1))?,
-            down: [Conv::new(ngf, 2 * ngf, 3, 2, 1, m.pp(4))?, Conv::new(2 * ngf, 4 * ngf, 3, 2, 1, m.pp(7))?],
-            blocks: (0..nb).map(|i| ResBlock::new(4 * ngf, m.pp(10 + i))).collect::<Result<_>>()?,
-            up: [Up::new(cfg.upsample, 4 * ngf, 2 * ngf, m.pp(10 + nb))?, Up::new(cfg.upsample, 2 * ngf, ngf, m.pp(13 + nb))?],
+            down: [
+                Conv::new(ngf, 2 * ngf, 3, 2, 1, m.pp(4))?,
+                Conv::new(2 * ngf, 4 * ngf, 3, 2, 1, m.pp(7))?,
+            ],
+            blocks: (0..nb)
+                .map(|i| ResBlock::new(4 * ngf, m.pp(10 + i)))
+                .collect::<Result<_>>()?,
+            up: [
+                Up::new(cfg.upsample, 4 * ngf, 2 * ngf, m.pp(10 + nb))?,
+                Up::new(cfg.upsample, 2 * ngf, ngf, m.pp(13 + nb))?,
+            ],
             head: Conv::new(ngf, 3, 7, 1, 0, m.pp(17 + nb))?,
             slope: cfg.slope,
         })
@@ -151,9 +165,15 @@ impl Discriminator {
             let prev = mult;
             mult = (1 << n).min(8);
             let stride = if n == cfg.n_layers { 1 } else { 2 };
-            layers.push((Conv::new(ndf * prev, ndf * mult, 4, stride, 1, m.pp(3 * n - 1))?, true));
+            layers.push((
+                Conv::new(ndf * prev, ndf * mult, 4, stride, 1, m.pp(3 * n - 1))?,
+                true,
+            ));
         }
-        Ok(Discriminator { layers, head: Conv::new(ndf * mult, 1, 4, 1, 1, m.pp(3 * cfg.n_layers + 2))? })
+        Ok(Discriminator {
+            layers,
+            head: Conv::new(ndf * mult, 1, 4, 1, 1, m.pp(3 * cfg.n_layers + 2))?,
+        })
     }
 }
 

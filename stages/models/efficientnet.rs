@@ -78,13 +78,23 @@ pub struct EfficientNetConfig {
 
 impl EfficientNetConfig {
     pub fn new(variant: Variant, num_classes: usize) -> Self {
-        EfficientNetConfig { variant, num_classes, dropout: None, stochastic_depth: 0.2, tf_same_padding: variant.is_lite() }
+        EfficientNetConfig {
+            variant,
+            num_classes,
+            dropout: None,
+            stochastic_depth: 0.2,
+            tf_same_padding: variant.is_lite(),
+        }
     }
 
     /// BatchNorm (eps, momentum). torchvision: 1e-5, 0.1; the TensorFlow-trained
     /// Lite weights: 1e-3 and a running-average decay of 0.99.
     fn bn_config(&self) -> (f64, f64) {
-        if self.variant.is_lite() { (1e-3, 0.01) } else { (1e-5, 0.1) }
+        if self.variant.is_lite() {
+            (1e-3, 0.01)
+        } else {
+            (1e-5, 0.1)
+        }
     }
 }
 
@@ -113,7 +123,14 @@ pub fn stage_layout(variant: Variant) -> Vec<(usize, usize, usize, usize, usize,
     B0_STAGES
         .iter()
         .map(|&(e, k, s, i, o, r)| {
-            (e, k, s, make_divisible(i as f64 * width), make_divisible(o as f64 * width), (r as f64 * depth).ceil() as usize)
+            (
+                e,
+                k,
+                s,
+                make_divisible(i as f64 * width),
+                make_divisible(o as f64 * width),
+                (r as f64 * depth).ceil() as usize,
+            )
         })
         .collect()
 }
@@ -133,7 +150,9 @@ struct BatchNorm {
 impl BatchNorm {
     fn new(channels: usize, (eps, momentum): (f64, f64), vb: VarBuilder) -> Result<Self> {
         // The VarMap's own tensors, so the running averages are saved with the weights.
-        let var = |name, init| -> Result<Var> { Var::from_tensor(&vb.get_with_hints(channels, name, init)?) };
+        let var = |name, init| -> Result<Var> {
+            Var::from_tensor(&vb.get_with_hints(channels, name, init)?)
+        };
         Ok(BatchNorm {
             weight: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
             bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
@@ -146,12 +165,22 @@ impl BatchNorm {
 
     fn forward_act(&self, x: &Tensor, train: bool, act: Act) -> Result<Tensor> {
         if !train {
-            return batch_norm_act_eval(x, &self.weight, &self.bias, self.running_mean.as_tensor(), self.running_var.as_tensor(), self.eps, act);
+            return batch_norm_act_eval(
+                x,
+                &self.weight,
+                &self.bias,
+                self.running_mean.as_tensor(),
+                self.running_var.as_tensor(),
+                self.eps,
+                act,
+            );
         }
         let (y, mean, var) = batch_norm_act_train(x, &self.weight, &self.bias, self.eps, act)?;
         let m = self.momentum;
-        self.running_mean.set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?)?;
-        self.running_var.set(&((self.running_var.as_tensor() * (1.0 - m))? + (var * m)?)?)?;
+        self.running_mean
+            .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?)?;
+        self.running_var
+            .set(&((self.running_var.as_tensor() * (1.0 - m))? + (var * m)?)?)?;
         Ok(y)
     }
 }
@@ -172,13 +201,35 @@ struct ConvBn {
 
 impl ConvBn {
     #[allow(clippy::too_many_arguments)]
-    fn new(cin: usize, cout: usize, k: usize, stride: usize, depthwise: bool, act: Act, cfg: &EfficientNetConfig, vb: VarBuilder) -> Result<Self> {
-        let shape = if depthwise { (cout, 1, k, k) } else { (cout, cin, k, k) };
+    fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        depthwise: bool,
+        act: Act,
+        cfg: &EfficientNetConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let shape = if depthwise {
+            (cout, 1, k, k)
+        } else {
+            (cout, cin, k, k)
+        };
         // Kaiming normal, fan-out mode (torchvision's init); the values are
         // redrawn from the pipeline seed by `init_weights`.
-        let weight = vb.pp("0").get_with_hints(shape, "weight", Init::Const(0.0))?;
+        let weight = vb
+            .pp("0")
+            .get_with_hints(shape, "weight", Init::Const(0.0))?;
         let bn = BatchNorm::new(cout, cfg.bn_config(), vb.pp("1"))?;
-        Ok(ConvBn { weight, bn, stride, depthwise, tf_same: cfg.tf_same_padding, act })
+        Ok(ConvBn {
+            weight,
+            bn,
+            stride,
+            depthwise,
+            tf_same: cfg.tf_same_padding,
+            act,
+        })
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -206,11 +257,12 @@ impl ConvBn {
         // SAME: output ceil(n / 2), total padding (out - 1) * 2 + k - n.
         let total = |n: usize| ((n.div_ceil(2) - 1) * 2 + k).saturating_sub(n);
         let (th, tw) = (total(h), total(w));
-        let x = x.pad_with_zeros(2, th / 2, th - th / 2)?.pad_with_zeros(3, tw / 2, tw - tw / 2)?;
+        let x = x
+            .pad_with_zeros(2, th / 2, th - th / 2)?
+            .pad_with_zeros(3, tw / 2, tw - tw / 2)?;
         Ok((x, 0))
     }
 }
-
 
 /// Squeeze-and-excitation: global average, 1x1 reduce (SiLU), 1x1 expand
 /// (sigmoid), channel-wise scale. Names `fc1.*`, `fc2.*`.
@@ -227,7 +279,10 @@ impl SqueezeExcite {
             let b = vb.get_with_hints(cout, "bias", Init::Const(0.0))?;
             Ok(candle_nn::Linear::new(w.reshape((cout, cin))?, Some(b)))
         };
-        Ok(SqueezeExcite { fc1: linear(channels, squeezed, vb.pp("fc1"))?, fc2: linear(squeezed, channels, vb.pp("fc2"))? })
+        Ok(SqueezeExcite {
+            fc1: linear(channels, squeezed, vb.pp("fc1"))?,
+            fc2: linear(squeezed, channels, vb.pp("fc2"))?,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -251,19 +306,56 @@ struct MbConv {
 
 impl MbConv {
     #[allow(clippy::too_many_arguments)]
-    fn new(expand_ratio: usize, k: usize, stride: usize, cin: usize, cout: usize, drop_prob: f64, cfg: &EfficientNetConfig, vb: VarBuilder) -> Result<Self> {
-        let act = if cfg.variant.is_lite() { Act::Relu6 } else { Act::Silu };
+    fn new(
+        expand_ratio: usize,
+        k: usize,
+        stride: usize,
+        cin: usize,
+        cout: usize,
+        drop_prob: f64,
+        cfg: &EfficientNetConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let act = if cfg.variant.is_lite() {
+            Act::Relu6
+        } else {
+            Act::Silu
+        };
         let hidden = make_divisible(cin as f64 * expand_ratio as f64);
         let mut idx = 0;
         let mut next = || {
             idx += 1;
             (idx - 1).to_string()
         };
-        let expand = if expand_ratio != 1 { Some(ConvBn::new(cin, hidden, 1, 1, false, act, cfg, vb.pp(next()))?) } else { None };
+        let expand = if expand_ratio != 1 {
+            Some(ConvBn::new(
+                cin,
+                hidden,
+                1,
+                1,
+                false,
+                act,
+                cfg,
+                vb.pp(next()),
+            )?)
+        } else {
+            None
+        };
         let depthwise = ConvBn::new(hidden, hidden, k, stride, true, act, cfg, vb.pp(next()))?;
-        let se = if cfg.variant.is_lite() { None } else { Some(SqueezeExcite::new(hidden, (cin / 4).max(1), vb.pp(next()))?) };
+        let se = if cfg.variant.is_lite() {
+            None
+        } else {
+            Some(SqueezeExcite::new(hidden, (cin / 4).max(1), vb.pp(next()))?)
+        };
         let project = ConvBn::new(hidden, cout, 1, 1, false, Act::Identity, cfg, vb.pp(next()))?;
-        Ok(MbConv { expand, depthwise, se, project, residual: stride == 1 && cin == cout, drop_prob })
+        Ok(MbConv {
+            expand,
+            depthwise,
+            se,
+            project,
+            residual: stride == 1 && cin == cout,
+            drop_prob,
+        })
     }
 
     fn forward_t(&self, x: &Tensor, rng: &mut TrainRng) -> Result<Tensor> {
@@ -283,16 +375,28 @@ impl MbConv {
         if let Some(rng) = rng.as_deref_mut()
             && self.drop_prob > 0.0
         {
-            h = h.broadcast_mul(&keep_mask(h.dim(0)?, 1, self.drop_prob, rng, h.device())?.unsqueeze(2)?.unsqueeze(3)?)?;
+            h = h.broadcast_mul(
+                &keep_mask(h.dim(0)?, 1, self.drop_prob, rng, h.device())?
+                    .unsqueeze(2)?
+                    .unsqueeze(3)?,
+            )?;
         }
         h + x
     }
 }
 
 /// A [rows, cols] mask of 0 or 1/(1-p) (inverted dropout), drawn from `rng`.
-fn keep_mask(rows: usize, cols: usize, p: f64, rng: &mut dyn rand::RngCore, device: &candle_core::Device) -> Result<Tensor> {
+fn keep_mask(
+    rows: usize,
+    cols: usize,
+    p: f64,
+    rng: &mut dyn rand::RngCore,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     let scale = (1.0 / (1.0 - p)) as f32;
-    let v: Vec<f32> = (0..rows * cols).map(|_| if rng.random::<f64>() < p { 0.0 } else { scale }).collect();
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })
+        .collect();
     Tensor::from_vec(v, (rows, cols), device)
 }
 
@@ -313,7 +417,11 @@ impl EfficientNet {
         let layout = stage_layout(cfg.variant);
         let features = vb.pp("features");
         // Lite keeps the stem and head widths fixed whatever the width multiplier.
-        let stem_out = if lite { 32 } else { make_divisible(32.0 * width) };
+        let stem_out = if lite {
+            32
+        } else {
+            make_divisible(32.0 * width)
+        };
         let stem = ConvBn::new(3, stem_out, 3, 2, false, act, cfg, features.pp("0"))?;
         let total: usize = layout.iter().map(|s| s.5).sum();
         let mut blocks = Vec::with_capacity(total);
@@ -321,7 +429,10 @@ impl EfficientNet {
             for j in 0..repeats {
                 let (cin, stride) = if j == 0 { (cin, s) } else { (cout, 1) };
                 let drop_prob = cfg.stochastic_depth * blocks.len() as f64 / total as f64;
-                let vb = features.pp((si + 1).to_string()).pp(j.to_string()).pp("block");
+                let vb = features
+                    .pp((si + 1).to_string())
+                    .pp(j.to_string())
+                    .pp("block");
                 blocks.push(MbConv::new(e, k, stride, cin, cout, drop_prob, cfg, vb)?);
             }
         }
@@ -355,7 +466,13 @@ impl EfficientNet {
         if let Some(rng) = rng.as_deref_mut()
             && self.dropout > 0.0
         {
-            pooled = pooled.mul(&keep_mask(pooled.dim(0)?, pooled.dim(1)?, self.dropout, rng, pooled.device())?)?;
+            pooled = pooled.mul(&keep_mask(
+                pooled.dim(0)?,
+                pooled.dim(1)?,
+                self.dropout,
+                rng,
+                pooled.device(),
+            )?)?;
         }
         self.classifier.forward(&pooled)
     }
@@ -376,19 +493,22 @@ pub fn init_weights(varmap: &candle_nn::VarMap, seed: u64) -> Result<()> {
         let dims = var.dims().to_vec();
         let n = var.elem_count();
         // The only one-dimensional weights are BatchNorm scales.
-        let values: Vec<f32> = if name.ends_with("running_var") || (dims.len() == 1 && name.ends_with(".weight")) {
-            vec![1.0; n]
-        } else if name.ends_with(".bias") || name.ends_with("running_mean") {
-            vec![0.0; n]
-        } else if name.starts_with("classifier") {
-            let r = 1.0 / (dims[0] as f32).sqrt();
-            (0..n).map(|_| rng.random_range(-r..r)).collect()
-        } else {
-            // Kaiming normal, fan_out = out channels x kernel area.
-            let fan_out = dims[0] * dims[2..].iter().product::<usize>();
-            let std = (2.0 / fan_out as f32).sqrt();
-            (0..n).map(|_| std * super::init::standard_normal(&mut rng)).collect()
-        };
+        let values: Vec<f32> =
+            if name.ends_with("running_var") || (dims.len() == 1 && name.ends_with(".weight")) {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") || name.ends_with("running_mean") {
+                vec![0.0; n]
+            } else if name.starts_with("classifier") {
+                let r = 1.0 / (dims[0] as f32).sqrt();
+                (0..n).map(|_| rng.random_range(-r..r)).collect()
+            } else {
+                // Kaiming normal, fan_out = out channels x kernel area.
+                let fan_out = dims[0] * dims[2..].iter().product::<usize>();
+                let std = (2.0 / fan_out as f32).sqrt();
+                (0..n)
+                    .map(|_| std * super::init::standard_normal(&mut rng))
+                    .collect()
+            };
         var.set(&Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
     }
     Ok(())
@@ -405,7 +525,9 @@ pub fn init_head_for_finetuning(varmap: &candle_nn::VarMap, seed: u64) -> Result
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x4EAD);
     let w = &data["classifier.1.weight"];
     let r = 1.0 / (w.dims()[1] as f32).sqrt();
-    let v: Vec<f32> = (0..w.elem_count()).map(|_| rng.random_range(-r..r)).collect();
+    let v: Vec<f32> = (0..w.elem_count())
+        .map(|_| rng.random_range(-r..r))
+        .collect();
     w.set(&Tensor::from_vec(v, w.shape(), w.device())?)?;
     let b = &data["classifier.1.bias"];
     b.set(&b.zeros_like()?)?;
@@ -424,16 +546,25 @@ pub struct LoadReport {
 /// feature variable must be present with the right shape; the classifier is
 /// taken only when its shape matches (a 1000-class ImageNet head does not fit a
 /// one-logit head and stays freshly initialised).
-pub fn load_pretrained(varmap: &candle_nn::VarMap, tensors: &std::collections::HashMap<String, Tensor>) -> std::result::Result<LoadReport, String> {
+pub fn load_pretrained(
+    varmap: &candle_nn::VarMap,
+    tensors: &std::collections::HashMap<String, Tensor>,
+) -> std::result::Result<LoadReport, String> {
     let data = varmap.data().lock().expect("varmap lock");
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
-    let mut report = LoadReport { loaded: 0, kept_initial: vec![] };
+    let mut report = LoadReport {
+        loaded: 0,
+        kept_initial: vec![],
+    };
     for name in names {
         let var = &data[name];
         match tensors.get(name.as_str()) {
             Some(t) if t.dims() == var.dims() => {
-                let t = t.to_dtype(DType::F32).and_then(|t| t.to_device(var.device())).map_err(|e| e.to_string())?;
+                let t = t
+                    .to_dtype(DType::F32)
+                    .and_then(|t| t.to_device(var.device()))
+                    .map_err(|e| e.to_string())?;
                 var.set(&t).map_err(|e| e.to_string())?;
                 report.loaded += 1;
             }
@@ -441,7 +572,13 @@ pub fn load_pretrained(varmap: &candle_nn::VarMap, tensors: &std::collections::H
                 let _ = other;
                 report.kept_initial.push(name.clone());
             }
-            Some(t) => return Err(format!("`{name}` has shape {:?} in the weights file, the model expects {:?}", t.dims(), var.dims())),
+            Some(t) => {
+                return Err(format!(
+                    "`{name}` has shape {:?} in the weights file, the model expects {:?}",
+                    t.dims(),
+                    var.dims()
+                ));
+            }
             None => return Err(format!("`{name}` is missing from the weights file")),
         }
     }
@@ -475,23 +612,33 @@ mod tests {
 
     fn reference_model(variant: Variant) -> (VarMap, EfficientNet) {
         let vm = VarMap::new();
-        let cfg = EfficientNetConfig { dropout: Some(0.0), stochastic_depth: 0.0, ..EfficientNetConfig::new(variant, 1) };
-        let model = EfficientNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let cfg = EfficientNetConfig {
+            dropout: Some(0.0),
+            stochastic_depth: 0.0,
+            ..EfficientNetConfig::new(variant, 1)
+        };
+        let model = EfficientNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))
+            .unwrap();
         {
             let data = vm.data().lock().unwrap();
             let mut names: Vec<&String> = data.keys().collect();
             names.sort();
             for (k, name) in names.into_iter().enumerate() {
                 let var = &data[name];
-                let v: Vec<f32> = (0..var.elem_count()).map(|i| value(name, k, i, var.dims()) as f32).collect();
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                let v: Vec<f32> = (0..var.elem_count())
+                    .map(|i| value(name, k, i, var.dims()) as f32)
+                    .collect();
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
             }
         }
         (vm, model)
     }
 
     fn input() -> Tensor {
-        let v: Vec<f32> = (0..2 * 3 * 64 * 64).map(|i| noise(0.05 * i as f64) as f32).collect();
+        let v: Vec<f32> = (0..2 * 3 * 64 * 64)
+            .map(|i| noise(0.05 * i as f64) as f32)
+            .collect();
         Tensor::from_vec(v, (2, 3, 64, 64), &Device::Cpu).unwrap()
     }
 
@@ -502,21 +649,49 @@ mod tests {
     fn b0_forward_matches_torchvision_in_eval_and_train_mode() {
         let (vm, model) = reference_model(Variant::B0);
         // torchvision's parameter count, plus BatchNorm buffers (which candle keeps as variables).
-        assert_eq!(vm.all_vars().iter().map(|v| v.elem_count()).sum::<usize>(), 4_008_829 + bn_buffer_count(&vm));
+        assert_eq!(
+            vm.all_vars().iter().map(|v| v.elem_count()).sum::<usize>(),
+            4_008_829 + bn_buffer_count(&vm)
+        );
         let x = input();
-        let eval: Vec<f32> = model.forward_t(&x, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let eval: Vec<f32> = model
+            .forward_t(&x, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for (got, want) in eval.iter().zip([0.160057932138443f32, 0.16236701607704163]) {
             assert!((got - want).abs() < 2e-5, "eval logits {eval:?}");
         }
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-        let train: Vec<f32> = model.forward_t(&x, Some(&mut rng)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        for (got, want) in train.iter().zip([0.23474647104740143f32, 0.5319917798042297]) {
+        let train: Vec<f32> = model
+            .forward_t(&x, Some(&mut rng))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (got, want) in train
+            .iter()
+            .zip([0.23474647104740143f32, 0.5319917798042297])
+        {
             assert!((got - want).abs() < 2e-4, "train logits {train:?}");
         }
         // The training pass moved the running mean like PyTorch's (momentum 0.1).
         let data = vm.data().lock().unwrap();
-        let rm: Vec<f32> = data["features.0.1.running_mean"].as_tensor().narrow(0, 0, 4).unwrap().to_vec1().unwrap();
-        for (got, want) in rm.iter().zip([0.04543698579072952f32, 0.021913748234510422, 0.00902032945305109, -0.016324782744050026]) {
+        let rm: Vec<f32> = data["features.0.1.running_mean"]
+            .as_tensor()
+            .narrow(0, 0, 4)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (got, want) in rm.iter().zip([
+            0.04543698579072952f32,
+            0.021913748234510422,
+            0.00902032945305109,
+            -0.016324782744050026,
+        ]) {
             assert!((got - want).abs() < 1e-5, "running mean {rm:?}");
         }
     }
@@ -524,21 +699,60 @@ mod tests {
     /// Elements of BatchNorm running statistics (buffers in PyTorch, not parameters).
     fn bn_buffer_count(vm: &VarMap) -> usize {
         let data = vm.data().lock().unwrap();
-        data.iter().filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var")).map(|(_, v)| v.elem_count()).sum()
+        data.iter()
+            .filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var"))
+            .map(|(_, v)| v.elem_count())
+            .sum()
     }
 
     #[test]
     fn variants_have_torchvision_widths_and_lite0_has_the_converter_names() {
-        let widths = |v| stage_layout(v).iter().map(|s| (s.4, s.5)).collect::<Vec<_>>();
-        assert_eq!(widths(Variant::B0), [(16, 1), (24, 2), (40, 2), (80, 3), (112, 3), (192, 4), (320, 1)]);
+        let widths = |v| {
+            stage_layout(v)
+                .iter()
+                .map(|s| (s.4, s.5))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            widths(Variant::B0),
+            [
+                (16, 1),
+                (24, 2),
+                (40, 2),
+                (80, 3),
+                (112, 3),
+                (192, 4),
+                (320, 1)
+            ]
+        );
         // torchvision efficientnet_b4: 24, 32, 56, 112, 160, 272, 448 with 2,4,4,6,6,8,2 blocks.
-        assert_eq!(widths(Variant::B4), [(24, 2), (32, 4), (56, 4), (112, 6), (160, 6), (272, 8), (448, 2)]);
+        assert_eq!(
+            widths(Variant::B4),
+            [
+                (24, 2),
+                (32, 4),
+                (56, 4),
+                (112, 6),
+                (160, 6),
+                (272, 8),
+                (448, 2)
+            ]
+        );
         let (vm, _) = reference_model(Variant::Lite0);
         let data = vm.data().lock().unwrap();
-        for name in ["features.1.0.block.0.0.weight", "features.1.0.block.1.0.weight", "features.2.0.block.2.1.running_var", "features.8.0.weight", "classifier.1.weight"] {
+        for name in [
+            "features.1.0.block.0.0.weight",
+            "features.1.0.block.1.0.weight",
+            "features.2.0.block.2.1.running_var",
+            "features.8.0.weight",
+            "classifier.1.weight",
+        ] {
             assert!(data.contains_key(name), "{name}");
         }
-        assert!(!data.keys().any(|n| n.contains("fc1")), "Lite0 has no squeeze-excitation");
+        assert!(
+            !data.keys().any(|n| n.contains("fc1")),
+            "Lite0 has no squeeze-excitation"
+        );
         assert_eq!(data["features.8.0.weight"].dims(), [1280, 320, 1, 1]);
     }
 
@@ -546,12 +760,26 @@ mod tests {
     fn tf_same_padding_pads_bottom_right_for_stride_two() {
         let vm = VarMap::new();
         let cfg = EfficientNetConfig::new(Variant::Lite0, 1);
-        let conv = ConvBn::new(1, 1, 3, 2, false, Act::Identity, &cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let conv = ConvBn::new(
+            1,
+            1,
+            3,
+            2,
+            false,
+            Act::Identity,
+            &cfg,
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
         let x = Tensor::ones((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap();
         let (p, pad) = conv.pad(&x, 3).unwrap();
         assert_eq!((p.dims4().unwrap(), pad), ((1, 1, 5, 5), 0));
         let rows: Vec<Vec<f32>> = p.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
-        assert_eq!(rows[0], [1., 1., 1., 1., 0.], "no padding on top/left, one on bottom/right");
+        assert_eq!(
+            rows[0],
+            [1., 1., 1., 1., 0.],
+            "no padding on top/left, one on bottom/right"
+        );
         assert_eq!(rows[4], [0.; 5]);
     }
 }

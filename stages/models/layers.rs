@@ -7,11 +7,14 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::kernels::batchnorm::{Act, batch_norm_act_train};
-use super::kernels::conv::{conv2d, conv_transpose2d};
+use super::kernels::conv::{conv_transpose2d, conv2d};
 
 /// The init hint for weights: N(0, 0.02), as the reference CycleGAN. (The
 /// actual values are then drawn from the pipeline seed: see `init.rs`.)
-const WEIGHT_INIT: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
+const WEIGHT_INIT: Init = Init::Randn {
+    mean: 0.0,
+    stdev: 0.02,
+};
 
 /// Pads the last two dimensions by reflection (the edge pixel is not
 /// repeated), like `torch.nn.ReflectionPad2d(p)`. Shape [B, C, H, W] ->
@@ -25,7 +28,13 @@ pub fn reflection_pad2d(x: &Tensor, p: usize) -> Result<Tensor> {
         let idx: Vec<u32> = (0..n + 2 * p)
             .map(|i| {
                 let j = i as i64 - p as i64;
-                let j = if j < 0 { -j } else if j >= n as i64 { 2 * (n as i64 - 1) - j } else { j };
+                let j = if j < 0 {
+                    -j
+                } else if j >= n as i64 {
+                    2 * (n as i64 - 1) - j
+                } else {
+                    j
+                };
                 j as u32
             })
             .collect();
@@ -45,7 +54,13 @@ pub fn instance_norm(x: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let ones = Tensor::ones(n * c, x.dtype(), x.device())?;
     let zeros = Tensor::zeros(n * c, x.dtype(), x.device())?;
-    let (y, _, _) = batch_norm_act_train(&x.reshape((1, n * c, h, w))?, &ones, &zeros, EPS, Act::Identity)?;
+    let (y, _, _) = batch_norm_act_train(
+        &x.reshape((1, n * c, h, w))?,
+        &ones,
+        &zeros,
+        EPS,
+        Act::Identity,
+    )?;
     y.reshape((n, c, h, w))
 }
 
@@ -65,16 +80,31 @@ pub struct Conv {
 }
 
 impl Conv {
-    pub fn new(cin: usize, cout: usize, k: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let weight = vb.get_with_hints((cout, cin, k, k), "weight", WEIGHT_INIT)?;
         let bias = vb.get_with_hints(cout, "bias", Init::Const(0.0))?;
-        Ok(Conv { weight, bias, stride, padding })
+        Ok(Conv {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
     }
 }
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        add_channel_bias(&conv2d(x, &self.weight, self.stride, self.padding)?, &self.bias)
+        add_channel_bias(
+            &conv2d(x, &self.weight, self.stride, self.padding)?,
+            &self.bias,
+        )
     }
 }
 
@@ -128,7 +158,10 @@ mod tests {
     #[test]
     fn reflection_pad_matches_torch() {
         // torch.nn.ReflectionPad2d(2)(torch.arange(9.).reshape(1,1,3,3))[0,0]
-        let x = Tensor::arange(0f32, 9., &Device::Cpu).unwrap().reshape((1, 1, 3, 3)).unwrap();
+        let x = Tensor::arange(0f32, 9., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 3, 3))
+            .unwrap();
         let y = reflection_pad2d(&x, 2).unwrap();
         let rows: Vec<Vec<f32>> = y.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
         assert_eq!(rows[0], [8., 7., 6., 7., 8., 7., 6.]);
@@ -138,14 +171,28 @@ mod tests {
 
     #[test]
     fn instance_norm_zero_mean_unit_variance_per_channel() {
-        let x = Tensor::arange(0f32, 32., &Device::Cpu).unwrap().reshape((1, 2, 4, 4)).unwrap();
+        let x = Tensor::arange(0f32, 32., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 4, 4))
+            .unwrap();
         let x = (x.sqr().unwrap() * 0.1).unwrap();
         let y = instance_norm(&x).unwrap();
         for c in 0..2 {
-            let ch = y.get(0).unwrap().get(c).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ch = y
+                .get(0)
+                .unwrap()
+                .get(c)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let mean = ch.iter().sum::<f32>() / 16.0;
             let var = ch.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 16.0;
-            assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-3, "{mean} {var}");
+            assert!(
+                mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-3,
+                "{mean} {var}"
+            );
         }
     }
 }

@@ -35,8 +35,15 @@ impl fmt::Display for BadImage {
             BadImage::Empty => write!(f, "empty file (0 bytes)"),
             BadImage::NotAnImage => write!(f, "not a JPEG or PNG image"),
             BadImage::Corrupt(why) => write!(f, "corrupt or truncated image: {why}"),
-            BadImage::TooSmall { width, height, size } => {
-                write!(f, "too small: {width}x{height}, the shorter side must be at least {size}")
+            BadImage::TooSmall {
+                width,
+                height,
+                size,
+            } => {
+                write!(
+                    f,
+                    "too small: {width}x{height}, the shorter side must be at least {size}"
+                )
             }
         }
     }
@@ -59,7 +66,10 @@ pub fn decode_rgb8(bytes: &[u8]) -> Result<RgbImage, BadImage> {
 /// skips most of the pixel work, as Pillow's `draft` and libjpeg-turbo's
 /// scaled decoding do. Other images (and other formats) decode in full.
 /// Returns the image and the full-resolution dimensions (for the too-small check).
-pub fn decode_rgb8_at_least(bytes: &[u8], min_side: u32) -> Result<(RgbImage, (u32, u32)), BadImage> {
+pub fn decode_rgb8_at_least(
+    bytes: &[u8],
+    min_side: u32,
+) -> Result<(RgbImage, (u32, u32)), BadImage> {
     if bytes.is_empty() {
         return Err(BadImage::Empty);
     }
@@ -70,11 +80,17 @@ pub fn decode_rgb8_at_least(bytes: &[u8], min_side: u32) -> Result<(RgbImage, (u
     }
     // zune reads the headers (cheap) to decide; it decodes in full below 4x.
     let mut zune = zune_decoder(bytes);
-    zune.decode_headers().map_err(|e| BadImage::Corrupt(e.to_string()))?;
-    let info = zune.info().ok_or_else(|| BadImage::Corrupt("no image header".into()))?;
+    zune.decode_headers()
+        .map_err(|e| BadImage::Corrupt(e.to_string()))?;
+    let info = zune
+        .info()
+        .ok_or_else(|| BadImage::Corrupt("no image header".into()))?;
     let (w, h) = (info.width as u32, info.height as u32);
     let short = w.min(h).max(1);
-    let ycbcr = matches!(zune.input_colorspace(), Some(ColorSpace::YCbCr | ColorSpace::RGB));
+    let ycbcr = matches!(
+        zune.input_colorspace(),
+        Some(ColorSpace::YCbCr | ColorSpace::RGB)
+    );
     if short < 4 * min_side || !ycbcr {
         // Below a 4x reduction jpeg-decoder's slower entropy decoding eats the
         // gain (measured: 1024x768 -> 256 px at 1/2 scale was 25% slower than
@@ -83,21 +99,31 @@ pub fn decode_rgb8_at_least(bytes: &[u8], min_side: u32) -> Result<(RgbImage, (u
     }
     let mut d = jpeg_decoder::Decoder::new(bytes);
     let want = |side: u32| (side as u64 * min_side as u64).div_ceil(short as u64) as u16;
-    let (sw, sh) = d.scale(want(w), want(h)).map_err(|e| BadImage::Corrupt(e.to_string()))?;
+    let (sw, sh) = d
+        .scale(want(w), want(h))
+        .map_err(|e| BadImage::Corrupt(e.to_string()))?;
     let pixels = d.decode().map_err(|e| BadImage::Corrupt(e.to_string()))?;
     if !ends_with_eoi(bytes) {
         // jpeg-decoder pads a truncated scan; zune's strict mode would not.
-        return Err(BadImage::Corrupt("truncated: no end-of-image marker".into()));
+        return Err(BadImage::Corrupt(
+            "truncated: no end-of-image marker".into(),
+        ));
     }
     let img = RgbImage::from_raw(sw as u32, sh as u32, pixels)
         .ok_or_else(|| BadImage::Corrupt("decoded buffer has the wrong size".into()))?;
-    let orientation = d.exif_data().and_then(image::metadata::Orientation::from_exif_chunk);
+    let orientation = d
+        .exif_data()
+        .and_then(image::metadata::Orientation::from_exif_chunk);
     Ok((oriented(img, orientation), (w, h)))
 }
 
 /// Whether the JPEG ends with its EOI marker (FF D9), ignoring trailing padding.
 fn ends_with_eoi(bytes: &[u8]) -> bool {
-    let end = bytes.iter().rposition(|&b| b != 0).map(|i| i + 1).unwrap_or(0);
+    let end = bytes
+        .iter()
+        .rposition(|&b| b != 0)
+        .map(|i| i + 1)
+        .unwrap_or(0);
     end >= 2 && bytes[end - 2..end] == [0xFF, 0xD9]
 }
 
@@ -126,19 +152,30 @@ fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, BadImage> {
 }
 
 fn finish_zune(mut decoder: zune_jpeg::JpegDecoder<ZCursor<&[u8]>>) -> Result<RgbImage, BadImage> {
-    let pixels = decoder.decode().map_err(|e| BadImage::Corrupt(e.to_string()))?;
-    let info = decoder.info().ok_or_else(|| BadImage::Corrupt("no image header".into()))?;
+    let pixels = decoder
+        .decode()
+        .map_err(|e| BadImage::Corrupt(e.to_string()))?;
+    let info = decoder
+        .info()
+        .ok_or_else(|| BadImage::Corrupt("no image header".into()))?;
     let img = RgbImage::from_raw(info.width as u32, info.height as u32, pixels)
         .ok_or_else(|| BadImage::Corrupt("decoded buffer has the wrong size".into()))?;
-    let orientation = decoder.exif().and_then(|exif| image::metadata::Orientation::from_exif_chunk(exif));
+    let orientation = decoder
+        .exif()
+        .and_then(|exif| image::metadata::Orientation::from_exif_chunk(exif));
     Ok(oriented(img, orientation))
 }
 
 fn decode_png(bytes: &[u8]) -> Result<RgbImage, BadImage> {
     let reader = ImageReader::with_format(Cursor::new(bytes), ImageFormat::Png);
-    let mut decoder = reader.into_decoder().map_err(|e| BadImage::Corrupt(e.to_string()))?;
-    let orientation = decoder.orientation().map_err(|e| BadImage::Corrupt(e.to_string()))?;
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| BadImage::Corrupt(e.to_string()))?;
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| BadImage::Corrupt(e.to_string()))?;
+    let orientation = decoder
+        .orientation()
+        .map_err(|e| BadImage::Corrupt(e.to_string()))?;
+    let mut img =
+        DynamicImage::from_decoder(decoder).map_err(|e| BadImage::Corrupt(e.to_string()))?;
     img.apply_orientation(orientation);
     // Gray, gray+alpha, 16-bit and RGBA all become 8-bit RGB (alpha dropped).
     Ok(img.into_rgb8())
@@ -168,10 +205,19 @@ impl ResizeFilter {
 
 /// Resizes the centred square crop of `img` to `size` x `size` (what "resize
 /// the shorter side to `size`, then centre-crop" gives, in one pass).
-pub fn resize_center_crop(img: &RgbImage, size: u32, filter: ResizeFilter, resizer: &mut Resizer) -> Result<RgbImage, BadImage> {
+pub fn resize_center_crop(
+    img: &RgbImage,
+    size: u32,
+    filter: ResizeFilter,
+    resizer: &mut Resizer,
+) -> Result<RgbImage, BadImage> {
     let (w, h) = img.dimensions();
     if w.min(h) < size {
-        return Err(BadImage::TooSmall { width: w, height: h, size });
+        return Err(BadImage::TooSmall {
+            width: w,
+            height: h,
+            size,
+        });
     }
     // The centred square, on whole source pixels (as torchvision's CenterCrop).
     let side = w.min(h);
@@ -182,7 +228,9 @@ pub fn resize_center_crop(img: &RgbImage, size: u32, filter: ResizeFilter, resiz
     let options = ResizeOptions::new()
         .resize_alg(ResizeAlg::Convolution(filter.fir()))
         .crop(left as f64, top as f64, side as f64, side as f64);
-    resizer.resize(&src, &mut dst, &options).map_err(|e| BadImage::Corrupt(e.to_string()))?;
+    resizer
+        .resize(&src, &mut dst, &options)
+        .map_err(|e| BadImage::Corrupt(e.to_string()))?;
     Ok(RgbImage::from_raw(size, size, dst.into_vec()).expect("size x size x 3 buffer"))
 }
 
@@ -204,7 +252,10 @@ pub fn shades_of_gray(img: &mut RgbImage, power: f64) {
         return;
     }
     // Each channel is multiplied by 1 / (unit illuminant * sqrt(3)).
-    let gains: Vec<f32> = illuminant.iter().map(|v| (norm / (v.max(1e-6) * 3f64.sqrt())) as f32).collect();
+    let gains: Vec<f32> = illuminant
+        .iter()
+        .map(|v| (norm / (v.max(1e-6) * 3f64.sqrt())) as f32)
+        .collect();
     for px in img.pixels_mut() {
         for c in 0..3 {
             px[c] = (px[c] as f32 * gains[c]).round().clamp(0.0, 255.0) as u8;
@@ -219,27 +270,34 @@ mod tests {
 
     fn jpeg_bytes(img: &RgbImage) -> Vec<u8> {
         let mut out = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95).encode_image(img).unwrap();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95)
+            .encode_image(img)
+            .unwrap();
         out
     }
 
     fn png_bytes(img: &DynamicImage) -> Vec<u8> {
         let mut out = Vec::new();
-        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
+        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
         out
     }
 
     fn gradient(w: u32, h: u32) -> RgbImage {
-        RgbImage::from_fn(w, h, |x, y| Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, 128]))
+        RgbImage::from_fn(w, h, |x, y| {
+            Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, 128])
+        })
     }
 
     #[test]
     fn grayscale_and_16_bit_pngs_become_rgb8() {
-        let gray = DynamicImage::ImageLuma8(GrayImage::from_fn(20, 10, |x, _| Luma([x as u8 * 10])));
+        let gray =
+            DynamicImage::ImageLuma8(GrayImage::from_fn(20, 10, |x, _| Luma([x as u8 * 10])));
         let rgb = decode_rgb8(&png_bytes(&gray)).unwrap();
         assert_eq!(rgb.dimensions(), (20, 10));
         assert_eq!(rgb.get_pixel(3, 0), &Rgb([30, 30, 30]));
-        let deep: ImageBuffer<Rgb<u16>, Vec<u16>> = ImageBuffer::from_fn(8, 8, |_, _| Rgb([65535, 32896, 0]));
+        let deep: ImageBuffer<Rgb<u16>, Vec<u16>> =
+            ImageBuffer::from_fn(8, 8, |_, _| Rgb([65535, 32896, 0]));
         let rgb = decode_rgb8(&png_bytes(&DynamicImage::ImageRgb16(deep))).unwrap();
         assert_eq!(rgb.get_pixel(0, 0), &Rgb([255, 128, 0]));
     }
@@ -248,7 +306,9 @@ mod tests {
     fn grayscale_jpeg_becomes_rgb8() {
         let gray = GrayImage::from_fn(32, 16, |x, _| Luma([x as u8 * 8]));
         let mut bytes = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 95).encode_image(&gray).unwrap();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 95)
+            .encode_image(&gray)
+            .unwrap();
         let rgb = decode_rgb8(&bytes).unwrap();
         assert_eq!(rgb.dimensions(), (32, 16));
         let p = rgb.get_pixel(16, 8);
@@ -259,7 +319,13 @@ mod tests {
     fn exif_orientation_is_applied() {
         // A 60x40 picture, red in its top-left corner, tagged orientation 6
         // ("rotate 90 degrees clockwise to display").
-        let img = RgbImage::from_fn(60, 40, |x, y| if x < 15 && y < 10 { Rgb([255, 0, 0]) } else { Rgb([0, 0, 255]) });
+        let img = RgbImage::from_fn(60, 40, |x, y| {
+            if x < 15 && y < 10 {
+                Rgb([255, 0, 0])
+            } else {
+                Rgb([0, 0, 255])
+            }
+        });
         let mut exif = b"II*\0\x08\0\0\0\x01\0".to_vec();
         exif.extend_from_slice(&[0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0]);
         let mut bytes = Vec::new();
@@ -269,7 +335,10 @@ mod tests {
         let out = decode_rgb8(&bytes).unwrap();
         assert_eq!(out.dimensions(), (40, 60), "rotated to portrait");
         let corner = out.get_pixel(37, 2);
-        assert!(corner[0] > 200 && corner[2] < 60, "the red corner moved to the top right: {corner:?}");
+        assert!(
+            corner[0] > 200 && corner[2] < 60,
+            "the red corner moved to the top right: {corner:?}"
+        );
     }
 
     #[test]
@@ -277,11 +346,21 @@ mod tests {
         assert_eq!(decode_rgb8(b""), Err(BadImage::Empty));
         assert_eq!(decode_rgb8(b"hello, world"), Err(BadImage::NotAnImage));
         let full = jpeg_bytes(&gradient(64, 48));
-        assert!(matches!(decode_rgb8(&full[..full.len() / 2]), Err(BadImage::Corrupt(_))), "truncated JPEG");
+        assert!(
+            matches!(
+                decode_rgb8(&full[..full.len() / 2]),
+                Err(BadImage::Corrupt(_))
+            ),
+            "truncated JPEG"
+        );
         let img = gradient(40, 30);
         assert_eq!(
             resize_center_crop(&img, 32, ResizeFilter::Bicubic, &mut Resizer::new()),
-            Err(BadImage::TooSmall { width: 40, height: 30, size: 32 })
+            Err(BadImage::TooSmall {
+                width: 40,
+                height: 30,
+                size: 32
+            })
         );
     }
 
@@ -290,7 +369,11 @@ mod tests {
         // A large smooth photo-like picture: 1/4 scale fits 1200x900 -> 160 px.
         let img = RgbImage::from_fn(1200, 900, |x, y| {
             let (fx, fy) = (x as f32 / 1200.0, y as f32 / 900.0);
-            Rgb([(200.0 * fx + 30.0) as u8, (150.0 * (fy * 6.0).sin().abs() + 50.0) as u8, (255.0 * fx * fy) as u8])
+            Rgb([
+                (200.0 * fx + 30.0) as u8,
+                (150.0 * (fy * 6.0).sin().abs() + 50.0) as u8,
+                (255.0 * fx * fy) as u8,
+            ])
         });
         let bytes = jpeg_bytes(&img);
         let mut r = Resizer::new();
@@ -298,19 +381,47 @@ mod tests {
         assert_eq!(dims, (1200, 900));
         assert_eq!(scaled.dimensions(), (300, 225), "decoded at 1/4 scale");
         let a = resize_center_crop(&scaled, 160, ResizeFilter::Bicubic, &mut r).unwrap();
-        let b = resize_center_crop(&decode_rgb8(&bytes).unwrap(), 160, ResizeFilter::Bicubic, &mut r).unwrap();
-        let mean = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y) as f64).sum::<f64>() / a.as_raw().len() as f64;
+        let b = resize_center_crop(
+            &decode_rgb8(&bytes).unwrap(),
+            160,
+            ResizeFilter::Bicubic,
+            &mut r,
+        )
+        .unwrap();
+        let mean = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| x.abs_diff(*y) as f64)
+            .sum::<f64>()
+            / a.as_raw().len() as f64;
         assert!(mean < 2.0, "mean abs difference {mean}");
         // Small targets relative to the image only: 900 < 4 x 256, so a full decode.
-        assert_eq!(decode_rgb8_at_least(&bytes, 256).unwrap().0.dimensions(), (1200, 900));
-        assert!(matches!(decode_rgb8_at_least(&bytes[..bytes.len() * 2 / 3], 160), Err(BadImage::Corrupt(_))), "truncated");
+        assert_eq!(
+            decode_rgb8_at_least(&bytes, 256).unwrap().0.dimensions(),
+            (1200, 900)
+        );
+        assert!(
+            matches!(
+                decode_rgb8_at_least(&bytes[..bytes.len() * 2 / 3], 160),
+                Err(BadImage::Corrupt(_))
+            ),
+            "truncated"
+        );
     }
 
     #[test]
     fn centre_crop_keeps_the_middle() {
         // Left and right thirds red, middle third green: the crop must be green.
-        let img = RgbImage::from_fn(300, 100, |x, _| if (100..200).contains(&x) { Rgb([0, 255, 0]) } else { Rgb([255, 0, 0]) });
-        let out = resize_center_crop(&img, 50, ResizeFilter::Lanczos3, &mut Resizer::new()).unwrap();
+        let img = RgbImage::from_fn(300, 100, |x, _| {
+            if (100..200).contains(&x) {
+                Rgb([0, 255, 0])
+            } else {
+                Rgb([255, 0, 0])
+            }
+        });
+        let out =
+            resize_center_crop(&img, 50, ResizeFilter::Lanczos3, &mut Resizer::new()).unwrap();
         assert_eq!(out.dimensions(), (50, 50));
         for x in [2, 25, 47] {
             let p = out.get_pixel(x, 25);

@@ -107,7 +107,10 @@ impl Stage for Preprocess {
             return Err(format!("`size` must be within 8..=2048, not {}", p.size));
         }
         if p.color_constancy_power < 1.0 {
-            return Err(format!("`color_constancy_power` must be at least 1, not {}", p.color_constancy_power));
+            return Err(format!(
+                "`color_constancy_power` must be at least 1, not {}",
+                p.color_constancy_power
+            ));
         }
         if p.shard_mb == 0 {
             return Err("`shard_mb` must be at least 1".into());
@@ -118,13 +121,25 @@ impl Stage for Preprocess {
     fn run(&self, p: &PreprocessParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
         let (rows, images) = inputs(ctx)?;
         let whole = process(p, ctx, &rows, &images, 0, 1)?;
-        Ok(finish(p, ctx, &rows, &images, vec![(ctx.out_dir.clone(), whole)])?)
+        Ok(finish(
+            p,
+            ctx,
+            &rows,
+            &images,
+            vec![(ctx.out_dir.clone(), whole)],
+        )?)
     }
 
     /// Contiguous runs of shard-sized chunks per part.
     const SPLITS: bool = true;
 
-    fn run_part(&self, p: &PreprocessParams, ctx: &StageContext, part: usize, parts: usize) -> Result<StageReport, BoxError> {
+    fn run_part(
+        &self,
+        p: &PreprocessParams,
+        ctx: &StageContext,
+        part: usize,
+        parts: usize,
+    ) -> Result<StageReport, BoxError> {
         let (rows, images) = inputs(ctx)?;
         let result = process(p, ctx, &rows, &images, part, parts)?;
         std::fs::write(ctx.out_dir.join(PART_FILE), serde_json::to_vec(&result)?)?;
@@ -137,13 +152,20 @@ impl Stage for Preprocess {
         )))
     }
 
-    fn assemble(&self, p: &PreprocessParams, ctx: &StageContext, parts: &[PathBuf]) -> Result<StageReport, BoxError> {
+    fn assemble(
+        &self,
+        p: &PreprocessParams,
+        ctx: &StageContext,
+        parts: &[PathBuf],
+    ) -> Result<StageReport, BoxError> {
         let (rows, images) = inputs(ctx)?;
         let mut results = Vec::with_capacity(parts.len());
         for dir in parts {
             let path = dir.join(PART_FILE);
-            let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            let result: PartResult = serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+            let text =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let result: PartResult = serde_json::from_slice(&text)
+                .with_context(|| format!("parsing {}", path.display()))?;
             results.push((dir.clone(), result));
         }
         Ok(finish(p, ctx, &rows, &images, results)?)
@@ -163,15 +185,27 @@ struct Rows {
 fn read_metadata(path: &Path) -> Result<Rows> {
     melanoflow_schemas::check_parquet(path, &melanoflow_schemas::METADATA)?;
     let file = std::fs::File::open(path).with_context(|| path.display().to_string())?;
-    let df = ParquetReader::new(file).finish().with_context(|| format!("reading {}", path.display()))?;
+    let df = ParquetReader::new(file)
+        .finish()
+        .with_context(|| format!("reading {}", path.display()))?;
     let text = |name: &str| -> Result<Vec<String>> {
-        Ok(df.column(name)?.str()?.iter().map(|v| v.unwrap_or_default().to_string()).collect())
+        Ok(df
+            .column(name)?
+            .str()?
+            .iter()
+            .map(|v| v.unwrap_or_default().to_string())
+            .collect())
     };
     Ok(Rows {
         image_name: text("image_name")?,
         image_file: text("image_file")?,
         image_digest: text("image_digest")?,
-        target: df.column("target")?.i32()?.iter().map(|v| v.unwrap_or(0)).collect(),
+        target: df
+            .column("target")?
+            .i32()?
+            .iter()
+            .map(|v| v.unwrap_or(0))
+            .collect(),
         patient_id: text("patient_id")?,
         split: text("split")?,
     })
@@ -202,7 +236,9 @@ struct Reuse {
 impl Reuse {
     fn load(previous: Option<&Path>, pixel_digest: &Digest, size: u32) -> Result<Option<Reuse>> {
         let Some(dir) = previous else { return Ok(None) };
-        let Ok(summary) = std::fs::read_to_string(dir.join("preprocess.json")) else { return Ok(None) };
+        let Ok(summary) = std::fs::read_to_string(dir.join("preprocess.json")) else {
+            return Ok(None);
+        };
         let summary: serde_json::Value = serde_json::from_str(&summary)?;
         if summary["pixel_params_digest"].as_str() != Some(pixel_digest.to_hex().as_str()) {
             return Ok(None);
@@ -218,18 +254,29 @@ impl Reuse {
         for ((d, s), o) in digests.iter().zip(shard.iter()).zip(offset.iter()) {
             if let (Some(d), Some(s), Some(o)) = (d, s, o) {
                 if !readers.contains_key(s) {
-                    readers.insert(s.to_string(), shards::ShardReader::open(&dir.join(s), size)?);
+                    readers.insert(
+                        s.to_string(),
+                        shards::ShardReader::open(&dir.join(s), size)?,
+                    );
                 }
                 by_source.insert(d.to_string(), (s.to_string(), o as u64));
             }
         }
-        Ok(Some(Reuse { dir: dir.to_path_buf(), by_source, readers }))
+        Ok(Some(Reuse {
+            dir: dir.to_path_buf(),
+            by_source,
+            readers,
+        }))
     }
 
     fn get(&self, source_digest: &str) -> Option<Result<Vec<u8>>> {
         let (shard, offset) = self.by_source.get(source_digest)?;
         let reader = self.readers.get(shard)?;
-        Some(reader.read(*offset).with_context(|| format!("reading {} from {}", offset, self.dir.join(shard).display())))
+        Some(
+            reader.read(*offset).with_context(|| {
+                format!("reading {} from {}", offset, self.dir.join(shard).display())
+            }),
+        )
     }
 }
 
@@ -255,7 +302,9 @@ impl ImageSource {
     fn describe(&self, file: &str) -> String {
         match self {
             ImageSource::Local(root) => root.join(file).display().to_string(),
-            ImageSource::Remote(store) => format!("{}/{file}", store.describe().trim_end_matches('/')),
+            ImageSource::Remote(store) => {
+                format!("{}/{file}", store.describe().trim_end_matches('/'))
+            }
         }
     }
 
@@ -266,7 +315,11 @@ impl ImageSource {
             ImageSource::Remote(store) => {
                 let bodies = store.get_many(files, 16)?;
                 // A missing object is left out; `read` then reports it by name.
-                Ok(files.iter().zip(bodies).filter_map(|(f, b)| Some((f.to_string(), b?.to_vec()))).collect())
+                Ok(files
+                    .iter()
+                    .zip(bodies)
+                    .filter_map(|(f, b)| Some((f.to_string(), b?.to_vec())))
+                    .collect())
             }
         }
     }
@@ -279,7 +332,12 @@ impl ImageSource {
             }
             ImageSource::Remote(_) => {
                 let taken = prefetched.lock().expect("not poisoned").remove(file);
-                taken.ok_or_else(|| anyhow!("{} is missing: it was listed, then deleted before it could be read", self.describe(file)))
+                taken.ok_or_else(|| {
+                    anyhow!(
+                        "{} is missing: it was listed, then deleted before it could be read",
+                        self.describe(file)
+                    )
+                })
             }
         }
     }
@@ -290,7 +348,14 @@ enum Outcome {
     Bad(BadImage),
 }
 
-fn prepare(p: &PreprocessParams, source: &ImageSource, bytes: Vec<u8>, file: &str, digest: &str, resizer: &mut Resizer) -> Result<Outcome> {
+fn prepare(
+    p: &PreprocessParams,
+    source: &ImageSource,
+    bytes: Vec<u8>,
+    file: &str,
+    digest: &str,
+    resizer: &mut Resizer,
+) -> Result<Outcome> {
     let actual = Digest::of_bytes(&bytes).to_hex();
     if actual != digest {
         bail!(
@@ -311,7 +376,11 @@ fn prepare(p: &PreprocessParams, source: &ImageSource, bytes: Vec<u8>, file: &st
         Err(bad) => return Ok(Outcome::Bad(bad)),
     };
     if w.min(h) < p.size {
-        return Ok(Outcome::Bad(BadImage::TooSmall { width: w, height: h, size: p.size }));
+        return Ok(Outcome::Bad(BadImage::TooSmall {
+            width: w,
+            height: h,
+            size: p.size,
+        }));
     }
     let mut img = match image_ops::resize_center_crop(&decoded, p.size, p.resize_filter, resizer) {
         Ok(img) => img,
@@ -320,17 +389,28 @@ fn prepare(p: &PreprocessParams, source: &ImageSource, bytes: Vec<u8>, file: &st
     if p.color_constancy {
         image_ops::shades_of_gray(&mut img, p.color_constancy_power);
     }
-    Ok(Outcome::Pixels { bytes: img.into_raw(), reused: false })
+    Ok(Outcome::Pixels {
+        bytes: img.into_raw(),
+        reused: false,
+    })
 }
 
 /// The upstream's rows and where their image files are.
 fn inputs(ctx: &StageContext) -> Result<(Rows, ImageSource)> {
-    let ingest = ctx.upstream_of_kind("ingest").ok_or_else(|| anyhow!("the upstream must be an `ingest` stage"))?;
+    let ingest = ctx
+        .upstream_of_kind("ingest")
+        .ok_or_else(|| anyhow!("the upstream must be an `ingest` stage"))?;
     let rows = read_metadata(&ingest.dir.join("metadata.parquet"))?;
     let source: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(ingest.dir.join("source.json")).context("reading the ingest stage's source.json")?,
+        &std::fs::read_to_string(ingest.dir.join("source.json"))
+            .context("reading the ingest stage's source.json")?,
     )?;
-    let images = ImageSource::open(source["images"].as_str().ok_or_else(|| anyhow!("source.json has no `images`"))?, &ctx.base_dir)?;
+    let images = ImageSource::open(
+        source["images"]
+            .as_str()
+            .ok_or_else(|| anyhow!("source.json has no `images`"))?,
+        &ctx.base_dir,
+    )?;
     Ok((rows, images))
 }
 
@@ -366,33 +446,58 @@ fn chunk_len(p: &PreprocessParams) -> usize {
 
 /// Decodes the chunks of part `part` of `parts` (contiguous runs of chunks),
 /// writing each chunk's pixels under `ctx.out_dir`.
-fn process(p: &PreprocessParams, ctx: &StageContext, rows: &Rows, images: &ImageSource, part: usize, parts: usize) -> Result<PartResult> {
+fn process(
+    p: &PreprocessParams,
+    ctx: &StageContext,
+    rows: &Rows,
+    images: &ImageSource,
+    part: usize,
+    parts: usize,
+) -> Result<PartResult> {
     let pixel_digest = pixel_params_digest(p);
     let reuse = Reuse::load(ctx.previous.as_deref(), &pixel_digest, p.size)?;
     let all: Vec<usize> = (0..rows.image_name.len()).collect();
     let chunks: Vec<&[usize]> = all.chunks(chunk_len(p)).collect();
     let mine = (part * chunks.len() / parts)..((part + 1) * chunks.len() / parts);
-    let bar = ctx.progress.bar(chunks[mine.clone()].iter().map(|c| c.len() as u64).sum(), "preprocessing images");
+    let bar = ctx.progress.bar(
+        chunks[mine.clone()].iter().map(|c| c.len() as u64).sum(),
+        "preprocessing images",
+    );
     let mut result = PartResult::default();
     for (c, chunk) in chunks.iter().enumerate().filter(|(c, _)| mine.contains(c)) {
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(chunk.len());
-        let batch_len = if matches!(images, ImageSource::Remote(_)) { REMOTE_BATCH } else { chunk.len() };
+        let batch_len = if matches!(images, ImageSource::Remote(_)) {
+            REMOTE_BATCH
+        } else {
+            chunk.len()
+        };
         for batch in chunk.chunks(batch_len) {
             // Reuse first; fetch (remote) only what must be decoded.
-            let hits: Vec<Option<Result<Vec<u8>>>> = batch.iter().map(|&i| reuse.as_ref().and_then(|r| r.get(&rows.image_digest[i]))).collect();
-            let to_fetch: Vec<&str> = batch.iter().zip(&hits).filter(|(_, h)| h.is_none()).map(|(&i, _)| rows.image_file[i].as_str()).collect();
+            let hits: Vec<Option<Result<Vec<u8>>>> = batch
+                .iter()
+                .map(|&i| reuse.as_ref().and_then(|r| r.get(&rows.image_digest[i])))
+                .collect();
+            let to_fetch: Vec<&str> = batch
+                .iter()
+                .zip(&hits)
+                .filter(|(_, h)| h.is_none())
+                .map(|(&i, _)| rows.image_file[i].as_str())
+                .collect();
             let prefetched = Mutex::new(images.prefetch(&to_fetch)?);
             let done: Vec<Outcome> = batch
                 .par_iter()
                 .zip(hits)
                 .map_init(Resizer::new, |resizer, (&i, hit)| {
                     let out = match hit {
-                        Some(pixels) => pixels.map(|bytes| Outcome::Pixels { bytes, reused: true }),
+                        Some(pixels) => pixels.map(|bytes| Outcome::Pixels {
+                            bytes,
+                            reused: true,
+                        }),
                         None => {
                             let file = &rows.image_file[i];
-                            images
-                                .read(file, &prefetched)
-                                .and_then(|bytes| prepare(p, images, bytes, file, &rows.image_digest[i], resizer))
+                            images.read(file, &prefetched).and_then(|bytes| {
+                                prepare(p, images, bytes, file, &rows.image_digest[i], resizer)
+                            })
                         }
                     };
                     bar.inc(1);
@@ -405,10 +510,17 @@ fn process(p: &PreprocessParams, ctx: &StageContext, rows: &Rows, images: &Image
         let mut kept = Vec::with_capacity(chunk.len());
         for (&i, outcome) in chunk.iter().zip(&outcomes) {
             match outcome {
-                Outcome::Pixels { bytes, reused: was_reused } => {
+                Outcome::Pixels {
+                    bytes,
+                    reused: was_reused,
+                } => {
                     kept.push((i, pixels.len() as u64));
                     pixels.push(bytes);
-                    if *was_reused { result.reused += 1 } else { result.decoded += 1 }
+                    if *was_reused {
+                        result.reused += 1
+                    } else {
+                        result.decoded += 1
+                    }
                 }
                 Outcome::Bad(why) => result.bad.push((i, why.to_string())),
             }
@@ -416,7 +528,10 @@ fn process(p: &PreprocessParams, ctx: &StageContext, rows: &Rows, images: &Image
         if !pixels.is_empty() {
             shards::write_shard(&ctx.out_dir.join(chunk_file(c)), p.size, &pixels)?;
         }
-        result.chunks.push(ChunkResult { chunk: c, rows: kept });
+        result.chunks.push(ChunkResult {
+            chunk: c,
+            rows: kept,
+        });
     }
     bar.finish_and_clear();
     Ok(result)
@@ -427,7 +542,13 @@ fn process(p: &PreprocessParams, ctx: &StageContext, rows: &Rows, images: &Image
 /// `shard-NNNNN.safetensors` numbered over the non-empty ones, then the index,
 /// the bad-image list and the summary. A whole run is one part, so a split run
 /// writes the same bytes.
-fn finish(p: &PreprocessParams, ctx: &StageContext, rows: &Rows, images: &ImageSource, parts: Vec<(PathBuf, PartResult)>) -> Result<StageReport> {
+fn finish(
+    p: &PreprocessParams,
+    ctx: &StageContext,
+    rows: &Rows,
+    images: &ImageSource,
+    parts: Vec<(PathBuf, PartResult)>,
+) -> Result<StageReport> {
     let (mut decoded, mut reused) = (0usize, 0usize);
     let mut bad: Vec<(usize, String)> = Vec::new();
     let mut index: Vec<(usize, String, u64)> = Vec::with_capacity(rows.image_name.len());
@@ -438,15 +559,30 @@ fn finish(p: &PreprocessParams, ctx: &StageContext, rows: &Rows, images: &ImageS
         bad.extend(part.bad);
         for chunk in part.chunks.into_iter().filter(|c| !c.rows.is_empty()) {
             let shard_name = format!("shard-{:05}.safetensors", shard_names.len());
-            let (from, to) = (dir.join(chunk_file(chunk.chunk)), ctx.out_dir.join(&shard_name));
-            std::fs::rename(&from, &to).with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
-            index.extend(chunk.rows.into_iter().map(|(i, offset)| (i, shard_name.clone(), offset)));
+            let (from, to) = (
+                dir.join(chunk_file(chunk.chunk)),
+                ctx.out_dir.join(&shard_name),
+            );
+            std::fs::rename(&from, &to)
+                .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+            index.extend(
+                chunk
+                    .rows
+                    .into_iter()
+                    .map(|(i, offset)| (i, shard_name.clone(), offset)),
+            );
             shard_names.push(shard_name);
         }
     }
     let pixel_digest = pixel_params_digest(p);
 
-    let describe_bad = |(i, why): &(usize, String)| format!("{} ({}): {why}", images.describe(&rows.image_file[*i]), rows.image_name[*i]);
+    let describe_bad = |(i, why): &(usize, String)| {
+        format!(
+            "{} ({}): {why}",
+            images.describe(&rows.image_file[*i]),
+            rows.image_name[*i]
+        )
+    };
     if !bad.is_empty() && p.on_bad_image == OnBadImage::Fail {
         let list: Vec<String> = bad.iter().map(describe_bad).collect();
         bail!(
@@ -459,23 +595,65 @@ fn finish(p: &PreprocessParams, ctx: &StageContext, rows: &Rows, images: &ImageS
         tracing::warn!("skipped {}", describe_bad(b));
     }
 
-    let pick = |v: &Vec<String>| -> ArrayRef { Arc::new(index.iter().map(|(i, _, _)| Some(v[*i].as_str())).collect::<StringArray>()) };
+    let pick = |v: &Vec<String>| -> ArrayRef {
+        Arc::new(
+            index
+                .iter()
+                .map(|(i, _, _)| Some(v[*i].as_str()))
+                .collect::<StringArray>(),
+        )
+    };
     let columns: Vec<ArrayRef> = vec![
         pick(&rows.image_name),
-        Arc::new(index.iter().map(|(_, s, _)| Some(s.as_str())).collect::<StringArray>()),
-        Arc::new(index.iter().map(|(_, _, o)| Some(*o as i64)).collect::<Int64Array>()),
-        Arc::new(index.iter().map(|(i, _, _)| Some(rows.target[*i])).collect::<Int32Array>()),
+        Arc::new(
+            index
+                .iter()
+                .map(|(_, s, _)| Some(s.as_str()))
+                .collect::<StringArray>(),
+        ),
+        Arc::new(
+            index
+                .iter()
+                .map(|(_, _, o)| Some(*o as i64))
+                .collect::<Int64Array>(),
+        ),
+        Arc::new(
+            index
+                .iter()
+                .map(|(i, _, _)| Some(rows.target[*i]))
+                .collect::<Int32Array>(),
+        ),
         pick(&rows.patient_id),
         pick(&rows.split),
         pick(&rows.image_digest),
     ];
-    melanoflow_schemas::write_parquet(&ctx.out_dir.join("index.parquet"), &melanoflow_schemas::IMAGE_INDEX, columns)?;
+    melanoflow_schemas::write_parquet(
+        &ctx.out_dir.join("index.parquet"),
+        &melanoflow_schemas::IMAGE_INDEX,
+        columns,
+    )?;
     let bad_columns: Vec<ArrayRef> = vec![
-        Arc::new(bad.iter().map(|(i, _)| Some(rows.image_name[*i].as_str())).collect::<StringArray>()),
-        Arc::new(bad.iter().map(|(i, _)| Some(rows.image_file[*i].as_str())).collect::<StringArray>()),
-        Arc::new(bad.iter().map(|(_, why)| Some(why.to_string())).collect::<StringArray>()),
+        Arc::new(
+            bad.iter()
+                .map(|(i, _)| Some(rows.image_name[*i].as_str()))
+                .collect::<StringArray>(),
+        ),
+        Arc::new(
+            bad.iter()
+                .map(|(i, _)| Some(rows.image_file[*i].as_str()))
+                .collect::<StringArray>(),
+        ),
+        Arc::new(
+            bad.iter()
+                .map(|(_, why)| Some(why.to_string()))
+                .collect::<StringArray>(),
+        ),
     ];
-    melanoflow_schemas::write_parquet(&ctx.out_dir.join("bad_images.parquet"), &melanoflow_schemas::BAD_IMAGES, bad_columns)?;
+    melanoflow_schemas::write_parquet(
+        &ctx.out_dir.join("bad_images.parquet"),
+        &melanoflow_schemas::BAD_IMAGES,
+        bad_columns,
+    )?;
 
     // Counts of decoded vs reused describe this run, not the artifact: they
     // stay out of the output so the bytes depend only on the pixels.
@@ -490,7 +668,10 @@ fn finish(p: &PreprocessParams, ctx: &StageContext, rows: &Rows, images: &ImageS
         "shards": shard_names,
         "pixel_params_digest": pixel_digest.to_hex(),
     });
-    std::fs::write(ctx.out_dir.join("preprocess.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
+    std::fs::write(
+        ctx.out_dir.join("preprocess.json"),
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )?;
 
     let mut line = format!(
         "{} images in {} shard(s) at {} px: decoded {decoded}, reused {reused}",
@@ -499,8 +680,17 @@ fn finish(p: &PreprocessParams, ctx: &StageContext, rows: &Rows, images: &ImageS
         p.size
     );
     if !bad.is_empty() {
-        let names: Vec<&str> = bad.iter().take(5).map(|(i, _)| rows.image_name[*i].as_str()).collect();
-        line.push_str(&format!(", skipped {} bad ({}{})", bad.len(), names.join(", "), if bad.len() > 5 { ", ..." } else { "" }));
+        let names: Vec<&str> = bad
+            .iter()
+            .take(5)
+            .map(|(i, _)| rows.image_name[*i].as_str())
+            .collect();
+        line.push_str(&format!(
+            ", skipped {} bad ({}{})",
+            bad.len(),
+            names.join(", "),
+            if bad.len() > 5 { ", ..." } else { "" }
+        ));
     }
     Ok(StageReport::new(line))
 }

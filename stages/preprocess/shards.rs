@@ -17,7 +17,10 @@ use anyhow::{Context, Result, bail, ensure};
 /// Writes `images` (each `size * size * 3` bytes) as one shard.
 pub fn write_shard(path: &Path, size: u32, images: &[&[u8]]) -> Result<()> {
     let per_image = (size * size * 3) as usize;
-    ensure!(images.iter().all(|i| i.len() == per_image), "every image must be {size}x{size}x3 bytes");
+    ensure!(
+        images.iter().all(|i| i.len() == per_image),
+        "every image must be {size}x{size}x3 bytes"
+    );
     let total = per_image * images.len();
     let mut header = format!(
         "{{\"__metadata__\":{{\"format\":\"melanoflow-images\",\"layout\":\"NHWC\",\"channels\":\"RGB\"}},\
@@ -30,7 +33,8 @@ pub fn write_shard(path: &Path, size: u32, images: &[&[u8]]) -> Result<()> {
     let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let io = |e| anyhow::Error::from(e).context(format!("writing {}", path.display()));
-    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
     w.write_all(header.as_bytes()).map_err(io)?;
     for img in images {
         w.write_all(img).map_err(io)?;
@@ -42,9 +46,17 @@ pub fn write_shard(path: &Path, size: u32, images: &[&[u8]]) -> Result<()> {
 /// The side length of a shard's square images, from its header.
 pub fn image_size(path: &Path) -> Result<u32> {
     let (_, header) = read_header(path)?;
-    match header["images"]["shape"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).collect::<Vec<_>>()) {
-        Some(shape) if shape.len() == 4 && shape[1] == shape[2] && shape[3] == 3 => Ok(shape[1] as u32),
-        other => bail!("{}: expected a tensor `images` of shape [N, S, S, 3], found {other:?}", path.display()),
+    match header["images"]["shape"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect::<Vec<_>>())
+    {
+        Some(shape) if shape.len() == 4 && shape[1] == shape[2] && shape[3] == 3 => {
+            Ok(shape[1] as u32)
+        }
+        other => bail!(
+            "{}: expected a tensor `images` of shape [N, S, S, 3], found {other:?}",
+            path.display()
+        ),
     }
 }
 
@@ -56,14 +68,20 @@ fn read_header(path: &Path) -> Result<(u64, serde_json::Value)> {
 
 fn read_header_of(file: &File, path: &Path) -> Result<(u64, serde_json::Value)> {
     let mut len = [0u8; 8];
-    file.read_exact_at(&mut len, 0).with_context(|| format!("reading {}", path.display()))?;
+    file.read_exact_at(&mut len, 0)
+        .with_context(|| format!("reading {}", path.display()))?;
     let header_len = u64::from_le_bytes(len);
     if header_len > 1 << 20 {
-        bail!("{}: not a safetensors shard (header of {header_len} bytes)", path.display());
+        bail!(
+            "{}: not a safetensors shard (header of {header_len} bytes)",
+            path.display()
+        );
     }
     let mut header = vec![0u8; header_len as usize];
-    file.read_exact_at(&mut header, 8).with_context(|| format!("reading {}", path.display()))?;
-    let header = serde_json::from_slice(&header).with_context(|| format!("{}: safetensors header is not JSON", path.display()))?;
+    file.read_exact_at(&mut header, 8)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let header = serde_json::from_slice(&header)
+        .with_context(|| format!("{}: safetensors header is not JSON", path.display()))?;
     Ok((header_len, header))
 }
 
@@ -85,9 +103,17 @@ impl ShardReader {
             .unwrap_or_default();
         let want = [size as u64, size as u64, 3];
         if shape.len() != 4 || shape[1..] != want || header["images"]["dtype"] != "U8" {
-            bail!("{}: expected a U8 tensor `images` of shape [N, {size}, {size}, 3], found {shape:?}", path.display());
+            bail!(
+                "{}: expected a U8 tensor `images` of shape [N, {size}, {size}, 3], found {shape:?}",
+                path.display()
+            );
         }
-        Ok(ShardReader { file, data_start: 8 + header_len, per_image: want.iter().product(), count: shape[0] })
+        Ok(ShardReader {
+            file,
+            data_start: 8 + header_len,
+            per_image: want.iter().product(),
+            count: shape[0],
+        })
     }
 
     pub fn len(&self) -> u64 {
@@ -100,9 +126,14 @@ impl ShardReader {
 
     /// The pixels of image `k`.
     pub fn read(&self, k: u64) -> Result<Vec<u8>> {
-        ensure!(k < self.count, "image {k} is beyond the shard's {} images", self.count);
+        ensure!(
+            k < self.count,
+            "image {k} is beyond the shard's {} images",
+            self.count
+        );
         let mut buf = vec![0u8; self.per_image as usize];
-        self.file.read_exact_at(&mut buf, self.data_start + k * self.per_image)?;
+        self.file
+            .read_exact_at(&mut buf, self.data_start + k * self.per_image)?;
         Ok(buf)
     }
 }
@@ -121,7 +152,10 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         assert_eq!((8 + header_len) % 8, 0);
-        assert_eq!(&bytes[8 + header_len..], [a.clone(), b.clone()].concat().as_slice());
+        assert_eq!(
+            &bytes[8 + header_len..],
+            [a.clone(), b.clone()].concat().as_slice()
+        );
         let r = ShardReader::open(&p, 2).unwrap();
         assert_eq!(r.len(), 2);
         assert_eq!(r.read(1).unwrap(), b);

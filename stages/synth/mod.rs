@@ -74,7 +74,8 @@ impl Stage for Synth {
     type Params = SynthParams;
     const KIND: &'static str = "synth";
     const CODE: &'static str = crate::code_identity::SYNTH;
-    const ABOUT: &'static str = "synthetic ISIC-format dataset (train.csv + JPEGs), the default source";
+    const ABOUT: &'static str =
+        "synthetic ISIC-format dataset (train.csv + JPEGs), the default source";
 
     fn check(&self, p: &SynthParams, inputs: &[String]) -> Result<(), String> {
         if !inputs.is_empty() {
@@ -84,16 +85,28 @@ impl Stage for Synth {
             return Err("`count` must be at least 1".into());
         }
         if !(0.0..=1.0).contains(&p.malignant_fraction) {
-            return Err(format!("`malignant_fraction` must be within 0..1, not {}", p.malignant_fraction));
+            return Err(format!(
+                "`malignant_fraction` must be within 0..1, not {}",
+                p.malignant_fraction
+            ));
         }
         if !(32..=1024).contains(&p.image_size) {
-            return Err(format!("`image_size` must be within 32..=1024 pixels, not {}", p.image_size));
+            return Err(format!(
+                "`image_size` must be within 32..=1024 pixels, not {}",
+                p.image_size
+            ));
         }
         if p.patients == 0 || p.patients > p.count {
-            return Err(format!("`patients` must be within 1..=count ({}), not {}", p.count, p.patients));
+            return Err(format!(
+                "`patients` must be within 1..=count ({}), not {}",
+                p.count, p.patients
+            ));
         }
         if !(1..=100).contains(&p.jpeg_quality) {
-            return Err(format!("`jpeg_quality` must be within 1..=100, not {}", p.jpeg_quality));
+            return Err(format!(
+                "`jpeg_quality` must be within 1..=100, not {}",
+                p.jpeg_quality
+            ));
         }
         Ok(())
     }
@@ -103,15 +116,22 @@ impl Stage for Synth {
         let images_dir = ctx.out_dir.join("train");
         std::fs::create_dir_all(&images_dir).with_context(|| images_dir.display().to_string())?;
         let bar = ctx.progress.bar(rows.len() as u64, "rendering lesions");
-        rows.par_iter().enumerate().try_for_each(|(i, row)| -> Result<()> {
-            // One ChaCha stream per row: the image does not depend on which thread draws it.
-            let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
-            rng.set_stream(1 + i as u64);
-            let img = render::render_lesion(&row.appearance, row.target == 1, p.image_size, &mut rng);
-            write_jpeg(&images_dir.join(format!("{}.jpg", row.image_name)), &img, p.jpeg_quality)?;
-            bar.inc(1);
-            Ok(())
-        })?;
+        rows.par_iter()
+            .enumerate()
+            .try_for_each(|(i, row)| -> Result<()> {
+                // One ChaCha stream per row: the image does not depend on which thread draws it.
+                let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
+                rng.set_stream(1 + i as u64);
+                let img =
+                    render::render_lesion(&row.appearance, row.target == 1, p.image_size, &mut rng);
+                write_jpeg(
+                    &images_dir.join(format!("{}.jpg", row.image_name)),
+                    &img,
+                    p.jpeg_quality,
+                )?;
+                bar.inc(1);
+                Ok(())
+            })?;
         bar.finish_and_clear();
         let csv_path = ctx.out_dir.join("train.csv");
         std::fs::write(&csv_path, to_csv(&rows)).with_context(|| csv_path.display().to_string())?;
@@ -209,13 +229,21 @@ pub fn plan_rows(p: &SynthParams) -> Vec<Row> {
             };
             // Ages in ISIC 2020 are rounded to 5 years, mostly 35-70.
             let age = (rng.random::<f64>() > 0.002).then(|| {
-                let a: f64 = 20.0 + 50.0 * (rng.random::<f64>() + rng.random::<f64>()) / 2.0 + rng.random_range(-10.0..15.0);
+                let a: f64 = 20.0
+                    + 50.0 * (rng.random::<f64>() + rng.random::<f64>()) / 2.0
+                    + rng.random_range(-10.0..15.0);
                 ((a / 5.0).round() * 5.0).clamp(0.0, 90.0) as u32
             });
             // Log-normal-ish weights: a few patients with many images.
             let z: f64 = (0..4).map(|_| rng.random::<f64>()).sum::<f64>() - 2.0;
             let weight = (1.2 * z).exp();
-            PatientMeta { id, sex, age, appearance: render::Patient::random(&mut rng), weight }
+            PatientMeta {
+                id,
+                sex,
+                age,
+                appearance: render::Patient::random(&mut rng),
+                weight,
+            }
         })
         .collect();
 
@@ -272,9 +300,19 @@ pub fn plan_rows(p: &SynthParams) -> Vec<Row> {
             let pt = &patients[owner[i]];
             let target = malignant[i] as u8;
             let site = (rng.random::<f64>() > 0.016).then(|| pick(&mut rng, SITES));
-            let diagnosis = if target == 1 { "melanoma" } else { pick(&mut rng, BENIGN_DIAGNOSES) };
+            let diagnosis = if target == 1 {
+                "melanoma"
+            } else {
+                pick(&mut rng, BENIGN_DIAGNOSES)
+            };
             // A patient's images span a few years, so the age may step up by 5.
-            let age = pt.age.map(|a| if rng.random::<f64>() < 0.2 { (a + 5).min(90) } else { a });
+            let age = pt.age.map(|a| {
+                if rng.random::<f64>() < 0.2 {
+                    (a + 5).min(90)
+                } else {
+                    a
+                }
+            });
             Row {
                 image_name: names[i].clone(),
                 patient_id: pt.id.clone(),
@@ -323,7 +361,14 @@ mod tests {
     use super::*;
 
     fn params(count: u32, patients: u32) -> SynthParams {
-        SynthParams { count, malignant_fraction: 0.05, image_size: 64, patients, seed: 7, jpeg_quality: 90 }
+        SynthParams {
+            count,
+            malignant_fraction: 0.05,
+            image_size: 64,
+            patients,
+            seed: 7,
+            jpeg_quality: 90,
+        }
     }
 
     #[test]
@@ -338,9 +383,19 @@ mod tests {
         assert_eq!(names.len(), 2000, "image names are unique");
         let patients: BTreeSet<_> = a.iter().map(|r| r.patient_id.as_str()).collect();
         assert_eq!(patients.len(), 120, "every patient has an image");
-        let with_melanoma: BTreeSet<_> = a.iter().filter(|r| r.target == 1).map(|r| r.patient_id.as_str()).collect();
-        assert!(with_melanoma.len() < 120, "malignant images concentrate in some patients");
-        assert!(a.iter().all(|r| (r.target == 1) == (r.diagnosis == "melanoma")));
+        let with_melanoma: BTreeSet<_> = a
+            .iter()
+            .filter(|r| r.target == 1)
+            .map(|r| r.patient_id.as_str())
+            .collect();
+        assert!(
+            with_melanoma.len() < 120,
+            "malignant images concentrate in some patients"
+        );
+        assert!(
+            a.iter()
+                .all(|r| (r.target == 1) == (r.diagnosis == "melanoma"))
+        );
         assert_eq!(to_csv(&a).lines().next().unwrap(), CSV_HEADER);
     }
 

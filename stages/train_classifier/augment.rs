@@ -22,11 +22,20 @@ pub struct Affine {
 }
 
 impl Affine {
-    pub const IDENTITY: Affine = Affine { angle: 0.0, zoom: 1.0, shift: (0.0, 0.0), mirror: false };
+    pub const IDENTITY: Affine = Affine {
+        angle: 0.0,
+        zoom: 1.0,
+        shift: (0.0, 0.0),
+        mirror: false,
+    };
 
     /// Only a random mirror and quarter turn: exact pixel permutations.
     pub fn random_flip(rng: &mut impl Rng) -> Affine {
-        Affine { angle: rng.random_range(0..4u8) as f32 * std::f32::consts::FRAC_PI_2, mirror: rng.random(), ..Self::IDENTITY }
+        Affine {
+            angle: rng.random_range(0..4u8) as f32 * std::f32::consts::FRAC_PI_2,
+            mirror: rng.random(),
+            ..Self::IDENTITY
+        }
     }
 
     /// Classical augmentation: any rotation, a crop of 77-100% of the side
@@ -52,7 +61,10 @@ pub fn warp(px: &[u8], src: usize, out: usize, t: Affine) -> Vec<u8> {
     let c_src = (src as f32 - 1.0) / 2.0;
     // Source pixels per output pixel, before zoom.
     let scale = src as f32 / out as f32 / t.zoom;
-    let (sx0, sy0) = (c_src + t.shift.0 * src as f32, c_src + t.shift.1 * src as f32);
+    let (sx0, sy0) = (
+        c_src + t.shift.0 * src as f32,
+        c_src + t.shift.1 * src as f32,
+    );
     let mut dst = vec![0u8; out * out * 3];
     for y in 0..out {
         for x in 0..out {
@@ -118,16 +130,50 @@ mod tests {
     fn identity_is_a_copy_and_quarter_turns_permute_pixels() {
         let px = image(5);
         assert_eq!(warp(&px, 5, 5, Affine::IDENTITY), px);
-        let turned = warp(&px, 5, 5, Affine { angle: std::f32::consts::FRAC_PI_2, ..Affine::IDENTITY });
+        let turned = warp(
+            &px,
+            5,
+            5,
+            Affine {
+                angle: std::f32::consts::FRAC_PI_2,
+                ..Affine::IDENTITY
+            },
+        );
         let mut a = px.clone();
         let mut b = turned.clone();
         a.sort();
         b.sort();
         assert_eq!(a, b, "a quarter turn moves pixels without blending them");
         assert_ne!(turned, px);
-        let four = (0..4).fold(px.clone(), |img, _| warp(&img, 5, 5, Affine { angle: std::f32::consts::FRAC_PI_2, ..Affine::IDENTITY }));
+        let four = (0..4).fold(px.clone(), |img, _| {
+            warp(
+                &img,
+                5,
+                5,
+                Affine {
+                    angle: std::f32::consts::FRAC_PI_2,
+                    ..Affine::IDENTITY
+                },
+            )
+        });
         assert_eq!(four, px);
-        let mirrored = warp(&warp(&px, 5, 5, Affine { mirror: true, ..Affine::IDENTITY }), 5, 5, Affine { mirror: true, ..Affine::IDENTITY });
+        let mirrored = warp(
+            &warp(
+                &px,
+                5,
+                5,
+                Affine {
+                    mirror: true,
+                    ..Affine::IDENTITY
+                },
+            ),
+            5,
+            5,
+            Affine {
+                mirror: true,
+                ..Affine::IDENTITY
+            },
+        );
         assert_eq!(mirrored, px);
     }
 

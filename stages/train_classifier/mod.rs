@@ -27,7 +27,7 @@ pub mod data;
 pub mod train;
 
 use anyhow::Result;
-use melanoflow_pipeline::{BoxError, Resources, ExternalInput, Stage, StageContext, StageReport};
+use melanoflow_pipeline::{BoxError, ExternalInput, Resources, Stage, StageContext, StageReport};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -129,7 +129,10 @@ impl Stage for TrainClassifier {
             (a, _) => return Err(format!("`augmentation = \"{}\"` takes one upstream: a `preprocess` stage", serde_json::to_value(a).unwrap().as_str().unwrap_or("?"))),
         }
         if p.epochs == 0 || p.batch_size < 2 {
-            return Err("`epochs` must be at least 1 and `batch_size` at least 2 (BatchNorm needs a batch)".into());
+            return Err(
+                "`epochs` must be at least 1 and `batch_size` at least 2 (BatchNorm needs a batch)"
+                    .into(),
+            );
         }
         if p.seeds.is_empty() {
             return Err("`seeds` must list at least one seed".into());
@@ -138,12 +141,17 @@ impl Stage for TrainClassifier {
             return Err("`lr` must be positive and `weight_decay` non-negative".into());
         }
         if !(p.target_ratio > 0.0 && p.target_ratio <= 10.0) {
-            return Err(format!("`target_ratio` must be within (0, 10], not {}", p.target_ratio));
+            return Err(format!(
+                "`target_ratio` must be within (0, 10], not {}",
+                p.target_ratio
+            ));
         }
         if p.image_size.is_some_and(|s| s < 32) {
             return Err("`image_size` must be at least 32 (EfficientNet downsamples 32x)".into());
         }
-        if p.dropout.is_some_and(|d| !(0.0..1.0).contains(&d)) || !(0.0..1.0).contains(&p.stochastic_depth) {
+        if p.dropout.is_some_and(|d| !(0.0..1.0).contains(&d))
+            || !(0.0..1.0).contains(&p.stochastic_depth)
+        {
             return Err("`dropout` and `stochastic_depth` must be within [0, 1)".into());
         }
         if p.weights.as_deref().is_some_and(|w| w.contains("://")) {
@@ -153,12 +161,18 @@ impl Stage for TrainClassifier {
     }
 
     fn external_inputs(&self, p: &TrainClassifierParams, base_dir: &Path) -> Vec<ExternalInput> {
-        p.weights.iter().map(|w| ExternalInput::new("weights", w, base_dir)).collect()
+        p.weights
+            .iter()
+            .map(|w| ExternalInput::new("weights", w, base_dir))
+            .collect()
     }
 
     /// A cluster run asks for one GPU when the device is CUDA.
     fn resources(&self, p: &TrainClassifierParams) -> Resources {
-        Resources { gpus: p.device.starts_with("cuda").then_some(1), ..Resources::default() }
+        Resources {
+            gpus: p.device.starts_with("cuda").then_some(1),
+            ..Resources::default()
+        }
     }
 
     fn run(&self, p: &TrainClassifierParams, ctx: &StageContext) -> Result<StageReport, BoxError> {

@@ -21,7 +21,10 @@ use super::{Augmentation, TrainClassifierParams};
 use crate::evaluate::metrics::roc_auc;
 use crate::imageset::{ImageRecord, ImageSet};
 use crate::models::adam::Adam;
-use crate::models::efficientnet::{EfficientNet, EfficientNetConfig, LoadReport, init_head_for_finetuning, init_weights, load_pretrained};
+use crate::models::efficientnet::{
+    EfficientNet, EfficientNetConfig, LoadReport, init_head_for_finetuning, init_weights,
+    load_pretrained,
+};
 use crate::train_cyclegan::select_device;
 
 /// Binary cross-entropy with logits, mean over the batch, in the form that
@@ -93,20 +96,36 @@ fn cosine_lr(lr: f64, step: u64, total: u64) -> f64 {
 }
 
 fn model_config(p: &TrainClassifierParams) -> EfficientNetConfig {
-    EfficientNetConfig { dropout: p.dropout, stochastic_depth: p.stochastic_depth, ..EfficientNetConfig::new(p.variant, 1) }
+    EfficientNetConfig {
+        dropout: p.dropout,
+        stochastic_depth: p.stochastic_depth,
+        ..EfficientNetConfig::new(p.variant, 1)
+    }
 }
 
 /// Trainable variables (BatchNorm running statistics are not).
 fn trainable(varmap: &VarMap) -> Vec<(String, candle_core::Var)> {
-    crate::models::adam::named_vars("", varmap).into_iter().filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var")).collect()
+    crate::models::adam::named_vars("", varmap)
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
+        .collect()
 }
 
 /// Scores (logits) of the model in evaluation mode.
-fn predict(model: &EfficientNet, data: &ClassifierData, records: &[&ImageRecord], device: &Device) -> Result<Vec<f64>> {
+fn predict(
+    model: &EfficientNet,
+    data: &ClassifierData,
+    records: &[&ImageRecord],
+    device: &Device,
+) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(records.len());
     for chunk in records.chunks(64) {
         let x = data.eval_batch(chunk, device)?;
-        let logits = model.forward_t(&x, None)?.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let logits = model
+            .forward_t(&x, None)?
+            .flatten_all()?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
         out.extend(logits);
     }
     Ok(out)
@@ -137,7 +156,10 @@ fn train_seed(
     label: &str,
 ) -> Result<SeedResult> {
     let varmap = VarMap::new();
-    let model = EfficientNet::new(&model_config(p), VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    let model = EfficientNet::new(
+        &model_config(p),
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
+    )?;
     init_weights(&varmap, seed)?;
     if let Some(t) = pretrained {
         load_pretrained(&varmap, t).map_err(|e| anyhow!("loading `weights`: {e}"))?;
@@ -153,13 +175,25 @@ fn train_seed(
     let state_file = scratch.join("state.json");
     let last = |s: &SeedState| scratch.join(format!("last-{}.safetensors", s.epochs_done));
     let best = |s: &SeedState| scratch.join(format!("best-{}.safetensors", s.best_epoch));
-    let mut state = SeedState { epochs_done: 0, adam_t: 0, history: vec![], best_epoch: 0, best_val_auc: f64::NEG_INFINITY };
+    let mut state = SeedState {
+        epochs_done: 0,
+        adam_t: 0,
+        history: vec![],
+        best_epoch: 0,
+        best_val_auc: f64::NEG_INFINITY,
+    };
     let mut resumed_after = None;
     if let Ok(text) = std::fs::read(&state_file) {
-        state = serde_json::from_slice(&text).context("reading a classifier checkpoint's state.json")?;
-        let tensors = candle_core::safetensors::load(last(&state), device).with_context(|| format!("loading checkpoint {}", last(&state).display()))?;
+        state = serde_json::from_slice(&text)
+            .context("reading a classifier checkpoint's state.json")?;
+        let tensors = candle_core::safetensors::load(last(&state), device)
+            .with_context(|| format!("loading checkpoint {}", last(&state).display()))?;
         for (name, var) in crate::models::adam::named_vars("", &varmap) {
-            var.set(tensors.get(&format!("model.{name}")).ok_or_else(|| anyhow!("checkpoint lacks `{name}`"))?)?;
+            var.set(
+                tensors
+                    .get(&format!("model.{name}"))
+                    .ok_or_else(|| anyhow!("checkpoint lacks `{name}`"))?,
+            )?;
         }
         adam.load_state("adam.", &tensors, state.adam_t)?;
         tracing::info!("{label}: resuming after epoch {}", state.epochs_done);
@@ -169,7 +203,9 @@ fn train_seed(
     let val: Vec<&ImageRecord> = data.real.split("val").collect();
     let steps_per_epoch = data.epoch(seed, 0).len().div_ceil(p.batch_size) as u64;
     let total_steps = steps_per_epoch * p.epochs as u64;
-    let bar = ctx.progress.bar(total_steps, &format!("training {label} (steps)"));
+    let bar = ctx
+        .progress
+        .bar(total_steps, &format!("training {label} (steps)"));
     bar.set_position(steps_per_epoch * state.epochs_done as u64);
     for epoch in state.epochs_done..p.epochs {
         let samples = data.epoch(seed, epoch);
@@ -190,7 +226,9 @@ fn train_seed(
             let loss = bce_with_logits(&logits, &t)?;
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
-                return Err(anyhow!("{label}: the loss diverged at epoch {epoch}, batch {b}"));
+                return Err(anyhow!(
+                    "{label}: the loss diverged at epoch {epoch}, batch {b}"
+                ));
             }
             adam.step(&loss.backward()?)?;
             loss_sum += value * batch.len() as f64;
@@ -200,11 +238,25 @@ fn train_seed(
         let logits = predict(&model, data, &val, device)?;
         let labels: Vec<bool> = val.iter().map(|r| r.malignant).collect();
         let val_auc = roc_auc(&logits, &labels).map_err(|e| anyhow!("validation ROC-AUC: {e}"))?;
-        let row = EpochRow { epoch, lr, train_loss: loss_sum / samples.len() as f64, val_loss: mean_bce(&logits, &val), val_auc };
-        tracing::info!("{label} epoch {epoch}: train loss {:.4}, val loss {:.4}, val AUC {:.4}", row.train_loss, row.val_loss, row.val_auc);
+        let row = EpochRow {
+            epoch,
+            lr,
+            train_loss: loss_sum / samples.len() as f64,
+            val_loss: mean_bce(&logits, &val),
+            val_auc,
+        };
+        tracing::info!(
+            "{label} epoch {epoch}: train loss {:.4}, val loss {:.4}, val AUC {:.4}",
+            row.train_loss,
+            row.val_loss,
+            row.val_auc
+        );
         state.history.push(row);
         let mut tensors: HashMap<String, Tensor> =
-            crate::models::adam::named_vars("model.", &varmap).into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+            crate::models::adam::named_vars("model.", &varmap)
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone()))
+                .collect();
         if val_auc > state.best_val_auc {
             state.best_val_auc = val_auc;
             state.best_epoch = epoch;
@@ -218,7 +270,8 @@ fn train_seed(
         // Weights the new state.json no longer names.
         let keep = [last(&state), best(&state)];
         for e in std::fs::read_dir(scratch)?.flatten() {
-            if e.path().extension().is_some_and(|x| x == "safetensors") && !keep.contains(&e.path()) {
+            if e.path().extension().is_some_and(|x| x == "safetensors") && !keep.contains(&e.path())
+            {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -228,9 +281,17 @@ fn train_seed(
     // Predictions of the kept checkpoint.
     let best = best(&state);
     varmap_load(&varmap, &best, device)?;
-    let eval: Vec<&ImageRecord> = data.real.split("val").chain(data.real.split("test")).collect();
+    let eval: Vec<&ImageRecord> = data
+        .real
+        .split("val")
+        .chain(data.real.split("test"))
+        .collect();
     let logits = predict(&model, data, &eval, device)?;
-    let predictions = eval.iter().zip(logits).map(|(r, x)| ((*r).clone(), sigmoid(x))).collect();
+    let predictions = eval
+        .iter()
+        .zip(logits)
+        .map(|(r, x)| ((*r).clone(), sigmoid(x)))
+        .collect();
     Ok(SeedResult {
         seed,
         history: state.history,
@@ -244,22 +305,35 @@ fn train_seed(
 
 /// Loads a safetensors file written by `VarMap::save` into the same model's variables.
 fn varmap_load(varmap: &VarMap, path: &Path, device: &Device) -> Result<()> {
-    let tensors = candle_core::safetensors::load(path, device).with_context(|| format!("loading {}", path.display()))?;
+    let tensors = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("loading {}", path.display()))?;
     for (name, var) in crate::models::adam::named_vars("", varmap) {
-        var.set(tensors.get(&name).ok_or_else(|| anyhow!("{} lacks `{name}`", path.display()))?)?;
+        var.set(
+            tensors
+                .get(&name)
+                .ok_or_else(|| anyhow!("{} lacks `{name}`", path.display()))?,
+        )?;
     }
     Ok(())
 }
 
 pub fn run(p: &TrainClassifierParams, ctx: &StageContext) -> Result<StageReport> {
     let device = select_device(&p.device)?;
-    let pre = ctx.upstream_of_kind("preprocess").ok_or_else(|| anyhow!("one upstream must be a `preprocess` stage"))?;
+    let pre = ctx
+        .upstream_of_kind("preprocess")
+        .ok_or_else(|| anyhow!("one upstream must be a `preprocess` stage"))?;
     let real = ImageSet::open(&pre.dir)?;
     let mut generator_digest = None;
     let synthetic = match p.augmentation {
         Augmentation::Cyclegan => {
-            let gen_dir = &ctx.upstream_of_kind("generate").ok_or_else(|| anyhow!("`augmentation = \"cyclegan\"` needs a `generate` upstream"))?.dir;
-            let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(gen_dir.join("generate.json"))?)?;
+            let gen_dir = &ctx
+                .upstream_of_kind("generate")
+                .ok_or_else(|| {
+                    anyhow!("`augmentation = \"cyclegan\"` needs a `generate` upstream")
+                })?
+                .dir;
+            let summary: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(gen_dir.join("generate.json"))?)?;
             generator_digest = summary["generator_digest"].as_str().map(str::to_string);
             Some(ImageSet::open(gen_dir)?)
         }
@@ -269,9 +343,20 @@ pub fn run(p: &TrainClassifierParams, ctx: &StageContext) -> Result<StageReport>
     if let Some(s) = &synthetic
         && s.size != real.size
     {
-        return Err(anyhow!("synthetic images are {} px but preprocessed ones {} px", s.size, real.size));
+        return Err(anyhow!(
+            "synthetic images are {} px but preprocessed ones {} px",
+            s.size,
+            real.size
+        ));
     }
-    let data = ClassifierData { real: &real, synthetic: synthetic.as_ref(), augmentation: p.augmentation, target_ratio: p.target_ratio, flips: p.flips, side };
+    let data = ClassifierData {
+        real: &real,
+        synthetic: synthetic.as_ref(),
+        augmentation: p.augmentation,
+        target_ratio: p.target_ratio,
+        flips: p.flips,
+        side,
+    };
     data.validate()?;
     let pretrained = match ctx.external("weights") {
         Some(w) => {
@@ -279,7 +364,10 @@ pub fn run(p: &TrainClassifierParams, ctx: &StageContext) -> Result<StageReport>
                 melanoflow_pipeline::Source::Local(path) => path.clone(),
                 other => return Err(anyhow!("`weights` must be a local file, not {other}")),
             };
-            Some(candle_core::safetensors::load(&path, &device).with_context(|| format!("reading weights {}", path.display()))?)
+            Some(
+                candle_core::safetensors::load(&path, &device)
+                    .with_context(|| format!("reading weights {}", path.display()))?,
+            )
         }
         None => None,
     };
@@ -288,19 +376,38 @@ pub fn run(p: &TrainClassifierParams, ctx: &StageContext) -> Result<StageReport>
     let mut load_report: Option<LoadReport> = None;
     for &seed in &p.seeds {
         let label = format!("{} seed {seed}", ctx.stage);
-        let r = train_seed(p, seed, &data, pretrained.as_ref(), &device, &ctx.scratch_dir.join(format!("seed-{seed}")), ctx, &label)?;
-        std::fs::copy(&r.best_weights, ctx.out_dir.join(format!("model-seed{seed}.safetensors")))?;
+        let r = train_seed(
+            p,
+            seed,
+            &data,
+            pretrained.as_ref(),
+            &device,
+            &ctx.scratch_dir.join(format!("seed-{seed}")),
+            ctx,
+            &label,
+        )?;
+        std::fs::copy(
+            &r.best_weights,
+            ctx.out_dir.join(format!("model-seed{seed}.safetensors")),
+        )?;
         results.push(r);
     }
     if let Some(t) = &pretrained {
         let vm = VarMap::new();
-        EfficientNet::new(&model_config(p), VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+        EfficientNet::new(
+            &model_config(p),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )?;
         load_report = Some(load_pretrained(&vm, t).map_err(|e| anyhow!("loading `weights`: {e}"))?);
     }
 
     write_predictions(&ctx.out_dir.join("predictions.parquet"), &results)?;
     write_history(&ctx.out_dir.join("history.parquet"), &results)?;
-    std::fs::write(ctx.out_dir.join("config.json"), serde_json::to_string_pretty(&serde_json::json!({"params": p, "model": model_config(p)}))? + "\n")?;
+    std::fs::write(
+        ctx.out_dir.join("config.json"),
+        serde_json::to_string_pretty(&serde_json::json!({"params": p, "model": model_config(p)}))?
+            + "\n",
+    )?;
     let composition: Composition = data.composition();
     let summary = serde_json::json!({
         "arm": ctx.stage,
@@ -314,11 +421,20 @@ pub fn run(p: &TrainClassifierParams, ctx: &StageContext) -> Result<StageReport>
             "seed": r.seed, "best_epoch": r.best_epoch, "best_val_auc": r.best_val_auc,
         })).collect::<Vec<_>>(),
     });
-    std::fs::write(ctx.out_dir.join("train.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
-    let best: Vec<String> = results.iter().map(|r| format!("{:.3}@{}", r.best_val_auc, r.best_epoch)).collect();
+    std::fs::write(
+        ctx.out_dir.join("train.json"),
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )?;
+    let best: Vec<String> = results
+        .iter()
+        .map(|r| format!("{:.3}@{}", r.best_val_auc, r.best_epoch))
+        .collect();
     let resumed: String = results
         .iter()
-        .filter_map(|r| r.resumed_after.map(|e| format!(", seed {} resumed after epoch {e}", r.seed)))
+        .filter_map(|r| {
+            r.resumed_after
+                .map(|e| format!(", seed {} resumed after epoch {e}", r.seed))
+        })
         .collect();
     Ok(StageReport::new(format!(
         "{:?} {:?}, {} seed(s), {} epochs of {} images: best val ROC-AUC {}{resumed}",
@@ -326,32 +442,61 @@ pub fn run(p: &TrainClassifierParams, ctx: &StageContext) -> Result<StageReport>
         p.augmentation,
         results.len(),
         p.epochs,
-        composition.benign + composition.malignant + composition.oversampled + composition.synthetic,
+        composition.benign
+            + composition.malignant
+            + composition.oversampled
+            + composition.synthetic,
         best.join(", "),
     )))
 }
 
 fn write_predictions(path: &Path, results: &[SeedResult]) -> Result<()> {
-    let rows: Vec<(u64, &ImageRecord, f64)> = results.iter().flat_map(|r| r.predictions.iter().map(move |(rec, s)| (r.seed, rec, *s))).collect();
-    let strings = |f: fn(&ImageRecord) -> &str| -> ArrayRef { Arc::new(StringArray::from(rows.iter().map(|(_, r, _)| f(r)).collect::<Vec<_>>())) };
+    let rows: Vec<(u64, &ImageRecord, f64)> = results
+        .iter()
+        .flat_map(|r| r.predictions.iter().map(move |(rec, s)| (r.seed, rec, *s)))
+        .collect();
+    let strings = |f: fn(&ImageRecord) -> &str| -> ArrayRef {
+        Arc::new(StringArray::from(
+            rows.iter().map(|(_, r, _)| f(r)).collect::<Vec<_>>(),
+        ))
+    };
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(Int64Array::from(rows.iter().map(|(s, ..)| *s as i64).collect::<Vec<_>>())),
+        Arc::new(Int64Array::from(
+            rows.iter().map(|(s, ..)| *s as i64).collect::<Vec<_>>(),
+        )),
         strings(|r| &r.image_name),
         strings(|r| &r.patient_id),
         strings(|r| &r.split),
-        Arc::new(Int32Array::from(rows.iter().map(|(_, r, _)| r.malignant as i32).collect::<Vec<_>>())),
-        Arc::new(Float64Array::from(rows.iter().map(|(.., s)| *s).collect::<Vec<_>>())),
+        Arc::new(Int32Array::from(
+            rows.iter()
+                .map(|(_, r, _)| r.malignant as i32)
+                .collect::<Vec<_>>(),
+        )),
+        Arc::new(Float64Array::from(
+            rows.iter().map(|(.., s)| *s).collect::<Vec<_>>(),
+        )),
     ];
     melanoflow_schemas::write_parquet(path, &melanoflow_schemas::PREDICTIONS, columns)?;
     Ok(())
 }
 
 fn write_history(path: &Path, results: &[SeedResult]) -> Result<()> {
-    let rows: Vec<(u64, &EpochRow)> = results.iter().flat_map(|r| r.history.iter().map(move |h| (r.seed, h))).collect();
-    let f = |get: fn(&EpochRow) -> f64| -> ArrayRef { Arc::new(Float64Array::from(rows.iter().map(|(_, h)| get(h)).collect::<Vec<_>>())) };
+    let rows: Vec<(u64, &EpochRow)> = results
+        .iter()
+        .flat_map(|r| r.history.iter().map(move |h| (r.seed, h)))
+        .collect();
+    let f = |get: fn(&EpochRow) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from(
+            rows.iter().map(|(_, h)| get(h)).collect::<Vec<_>>(),
+        ))
+    };
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(Int64Array::from(rows.iter().map(|(s, _)| *s as i64).collect::<Vec<_>>())),
-        Arc::new(Int64Array::from(rows.iter().map(|(_, h)| h.epoch as i64).collect::<Vec<_>>())),
+        Arc::new(Int64Array::from(
+            rows.iter().map(|(s, _)| *s as i64).collect::<Vec<_>>(),
+        )),
+        Arc::new(Int64Array::from(
+            rows.iter().map(|(_, h)| h.epoch as i64).collect::<Vec<_>>(),
+        )),
         f(|h| h.lr),
         f(|h| h.train_loss),
         f(|h| h.val_loss),
@@ -376,17 +521,44 @@ mod tests {
         assert!((got - want).abs() < 1e-4, "{got} vs {want}");
         // Gradient: (sigmoid(x) - t) / n, finite everywhere.
         let v = candle_core::Var::from_tensor(&x).unwrap();
-        let g = bce_with_logits(v.as_tensor(), &t).unwrap().backward().unwrap();
+        let g = bce_with_logits(v.as_tensor(), &t)
+            .unwrap()
+            .backward()
+            .unwrap();
         let g: Vec<f32> = g.get(&v).unwrap().to_vec1().unwrap();
-        let want = [0.0, 0.0, 1.0 / 6.0, -1.0 / 6.0, -0.5 / 6.0, (sigmoid(2.0) / 6.0) as f32];
+        let want = [
+            0.0,
+            0.0,
+            1.0 / 6.0,
+            -1.0 / 6.0,
+            -0.5 / 6.0,
+            (sigmoid(2.0) / 6.0) as f32,
+        ];
         for (a, b) in g.iter().zip(want) {
             assert!(a.is_finite() && (a - b).abs() < 1e-5, "{g:?}");
         }
-        assert!((mean_bce(&[100.0], &[&ImageRecord { malignant: false, ..rec() }]) - 100.0).abs() < 1e-9);
+        assert!(
+            (mean_bce(
+                &[100.0],
+                &[&ImageRecord {
+                    malignant: false,
+                    ..rec()
+                }]
+            ) - 100.0)
+                .abs()
+                < 1e-9
+        );
     }
 
     fn rec() -> ImageRecord {
-        ImageRecord { image_name: "a".into(), patient_id: "p".into(), split: "val".into(), malignant: false, shard: "s".into(), offset: 0 }
+        ImageRecord {
+            image_name: "a".into(),
+            patient_id: "p".into(),
+            split: "val".into(),
+            malignant: false,
+            shard: "s".into(),
+            offset: 0,
+        }
     }
 
     #[test]

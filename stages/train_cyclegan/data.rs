@@ -13,7 +13,6 @@ use candle_core::{Device, Tensor};
 use rand::Rng;
 use rand::seq::SliceRandom;
 
-
 pub use crate::imageset::ImageRecord as ImageRef;
 use crate::imageset::ImageSet;
 
@@ -30,12 +29,29 @@ impl Images {
     /// The training images of a `preprocess` output, by class.
     pub fn open(dir: &Path) -> Result<Images> {
         let set = ImageSet::open(dir)?;
-        let (malignant, benign): (Vec<ImageRef>, Vec<ImageRef>) = set.split("train").cloned().partition(|r| r.malignant);
+        let (malignant, benign): (Vec<ImageRef>, Vec<ImageRef>) =
+            set.split("train").cloned().partition(|r| r.malignant);
         if malignant.is_empty() || benign.is_empty() {
-            bail!("the train split needs both classes: {} benign, {} malignant images", benign.len(), malignant.len());
+            bail!(
+                "the train split needs both classes: {} benign, {} malignant images",
+                benign.len(),
+                malignant.len()
+            );
         }
-        let preview = set.split("val").filter(|r| !r.malignant).chain(benign.iter()).take(8).cloned().collect();
-        Ok(Images { size: set.size, set, benign, malignant, preview })
+        let preview = set
+            .split("val")
+            .filter(|r| !r.malignant)
+            .chain(benign.iter())
+            .take(8)
+            .cloned()
+            .collect();
+        Ok(Images {
+            size: set.size,
+            set,
+            benign,
+            malignant,
+            preview,
+        })
     }
 
     /// Pixels of one image, HWC RGB.
@@ -45,12 +61,22 @@ impl Images {
 
     /// A batch as a [B, 3, S, S] tensor in [-1, 1], optionally with a random
     /// flip / 90-degree rotation per image (drawn from `rng`).
-    pub fn batch(&self, refs: &[&ImageRef], augment: bool, rng: &mut impl Rng, device: &Device) -> Result<Tensor> {
+    pub fn batch(
+        &self,
+        refs: &[&ImageRef],
+        augment: bool,
+        rng: &mut impl Rng,
+        device: &Device,
+    ) -> Result<Tensor> {
         let s = self.size as usize;
         let mut data = Vec::with_capacity(refs.len() * 3 * s * s);
         for r in refs {
             let px = self.pixels(r)?;
-            let (flip, rot) = if augment { (rng.random::<bool>(), rng.random_range(0..4u8)) } else { (false, 0) };
+            let (flip, rot) = if augment {
+                (rng.random::<bool>(), rng.random_range(0..4u8))
+            } else {
+                (false, 0)
+            };
             // CHW, with the dihedral transform applied while gathering.
             for c in 0..3 {
                 for y in 0..s {
@@ -79,10 +105,16 @@ fn dihedral(x: usize, y: usize, s: usize, flip: bool, rot: u8) -> (usize, usize)
 
 /// One epoch's (benign, malignant) pairs: every malignant image once, in a
 /// random order, each with a random benign partner.
-pub fn epoch_pairs<'a>(images: &'a Images, rng: &mut impl Rng) -> Vec<(&'a ImageRef, &'a ImageRef)> {
+pub fn epoch_pairs<'a>(
+    images: &'a Images,
+    rng: &mut impl Rng,
+) -> Vec<(&'a ImageRef, &'a ImageRef)> {
     let mut malignant: Vec<&ImageRef> = images.malignant.iter().collect();
     malignant.shuffle(rng);
-    malignant.into_iter().map(|m| (&images.benign[rng.random_range(0..images.benign.len())], m)).collect()
+    malignant
+        .into_iter()
+        .map(|m| (&images.benign[rng.random_range(0..images.benign.len())], m))
+        .collect()
 }
 
 #[cfg(test)]

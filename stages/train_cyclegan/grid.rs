@@ -21,13 +21,19 @@ pub fn write_grid(path: &Path, rows: &[&Tensor]) -> Result<()> {
     );
     for (r, t) in rows.iter().enumerate() {
         let t = ((t.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?;
-        let v: Vec<Vec<Vec<Vec<f32>>>> = (0..n).map(|i| t.get(i)?.to_vec3::<f32>()).collect::<candle_core::Result<_>>()?;
+        let v: Vec<Vec<Vec<Vec<f32>>>> = (0..n)
+            .map(|i| t.get(i)?.to_vec3::<f32>())
+            .collect::<candle_core::Result<_>>()?;
         for (c, chw) in v.iter().enumerate() {
             for y in 0..cell {
                 for x in 0..cell {
                     let (sy, sx) = (y / scale, x / scale);
                     let px = Rgb([0, 1, 2].map(|k| chw[k][sy][sx].round() as u8));
-                    img.put_pixel((gap + c * (cell + gap) + x) as u32, (gap + r * (cell + gap) + y) as u32, px);
+                    img.put_pixel(
+                        (gap + c * (cell + gap) + x) as u32,
+                        (gap + r * (cell + gap) + y) as u32,
+                        px,
+                    );
                 }
             }
         }

@@ -174,7 +174,10 @@ impl TrainCycleGanParams {
                 upsample: self.upsample.unwrap_or(Upsample::Transposed),
                 slope: self.slope.unwrap_or(0.01),
             },
-            discriminator: DiscriminatorConfig { ndf: self.ndf.unwrap_or(ndf), n_layers: self.n_layers_d.unwrap_or(3) },
+            discriminator: DiscriminatorConfig {
+                ndf: self.ndf.unwrap_or(ndf),
+                n_layers: self.n_layers_d.unwrap_or(3),
+            },
             batch_size: self.batch_size.unwrap_or(batch),
             n_epochs: self.n_epochs.unwrap_or(epochs),
             n_epochs_decay: self.n_epochs_decay.unwrap_or(epochs),
@@ -216,9 +219,13 @@ pub fn plan_device(spec: &str, cuda_built: bool) -> Result<DevicePlan> {
             let n: usize = other
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
-                .ok_or_else(|| anyhow!("device `{other}`: expected \"auto\", \"cpu\" or \"cuda:N\""))?;
+                .ok_or_else(|| {
+                    anyhow!("device `{other}`: expected \"auto\", \"cpu\" or \"cuda:N\"")
+                })?;
             if !cuda_built {
-                return Err(anyhow!("device `{other}`: this build has no CUDA support (build it with `make build-cuda`)"));
+                return Err(anyhow!(
+                    "device `{other}`: this build has no CUDA support (build it with `make build-cuda`)"
+                ));
             }
             Ok(DevicePlan::Cuda(n))
         }
@@ -230,12 +237,20 @@ pub fn plan_device(spec: &str, cuda_built: bool) -> Result<DevicePlan> {
 /// usable GPU or driver: then one notice per process, not an error);
 /// `"cuda:N"` is GPU N or an error naming it.
 pub fn select_device(spec: &str) -> Result<Device> {
-    select_device_with(spec, candle_core::utils::cuda_is_available(), Device::new_cuda)
+    select_device_with(
+        spec,
+        candle_core::utils::cuda_is_available(),
+        Device::new_cuda,
+    )
 }
 
 /// [`select_device`] with the build's CUDA support and the GPU opener passed
 /// in, so the fallback can be tested in any build.
-fn select_device_with(spec: &str, cuda_built: bool, open: impl Fn(usize) -> candle_core::Result<Device>) -> Result<Device> {
+fn select_device_with(
+    spec: &str,
+    cuda_built: bool,
+    open: impl Fn(usize) -> candle_core::Result<Device>,
+) -> Result<Device> {
     match plan_device(spec, cuda_built)? {
         DevicePlan::Cpu => Ok(Device::Cpu),
         DevicePlan::Cuda(n) => open(n).map_err(|e| {
@@ -288,7 +303,10 @@ impl Stage for TrainCycleGan {
             return Err("`n_epochs` + `n_epochs_decay` must be at least 1".into());
         }
         if !(0.0..1.0).contains(&c.generator.slope) {
-            return Err(format!("`slope` must be within [0, 1), not {}", c.generator.slope));
+            return Err(format!(
+                "`slope` must be within [0, 1), not {}",
+                c.generator.slope
+            ));
         }
         if !(0.0..1.0).contains(&c.beta1) || !(0.0..1.0).contains(&c.beta2) || c.lr <= 0.0 {
             return Err("`lr` must be positive and `beta1`, `beta2` within [0, 1)".into());
@@ -298,7 +316,10 @@ impl Stage for TrainCycleGan {
 
     /// A cluster run asks for one GPU when the device is CUDA.
     fn resources(&self, p: &TrainCycleGanParams) -> Resources {
-        Resources { gpus: p.device.starts_with("cuda").then_some(1), ..Resources::default() }
+        Resources {
+            gpus: p.device.starts_with("cuda").then_some(1),
+            ..Resources::default()
+        }
     }
 
     fn run(&self, p: &TrainCycleGanParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
@@ -310,8 +331,15 @@ impl Stage for TrainCycleGan {
 pub fn check_device_spec(spec: &str) -> Result<(), String> {
     match spec {
         "auto" | "cpu" => Ok(()),
-        s if s.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()) => Ok(()),
-        s => Err(format!("`device` must be \"auto\", \"cpu\" or \"cuda:N\", not \"{s}\"")),
+        s if s
+            .strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<usize>().is_ok()) =>
+        {
+            Ok(())
+        }
+        s => Err(format!(
+            "`device` must be \"auto\", \"cpu\" or \"cuda:N\", not \"{s}\""
+        )),
     }
 }
 
@@ -340,12 +368,24 @@ mod device_tests {
     #[test]
     fn auto_falls_back_to_the_cpu_without_a_usable_gpu() {
         // A CUDA build on a machine without a GPU: opening one fails.
-        assert!(matches!(select_device_with("auto", true, no_gpu).unwrap(), Device::Cpu));
-        assert!(matches!(select_device_with("auto", false, |_| panic!("no CUDA in this build")).unwrap(), Device::Cpu));
+        assert!(matches!(
+            select_device_with("auto", true, no_gpu).unwrap(),
+            Device::Cpu
+        ));
+        assert!(matches!(
+            select_device_with("auto", false, |_| panic!("no CUDA in this build")).unwrap(),
+            Device::Cpu
+        ));
         // An explicit GPU is never replaced by the CPU: the error names it,
         // without candle's backtrace.
-        let e = select_device_with("cuda:0", true, no_gpu).unwrap_err().to_string();
-        assert!(e.starts_with("device `cuda:0`: cannot open CUDA GPU 0") && e.contains("CUDA_ERROR_UNKNOWN"), "{e}");
+        let e = select_device_with("cuda:0", true, no_gpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("device `cuda:0`: cannot open CUDA GPU 0")
+                && e.contains("CUDA_ERROR_UNKNOWN"),
+            "{e}"
+        );
         assert!(!e.contains('\n'), "one line: {e}");
         // A GPU that opens is used.
         let opened = std::cell::Cell::new(None);

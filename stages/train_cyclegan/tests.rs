@@ -23,9 +23,15 @@ fn fixture(dir: &std::path::Path, n: usize, m: usize, size: u32) {
             (0..s * s * 3)
                 .map(|j| {
                     let (y, x, c) = (j / (s * 3), (j / 3) % s, j % 3);
-                    let d = ((x as f32 - s as f32 / 2.0).powi(2) + (y as f32 - s as f32 / 2.0).powi(2)).sqrt();
+                    let d = ((x as f32 - s as f32 / 2.0).powi(2)
+                        + (y as f32 - s as f32 / 2.0).powi(2))
+                    .sqrt();
                     let r = if malignant { 0.35 } else { 0.2 } * s as f32 + (i % 3) as f32;
-                    let base = if d < r { [90, 50, 30][c] } else { [220, 180, 160][c] };
+                    let base = if d < r {
+                        [90, 50, 30][c]
+                    } else {
+                        [220, 180, 160][c]
+                    };
                     (base + (i * 7 + c * 3) % 20) as u8
                 })
                 .collect()
@@ -33,18 +39,29 @@ fn fixture(dir: &std::path::Path, n: usize, m: usize, size: u32) {
         .collect();
     let refs: Vec<&[u8]> = pixels.iter().map(|p| p.as_slice()).collect();
     write_shard(&dir.join("shard-00000.safetensors"), size, &refs).unwrap();
-    let split: Vec<&str> = (0..total).map(|i| if i < n + m { "train" } else { "val" }).collect();
+    let split: Vec<&str> = (0..total)
+        .map(|i| if i < n + m { "train" } else { "val" })
+        .collect();
     let names: Vec<String> = (0..total).map(|i| format!("ISIC_{i:07}")).collect();
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(names.clone())),
         Arc::new(StringArray::from(vec!["shard-00000.safetensors"; total])),
         Arc::new(Int64Array::from((0..total as i64).collect::<Vec<_>>())),
-        Arc::new(Int32Array::from((0..total).map(|i| (i >= n && i < n + m) as i32).collect::<Vec<_>>())),
+        Arc::new(Int32Array::from(
+            (0..total)
+                .map(|i| (i >= n && i < n + m) as i32)
+                .collect::<Vec<_>>(),
+        )),
         Arc::new(StringArray::from(names.clone())),
         Arc::new(StringArray::from(split)),
         Arc::new(StringArray::from(names)),
     ];
-    melanoflow_schemas::write_parquet(&dir.join("index.parquet"), &melanoflow_schemas::IMAGE_INDEX, columns).unwrap();
+    melanoflow_schemas::write_parquet(
+        &dir.join("index.parquet"),
+        &melanoflow_schemas::IMAGE_INDEX,
+        columns,
+    )
+    .unwrap();
     std::fs::write(dir.join("preprocess.json"), format!("{{\"size\": {size}}}")).unwrap();
 }
 
@@ -79,7 +96,14 @@ fn weights(nets: &Nets) -> Vec<(String, Vec<f32>)> {
     let mut out = Vec::new();
     for (stem, vm) in &nets.vars {
         for (name, var) in crate::models::adam::named_vars(&format!("{stem}."), vm) {
-            out.push((name, var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()));
+            out.push((
+                name,
+                var.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            ));
         }
     }
     out
@@ -89,24 +113,64 @@ fn weights(nets: &Nets) -> Vec<(String, Vec<f32>)> {
 fn generator_keeps_shape_and_range_and_uses_reference_names() {
     let cfg = tiny(1);
     let vm = VarMap::new();
-    let g = Generator::new(&cfg.generator, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let g = Generator::new(
+        &cfg.generator,
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
     crate::models::init::normal_init(&vm, 1, 0.5).unwrap();
-    let x = (Tensor::randn(0f32, 3., (2, 3, 16, 16), &Device::Cpu).unwrap()).clamp(-1f32, 1f32).unwrap();
+    let x = (Tensor::randn(0f32, 3., (2, 3, 16, 16), &Device::Cpu).unwrap())
+        .clamp(-1f32, 1f32)
+        .unwrap();
     let y = g.forward(&x).unwrap();
     assert_eq!(y.dims(), [2, 3, 16, 16]);
     let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(v.iter().all(|v| (-1.0..=1.0).contains(v)));
     let mut names: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
     names.sort();
-    for n in ["model.1.weight", "model.4.bias", "model.7.weight", "model.10.conv_block.1.weight", "model.10.conv_block.5.bias", "model.11.weight", "model.14.weight", "model.18.weight"] {
+    for n in [
+        "model.1.weight",
+        "model.4.bias",
+        "model.7.weight",
+        "model.10.conv_block.1.weight",
+        "model.10.conv_block.5.bias",
+        "model.11.weight",
+        "model.14.weight",
+        "model.18.weight",
+    ] {
         assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
     }
     let dvm = VarMap::new();
-    let d = Discriminator::new(&crate::models::cyclegan::DiscriminatorConfig { ndf: 4, n_layers: 3 }, VarBuilder::from_varmap(&dvm, DType::F32, &Device::Cpu)).unwrap();
-    assert_eq!(d.forward(&Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap()).unwrap().dims(), [1, 1, 6, 6]);
+    let d = Discriminator::new(
+        &crate::models::cyclegan::DiscriminatorConfig {
+            ndf: 4,
+            n_layers: 3,
+        },
+        VarBuilder::from_varmap(&dvm, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    assert_eq!(
+        d.forward(&Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap())
+            .unwrap()
+            .dims(),
+        [1, 1, 6, 6]
+    );
     let mut dnames: Vec<String> = dvm.data().lock().unwrap().keys().cloned().collect();
     dnames.sort();
-    assert_eq!(dnames.iter().filter(|n| n.ends_with("weight")).cloned().collect::<Vec<_>>(), ["model.0.weight", "model.11.weight", "model.2.weight", "model.5.weight", "model.8.weight"]);
+    assert_eq!(
+        dnames
+            .iter()
+            .filter(|n| n.ends_with("weight"))
+            .cloned()
+            .collect::<Vec<_>>(),
+        [
+            "model.0.weight",
+            "model.11.weight",
+            "model.2.weight",
+            "model.5.weight",
+            "model.8.weight"
+        ]
+    );
 }
 
 #[test]
@@ -117,23 +181,56 @@ fn every_variable_gets_a_finite_nonzero_gradient() {
     let images = Images::open(dir.path()).unwrap();
     let nets = Nets::new(&cfg, &Device::Cpu).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let a = images.batch(&images.benign.iter().take(2).collect::<Vec<_>>(), true, &mut rng, &Device::Cpu).unwrap();
-    let b = images.batch(&images.malignant.iter().take(2).collect::<Vec<_>>(), true, &mut rng, &Device::Cpu).unwrap();
+    let a = images
+        .batch(
+            &images.benign.iter().take(2).collect::<Vec<_>>(),
+            true,
+            &mut rng,
+            &Device::Cpu,
+        )
+        .unwrap();
+    let b = images
+        .batch(
+            &images.malignant.iter().take(2).collect::<Vec<_>>(),
+            true,
+            &mut rng,
+            &Device::Cpu,
+        )
+        .unwrap();
     let fake_b = nets.g_a.forward(&a).unwrap();
     let fake_a = nets.g_b.forward(&b).unwrap();
     let loss = (((crate::models::layers::l1(&nets.g_b.forward(&fake_b).unwrap(), &a).unwrap()
         + crate::models::layers::l1(&nets.g_a.forward(&fake_a).unwrap(), &b).unwrap())
     .unwrap()
-        + nets.d_a.forward(&fake_b).unwrap().sqr().unwrap().mean_all().unwrap())
+        + nets
+            .d_a
+            .forward(&fake_b)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap())
     .unwrap()
-        + nets.d_b.forward(&fake_a).unwrap().sqr().unwrap().mean_all().unwrap())
+        + nets
+            .d_b
+            .forward(&fake_a)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap())
     .unwrap();
     let grads = loss.backward().unwrap();
     for (stem, vm) in &nets.vars {
         for (name, var) in crate::models::adam::named_vars(&format!("{stem}."), vm) {
-            let g = grads.get(&var).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let g = grads
+                .get(&var)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
             let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(v.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+            assert!(
+                v.iter().all(|x| x.is_finite()),
+                "{name}: non-finite gradient"
+            );
             assert!(v.iter().any(|x| *x != 0.0), "{name}: all-zero gradient");
         }
     }
@@ -150,11 +247,28 @@ fn losses_fall_on_a_tiny_dataset() {
     fixture(dir.path(), 6, 4, 16);
     let images = Images::open(dir.path()).unwrap();
     let scratch = tempfile::tempdir().unwrap();
-    let t = train(&cfg, &images, &Device::Cpu, scratch.path(), None, &|_, _| {}).unwrap();
-    assert_eq!(t.losses.len(), 15 * 2, "2 steps per epoch (4 malignant, batch 2)");
-    let mean = |rows: &[super::train::LossRow]| rows.iter().map(|r| r.cycle_a + r.cycle_b).sum::<f32>() / rows.len() as f32;
+    let t = train(
+        &cfg,
+        &images,
+        &Device::Cpu,
+        scratch.path(),
+        None,
+        &|_, _| {},
+    )
+    .unwrap();
+    assert_eq!(
+        t.losses.len(),
+        15 * 2,
+        "2 steps per epoch (4 malignant, batch 2)"
+    );
+    let mean = |rows: &[super::train::LossRow]| {
+        rows.iter().map(|r| r.cycle_a + r.cycle_b).sum::<f32>() / rows.len() as f32
+    };
     let (first, last) = (mean(&t.losses[..4]), mean(&t.losses[t.losses.len() - 4..]));
-    assert!(last < 0.7 * first, "cycle loss should fall: {first} -> {last}");
+    assert!(
+        last < 0.7 * first,
+        "cycle loss should fall: {first} -> {last}"
+    );
     assert_eq!(t.losses.last().unwrap().lr, 2e-3 * lr_factor(&cfg, 14));
 }
 
@@ -165,16 +279,36 @@ fn resumed_training_ends_with_the_same_weights() {
     fixture(dir.path(), 6, 4, 16);
     let images = Images::open(dir.path()).unwrap();
     let straight = tempfile::tempdir().unwrap();
-    let full = train(&cfg, &images, &Device::Cpu, straight.path(), None, &|_, _| {}).unwrap();
+    let full = train(
+        &cfg,
+        &images,
+        &Device::Cpu,
+        straight.path(),
+        None,
+        &|_, _| {},
+    )
+    .unwrap();
     let broken = tempfile::tempdir().unwrap();
     // Killed after step 3: the last checkpoint is step 2.
-    let first = train(&cfg, &images, &Device::Cpu, broken.path(), Some(3), &|_, _| {}).unwrap();
+    let first = train(
+        &cfg,
+        &images,
+        &Device::Cpu,
+        broken.path(),
+        Some(3),
+        &|_, _| {},
+    )
+    .unwrap();
     assert_eq!(first.steps_run, 3);
     let resumed = train(&cfg, &images, &Device::Cpu, broken.path(), None, &|_, _| {}).unwrap();
     assert_eq!(resumed.resumed_from, Some(2));
     assert_eq!(resumed.steps_run, full.losses.len() as u64 - 2);
     assert_eq!(resumed.losses, full.losses, "same loss history");
-    assert_eq!(weights(&resumed.nets), weights(&full.nets), "bit-identical weights");
+    assert_eq!(
+        weights(&resumed.nets),
+        weights(&full.nets),
+        "bit-identical weights"
+    );
 }
 
 #[test]
@@ -184,11 +318,15 @@ fn safetensors_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("G_A.safetensors");
     nets.vars[0].1.save(&path).unwrap();
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &Device::Cpu).unwrap() };
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &Device::Cpu).unwrap() };
     let loaded = Generator::new(&cfg.generator, vb).unwrap();
     let x = Tensor::ones((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
     let (a, b) = (nets.g_a.forward(&x).unwrap(), loaded.forward(&x).unwrap());
-    assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert_eq!(
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
 }
 
 #[test]
@@ -223,7 +361,12 @@ use rand::SeedableRng;
 #[test]
 fn tiny_generator_matches_the_reference_forward_pass() {
     use crate::models::cyclegan::{GeneratorConfig, Upsample};
-    let cfg = GeneratorConfig { ngf: 2, n_blocks: 1, upsample: Upsample::Transposed, slope: 0.2 };
+    let cfg = GeneratorConfig {
+        ngf: 2,
+        n_blocks: 1,
+        upsample: Upsample::Transposed,
+        slope: 0.2,
+    };
     let vm = VarMap::new();
     let g = Generator::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     {
@@ -233,23 +376,42 @@ fn tiny_generator_matches_the_reference_forward_pass() {
         assert_eq!(names.len(), 16);
         for (k, name) in names.into_iter().enumerate() {
             let var = &data[name];
-            let v: Vec<f32> = (0..var.elem_count()).map(|j| (0.3 * (0.7 * j as f64 + 1.3 * k as f64).sin()) as f32).collect();
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            let v: Vec<f32> = (0..var.elem_count())
+                .map(|j| (0.3 * (0.7 * j as f64 + 1.3 * k as f64).sin()) as f32)
+                .collect();
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
         }
     }
-    let x: Vec<f32> = (0..192).map(|j| (0.9 * (0.1 * j as f64).sin()) as f32).collect();
-    let y = g.forward(&Tensor::from_vec(x, (1, 3, 8, 8), &Device::Cpu).unwrap()).unwrap();
+    let x: Vec<f32> = (0..192)
+        .map(|j| (0.9 * (0.1 * j as f64).sin()) as f32)
+        .collect();
+    let y = g
+        .forward(&Tensor::from_vec(x, (1, 3, 8, 8), &Device::Cpu).unwrap())
+        .unwrap();
     let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let close = |a: f32, b: f64| (a as f64 - b).abs() < 1e-4;
     let sum: f32 = v.iter().sum();
     assert!(close(sum, 29.523043252783854), "sum {sum}");
     let mean_abs = v.iter().map(|x| x.abs()).sum::<f32>() / v.len() as f32;
     assert!(close(mean_abs, 0.25615321149986842), "mean |y| {mean_abs}");
-    let first = [0.1302219434, -0.2578916375, -0.4470915941, -0.6202489651, -0.5475685914, -0.3312672480, 0.0050214533, -0.1005746760];
+    let first = [
+        0.1302219434,
+        -0.2578916375,
+        -0.4470915941,
+        -0.6202489651,
+        -0.5475685914,
+        -0.3312672480,
+        0.0050214533,
+        -0.1005746760,
+    ];
     for (i, want) in first.iter().enumerate() {
         assert!(close(v[i], *want), "y[{i}] = {} vs {want}", v[i]);
     }
-    for (c, want) in [0.2742872819, 0.4583560952, 0.4801386158].iter().enumerate() {
+    for (c, want) in [0.2742872819, 0.4583560952, 0.4801386158]
+        .iter()
+        .enumerate()
+    {
         let got = v[c * 64 + 3 * 8 + 5];
         assert!(close(got, *want), "y[0,{c},3,5] = {got} vs {want}");
     }

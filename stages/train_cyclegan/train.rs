@@ -20,9 +20,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::models::adam::{Adam, named_vars};
 use super::data::{Images, epoch_pairs};
 use super::{Config, LabelSmoothing, TrainCycleGanParams, select_device};
+use crate::models::adam::{Adam, named_vars};
 use crate::models::cyclegan::{Discriminator, Generator};
 use crate::models::init::{normal_init, standard_normal};
 use crate::models::layers::{l1, mse, scalar};
@@ -56,7 +56,10 @@ impl Nets {
     }
 
     pub fn named(&self, which: &[usize]) -> Vec<(String, candle_core::Var)> {
-        which.iter().flat_map(|&k| named_vars(&format!("{}.", self.vars[k].0), &self.vars[k].1)).collect()
+        which
+            .iter()
+            .flat_map(|&k| named_vars(&format!("{}.", self.vars[k].0), &self.vars[k].1))
+            .collect()
     }
 }
 
@@ -70,7 +73,10 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(size: usize) -> Pool {
-        Pool { images: Vec::new(), size }
+        Pool {
+            images: Vec::new(),
+            size,
+        }
     }
 
     fn query(&mut self, batch: &Tensor, rng: &mut impl Rng) -> Result<Tensor> {
@@ -131,7 +137,11 @@ pub fn lr_factor(cfg: &Config, epoch: usize) -> f64 {
 }
 
 /// Discriminator targets shaped like `like`, per the smoothing option.
-fn targets(like: &Tensor, smoothing: LabelSmoothing, rng: &mut impl Rng) -> Result<(Tensor, Tensor)> {
+fn targets(
+    like: &Tensor,
+    smoothing: LabelSmoothing,
+    rng: &mut impl Rng,
+) -> Result<(Tensor, Tensor)> {
     Ok(match smoothing {
         LabelSmoothing::None => (like.ones_like()?, like.zeros_like()?),
         LabelSmoothing::OneSided => ((like.ones_like()? * 0.9)?, like.zeros_like()?),
@@ -139,7 +149,10 @@ fn targets(like: &Tensor, smoothing: LabelSmoothing, rng: &mut impl Rng) -> Resu
             let n = like.elem_count();
             let real: Vec<f32> = (0..n).map(|_| 1.0 + 0.3 * standard_normal(rng)).collect();
             let fake: Vec<f32> = (0..n).map(|_| 0.3 * standard_normal(rng)).collect();
-            (Tensor::from_vec(real, like.shape(), like.device())?, Tensor::from_vec(fake, like.shape(), like.device())?)
+            (
+                Tensor::from_vec(real, like.shape(), like.device())?,
+                Tensor::from_vec(fake, like.shape(), like.device())?,
+            )
         }
     })
 }
@@ -186,10 +199,12 @@ pub fn train_step(
     let fake_a = pool_a.query(&fake_a.detach(), rng)?;
     let pred_real_b = nets.d_a.forward(real_b)?;
     let (real_t, fake_t) = targets(&pred_real_b, cfg.label_smoothing, rng)?;
-    let loss_d_a = ((mse(&pred_real_b, &real_t)? + mse(&nets.d_a.forward(&fake_b)?, &fake_t)?)? * 0.5)?;
+    let loss_d_a =
+        ((mse(&pred_real_b, &real_t)? + mse(&nets.d_a.forward(&fake_b)?, &fake_t)?)? * 0.5)?;
     let pred_real_a = nets.d_b.forward(real_a)?;
     let (real_t, fake_t) = targets(&pred_real_a, cfg.label_smoothing, rng)?;
-    let loss_d_b = ((mse(&pred_real_a, &real_t)? + mse(&nets.d_b.forward(&fake_a)?, &fake_t)?)? * 0.5)?;
+    let loss_d_b =
+        ((mse(&pred_real_a, &real_t)? + mse(&nets.d_b.forward(&fake_a)?, &fake_t)?)? * 0.5)?;
     adam_d.step(&(&loss_d_a + &loss_d_b)?.backward()?)?;
 
     row.g = scalar(&loss_g)?;
@@ -226,7 +241,16 @@ pub fn train(
     let mut pool_a = Pool::new(cfg.pool_size);
     let mut pool_b = Pool::new(cfg.pool_size);
     let mut losses: Vec<LossRow> = Vec::new();
-    let resumed_from = load_checkpoint(scratch, device, &nets, &mut adam_g, &mut adam_d, &mut pool_a, &mut pool_b, &mut losses)?;
+    let resumed_from = load_checkpoint(
+        scratch,
+        device,
+        &nets,
+        &mut adam_g,
+        &mut adam_d,
+        &mut pool_a,
+        &mut pool_b,
+        &mut losses,
+    )?;
     let start = resumed_from.unwrap_or(0);
     let steps_per_epoch = images.malignant.len().div_ceil(cfg.batch_size) as u64;
     let total_steps = steps_per_epoch * (cfg.n_epochs + cfg.n_epochs_decay) as u64;
@@ -250,7 +274,17 @@ pub fn train(
             let b_refs: Vec<_> = batch.iter().map(|(_, b)| *b).collect();
             let real_a = images.batch(&a_refs, cfg.augment, &mut rng, device)?;
             let real_b = images.batch(&b_refs, cfg.augment, &mut rng, device)?;
-            let mut row = train_step(cfg, &nets, &mut adam_g, &mut adam_d, &mut pool_a, &mut pool_b, &real_a, &real_b, &mut rng)?;
+            let mut row = train_step(
+                cfg,
+                &nets,
+                &mut adam_g,
+                &mut adam_d,
+                &mut pool_a,
+                &mut pool_b,
+                &real_a,
+                &real_b,
+                &mut rng,
+            )?;
             (row.step, row.epoch, row.lr) = (step, epoch as u64, lr);
             if !row.g.is_finite() || !row.d_a.is_finite() || !row.d_b.is_finite() {
                 return Err(anyhow!("training diverged at step {step}: {row:?}"));
@@ -259,14 +293,21 @@ pub fn train(
             losses.push(row);
             steps_run += 1;
             if step % cfg.checkpoint_every as u64 == 0 || step == total_steps {
-                save_checkpoint(scratch, step, &nets, &adam_g, &adam_d, &pool_a, &pool_b, &losses)?;
+                save_checkpoint(
+                    scratch, step, &nets, &adam_g, &adam_d, &pool_a, &pool_b, &losses,
+                )?;
             }
             if stop_after.is_some_and(|s| steps_run >= s) {
                 break 'epochs;
             }
         }
     }
-    Ok(Trained { nets, losses, steps_run, resumed_from })
+    Ok(Trained {
+        nets,
+        losses,
+        steps_run,
+        resumed_from,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -305,7 +346,10 @@ fn save_checkpoint(
         pool_b: pool_b.images.len(),
         losses: losses.to_vec(),
     };
-    melanoflow_pipeline::fsutil::write_atomic(&dir.join("checkpoint.json"), &serde_json::to_vec(&state)?)?;
+    melanoflow_pipeline::fsutil::write_atomic(
+        &dir.join("checkpoint.json"),
+        &serde_json::to_vec(&state)?,
+    )?;
     // Older weights are now unreferenced.
     for e in std::fs::read_dir(dir)?.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
@@ -327,19 +371,32 @@ fn load_checkpoint(
     pool_b: &mut Pool,
     losses: &mut Vec<LossRow>,
 ) -> Result<Option<u64>> {
-    let Ok(text) = std::fs::read(dir.join("checkpoint.json")) else { return Ok(None) };
-    let state: CheckpointState = serde_json::from_slice(&text).context("reading checkpoint.json")?;
+    let Ok(text) = std::fs::read(dir.join("checkpoint.json")) else {
+        return Ok(None);
+    };
+    let state: CheckpointState =
+        serde_json::from_slice(&text).context("reading checkpoint.json")?;
     let tensors = candle_core::safetensors::load(dir.join(&state.weights), device)
         .with_context(|| format!("loading checkpoint {}", dir.join(&state.weights).display()))?;
     for (name, var) in nets.named(&[0, 1, 2, 3]) {
-        let t = tensors.get(&name).ok_or_else(|| anyhow!("checkpoint lacks `{name}`"))?;
+        let t = tensors
+            .get(&name)
+            .ok_or_else(|| anyhow!("checkpoint lacks `{name}`"))?;
         var.set(t)?;
     }
     adam_g.load_state("adam_g.", &tensors, state.adam_g_t)?;
     adam_d.load_state("adam_d.", &tensors, state.adam_d_t)?;
-    for (p, pool, n) in [("pool_a", pool_a, state.pool_a), ("pool_b", pool_b, state.pool_b)] {
+    for (p, pool, n) in [
+        ("pool_a", pool_a, state.pool_a),
+        ("pool_b", pool_b, state.pool_b),
+    ] {
         pool.images = (0..n)
-            .map(|i| tensors.get(&format!("{p}.{i}")).cloned().ok_or_else(|| anyhow!("checkpoint lacks `{p}.{i}`")))
+            .map(|i| {
+                tensors
+                    .get(&format!("{p}.{i}"))
+                    .cloned()
+                    .ok_or_else(|| anyhow!("checkpoint lacks `{p}.{i}`"))
+            })
             .collect::<Result<_>>()?;
     }
     *losses = state.losses;
@@ -347,11 +404,19 @@ fn load_checkpoint(
 }
 
 fn write_losses(path: &Path, rows: &[LossRow]) -> Result<()> {
-    let f = |get: fn(&LossRow) -> f32| -> ArrayRef { Arc::new(Float32Array::from(rows.iter().map(get).collect::<Vec<_>>())) };
+    let f = |get: fn(&LossRow) -> f32| -> ArrayRef {
+        Arc::new(Float32Array::from(rows.iter().map(get).collect::<Vec<_>>()))
+    };
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(Int64Array::from(rows.iter().map(|r| r.step as i64).collect::<Vec<_>>())),
-        Arc::new(Int64Array::from(rows.iter().map(|r| r.epoch as i64).collect::<Vec<_>>())),
-        Arc::new(Float64Array::from(rows.iter().map(|r| r.lr).collect::<Vec<_>>())),
+        Arc::new(Int64Array::from(
+            rows.iter().map(|r| r.step as i64).collect::<Vec<_>>(),
+        )),
+        Arc::new(Int64Array::from(
+            rows.iter().map(|r| r.epoch as i64).collect::<Vec<_>>(),
+        )),
+        Arc::new(Float64Array::from(
+            rows.iter().map(|r| r.lr).collect::<Vec<_>>(),
+        )),
         f(|r| r.g),
         f(|r| r.g_a),
         f(|r| r.g_b),
@@ -375,10 +440,15 @@ fn tail_mean(rows: &[LossRow], n: usize, get: fn(&LossRow) -> f32) -> f32 {
 pub fn run(p: &TrainCycleGanParams, ctx: &StageContext) -> Result<StageReport> {
     let cfg = p.resolve();
     let device = select_device(&p.device)?;
-    let pre = ctx.upstream_of_kind("preprocess").ok_or_else(|| anyhow!("the upstream must be a `preprocess` stage"))?;
+    let pre = ctx
+        .upstream_of_kind("preprocess")
+        .ok_or_else(|| anyhow!("the upstream must be a `preprocess` stage"))?;
     let images = Images::open(&pre.dir)?;
     if images.size % 4 != 0 {
-        return Err(anyhow!("image size {} must be a multiple of 4 for the generator", images.size));
+        return Err(anyhow!(
+            "image size {} must be a multiple of 4 for the generator",
+            images.size
+        ));
     }
     let steps_per_epoch = images.malignant.len().div_ceil(cfg.batch_size) as u64;
     let total = steps_per_epoch * (cfg.n_epochs + cfg.n_epochs_decay) as u64;
@@ -391,7 +461,11 @@ pub fn run(p: &TrainCycleGanParams, ctx: &StageContext) -> Result<StageReport> {
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     if trained.steps_run > 0 {
-        tracing::info!("{} steps in {seconds:.1}s ({:.0} ms/step) on {device:?}", trained.steps_run, 1000.0 * seconds / trained.steps_run as f64);
+        tracing::info!(
+            "{} steps in {seconds:.1}s ({:.0} ms/step) on {device:?}",
+            trained.steps_run,
+            1000.0 * seconds / trained.steps_run as f64
+        );
     }
 
     for (stem, vm) in &trained.nets.vars {
@@ -403,7 +477,10 @@ pub fn run(p: &TrainCycleGanParams, ctx: &StageContext) -> Result<StageReport> {
     let fake = trained.nets.g_a.forward(&x)?;
     let rec = trained.nets.g_b.forward(&fake)?;
     super::grid::write_grid(&ctx.out_dir.join("samples.png"), &[&x, &fake, &rec])?;
-    std::fs::write(ctx.out_dir.join("config.json"), serde_json::to_string_pretty(&cfg)? + "\n")?;
+    std::fs::write(
+        ctx.out_dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg)? + "\n",
+    )?;
     let last = |get: fn(&LossRow) -> f32| tail_mean(&trained.losses, steps_per_epoch as usize, get);
     let summary = serde_json::json!({
         "steps": trained.losses.len(),
@@ -415,8 +492,14 @@ pub fn run(p: &TrainCycleGanParams, ctx: &StageContext) -> Result<StageReport> {
             "loss_d_a": last(|r| r.d_a), "loss_d_b": last(|r| r.d_b),
         },
     });
-    std::fs::write(ctx.out_dir.join("train.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
-    let resumed = trained.resumed_from.map(|s| format!(", resumed at step {s}")).unwrap_or_default();
+    std::fs::write(
+        ctx.out_dir.join("train.json"),
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )?;
+    let resumed = trained
+        .resumed_from
+        .map(|s| format!(", resumed at step {s}"))
+        .unwrap_or_default();
     Ok(StageReport::new(format!(
         "{} steps ({} epochs x {steps_per_epoch}) on {} malignant / {} benign train images at {} px{resumed}: cycle loss {:.3} -> {:.3}, ms/step {:.0}",
         trained.losses.len(),
@@ -424,8 +507,16 @@ pub fn run(p: &TrainCycleGanParams, ctx: &StageContext) -> Result<StageReport> {
         images.malignant.len(),
         images.benign.len(),
         images.size,
-        trained.losses.first().map(|r| r.cycle_a + r.cycle_b).unwrap_or(f32::NAN),
+        trained
+            .losses
+            .first()
+            .map(|r| r.cycle_a + r.cycle_b)
+            .unwrap_or(f32::NAN),
         last(|r| r.cycle_a + r.cycle_b),
-        if trained.steps_run > 0 { 1000.0 * seconds / trained.steps_run as f64 } else { 0.0 },
+        if trained.steps_run > 0 {
+            1000.0 * seconds / trained.steps_run as f64
+        } else {
+            0.0
+        },
     )))
 }

@@ -11,7 +11,10 @@ use clap::Parser;
 use melanoflow_pipeline::BoxError;
 use melanoflow_pipeline::cli::AppInvocation;
 
-use legacy_pth::{EFFICIENTNET_B0_EXPAND_RATIOS, EFFICIENTNET_B0_REPEATS, convert, efficientnet_pytorch_to_torchvision};
+use legacy_pth::{
+    EFFICIENTNET_B0_EXPAND_RATIOS, EFFICIENTNET_B0_REPEATS, convert,
+    efficientnet_pytorch_to_torchvision,
+};
 
 /// Convert PyTorch legacy-format EfficientNet weights to safetensors (torchvision names).
 #[derive(Parser, Debug)]
@@ -32,7 +35,11 @@ struct Args {
 pub fn convert_command(inv: &AppInvocation) -> Result<ExitCode, BoxError> {
     let args = Args::try_parse_from(inv.args)?;
     if args.from != "efficientnet-pytorch" {
-        return Err(format!("--from `{}`: only `efficientnet-pytorch` naming is supported", args.from).into());
+        return Err(format!(
+            "--from `{}`: only `efficientnet-pytorch` naming is supported",
+            args.from
+        )
+        .into());
     }
     let has_se = match args.variant.as_str() {
         "lite0" => false,
@@ -40,7 +47,12 @@ pub fn convert_command(inv: &AppInvocation) -> Result<ExitCode, BoxError> {
         other => return Err(format!("--variant `{other}`: expected `lite0` or `b0`").into()),
     };
     let report = convert(&args.src, &args.dst, |name| {
-        efficientnet_pytorch_to_torchvision(name, &EFFICIENTNET_B0_REPEATS, &EFFICIENTNET_B0_EXPAND_RATIOS, has_se)
+        efficientnet_pytorch_to_torchvision(
+            name,
+            &EFFICIENTNET_B0_REPEATS,
+            &EFFICIENTNET_B0_EXPAND_RATIOS,
+            has_se,
+        )
     })?;
     if !inv.quiet {
         println!(

@@ -84,7 +84,9 @@ bootstrap_resamples = 200
 
 fn read_parquet(path: &std::path::Path) -> polars::prelude::DataFrame {
     use polars::prelude::*;
-    ParquetReader::new(std::fs::File::open(path).unwrap()).finish().unwrap()
+    ParquetReader::new(std::fs::File::open(path).unwrap())
+        .finish()
+        .unwrap()
 }
 
 #[test]
@@ -97,24 +99,44 @@ fn generate_train_evaluate_and_print_the_table() {
 
     // generate: sources are benign training images only, and balance the classes.
     let meta = read_parquet(&p.path("data/out/ingest/metadata.parquet"));
-    let (names, splits, targets) = (meta.column("image_name").unwrap().str().unwrap(), meta.column("split").unwrap().str().unwrap(), meta.column("target").unwrap().i32().unwrap());
+    let (names, splits, targets) = (
+        meta.column("image_name").unwrap().str().unwrap(),
+        meta.column("split").unwrap().str().unwrap(),
+        meta.column("target").unwrap().i32().unwrap(),
+    );
     let mut split_of = std::collections::HashMap::new();
     let (mut benign, mut malignant) = (0, 0);
     for i in 0..meta.height() {
-        let (n, s, t) = (names.get(i).unwrap(), splits.get(i).unwrap(), targets.get(i).unwrap());
+        let (n, s, t) = (
+            names.get(i).unwrap(),
+            splits.get(i).unwrap(),
+            targets.get(i).unwrap(),
+        );
         split_of.insert(n.to_string(), (s.to_string(), t));
         if s == "train" {
             if t == 1 { malignant += 1 } else { benign += 1 }
         }
     }
     let prov = read_parquet(&p.path("data/out/generate/provenance.parquet"));
-    assert_eq!(prov.height(), benign - malignant, "synthetic images balance the training split");
+    assert_eq!(
+        prov.height(),
+        benign - malignant,
+        "synthetic images balance the training split"
+    );
     let sources = prov.column("source_image").unwrap().str().unwrap();
     for i in 0..prov.height() {
         let (split, target) = &split_of[sources.get(i).unwrap()];
-        assert_eq!((split.as_str(), *target), ("train", 0), "generate read a {split} image");
+        assert_eq!(
+            (split.as_str(), *target),
+            ("train", 0),
+            "generate read a {split} image"
+        );
     }
-    melanoflow_schemas::check_parquet(&p.path("data/out/generate/index.parquet"), &melanoflow_schemas::IMAGE_INDEX).unwrap();
+    melanoflow_schemas::check_parquet(
+        &p.path("data/out/generate/index.parquet"),
+        &melanoflow_schemas::IMAGE_INDEX,
+    )
+    .unwrap();
 
     // train_classifier: predictions for every val and test image, per seed.
     let preds = read_parquet(&p.path("data/out/classical/predictions.parquet"));
@@ -122,33 +144,79 @@ fn generate_train_evaluate_and_print_the_table() {
     assert_eq!(preds.height(), 2 * eval_images, "two seeds x (val + test)");
     let scores = preds.column("score").unwrap().f64().unwrap();
     assert!((0..scores.len()).all(|i| scores.get(i).is_some_and(|s| (0.0..=1.0).contains(&s))));
-    for f in ["model-seed0.safetensors", "model-seed1.safetensors", "history.parquet", "train.json"] {
+    for f in [
+        "model-seed0.safetensors",
+        "model-seed1.safetensors",
+        "history.parquet",
+        "train.json",
+    ] {
         assert!(p.path("data/out/classical").join(f).is_file(), "{f}");
     }
-    let w = candle_core::safetensors::load(p.path("data/out/classical/model-seed0.safetensors"), &candle_core::Device::Cpu).unwrap();
-    assert_eq!(w["classifier.1.weight"].dims(), [1, 1280], "torchvision names, one logit");
+    let w = candle_core::safetensors::load(
+        p.path("data/out/classical/model-seed0.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        w["classifier.1.weight"].dims(),
+        [1, 1280],
+        "torchvision names, one logit"
+    );
 
     // evaluate: every arm, numbers in range, the figures and the report.
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p.path("data/out/evaluate/metrics.json")).unwrap()).unwrap();
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.path("data/out/evaluate/metrics.json")).unwrap(),
+    )
+    .unwrap();
     let arms = m["arms"].as_array().unwrap();
-    assert_eq!(arms.iter().map(|a| a["arm"].as_str().unwrap()).collect::<Vec<_>>(), ["none", "classical", "cyclegan"]);
+    assert_eq!(
+        arms.iter()
+            .map(|a| a["arm"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["none", "classical", "cyclegan"]
+    );
     assert_eq!(arms[1]["seeds"].as_array().unwrap().len(), 2);
     for a in arms {
         for s in a["seeds"].as_array().unwrap() {
-            let (auc, lo, hi) = (s["auc"].as_f64().unwrap(), s["auc_ci"]["low"].as_f64().unwrap(), s["auc_ci"]["high"].as_f64().unwrap());
-            assert!((0.0..=1.0).contains(&auc) && lo <= auc + 1e-9 && auc <= hi + 1e-9, "{s}");
+            let (auc, lo, hi) = (
+                s["auc"].as_f64().unwrap(),
+                s["auc_ci"]["low"].as_f64().unwrap(),
+                s["auc_ci"]["high"].as_f64().unwrap(),
+            );
+            assert!(
+                (0.0..=1.0).contains(&auc) && lo <= auc + 1e-9 && auc <= hi + 1e-9,
+                "{s}"
+            );
         }
     }
-    assert!(arms[2]["description"].as_str().unwrap().contains("`gan`"), "the CycleGAN arm names its generator: {}", arms[2]["description"]);
+    assert!(
+        arms[2]["description"].as_str().unwrap().contains("`gan`"),
+        "the CycleGAN arm names its generator: {}",
+        arms[2]["description"]
+    );
     let roc = image::open(p.path("data/out/evaluate/roc.png")).unwrap();
     assert_eq!((roc.width(), roc.height()), (640, 640));
     let html = std::fs::read_to_string(p.path("data/out/evaluate/report.html")).unwrap();
-    assert!(html.contains("<table") && html.contains("data:image/png;base64,") && html.contains("cyclegan"));
-    assert!(std::fs::read_to_string(p.path("data/out/evaluate/report.md")).unwrap().contains("| classical |"));
+    assert!(
+        html.contains("<table")
+            && html.contains("data:image/png;base64,")
+            && html.contains("cyclegan")
+    );
+    assert!(
+        std::fs::read_to_string(p.path("data/out/evaluate/report.md"))
+            .unwrap()
+            .contains("| classical |")
+    );
 
     // `melanoflow metrics` prints the table.
     let t = p.ok(&["metrics"]);
-    assert!(t.stdout.contains("Test ROC-AUC") && t.stdout.contains("classical") && t.stdout.contains("0.79"), "{}", t.stdout);
+    assert!(
+        t.stdout.contains("Test ROC-AUC")
+            && t.stdout.contains("classical")
+            && t.stdout.contains("0.79"),
+        "{}",
+        t.stdout
+    );
     // The pipeline file may follow the command name.
     std::fs::rename(p.path("data/pipeline.toml"), p.path("data/other.toml")).unwrap();
     std::fs::rename(p.path("data/pipeline.lock"), p.path("data/other.lock")).unwrap();
@@ -161,7 +229,12 @@ fn generate_train_evaluate_and_print_the_table() {
     // reproducibility check); nothing is committed by it.
     let lock = p.lock();
     let v = p.ok(&["verify", "--rerun"]);
-    assert!(v.stdout.contains("re-ran 9 stage(s): every output matches the lock file"), "{}", v.stdout);
+    assert!(
+        v.stdout
+            .contains("re-ran 9 stage(s): every output matches the lock file"),
+        "{}",
+        v.stdout
+    );
     assert_eq!(p.lock(), lock);
 
     // Changing one arm's parameter re-runs that arm and evaluate only.
@@ -175,9 +248,17 @@ fn generate_train_evaluate_and_print_the_table() {
 
 #[test]
 fn a_bad_arm_declaration_is_a_pipeline_error() {
-    let p = Project::new(&chain().replace("inputs = [\"preprocess\", \"generate\"]\naugmentation = \"cyclegan\"", "inputs = [\"preprocess\"]\naugmentation = \"cyclegan\""));
+    let p = Project::new(&chain().replace(
+        "inputs = [\"preprocess\", \"generate\"]\naugmentation = \"cyclegan\"",
+        "inputs = [\"preprocess\"]\naugmentation = \"cyclegan\"",
+    ));
     let r = p.fails(&["status"]);
-    assert!(r.stderr.contains("takes two upstreams: a `preprocess` and a `generate` stage"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("takes two upstreams: a `preprocess` and a `generate` stage"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(r.status.code(), Some(2));
 }
 
@@ -185,7 +266,11 @@ fn a_bad_arm_declaration_is_a_pipeline_error() {
 fn metrics_before_a_run_says_what_to_do() {
     let p = Project::new(&chain());
     let r = p.fails(&["metrics"]);
-    assert!(r.stderr.contains("run `melanoflow run evaluate` first"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("run `melanoflow run evaluate` first"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -220,8 +305,15 @@ size = 64
         dir = real.join("isic_archive_uda1").display()
     ));
     let r = p.ok(&["run"]);
-    assert!(r.line("ingest").contains("100 rows"), "{}", r.line("ingest"));
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p.path("data/out/ingest/ingest.json")).unwrap()).unwrap();
+    assert!(
+        r.line("ingest").contains("100 rows"),
+        "{}",
+        r.line("ingest")
+    );
+    let s: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.path("data/out/ingest/ingest.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(s["patients"], 100);
     assert_eq!(s["malignant"], 50);
     for split in ["train", "val", "test"] {
@@ -249,7 +341,9 @@ device = "cpu"
 /// The `[stages.classical]` block of a lock file (fingerprint, output digest).
 fn locked_arm(p: &Project) -> String {
     let lock = p.lock();
-    let start = lock.find("[stages.classical]").expect("classical in the lock");
+    let start = lock
+        .find("[stages.classical]")
+        .expect("classical in the lock");
     lock[start..].split("\n\n").next().unwrap().to_string()
 }
 
@@ -263,7 +357,14 @@ fn a_killed_classifier_resumes_after_its_last_epoch_and_ends_identical() {
     let mut child = p.spawn(&["run"]);
     // Wait for the first epoch's checkpoint, then SIGKILL.
     let scratch = p.path("data/.melanoflow/scratch");
-    let checkpointed = || scratch.read_dir().into_iter().flatten().flatten().any(|d| d.path().join("seed-0/state.json").is_file());
+    let checkpointed = || {
+        scratch
+            .read_dir()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| d.path().join("seed-0/state.json").is_file())
+    };
     for _ in 0..1200 {
         if checkpointed() {
             break;
@@ -273,11 +374,22 @@ fn a_killed_classifier_resumes_after_its_last_epoch_and_ends_identical() {
     assert!(checkpointed(), "no checkpoint within 60 s");
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!p.lock().contains("[stages.classical]"), "nothing committed");
+    assert!(
+        !p.lock().contains("[stages.classical]"),
+        "nothing committed"
+    );
 
     let r = p.ok(&["run"]);
-    assert!(r.line("classical").contains("resumed after epoch"), "{}", r.stdout);
-    assert_eq!(locked_arm(&p), locked_arm(&uninterrupted), "a resumed run writes the same bytes as an uninterrupted one");
+    assert!(
+        r.line("classical").contains("resumed after epoch"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        locked_arm(&p),
+        locked_arm(&uninterrupted),
+        "a resumed run writes the same bytes as an uninterrupted one"
+    );
 }
 
 /// `generate` split the way a cluster job array splits it (three parts of
@@ -292,11 +404,19 @@ fn generate_run_in_parts_and_assembled_equals_the_whole_run() {
     let split = Project::new(&chain());
     split.ok(&[&["run", "gan"][..], &batches].concat());
     for part in ["0", "1", "2"] {
-        split.ok(&[&["run-stage", "generate", "--parts", "3", "--part", part][..], &batches].concat());
+        split.ok(&[
+            &["run-stage", "generate", "--parts", "3", "--part", part][..],
+            &batches,
+        ]
+        .concat());
     }
     split.ok(&[&["run-stage", "generate", "--assemble", "3"][..], &batches].concat());
     let r = split.ok(&[&["run", "generate"][..], &batches].concat());
     assert_eq!(r.state("generate"), "restored", "{}", r.stdout);
-    assert_eq!(split.lock(), whole.lock(), "assembled parts must be the whole run's bytes");
+    assert_eq!(
+        split.lock(),
+        whole.lock(),
+        "assembled parts must be the whole run's bytes"
+    );
     assert!(split.path("data/out/generate/samples.png").exists());
 }

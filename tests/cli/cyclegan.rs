@@ -46,15 +46,43 @@ fn trains_and_writes_weights_losses_and_a_sample_grid() {
     let line = r.line("gan");
     assert!(line.contains("steps (2 epochs x"), "{line}");
     let out = p.path("data/out/gan");
-    for f in ["G_A.safetensors", "G_B.safetensors", "D_A.safetensors", "D_B.safetensors", "losses.parquet", "samples.png", "config.json", "train.json"] {
+    for f in [
+        "G_A.safetensors",
+        "G_B.safetensors",
+        "D_A.safetensors",
+        "D_B.safetensors",
+        "losses.parquet",
+        "samples.png",
+        "config.json",
+        "train.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let grid = image::open(out.join("samples.png")).unwrap();
-    assert_eq!(grid.height(), 3 * 128 + 4 * 2, "three rows of 32 px images scaled x4");
-    let g = candle_core::safetensors::load(out.join("G_A.safetensors"), &candle_core::Device::Cpu).unwrap();
-    assert_eq!(g["model.1.weight"].dims(), [4, 3, 7, 7], "PyTorch layout and names");
-    melanoflow_schemas::check_parquet(&out.join("losses.parquet"), &melanoflow_schemas::CYCLEGAN_LOSSES).unwrap();
-    assert!(!p.path("data/.melanoflow/scratch").read_dir().map(|mut d| d.next().is_some()).unwrap_or(false), "checkpoints removed after commit");
+    assert_eq!(
+        grid.height(),
+        3 * 128 + 4 * 2,
+        "three rows of 32 px images scaled x4"
+    );
+    let g = candle_core::safetensors::load(out.join("G_A.safetensors"), &candle_core::Device::Cpu)
+        .unwrap();
+    assert_eq!(
+        g["model.1.weight"].dims(),
+        [4, 3, 7, 7],
+        "PyTorch layout and names"
+    );
+    melanoflow_schemas::check_parquet(
+        &out.join("losses.parquet"),
+        &melanoflow_schemas::CYCLEGAN_LOSSES,
+    )
+    .unwrap();
+    assert!(
+        !p.path("data/.melanoflow/scratch")
+            .read_dir()
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false),
+        "checkpoints removed after commit"
+    );
     let lock = p.lock();
     assert_eq!(p.ok(&["run"]).state("gan"), "cached");
     // Same inputs, same machine: the same bytes (no timings in the outputs).
@@ -71,7 +99,13 @@ fn a_killed_training_run_resumes_from_its_checkpoint() {
     // Wait for a checkpoint, then SIGKILL.
     let scratch = p.path("data/.melanoflow/scratch");
     for _ in 0..600 {
-        let found = scratch.read_dir().ok().into_iter().flatten().flatten().any(|d| d.path().join("checkpoint.json").is_file());
+        let found = scratch
+            .read_dir()
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| d.path().join("checkpoint.json").is_file());
         if found {
             break;
         }

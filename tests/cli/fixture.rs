@@ -49,7 +49,11 @@ impl Run {
     pub fn line(&self, stage: &str) -> &str {
         self.stdout
             .lines()
-            .find(|l| l.split_whitespace().any(|w| w.trim_end_matches(':') == stage) && !l.contains("stage(s)"))
+            .find(|l| {
+                l.split_whitespace()
+                    .any(|w| w.trim_end_matches(':') == stage)
+                    && !l.contains("stage(s)")
+            })
             .unwrap_or_else(|| panic!("no line for `{stage}` in:\n{}", self.stdout))
     }
 
@@ -65,7 +69,10 @@ impl Project {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("data")).unwrap();
         std::fs::write(dir.path().join("data/pipeline.toml"), pipeline).unwrap();
-        Project { dir, env: Vec::new() }
+        Project {
+            dir,
+            env: Vec::new(),
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -80,7 +87,10 @@ impl Project {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
-        c.current_dir(self.dir.path()).args(args).env_remove("MELANOFLOW_LOG").envs(self.env.iter().map(|(k, v)| (k, v)));
+        c.current_dir(self.dir.path())
+            .args(args)
+            .env_remove("MELANOFLOW_LOG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
@@ -91,19 +101,32 @@ impl Project {
     /// Runs and asserts success.
     pub fn ok(&self, args: &[&str]) -> Run {
         let r = self.run(args);
-        assert!(r.status.success(), "melanoflow {args:?} failed\nstdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+        assert!(
+            r.status.success(),
+            "melanoflow {args:?} failed\nstdout:\n{}\nstderr:\n{}",
+            r.stdout,
+            r.stderr
+        );
         r
     }
 
     /// Runs and asserts failure.
     pub fn fails(&self, args: &[&str]) -> Run {
         let r = self.run(args);
-        assert!(!r.status.success(), "melanoflow {args:?} should have failed\nstdout:\n{}", r.stdout);
+        assert!(
+            !r.status.success(),
+            "melanoflow {args:?} should have failed\nstdout:\n{}",
+            r.stdout
+        );
         r
     }
 
     pub fn spawn(&self, args: &[&str]) -> Child {
-        self.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn")
+        self.command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
     }
 
     pub fn lock(&self) -> String {
@@ -114,7 +137,9 @@ impl Project {
     pub fn run_records(&self) -> Vec<String> {
         let dir = self.path("data/store/runs");
         let mut v: Vec<String> = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+            Ok(rd) => rd
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect(),
             Err(_) => vec![],
         };
         v.sort();
@@ -147,7 +172,11 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap() {
             let p = e.unwrap().path();
-            if p.is_dir() { stack.push(p) } else { out.push(p) }
+            if p.is_dir() {
+                stack.push(p)
+            } else {
+                out.push(p)
+            }
         }
     }
     out.sort();
@@ -159,7 +188,10 @@ pub fn realdata() -> Option<PathBuf> {
     if p.is_dir() {
         Some(p)
     } else {
-        eprintln!("SKIPPED: {} is absent (real ISIC files live in the workplace's shared folder)", p.display());
+        eprintln!(
+            "SKIPPED: {} is absent (real ISIC files live in the workplace's shared folder)",
+            p.display()
+        );
         None
     }
 }

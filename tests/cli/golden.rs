@@ -69,7 +69,10 @@ fn verify_against_a_committed_lock_catches_stale_outputs_and_unrecorded_changes(
     let committed = p.lock();
     p.write("committed.lock", &committed);
     let r = p.ok(&["verify", "--against", "committed.lock"]);
-    says(&r.stdout, "2 stage(s): every fingerprint and output matches the committed lock");
+    says(
+        &r.stdout,
+        "2 stage(s): every fingerprint and output matches the committed lock",
+    );
 
     // Same fingerprint, other bytes: the stale-cache bug, named with its file.
     p.write("committed.lock", with_other_ingest_bytes(&committed));

@@ -35,7 +35,9 @@ fn picture(seed: u32, w: u32, h: u32) -> RgbImage {
 
 fn jpeg(img: &RgbImage) -> Vec<u8> {
     let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92).encode_image(img).unwrap();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92)
+        .encode_image(img)
+        .unwrap();
     out
 }
 
@@ -50,7 +52,10 @@ fn project(n: usize, size: u32, extra: &str) -> Project {
             i / 2,
             if t == 1 { "malignant" } else { "benign" }
         ));
-        p.write(&format!("data/src/jpeg/ISIC_{i:07}.jpg"), jpeg(&picture(i as u32, 96, 72)));
+        p.write(
+            &format!("data/src/jpeg/ISIC_{i:07}.jpg"),
+            jpeg(&picture(i as u32, 96, 72)),
+        );
     }
     p.write("data/src/train.csv", csv);
     p
@@ -62,7 +67,8 @@ fn reference(bytes: &[u8], size: u32) -> RgbImage {
     let img = image::load_from_memory(bytes).unwrap().into_rgb8();
     let (w, h) = img.dimensions();
     let side = w.min(h);
-    let square = image::imageops::crop_imm(&img, (w - side) / 2, (h - side) / 2, side, side).to_image();
+    let square =
+        image::imageops::crop_imm(&img, (w - side) / 2, (h - side) / 2, side, side).to_image();
     image::imageops::resize(&square, size, size, image::imageops::FilterType::CatmullRom)
 }
 
@@ -70,21 +76,29 @@ fn reference(bytes: &[u8], size: u32) -> RgbImage {
 fn diff(a: &[u8], b: &[u8]) -> (f64, u8) {
     assert_eq!(a.len(), b.len());
     let d: Vec<u8> = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).collect();
-    (d.iter().map(|&v| v as f64).sum::<f64>() / d.len() as f64, *d.iter().max().unwrap())
+    (
+        d.iter().map(|&v| v as f64).sum::<f64>() / d.len() as f64,
+        *d.iter().max().unwrap(),
+    )
 }
 
 /// Reads the index and returns, per image name, its pixels from the shards.
 fn pixels(p: &Project, stage: &str, size: u32) -> Vec<(String, Vec<u8>)> {
     use polars::prelude::*;
     let dir = p.path(&format!("data/out/{stage}"));
-    let df = ParquetReader::new(std::fs::File::open(dir.join("index.parquet")).unwrap()).finish().unwrap();
+    let df = ParquetReader::new(std::fs::File::open(dir.join("index.parquet")).unwrap())
+        .finish()
+        .unwrap();
     let names = df.column("image_name").unwrap().str().unwrap().clone();
     let shards = df.column("shard").unwrap().str().unwrap().clone();
     let offsets = df.column("offset").unwrap().i64().unwrap().clone();
     (0..df.height())
         .map(|i| {
             let r = ShardReader::open(&dir.join(shards.get(i).unwrap()), size).unwrap();
-            (names.get(i).unwrap().to_string(), r.read(offsets.get(i).unwrap() as u64).unwrap())
+            (
+                names.get(i).unwrap().to_string(),
+                r.read(offsets.get(i).unwrap() as u64).unwrap(),
+            )
         })
         .collect()
 }
@@ -106,15 +120,26 @@ fn real_isic_jpegs_match_an_independent_decode_and_resize() {
     let dir = real.join("isic_archive_uda1");
     let labels = std::fs::read_to_string(dir.join("labels.csv")).unwrap();
     // Ten real images (there is no patient id in this collection: one patient each).
-    let p = Project::new(&pipeline(256, "dct_downscale = false").replace("src/jpeg", &dir.join("images").display().to_string()));
+    let p = Project::new(
+        &pipeline(256, "dct_downscale = false")
+            .replace("src/jpeg", &dir.join("images").display().to_string()),
+    );
     let mut csv = format!("{HEADER}\n");
     for line in labels.lines().skip(1).step_by(10) {
         let f: Vec<&str> = line.split(',').collect();
-        csv.push_str(&format!("{},{},{},{},,{},{},{}\n", f[0], f[0], f[6], f[5], f[3], f[2], f[1]));
+        csv.push_str(&format!(
+            "{},{},{},{},,{},{},{}\n",
+            f[0], f[0], f[6], f[5], f[3], f[2], f[1]
+        ));
     }
     p.write("data/src/train.csv", csv);
     let r = p.ok(&["run"]);
-    assert!(r.line("preprocess").contains("10 images in 1 shard(s) at 256 px: decoded 10, reused 0"), "{}", r.stdout);
+    assert!(
+        r.line("preprocess")
+            .contains("10 images in 1 shard(s) at 256 px: decoded 10, reused 0"),
+        "{}",
+        r.stdout
+    );
     for (name, px) in pixels(&p, "preprocess", 256) {
         let bytes = std::fs::read(dir.join(format!("images/{name}.jpg"))).unwrap();
         let (mean, max) = diff(&px, reference(&bytes, 256).as_raw());
@@ -137,18 +162,34 @@ fn real_isic_jpegs_match_an_independent_decode_and_resize() {
 fn changing_one_source_image_decodes_exactly_one() {
     let p = project(20, 32, "");
     let r = p.ok(&["run"]);
-    assert!(r.line("preprocess").contains("20 images in 1 shard(s) at 32 px: decoded 20, reused 0"), "{}", r.stdout);
+    assert!(
+        r.line("preprocess")
+            .contains("20 images in 1 shard(s) at 32 px: decoded 20, reused 0"),
+        "{}",
+        r.stdout
+    );
     let before = pixels(&p, "preprocess", 32);
-    p.write("data/src/jpeg/ISIC_0000007.jpg", jpeg(&picture(999, 96, 72)));
+    p.write(
+        "data/src/jpeg/ISIC_0000007.jpg",
+        jpeg(&picture(999, 96, 72)),
+    );
     let r = p.ok(&["run"]);
-    assert!(r.line("preprocess").contains("decoded 1, reused 19"), "{}", r.stdout);
+    assert!(
+        r.line("preprocess").contains("decoded 1, reused 19"),
+        "{}",
+        r.stdout
+    );
     let after = pixels(&p, "preprocess", 32);
     for ((name, a), (_, b)) in before.iter().zip(&after) {
         assert_eq!(a == b, name != "ISIC_0000007", "{name}");
     }
     // A new size means new pixels for every image.
     let r = p.ok(&["run", "--set", "preprocess.size=24"]);
-    assert!(r.line("preprocess").contains("decoded 20, reused 0"), "{}", r.stdout);
+    assert!(
+        r.line("preprocess").contains("decoded 20, reused 0"),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]
@@ -157,12 +198,22 @@ fn many_shards_when_shards_are_small() {
     let p = Project::new(&pipeline(64, "shard_mb = 1"));
     let mut csv = format!("{HEADER}\n");
     for i in 0..20 {
-        csv.push_str(&format!("ISIC_{i:07},IP_{i:03},male,50,torso,unknown,benign,0\n"));
-        p.write(&format!("data/src/jpeg/ISIC_{i:07}.jpg"), jpeg(&picture(i, 600, 400)));
+        csv.push_str(&format!(
+            "ISIC_{i:07},IP_{i:03},male,50,torso,unknown,benign,0\n"
+        ));
+        p.write(
+            &format!("data/src/jpeg/ISIC_{i:07}.jpg"),
+            jpeg(&picture(i, 600, 400)),
+        );
     }
     p.write("data/src/train.csv", csv);
     let r = p.ok(&["run", "--set", "preprocess.size=300"]);
-    assert!(r.line("preprocess").contains("20 images in 7 shard(s) at 300 px"), "{}", r.stdout);
+    assert!(
+        r.line("preprocess")
+            .contains("20 images in 7 shard(s) at 300 px"),
+        "{}",
+        r.stdout
+    );
     assert_eq!(pixels(&p, "preprocess", 300).len(), 20);
 }
 
@@ -172,19 +223,53 @@ fn bad_image(bytes: &[u8], reason: &str) {
     p.write("data/src/jpeg/ISIC_0000003.jpg", bytes);
     let r = p.fails(&["run"]);
     assert!(r.stderr.contains("1 bad image(s)"), "{}", r.stderr);
-    assert!(r.stderr.contains("ISIC_0000003.jpg (ISIC_0000003)"), "names the file: {}", r.stderr);
-    assert!(r.stderr.contains(reason), "says why ({reason}): {}", r.stderr);
+    assert!(
+        r.stderr.contains("ISIC_0000003.jpg (ISIC_0000003)"),
+        "names the file: {}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains(reason),
+        "says why ({reason}): {}",
+        r.stderr
+    );
     assert!(!p.path("data/out/preprocess").exists(), "nothing committed");
     assert!(!p.lock().contains("[stages.preprocess]"));
 
     let r = p.ok(&["run", "--set", "preprocess.on_bad_image=\"skip\""]);
-    assert!(r.line("preprocess").contains("9 images in 1 shard(s) at 32 px"), "{}", r.stdout);
-    assert!(r.line("preprocess").contains("skipped 1 bad (ISIC_0000003)"), "{}", r.stdout);
+    assert!(
+        r.line("preprocess")
+            .contains("9 images in 1 shard(s) at 32 px"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.line("preprocess")
+            .contains("skipped 1 bad (ISIC_0000003)"),
+        "{}",
+        r.stdout
+    );
     use polars::prelude::*;
-    let df = ParquetReader::new(std::fs::File::open(p.path("data/out/preprocess/bad_images.parquet")).unwrap()).finish().unwrap();
+    let df = ParquetReader::new(
+        std::fs::File::open(p.path("data/out/preprocess/bad_images.parquet")).unwrap(),
+    )
+    .finish()
+    .unwrap();
     assert_eq!(df.height(), 1);
-    assert!(df.column("reason").unwrap().str().unwrap().get(0).unwrap().contains(reason));
-    assert!(pixels(&p, "preprocess", 32).iter().all(|(n, _)| n != "ISIC_0000003"));
+    assert!(
+        df.column("reason")
+            .unwrap()
+            .str()
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .contains(reason)
+    );
+    assert!(
+        pixels(&p, "preprocess", 32)
+            .iter()
+            .all(|(n, _)| n != "ISIC_0000003")
+    );
 }
 
 #[test]
@@ -226,18 +311,46 @@ fn images_from_an_object_store_url() {
     local.ok(&["run"]);
     let url = format!("file://{}", local.path("data/src/jpeg").display());
     let p = Project::new(&pipeline(32, "").replace("\"src/jpeg\"", &format!("\"{url}\"")));
-    p.write("data/src/train.csv", std::fs::read(local.path("data/src/train.csv")).unwrap());
+    p.write(
+        "data/src/train.csv",
+        std::fs::read(local.path("data/src/train.csv")).unwrap(),
+    );
     let r = p.ok(&["run"]);
-    assert!(r.line("preprocess").contains("12 images in 1 shard(s) at 32 px: decoded 12"), "{}", r.stdout);
-    assert_eq!(pixels(&p, "preprocess", 32), pixels(&local, "preprocess", 32), "same pixels as from the folder");
-    let source: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p.path("data/out/ingest/source.json")).unwrap()).unwrap();
+    assert!(
+        r.line("preprocess")
+            .contains("12 images in 1 shard(s) at 32 px: decoded 12"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        pixels(&p, "preprocess", 32),
+        pixels(&local, "preprocess", 32),
+        "same pixels as from the folder"
+    );
+    let source: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.path("data/out/ingest/source.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(source["images"], url.as_str());
-    assert_eq!(p.ok(&["run"]).state("ingest"), "cached", "a no-op costs a listing");
+    assert_eq!(
+        p.ok(&["run"]).state("ingest"),
+        "cached",
+        "a no-op costs a listing"
+    );
     std::thread::sleep(std::time::Duration::from_millis(10));
     local.write("data/src/jpeg/ISIC_0000004.jpg", jpeg(&picture(77, 96, 72)));
     let r = p.ok(&["run"]);
-    assert!(r.line("ingest").contains("input files changed `images/ISIC_0000004.jpg`"), "{}", r.stdout);
-    assert!(r.line("preprocess").contains("decoded 1, reused 11"), "{}", r.stdout);
+    assert!(
+        r.line("ingest")
+            .contains("input files changed `images/ISIC_0000004.jpg`"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.line("preprocess").contains("decoded 1, reused 11"),
+        "{}",
+        r.stdout
+    );
 }
 
 /// The worker protocol a cluster job array uses: the stage run as three
@@ -255,26 +368,54 @@ fn a_stage_run_in_parts_and_assembled_equals_the_whole_run() {
     let split = project(200, 64, extra);
     split.write("data/src/jpeg/ISIC_0000100.jpg", b"not a jpeg");
     let early = split.fails(&["run-stage", "preprocess", "--parts", "3", "--part", "0"]);
-    assert!(early.stderr.contains("upstream `ingest` has no committed result"), "{}", early.stderr);
+    assert!(
+        early
+            .stderr
+            .contains("upstream `ingest` has no committed result"),
+        "{}",
+        early.stderr
+    );
     split.ok(&["run", "ingest"]);
     let missing = split.fails(&["run-stage", "preprocess", "--assemble", "3"]);
-    assert!(missing.stderr.contains("part 0 of 3 is not committed"), "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains("part 0 of 3 is not committed"),
+        "{}",
+        missing.stderr
+    );
     for part in ["0", "1", "2"] {
         let r = split.ok(&["run-stage", "preprocess", "--parts", "3", "--part", part]);
         assert!(r.stdout.starts_with("committed preprocess"), "{}", r.stdout);
     }
     split.ok(&["run-stage", "preprocess", "--assemble", "3"]);
     let again = split.ok(&["run-stage", "preprocess"]);
-    assert!(again.stdout.starts_with("already committed preprocess"), "{}", again.stdout);
+    assert!(
+        again.stdout.starts_with("already committed preprocess"),
+        "{}",
+        again.stdout
+    );
     let r = split.ok(&["run"]);
     assert_eq!(r.state("preprocess"), "restored", "{}", r.stdout);
-    assert_eq!(split.lock(), whole.lock(), "assembled parts must be the whole run's bytes");
-    let shards = files_under(&split.path("data/out/preprocess")).iter().filter(|f| f.to_string_lossy().contains("shard-")).count();
+    assert_eq!(
+        split.lock(),
+        whole.lock(),
+        "assembled parts must be the whole run's bytes"
+    );
+    let shards = files_under(&split.path("data/out/preprocess"))
+        .iter()
+        .filter(|f| f.to_string_lossy().contains("shard-"))
+        .count();
     assert_eq!(shards, 3);
     // Part records are transient: gc drops them, and what the lock needs stays.
     let gc = split.ok(&["gc"]);
-    assert!(gc.stdout.contains("(and 3 part records of split stages)"), "{}", gc.stdout);
-    assert!(!split.path("data/store/parts").exists() || files_under(&split.path("data/store/parts")).is_empty());
+    assert!(
+        gc.stdout.contains("(and 3 part records of split stages)"),
+        "{}",
+        gc.stdout
+    );
+    assert!(
+        !split.path("data/store/parts").exists()
+            || files_under(&split.path("data/store/parts")).is_empty()
+    );
     assert!(split.ok(&["run"]).stdout.contains("2 cached"));
 }
 
@@ -291,19 +432,44 @@ fn a_worker_part_decodes_only_the_changed_image() {
     local.ok(&["run"]);
     local.write("data/src/jpeg/ISIC_0000010.jpg", &changed);
     let r = local.ok(&["run"]);
-    assert!(r.line("preprocess").contains("decoded 1, reused 199"), "{}", r.stdout);
+    assert!(
+        r.line("preprocess").contains("decoded 1, reused 199"),
+        "{}",
+        r.stdout
+    );
 
     let p = project(200, 64, extra);
     p.ok(&["run"]);
     p.write("data/src/jpeg/ISIC_0000010.jpg", &changed);
     p.ok(&["run", "ingest"]);
-    let expected = ["85 images: decoded 1, reused 84", "85 images: decoded 0, reused 85", "30 images: decoded 0, reused 30"];
+    let expected = [
+        "85 images: decoded 1, reused 84",
+        "85 images: decoded 0, reused 85",
+        "30 images: decoded 0, reused 30",
+    ];
     for (part, counts) in expected.iter().enumerate() {
-        let r = p.ok(&["run-stage", "preprocess", "--parts", "3", "--part", &part.to_string()]);
-        assert!(r.stdout.starts_with("committed preprocess") && r.stdout.contains(counts), "part {part}: {}", r.stdout);
+        let r = p.ok(&[
+            "run-stage",
+            "preprocess",
+            "--parts",
+            "3",
+            "--part",
+            &part.to_string(),
+        ]);
+        assert!(
+            r.stdout.starts_with("committed preprocess") && r.stdout.contains(counts),
+            "part {part}: {}",
+            r.stdout
+        );
     }
     let assembled = p.ok(&["run-stage", "preprocess", "--assemble", "3"]);
-    assert!(assembled.stdout.contains("200 images in 3 shard(s) at 64 px: decoded 1, reused 199"), "{}", assembled.stdout);
+    assert!(
+        assembled
+            .stdout
+            .contains("200 images in 3 shard(s) at 64 px: decoded 1, reused 199"),
+        "{}",
+        assembled.stdout
+    );
     let r = p.ok(&["run"]);
     assert_eq!(r.state("preprocess"), "restored", "{}", r.stdout);
     assert_eq!(p.lock(), local.lock());

@@ -24,7 +24,8 @@ const ACCESS_KEY: &str = "melanoflow-test-key";
 const SECRET_KEY: &str = "melanoflow-test-secret";
 /// Azurite's well-known development account and its published key.
 const AZURITE_ACCOUNT: &str = "devstoreaccount1";
-const AZURITE_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Backend {
@@ -43,27 +44,64 @@ struct Server {
 impl Server {
     fn start(backend: Backend) -> Option<Server> {
         let root = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let mut command = match backend {
             Backend::S3 => {
                 std::fs::create_dir_all(root.path().join(BUCKET)).unwrap();
                 let mut c = Command::new(s3s_fs_binary()?);
-                c.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY]).arg(root.path());
+                c.args([
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--access-key",
+                    ACCESS_KEY,
+                    "--secret-key",
+                    SECRET_KEY,
+                ])
+                .arg(root.path());
                 c
             }
             Backend::Azure => {
                 let mut c = Command::new(azurite_binary()?);
-                c.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string(), "--location"])
-                    .arg(root.path())
-                    .args(["--skipApiVersionCheck", "--loose", "--disableTelemetry", "--silent"]);
+                c.args([
+                    "--blobHost",
+                    "127.0.0.1",
+                    "--blobPort",
+                    &port.to_string(),
+                    "--location",
+                ])
+                .arg(root.path())
+                .args([
+                    "--skipApiVersionCheck",
+                    "--loose",
+                    "--disableTelemetry",
+                    "--silent",
+                ]);
                 c
             }
         };
-        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
-        let server = Server { backend, child: Some(child), root, port };
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+        let server = Server {
+            backend,
+            child: Some(child),
+            root,
+            port,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "{backend:?} server did not listen on port {port} within 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "{backend:?} server did not listen on port {port} within 30 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         if backend == Backend::Azure {
@@ -96,15 +134,28 @@ impl Server {
     /// Credentials, from the environment as on a real machine.
     fn credentials(&self) -> Vec<(String, String)> {
         let pairs = match self.backend {
-            Backend::S3 => [("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY)],
-            Backend::Azure => [("AZURE_STORAGE_ACCOUNT_NAME", AZURITE_ACCOUNT), ("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY)],
+            Backend::S3 => [
+                ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+                ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+            ],
+            Backend::Azure => [
+                ("AZURE_STORAGE_ACCOUNT_NAME", AZURITE_ACCOUNT),
+                ("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY),
+            ],
         };
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     /// The object's file in the server's folder (s3s-fs keeps plain files).
     fn object(&self, prefix: &str, key: &str) -> PathBuf {
-        assert_eq!(self.backend, Backend::S3, "only s3s-fs stores objects as plain files");
+        assert_eq!(
+            self.backend,
+            Backend::S3,
+            "only s3s-fs stores objects as plain files"
+        );
         self.root.path().join(BUCKET).join(prefix).join(key)
     }
 
@@ -113,19 +164,36 @@ impl Server {
         match self.backend {
             Backend::S3 => {
                 let dir = self.object(prefix, sub);
-                if dir.is_dir() { files_under(&dir).len() } else { 0 }
+                if dir.is_dir() {
+                    files_under(&dir).len()
+                } else {
+                    0
+                }
             }
             Backend::Azure => {
                 let under = format!("{prefix}/{sub}");
-                self.azurite(&["list", BUCKET, under.trim_end_matches('/')]).trim().parse().unwrap()
+                self.azurite(&["list", BUCKET, under.trim_end_matches('/')])
+                    .trim()
+                    .parse()
+                    .unwrap()
             }
         }
     }
 
     /// Runs the Azurite helper (`create CONTAINER`, `list CONTAINER PREFIX`).
     fn azurite(&self, args: &[&str]) -> String {
-        let out = Command::new("node").arg("-e").arg(AZURITE_HELPER).arg(self.port.to_string()).args(args).output().expect("node runs Azurite");
-        assert!(out.status.success(), "azurite helper {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("node")
+            .arg("-e")
+            .arg(AZURITE_HELPER)
+            .arg(self.port.to_string())
+            .args(args)
+            .output()
+            .expect("node runs Azurite");
+        assert!(
+            out.status.success(),
+            "azurite helper {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -166,17 +234,29 @@ http.request({ host: '127.0.0.1', port, method, path: `${path}?${qs}`, headers }
 
 /// The first of `candidates` that is a file; else `None` with a message, or
 /// a failure when `require` (set by `make test`) is "1".
-fn find_tool(what: &str, candidates: Vec<Option<PathBuf>>, require: &str, how: &str) -> Option<PathBuf> {
+fn find_tool(
+    what: &str,
+    candidates: Vec<Option<PathBuf>>,
+    require: &str,
+    how: &str,
+) -> Option<PathBuf> {
     let found = candidates.into_iter().flatten().find(|p| p.is_file());
     if found.is_none() {
-        assert!(std::env::var(require).as_deref() != Ok("1"), "{what} not found: {how}");
+        assert!(
+            std::env::var(require).as_deref() != Ok("1"),
+            "{what} not found: {how}"
+        );
         eprintln!("SKIPPED: these tests need {what}: {how}");
     }
     found
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()))
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
 }
 
 fn s3s_fs_binary() -> Option<PathBuf> {
@@ -198,7 +278,12 @@ fn azurite_binary() -> Option<PathBuf> {
         Some(Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/node_modules/.bin/azurite-blob")),
     ];
     let how = "npm install --prefix .tools azurite@3.35.0 (Node 20; `make test` does this); looked in AZURITE_BLOB, PATH, .tools/node_modules/.bin";
-    find_tool("Azurite (azurite-blob)", candidates, "MELANOFLOW_REQUIRE_AZURE", how)
+    find_tool(
+        "Azurite (azurite-blob)",
+        candidates,
+        "MELANOFLOW_REQUIRE_AZURE",
+        how,
+    )
 }
 
 /// A project with the small pipeline, using the server's `prefix`.
@@ -220,12 +305,23 @@ fn clone_of(p: &Project) -> Project {
 
 /// Relative path -> bytes of every file under `dir`.
 fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    files_under(dir).into_iter().map(|f| (f.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&f).unwrap())).collect()
+    files_under(dir)
+        .into_iter()
+        .map(|f| {
+            (
+                f.strip_prefix(dir).unwrap().to_path_buf(),
+                std::fs::read(&f).unwrap(),
+            )
+        })
+        .collect()
 }
 
 /// One of synth's JPEGs: its store key, digest and bytes.
 fn a_synth_blob(p: &Project) -> (String, String, Vec<u8>) {
-    let jpeg = files_under(&p.path("data/out/synth")).into_iter().find(|f| f.extension().is_some_and(|e| e == "jpg")).unwrap();
+    let jpeg = files_under(&p.path("data/out/synth"))
+        .into_iter()
+        .find(|f| f.extension().is_some_and(|e| e == "jpg"))
+        .unwrap();
     let bytes = std::fs::read(&jpeg).unwrap();
     let hex = melanoflow_pipeline::Digest::of_bytes(&bytes).to_hex();
     (format!("blobs/{}/{}", &hex[..2], &hex[2..]), hex, bytes)
@@ -235,7 +331,11 @@ fn a_synth_blob(p: &Project) -> (String, String, Vec<u8>) {
 /// `pushed 5002 files (0 already there) as 3 objects for ...`.
 fn counts(r: &crate::fixture::Run) -> (usize, usize, usize) {
     let words: Vec<&str> = r.stdout.split_whitespace().collect();
-    let number = |w: &str| w.trim_start_matches('(').parse::<usize>().unwrap_or_else(|_| panic!("no count in: {}", r.stdout));
+    let number = |w: &str| {
+        w.trim_start_matches('(')
+            .parse::<usize>()
+            .unwrap_or_else(|_| panic!("no count in: {}", r.stdout))
+    };
     (number(words[1]), number(words[3]), number(words[7]))
 }
 
@@ -257,37 +357,74 @@ fn push_then_pull(server: &Server) {
     let origin = project(&server, "push-pull");
     // A read-only remote is never written, even by a run that computes.
     origin.ok(&["run", "--remote-read-only"]);
-    assert_eq!(server.count("push-pull", ""), 0, "a read-only run wrote to the remote");
+    assert_eq!(
+        server.count("push-pull", ""),
+        0,
+        "a read-only run wrote to the remote"
+    );
     let refused = origin.fails(&["push", "--remote-read-only"]);
     assert!(refused.stderr.contains("read-only"), "{}", refused.stderr);
 
     let pushed = origin.ok(&["push"]);
     let (files, present, objects) = counts(&pushed);
-    assert!(files > 300 && present == 0, "synth's 300 images and more: {}", pushed.stdout);
-    assert!(objects < 10, "small files travel in packs, not one object each: {}", pushed.stdout);
+    assert!(
+        files > 300 && present == 0,
+        "synth's 300 images and more: {}",
+        pushed.stdout
+    );
+    assert!(
+        objects < 10,
+        "small files travel in packs, not one object each: {}",
+        pushed.stdout
+    );
     assert!(server.count("push-pull", "packs") >= 1 && server.count("push-pull", "runs") == 2);
     let again = origin.ok(&["push"]);
-    assert_eq!(counts(&again), (0, files, 2), "a second push sends only the run records: {}", again.stdout);
+    assert_eq!(
+        counts(&again),
+        (0, files, 2),
+        "a second push sends only the run records: {}",
+        again.stdout
+    );
 
     let clone = clone_of(&origin);
     let pulled = clone.ok(&["pull"]);
-    assert!(pulled.stdout.contains("checked out 2 output folder(s)"), "{}", pulled.stdout);
+    assert!(
+        pulled.stdout.contains("checked out 2 output folder(s)"),
+        "{}",
+        pulled.stdout
+    );
     let run = clone.ok(&["run"]);
-    assert_eq!((run.state("synth"), run.state("ingest")), ("cached".into(), "cached".into()), "{}", run.stdout);
-    assert_eq!(snapshot(&clone.path("data/out/synth")), snapshot(&origin.path("data/out/synth")));
-    assert_eq!(snapshot(&clone.path("data/out/ingest")), snapshot(&origin.path("data/out/ingest")));
+    assert_eq!(
+        (run.state("synth"), run.state("ingest")),
+        ("cached".into(), "cached".into()),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        snapshot(&clone.path("data/out/synth")),
+        snapshot(&origin.path("data/out/synth"))
+    );
+    assert_eq!(
+        snapshot(&clone.path("data/out/ingest")),
+        snapshot(&origin.path("data/out/ingest"))
+    );
     assert_eq!(clone.lock(), origin.lock());
 
     // Without `pull`, a run finds the results on the remote by itself.
     let lazy = clone_of(&origin);
     let run = lazy.ok(&["run"]);
     assert!(run.stdout.contains("2 restored"), "{}", run.stdout);
-    assert_eq!(snapshot(&lazy.path("data/out/ingest")), snapshot(&origin.path("data/out/ingest")));
+    assert_eq!(
+        snapshot(&lazy.path("data/out/ingest")),
+        snapshot(&origin.path("data/out/ingest"))
+    );
 }
 
 #[test]
 fn a_corrupted_blob_is_named_never_materialised_and_repaired() {
-    let Some(server) = Server::start(Backend::S3) else { return };
+    let Some(server) = Server::start(Backend::S3) else {
+        return;
+    };
     let origin = project(&server, "corrupt");
     origin.ok(&["run"]);
     let (key, hex, jpeg) = a_synth_blob(&origin);
@@ -295,33 +432,68 @@ fn a_corrupted_blob_is_named_never_materialised_and_repaired() {
     // Damage that image's bytes inside the pack that carries it.
     let pack = files_under(&server.object("corrupt", "packs"))
         .into_iter()
-        .find(|f| std::fs::read(f).unwrap().windows(len).any(|w| w == jpeg.as_slice()))
+        .find(|f| {
+            std::fs::read(f)
+                .unwrap()
+                .windows(len)
+                .any(|w| w == jpeg.as_slice())
+        })
         .expect("the image travels in a pack");
     let mut bytes = std::fs::read(&pack).unwrap();
-    let at = bytes.windows(len).position(|w| w == jpeg.as_slice()).unwrap() + len / 2;
+    let at = bytes
+        .windows(len)
+        .position(|w| w == jpeg.as_slice())
+        .unwrap()
+        + len / 2;
     bytes[at] ^= 0xff;
     std::fs::write(&pack, bytes).unwrap();
 
     let clone = clone_of(&origin);
     let failed = clone.fails(&["pull"]);
-    assert!(failed.stderr.contains(&hex) && failed.stderr.contains("corrupt"), "{}", failed.stderr);
-    assert!(!clone.path("data/out/synth").exists(), "nothing is materialised from a corrupt remote");
-    assert!(!clone.path(&format!("data/store/{key}")).exists(), "the corrupt blob is not stored locally");
-    assert!(!pack.exists(), "the corrupt pack is removed from the (writable) remote");
+    assert!(
+        failed.stderr.contains(&hex) && failed.stderr.contains("corrupt"),
+        "{}",
+        failed.stderr
+    );
+    assert!(
+        !clone.path("data/out/synth").exists(),
+        "nothing is materialised from a corrupt remote"
+    );
+    assert!(
+        !clone.path(&format!("data/store/{key}")).exists(),
+        "the corrupt blob is not stored locally"
+    );
+    assert!(
+        !pack.exists(),
+        "the corrupt pack is removed from the (writable) remote"
+    );
 
     // The origin has a good copy: push repairs the remote, pull then succeeds.
     let repaired = origin.ok(&["push"]);
-    assert!(counts(&repaired).0 > 0, "the pack is sent again: {}", repaired.stdout);
+    assert!(
+        counts(&repaired).0 > 0,
+        "the pack is sent again: {}",
+        repaired.stdout
+    );
     clone.ok(&["pull"]);
-    assert_eq!(snapshot(&clone.path("data/out/synth")), snapshot(&origin.path("data/out/synth")));
+    assert_eq!(
+        snapshot(&clone.path("data/out/synth")),
+        snapshot(&origin.path("data/out/synth"))
+    );
 
     // A corrupt local copy is replaced by the next pull.
     let local = clone.path(&format!("data/store/{key}"));
     std::fs::write(&local, vec![0x5a; len]).unwrap();
     std::fs::remove_dir_all(clone.path("data/out/synth")).unwrap();
     clone.ok(&["pull"]);
-    assert_eq!(melanoflow_pipeline::Digest::of_bytes(&std::fs::read(&local).unwrap()).to_hex(), hex);
-    assert_eq!(snapshot(&clone.path("data/out/synth")), snapshot(&origin.path("data/out/synth")));
+    assert_eq!(
+        melanoflow_pipeline::Digest::of_bytes(&std::fs::read(&local).unwrap()).to_hex(),
+        hex
+    );
+    assert_eq!(
+        snapshot(&clone.path("data/out/synth")),
+        snapshot(&origin.path("data/out/synth"))
+    );
 }
 
 #[test]
@@ -342,13 +514,23 @@ fn server_down(mut server: Server) {
     let origin = project(&server, "down");
     origin.ok(&["run", "--remote-read-only"]);
     server.stop();
-    let stored = || [snapshot(&origin.path("data/store/blobs")), snapshot(&origin.path("data/store/runs"))].concat();
+    let stored = || {
+        [
+            snapshot(&origin.path("data/store/blobs")),
+            snapshot(&origin.path("data/store/runs")),
+        ]
+        .concat()
+    };
     let store_before = stored();
     let lock_before = origin.lock();
 
     let push = origin.fails(&["push"]);
     let endpoint = format!("127.0.0.1:{}", server.port);
-    assert!(push.stderr.contains(&endpoint) && push.stderr.contains("Connection refused"), "{}", push.stderr);
+    assert!(
+        push.stderr.contains(&endpoint) && push.stderr.contains("Connection refused"),
+        "{}",
+        push.stderr
+    );
     let pull = clone_of(&origin).fails(&["pull"]);
     assert!(pull.stderr.contains(&endpoint), "{}", pull.stderr);
     // A forced re-run computes, then cannot upload: it fails and commits nothing.
@@ -357,14 +539,23 @@ fn server_down(mut server: Server) {
 
     assert_eq!(origin.lock(), lock_before);
     let store_after = stored();
-    assert!(store_before.iter().all(|f| store_after.contains(f)), "a stored blob or record was lost or changed");
+    assert!(
+        store_before.iter().all(|f| store_after.contains(f)),
+        "a stored blob or record was lost or changed"
+    );
     let run = origin.ok(&["run"]);
-    assert!(run.stdout.contains("2 cached"), "up-to-date stages need no remote: {}", run.stdout);
+    assert!(
+        run.stdout.contains("2 cached"),
+        "up-to-date stages need no remote: {}",
+        run.stdout
+    );
 }
 
 #[test]
 fn a_push_that_stops_partway_is_finished_by_a_clean_retry() {
-    let Some(server) = Server::start(Backend::S3) else { return };
+    let Some(server) = Server::start(Backend::S3) else {
+        return;
+    };
     let origin = project(&server, "partway");
     origin.ok(&["run", "--remote-read-only"]);
     // The server refuses every loose object (a file where the `blobs/` folder
@@ -375,19 +566,36 @@ fn a_push_that_stops_partway_is_finished_by_a_clean_retry() {
     std::fs::write(&blocker, b"in the way").unwrap();
     let stopped = origin.fails(&["push"]);
     assert!(stopped.stderr.contains("blobs/"), "{}", stopped.stderr);
-    assert!(server.count("partway", "packs") >= 1, "the packs went up before the stop");
-    assert_eq!(server.count("partway", "runs"), 0, "run records go last: none may be visible after a stopped push");
+    assert!(
+        server.count("partway", "packs") >= 1,
+        "the packs went up before the stop"
+    );
+    assert_eq!(
+        server.count("partway", "runs"),
+        0,
+        "run records go last: none may be visible after a stopped push"
+    );
     for pack in files_under(&server.object("partway", "packs")) {
         assert!(std::fs::metadata(&pack).unwrap().len() > 0);
     }
     // A clone cannot use a half-pushed result, and says so.
     let early = clone_of(&origin).fails(&["pull"]);
-    assert!(early.stderr.contains("push it from the machine that ran it"), "{}", early.stderr);
+    assert!(
+        early
+            .stderr
+            .contains("push it from the machine that ran it"),
+        "{}",
+        early.stderr
+    );
 
     std::fs::remove_file(&blocker).unwrap();
     let retry = origin.ok(&["push"]);
     let (files, present, _) = counts(&retry);
-    assert!(files == 2 && present > 300, "the retry sends only the two manifests (and the records): {}", retry.stdout);
+    assert!(
+        files == 2 && present > 300,
+        "the retry sends only the two manifests (and the records): {}",
+        retry.stdout
+    );
     let clone = clone_of(&origin);
     clone.ok(&["pull"]);
     assert!(clone.ok(&["run"]).stdout.contains("2 cached"));

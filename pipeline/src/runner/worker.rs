@@ -40,16 +40,36 @@ impl<'r> Engine<'r> {
     /// Runs stage `name` as a worker. With `expected`, refuses to run when its
     /// fingerprint differs (the pipeline file or an input changed since the
     /// job was planned).
-    pub fn run_stage(&mut self, name: &str, expected: Option<Digest>, force: bool, work: Work) -> Result<WorkerOutcome> {
-        let i = self.selected(&[name.to_string()])?.into_iter().find(|&i| self.pipeline.stages[i].name == name).expect("selected");
+    pub fn run_stage(
+        &mut self,
+        name: &str,
+        expected: Option<Digest>,
+        force: bool,
+        work: Work,
+    ) -> Result<WorkerOutcome> {
+        let i = self
+            .selected(&[name.to_string()])?
+            .into_iter()
+            .find(|&i| self.pipeline.stages[i].name == name)
+            .expect("selected");
         let inputs = self.pipeline.stages[i].inputs.clone();
         let mut upstream: Vec<(String, Digest)> = Vec::new();
         if !inputs.is_empty() {
-            let plan = self.plan(&RunOptions { targets: inputs.clone(), ..Default::default() })?;
+            let plan = self.plan(&RunOptions {
+                targets: inputs.clone(),
+                ..Default::default()
+            })?;
             for n in &inputs {
-                let o = plan.iter().find(|o| &o.stage == n).expect("upstreams are planned");
+                let o = plan
+                    .iter()
+                    .find(|o| &o.stage == n)
+                    .expect("upstreams are planned");
                 let d = o.output.ok_or_else(|| {
-                    Error::Worker(format!("stage `{name}`: upstream `{n}` has no committed result yet ({}: {})", o.state.label(), o.reasons.join("; ")))
+                    Error::Worker(format!(
+                        "stage `{name}`: upstream `{n}` has no committed result yet ({}: {})",
+                        o.state.label(),
+                        o.reasons.join("; ")
+                    ))
                 })?;
                 upstream.push((n.clone(), d));
             }
@@ -64,14 +84,26 @@ impl<'r> Engine<'r> {
             )));
         }
         if let Some(record) = self.artifacts.get_run(&fp)?.filter(|_| !force) {
-            return Ok(WorkerOutcome::AlreadyCommitted { output: record.output });
+            return Ok(WorkerOutcome::AlreadyCommitted {
+                output: record.output,
+            });
         }
         if let Work::Part { part, parts } = work {
-            if let Some(record) = self.artifacts.get_part(&fp, part, parts)?.filter(|_| !force) {
-                return Ok(WorkerOutcome::AlreadyCommitted { output: record.output });
+            if let Some(record) = self
+                .artifacts
+                .get_part(&fp, part, parts)?
+                .filter(|_| !force)
+            {
+                return Ok(WorkerOutcome::AlreadyCommitted {
+                    output: record.output,
+                });
             }
         }
-        let dir = self.pipeline.state_dir().join("work").join(format!("{name}-{}-{}", fp.short(), std::process::id()));
+        let dir = self.pipeline.state_dir().join("work").join(format!(
+            "{name}-{}-{}",
+            fp.short(),
+            std::process::id()
+        ));
         let result = self.run_in(i, fp, &upstream, ext, &dir, force, work);
         let _ = fsutil::remove_dir_if_exists(&dir);
         self.cache.forget_under(&dir);
@@ -80,23 +112,56 @@ impl<'r> Engine<'r> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run_in(&mut self, i: usize, fp: Digest, upstream: &[(String, Digest)], ext: Externals, dir: &Path, force: bool, work: Work) -> Result<WorkerOutcome> {
+    fn run_in(
+        &mut self,
+        i: usize,
+        fp: Digest,
+        upstream: &[(String, Digest)],
+        ext: Externals,
+        dir: &Path,
+        force: bool,
+        work: Work,
+    ) -> Result<WorkerOutcome> {
         let name = self.pipeline.stages[i].name.clone();
         fsutil::remove_dir_if_exists(dir).map_err(|e| Error::io(dir, e))?;
         let mut ups = Vec::new();
         for (n, digest) in upstream {
-            let manifest = self.artifacts.get_manifest(digest)?.ok_or_else(|| ArtifactError::Missing { digest: *digest, store: self.artifacts.store().describe() })?;
+            let manifest =
+                self.artifacts
+                    .get_manifest(digest)?
+                    .ok_or_else(|| ArtifactError::Missing {
+                        digest: *digest,
+                        store: self.artifacts.store().describe(),
+                    })?;
             // Upstreams are read where a local run reads them, `out/NAME`:
             // stages may record those paths, and the bytes must not depend on
             // where a stage ran. Workers sharing the folder take turns writing it.
             let dir = self.pipeline.stage_out_dir(n);
-            if !self.dir_manifest(&dir)?.is_some_and(|m| m.digest() == *digest) {
-                let _turn = RunLock::acquire(&self.pipeline.state_dir().join("locks").join(format!("out-{n}.lock")), true)?;
-                if !self.dir_manifest(&dir)?.is_some_and(|m| m.digest() == *digest) {
+            if !self
+                .dir_manifest(&dir)?
+                .is_some_and(|m| m.digest() == *digest)
+            {
+                let _turn = RunLock::acquire(
+                    &self
+                        .pipeline
+                        .state_dir()
+                        .join("locks")
+                        .join(format!("out-{n}.lock")),
+                    true,
+                )?;
+                if !self
+                    .dir_manifest(&dir)?
+                    .is_some_and(|m| m.digest() == *digest)
+                {
                     self.restore(n, *digest)?;
                 }
             }
-            ups.push(Upstream { name: n.clone(), kind: self.pipeline.stage(n).expect("validated").kind.clone(), dir, manifest });
+            ups.push(Upstream {
+                name: n.clone(),
+                kind: self.pipeline.stage(n).expect("validated").kind.clone(),
+                dir,
+                manifest,
+            });
         }
         let out_dir = dir.join("out");
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
@@ -122,7 +187,10 @@ impl<'r> Engine<'r> {
                 let record = self.artifacts.get_part(&fp, part, parts)?.ok_or_else(|| {
                     Error::Worker(format!("stage `{name}`: part {part} of {parts} is not committed (its job must succeed first)"))
                 })?;
-                let manifest = self.artifacts.get_manifest(&record.output)?.expect("get_part checked the manifest");
+                let manifest = self
+                    .artifacts
+                    .get_manifest(&record.output)?
+                    .expect("get_part checked the manifest");
                 let part_dir = dir.join("parts").join(part.to_string());
                 self.artifacts.materialize(&manifest, &part_dir)?;
                 part_dirs.push(part_dir);
@@ -133,21 +201,40 @@ impl<'r> Engine<'r> {
             Work::Part { part, parts } => kind.run_part(&decl.params, &ctx, part, parts),
             Work::Assemble { .. } => kind.assemble(&decl.params, &ctx, &part_dirs),
         })
-        .map_err(|source| Error::StageFailed { stage: name.clone(), source })?;
+        .map_err(|source| Error::StageFailed {
+            stage: name.clone(),
+            source,
+        })?;
         let (_, record) = self.store_output(i, &out_dir, ext.combined.as_ref())?;
         let digest = record.output;
         let summary = report.summary;
         if let Work::Part { part, parts } = work {
             self.artifacts.put_part(&fp, part, parts, &record)?;
-            return Ok(WorkerOutcome::Committed { output: digest, summary });
+            return Ok(WorkerOutcome::Committed {
+                output: digest,
+                summary,
+            });
         }
         // Forced: this run's result replaces the record, as a local --force does.
-        let stood = if force { self.artifacts.put_run(&fp, &record).map(|()| record)? } else { self.artifacts.put_run_once(&fp, &record)? };
+        let stood = if force {
+            self.artifacts.put_run(&fp, &record).map(|()| record)?
+        } else {
+            self.artifacts.put_run_once(&fp, &record)?
+        };
         self.remove_scratch(&name);
         if stood.output != digest {
-            tracing::warn!("stage `{name}`: another worker committed {} for this fingerprint first; its result stands (this run wrote {})", stood.output.short(), digest.short());
-            return Ok(WorkerOutcome::AlreadyCommitted { output: stood.output });
+            tracing::warn!(
+                "stage `{name}`: another worker committed {} for this fingerprint first; its result stands (this run wrote {})",
+                stood.output.short(),
+                digest.short()
+            );
+            return Ok(WorkerOutcome::AlreadyCommitted {
+                output: stood.output,
+            });
         }
-        Ok(WorkerOutcome::Committed { output: digest, summary })
+        Ok(WorkerOutcome::Committed {
+            output: digest,
+            summary,
+        })
     }
 }
