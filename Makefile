@@ -36,6 +36,7 @@ test:
 	  MELANOFLOW_REQUIRE_SLURM=$$require_slurm $(CARGO) test --release --workspace
 
 test-build:
+	$(CARGO) fmt --all --check
 	$(CARGO) test --release --workspace --no-run
 
 $(CURDIR)/.tools/bin/s3s-fs:
@@ -76,9 +77,12 @@ weights: $(WEIGHTS)
 $(WEIGHTS): | build
 	pth=$$(scripts/fetch_lite0_weights.sh) && $(BIN) convert-weights --from efficientnet-pytorch --variant lite0 "$$pth" $@
 
-# The whole chain on the 100 real ISIC images in ../shared/realdata (Lite0, ImageNet weights).
+# The whole chain on a folder of real ISIC archive images (Lite0, ImageNet
+# weights): REAL_DIR=DIR holds labels.csv and images/; without it, the paths
+# written in data/isic_real100.toml.
+REAL_SET = $(if $(REAL_DIR),--set ingest.metadata=$(abspath $(REAL_DIR))/labels.csv --set ingest.images=$(abspath $(REAL_DIR))/images)
 real: weights
-	$(BIN) run --config data/isic_real100.toml
+	$(BIN) run --config data/isic_real100.toml $(REAL_SET)
 	$(BIN) metrics --config data/isic_real100.toml
 
 # The CUDA build (candle's GPU backend, `--features cuda`), as
