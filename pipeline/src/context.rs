@@ -9,10 +9,17 @@ use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::digest::Digest;
 use crate::manifest::Manifest;
 
 pub struct StageContext {
     pub stage: String,
+    /// This run's fingerprint, as the lock file records it (code identity,
+    /// parameters, input digests). A stage may write it into its outputs so
+    /// that a reader can tell which run made them: it is a function of
+    /// exactly what decides whether the stage runs, so the bytes stay
+    /// reproducible.
+    pub fingerprint: Digest,
     /// The staging folder the stage writes its outputs into.
     pub out_dir: PathBuf,
     /// The pipeline file's folder: relative paths in parameters start here.

@@ -598,6 +598,8 @@ impl<'r> Engine<'r> {
             let decl: &StageDecl = &self.pipeline.stages[i];
             let ctx = StageContext {
                 stage: name.clone(),
+                // Every selected stage is up to date, so this is its fingerprint now.
+                fingerprint: self.lock.stages[&name].fingerprint,
                 out_dir: out_dir.clone(),
                 base_dir: self.pipeline.base_dir.clone(),
                 upstream,
@@ -1167,6 +1169,7 @@ impl<'r> Engine<'r> {
         let previous = self.previous_output(&name)?;
         Ok(StageContext {
             stage: name.clone(),
+            fingerprint: *fp,
             out_dir: staging,
             base_dir: self.pipeline.base_dir.clone(),
             upstream,
@@ -1736,6 +1739,58 @@ mod tests {
             LockFile::load(&dir.path().join("p.lock")).unwrap().stages["counted"].code,
             "test-code-2"
         );
+    }
+
+    /// Writes the fingerprint its context carries.
+    struct Fingerprinted;
+    impl Stage for Fingerprinted {
+        type Params = NoParams;
+        const KIND: &'static str = "fingerprinted";
+        const CODE: &'static str = "fingerprinted-code";
+        const ABOUT: &'static str = "test kind";
+        fn run(&self, _: &NoParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
+            std::fs::write(ctx.out_dir.join("fp.txt"), ctx.fingerprint.to_hex())?;
+            Ok(StageReport::default())
+        }
+    }
+
+    /// The context's fingerprint is the one the lock file records, in `run`
+    /// and in `verify --rerun` (which therefore reproduces the bytes), and it
+    /// differs between stages with different inputs.
+    #[test]
+    fn a_stage_sees_its_own_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(
+            &file,
+            "[stages.top]\nkind = \"fingerprinted\"\n\n[stages.below]\nkind = \"fingerprinted\"\ninputs = [\"top\"]\n",
+        )
+        .unwrap();
+        let mut registry = Registry::new();
+        registry.register(Fingerprinted);
+        let open = || {
+            Engine::open(
+                crate::config::load(&file, &registry, &[]).unwrap(),
+                &registry,
+                Progress::new(true),
+            )
+            .unwrap()
+        };
+        open().run(&RunOptions::default(), &mut |_| {}).unwrap();
+        let lock = LockFile::load(&dir.path().join("p.lock")).unwrap();
+        for stage in ["top", "below"] {
+            assert_eq!(
+                std::fs::read_to_string(dir.path().join("out").join(stage).join("fp.txt")).unwrap(),
+                lock.stages[stage].fingerprint.to_hex(),
+                "{stage}"
+            );
+        }
+        assert_ne!(
+            lock.stages["top"].fingerprint,
+            lock.stages["below"].fingerprint
+        );
+        let outcomes = open().verify_rerun(&[], &mut |_| {}).unwrap();
+        assert!(outcomes.iter().all(|o| o.reproduced()), "{outcomes:?}");
     }
 
     #[test]

@@ -172,6 +172,7 @@ impl<'r> Engine<'r> {
         let decl = &self.pipeline.stages[i];
         let ctx = StageContext {
             stage: name.clone(),
+            fingerprint: fp,
             out_dir: out_dir.clone(),
             base_dir: self.pipeline.base_dir.clone(),
             upstream: ups,
