@@ -76,7 +76,7 @@ pub struct Interval {
 }
 
 /// Checks the input and returns (positives, negatives).
-fn check(
+pub(super) fn check(
     scores: &[f64],
     labels: &[bool],
     metric: &'static str,
@@ -142,7 +142,7 @@ pub fn roc_auc(scores: &[f64], labels: &[bool]) -> Result<f64, MetricError> {
 }
 
 /// The Mann–Whitney U of the positives over (p * n); input already checked.
-fn auc_by_ranks(scores: &[f64], labels: &[bool], p: usize, n: usize) -> f64 {
+pub(super) fn auc_by_ranks(scores: &[f64], labels: &[bool], p: usize, n: usize) -> f64 {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_unstable_by(|&a, &b| scores[a].partial_cmp(&scores[b]).unwrap_or(Ordering::Equal));
     let mut positive_rank_sum = 0.0;
@@ -289,7 +289,7 @@ pub fn bootstrap_auc_ci(
 }
 
 /// Linear interpolation between order statistics of a sorted, non-empty slice.
-fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
+pub(super) fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
     let position = q * (sorted.len() - 1) as f64;
     let below = position.floor() as usize;
     let above = (below + 1).min(sorted.len() - 1);

@@ -7,14 +7,23 @@
 //! checkpoint's test predictions: ROC-AUC (ties count one half), its
 //! stratified bootstrap 95% interval, PR-AUC (average precision), and
 //! sensitivity at 90% specificity; arms with several seeds report mean and
-//! spread. The test set must hold both classes.
+//! spread. The test set must hold both classes. Every pair of arms is
+//! compared on the same test images (matched by image name), pooled over
+//! seeds: DeLong's test and a paired bootstrap of the ROC-AUC difference
+//! (`compare`, `paired`).
 //!
 //! Outputs: `metrics.json` (every number; what `melanoflow metrics` prints),
 //! `roc.png` (every arm), `training.png` (validation ROC-AUC per epoch),
 //! `cyclegan_losses.png`, the CycleGAN sample grids, `report.md` and
-//! `report.html` (self-contained). Same inputs and seed, same bytes.
+//! `report.html` (self-contained). Same inputs and seed, same bytes: the
+//! report names the stage's own fingerprint and melanoflow's version, never
+//! a clock or a git revision (those would make the bytes depend on
+//! something the fingerprint does not cover); `melanoflow metrics` prints
+//! the git revision and the lock file's digest beside the table instead.
 
+pub mod compare;
 pub mod metrics;
+pub mod paired;
 pub mod plot;
 pub mod report;
 
@@ -25,10 +34,11 @@ use melanoflow_pipeline::{BoxError, Stage, StageContext, StageReport, Upstream};
 use polars::prelude::{ParquetReader, SerReader};
 use serde::{Deserialize, Serialize};
 
+use compare::{ArmScores, Comparison};
 use metrics::{
     average_precision, bootstrap_auc_ci, roc_auc, roc_curve, sensitivity_at_specificity,
 };
-use report::{ArmSummary, SeedMetrics};
+use report::{ArmSummary, Provenance, SeedMetrics};
 
 pub struct Evaluate;
 
@@ -58,6 +68,15 @@ mod defaults {
         true
     }
 }
+
+/// The paper, as the project's design notes cite it (they record its title
+/// only: no authors or link).
+const PAPER_CITATION: &str = "*CycleGAN-based data augmentation for melanoma image classification* (the paper this pipeline reproduces)";
+
+/// melanoflow's version, as a literal so that it is part of this stage's code
+/// identity (`CARGO_PKG_VERSION` is not): a version bump fails the test
+/// below until this is updated, which re-runs the stage.
+const MELANOFLOW_VERSION: &str = "0.1.0";
 
 /// The paper's table (test ROC-AUC), printed verbatim beside ours.
 const PAPER: [(&str, &str); 3] = [
@@ -94,11 +113,18 @@ pub struct MetricsFile {
     pub arms: Vec<ArmSummary>,
     pub paper: Vec<(String, String)>,
     pub notes: Vec<String>,
+    /// Every pair of arms, in the order listed (absent before paired tests).
+    #[serde(default)]
+    pub comparisons: Vec<Comparison>,
+    /// The run that wrote this file (absent in older files).
+    #[serde(default)]
+    pub provenance: Option<Provenance>,
 }
 
 /// One test prediction.
 struct Prediction {
     seed: u64,
+    image: String,
     split: String,
     target: bool,
     score: f64,
@@ -110,24 +136,32 @@ fn read_predictions(path: &Path) -> Result<Vec<Prediction>> {
         std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
     )
     .finish()?;
-    let (seed, split, target, score) = (
+    let (seed, image, split, target, score) = (
         df.column("seed")?.i64()?,
+        df.column("image_name")?.str()?,
         df.column("split")?.str()?,
         df.column("target")?.i32()?,
         df.column("score")?.f64()?,
     );
     (0..df.height())
-        .map(
-            |i| match (seed.get(i), split.get(i), target.get(i), score.get(i)) {
-                (Some(s), Some(sp), Some(t), Some(x)) => Ok(Prediction {
+        .map(|i| {
+            match (
+                seed.get(i),
+                image.get(i),
+                split.get(i),
+                target.get(i),
+                score.get(i),
+            ) {
+                (Some(s), Some(im), Some(sp), Some(t), Some(x)) => Ok(Prediction {
                     seed: s as u64,
+                    image: im.to_string(),
                     split: sp.to_string(),
                     target: t == 1,
                     score: x,
                 }),
                 _ => bail!("{}: row {i} has a null", path.display()),
-            },
-        )
+            }
+        })
         .collect()
 }
 
@@ -213,6 +247,7 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
     let mut roc_series = Vec::new();
     let mut curves: Vec<(String, Vec<f32>)> = Vec::new();
     let mut test_sizes = std::collections::BTreeSet::new();
+    let mut arm_scores = Vec::new();
     for (k, up) in arms_up.iter().enumerate() {
         let train: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(up.dir.join("train.json"))
@@ -220,6 +255,7 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
         )?;
         let preds = read_predictions(&up.dir.join("predictions.parquet"))?;
         let mut seeds = Vec::new();
+        let mut seed_predictions = Vec::new();
         let mut first_curve = 0;
         for s in train["seeds"]
             .as_array()
@@ -232,6 +268,12 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
                 .collect();
             let (scores, labels): (Vec<f64>, Vec<bool>) =
                 test.iter().map(|x| (x.score, x.target)).unzip();
+            seed_predictions.push((
+                seed,
+                test.iter()
+                    .map(|x| (x.image.clone(), x.target, x.score))
+                    .collect(),
+            ));
             let err = |what: &str, e: metrics::MetricError| {
                 anyhow!("arm `{}` seed {seed}: {what}: {e}", up.name)
             };
@@ -282,12 +324,14 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
             description: describe(&train, &gans),
             seeds,
         });
+        arm_scores.push(ArmScores::new(&up.name, seed_predictions)?);
     }
     if test_sizes.len() > 1 {
         bail!(
             "the arms were tested on different test sets (images, malignant): {test_sizes:?}; they must share one preprocess stage"
         );
     }
+    let comparisons = compare::compare_arms(&arm_scores, p.bootstrap_resamples, p.seed)?;
 
     let out = &ctx.out_dir;
     plot::roc_png(&out.join("roc.png"), &roc_series)?;
@@ -338,19 +382,34 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
     let notes = vec![
         format!(
             "Test split: {n_test} images, {n_mal} malignant, from patients never seen in training or validation. \
-             With {n_mal} positives the 95% interval is wide: differences between arms inside it are not evidence."
+             With {n_mal} positives the 95% intervals are wide: whether two arms differ is what the paired \
+             comparisons test (on the same images), not whether their intervals overlap."
         ),
         "Each arm's checkpoint is the epoch with the best validation ROC-AUC (the original kept the worst).".into(),
         "Synthetic images come only from benign training images and stay in the training split.".into(),
     ];
     let paper: Vec<(&str, &str)> = if p.show_paper { PAPER.to_vec() } else { vec![] };
+    let provenance = Provenance {
+        stage: ctx.stage.clone(),
+        fingerprint: ctx.fingerprint.to_hex(),
+        melanoflow: MELANOFLOW_VERSION.into(),
+    };
+    let whole = report::Report {
+        title: &p.title,
+        arms: &arms,
+        comparisons: &comparisons,
+        paper: &paper,
+        paper_citation: PAPER_CITATION,
+        notes: &notes,
+        provenance: &provenance,
+    };
     let captions: Vec<(&str, &str)> = images
         .iter()
         .map(|(c, f)| (c.as_str(), f.as_str()))
         .collect();
     std::fs::write(
         out.join("report.md"),
-        report::report_markdown(&p.title, &arms, &paper, &captions, &notes),
+        report::report_markdown(&whole, &captions),
     )?;
     let pngs: Vec<(String, Vec<u8>)> = images
         .iter()
@@ -362,7 +421,7 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
         .collect();
     std::fs::write(
         out.join("report.html"),
-        report::report_html(&p.title, &arms, &paper, &embedded, &notes),
+        report::report_html(&whole, &embedded),
     )?;
     let file = MetricsFile {
         title: p.title.clone(),
@@ -372,6 +431,8 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect(),
         notes,
+        comparisons: comparisons.clone(),
+        provenance: Some(provenance),
     };
     std::fs::write(
         out.join("metrics.json"),
@@ -390,8 +451,9 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
         .map(|(a, auc)| format!("best `{}` {auc:.3}", a.arm))
         .unwrap_or_default();
     Ok(StageReport::new(format!(
-        "{} arm(s) on {n_test} test images ({n_mal} malignant): {best}; report.html",
-        arms.len()
+        "{} arm(s) on {n_test} test images ({n_mal} malignant): {best}; {} paired comparison(s); report.html",
+        arms.len(),
+        comparisons.len()
     )))
 }
 
@@ -450,6 +512,10 @@ pub fn metrics_command(
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         println!("{} (stage `{}`)\n", m.title, s.name);
         print!("{}", report::table_terminal(&m.arms));
+        if !m.comparisons.is_empty() {
+            println!("\nPaired comparisons:\n");
+            print!("{}", report::comparisons_terminal(&m.comparisons));
+        }
         if !m.paper.is_empty() {
             println!("\nReported in the paper (test ROC-AUC):");
             for (label, auc) in &m.paper {
@@ -463,6 +529,70 @@ pub fn metrics_command(
             "\nreport: {}",
             pipeline.out_dir.join(&s.name).join("report.html").display()
         );
+        if let Some(p) = &m.provenance {
+            println!(
+                "stage `{}` fingerprint {} (melanoflow {})",
+                p.stage, p.fingerprint, p.melanoflow
+            );
+        }
     }
+    // Printed here, never written into a stage's output: neither is covered
+    // by any fingerprint.
+    let lock = pipeline.lock_path();
+    match melanoflow_pipeline::Digest::of_file(&lock) {
+        Ok(d) => println!("lock file {} BLAKE3 {}", lock.display(), d.to_hex()),
+        Err(e) => println!("lock file {}: {e}", lock.display()),
+    }
+    println!(
+        "git revision {}",
+        git_revision(&pipeline.base_dir).unwrap_or_else(|| "unknown (not a git checkout)".into())
+    );
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// `git rev-parse HEAD` in `dir`, with " (modified)" when tracked files
+/// differ from it; None without git or outside a repository.
+fn git_revision(dir: &Path) -> Option<String> {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let head = git(&["rev-parse", "HEAD"]).filter(|h| !h.is_empty())?;
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    Some(if dirty {
+        format!("{head} (modified)")
+    } else {
+        head
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_literal_follows_cargo() {
+        assert_eq!(
+            MELANOFLOW_VERSION,
+            env!("CARGO_PKG_VERSION"),
+            "update MELANOFLOW_VERSION in stages/evaluate/mod.rs (it is what the report prints)"
+        );
+    }
+
+    #[test]
+    fn old_metrics_files_still_read() {
+        // A metrics.json from before paired comparisons and provenance.
+        let old = r#"{"title": "t", "arms": [], "paper": [["a", "0.79"]], "notes": ["n"]}"#;
+        let m: MetricsFile = serde_json::from_str(old).unwrap();
+        assert!(m.comparisons.is_empty() && m.provenance.is_none());
+        assert_eq!(m.paper, [("a".to_string(), "0.79".to_string())]);
+    }
 }

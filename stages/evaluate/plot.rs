@@ -6,7 +6,10 @@
 //! Promises:
 //! - White background, labelled axes with grid, Okabe–Ito colour-blind-safe
 //!   colours chosen by `color_index` (several series may share a colour),
-//!   and a legend listing each distinct (colour, label) once.
+//!   and a legend listing each distinct (colour, label) once: inside the
+//!   free bottom-right corner of a ROC chart, below the plotting area of a
+//!   training-curve chart (curves can go anywhere there, so the legend never
+//!   covers them; the image grows by the legend's height).
 //! - Series with an empty label are "secondary" (e.g. the other seeds of an
 //!   arm): drawn thin and translucent under the labelled ones, and left out
 //!   of the legend.
@@ -420,10 +423,10 @@ impl Frame {
         }
     }
 
-    /// A legend box in a corner of the plotting area (`right`: right side;
-    /// `bottom`: bottom side) listing each distinct (colour, label) once.
-    /// Returns its rectangle, or None when nothing is labelled.
-    fn draw_legend(&self, canvas: &mut Canvas, lines: &[Line], bottom: bool) -> Option<Rect> {
+    /// The legend's entries (each distinct (colour, label) once), font scale
+    /// and size; None when nothing is labelled. Labels too long for the
+    /// plotting area's width first drop to the small font, then get cut.
+    fn legend_layout(&self, lines: &[Line]) -> Option<Legend> {
         let mut entries: Vec<(usize, String)> = Vec::new();
         for line in lines {
             let entry = (line.color_index % PALETTE.len(), line.label.to_string());
@@ -434,10 +437,8 @@ impl Frame {
         if entries.is_empty() {
             return None;
         }
-        const PAD: i64 = 10;
-        const SWATCH: i64 = 28;
-        let available = (self.area.right - self.area.left) - 2 * PAD - (SWATCH + 3 * PAD);
-        // Long labels first drop to the small font, then get cut.
+        let available =
+            (self.area.right - self.area.left) - 2 * LEGEND_PAD - (SWATCH + 3 * LEGEND_PAD);
         let longest = entries
             .iter()
             .map(|(_, l)| text_width(l, TEXT_SCALE))
@@ -456,28 +457,45 @@ impl Frame {
             .map(|(_, l)| text_width(l, scale))
             .max()
             .unwrap_or(0);
-        let width = PAD + SWATCH + PAD + text_w + PAD;
-        let height = PAD + row_height * entries.len() as i64 - 8 + PAD;
-        let left = self.area.right - PAD - width;
-        let top = if bottom {
-            self.area.bottom - PAD - height
-        } else {
-            self.area.top + PAD
-        };
+        Some(Legend {
+            width: LEGEND_PAD + SWATCH + LEGEND_PAD + text_w + LEGEND_PAD,
+            height: LEGEND_PAD + row_height * entries.len() as i64 - 8 + LEGEND_PAD,
+            entries,
+            scale,
+            row_height,
+        })
+    }
+}
+
+const LEGEND_PAD: i64 = 10;
+const SWATCH: i64 = 28;
+
+/// A laid-out legend box, not yet placed.
+struct Legend {
+    entries: Vec<(usize, String)>,
+    scale: i64,
+    row_height: i64,
+    width: i64,
+    height: i64,
+}
+
+impl Legend {
+    /// Draws the box with its top-left corner at (left, top); returns it.
+    fn draw(&self, canvas: &mut Canvas, left: i64, top: i64) -> Rect {
         let rect = Rect {
             left,
             top,
-            right: left + width,
-            bottom: top + height,
+            right: left + self.width,
+            bottom: top + self.height,
         };
         canvas.fill(rect, WHITE);
         canvas.outline(rect, FRAME);
-        for (i, (color_index, label)) in entries.iter().enumerate() {
-            let middle =
-                (top + PAD + i as i64 * row_height) as f64 + (GLYPH_ROWS * scale) as f64 / 2.0;
+        for (i, (color_index, label)) in self.entries.iter().enumerate() {
+            let middle = (top + LEGEND_PAD + i as i64 * self.row_height) as f64
+                + (GLYPH_ROWS * self.scale) as f64 / 2.0;
             let swatch = [
-                ((left + PAD) as f64, middle),
-                ((left + PAD + SWATCH) as f64, middle),
+                ((left + LEGEND_PAD) as f64, middle),
+                ((left + LEGEND_PAD + SWATCH) as f64, middle),
             ];
             canvas.polyline(
                 &swatch,
@@ -487,15 +505,15 @@ impl Frame {
                 None,
             );
             canvas.text(
-                left + 2 * PAD + SWATCH,
+                left + 2 * LEGEND_PAD + SWATCH,
                 middle.round() as i64,
                 label,
-                scale,
+                self.scale,
                 (0.0, 0.5),
                 false,
             );
         }
-        Some(rect)
+        rect
     }
 }
 
@@ -534,17 +552,23 @@ fn render_roc(curves: &[RocSeries]) -> (RgbImage, Option<Rect>) {
         .collect();
     frame.draw_series(&mut canvas, &lines);
     // ROC curves bow to the top-left, so the bottom-right corner is free.
-    let legend = frame.draw_legend(&mut canvas, &lines, true);
+    let legend = frame.legend_layout(&lines).map(|l| {
+        let (left, top) = (
+            frame.area.right - LEGEND_PAD - l.width,
+            frame.area.bottom - LEGEND_PAD - l.height,
+        );
+        l.draw(&mut canvas, left, top)
+    });
     (canvas.image, legend)
 }
 
-/// The training-curve chart, and its legend's rectangle (for tests).
+/// The training-curve chart and its legend's rectangle (for tests). The chart is 720x480 plus the legend's height: the legend
+/// sits below the axis title, outside the plotting area.
 fn render_loss_curves(
     series: &[(String, Vec<f32>)],
     title: &str,
     x_label: &str,
 ) -> (RgbImage, Option<Rect>) {
-    let mut canvas = Canvas::new(720, 480);
     let finite = || {
         series
             .iter()
@@ -580,8 +604,6 @@ fn render_loss_curves(
         x_range,
         y_range,
     };
-    canvas.text(360, 20, title, TEXT_SCALE, (0.5, 0.0), false);
-    frame.draw_axes(&mut canvas, &x_ticks, &y_ticks, x_label, "");
     // Each run of finite values is its own line, so a NaN shows as a gap.
     let mut pieces: Vec<Line> = Vec::new();
     for (color_index, (label, values)) in series.iter().enumerate() {
@@ -604,9 +626,17 @@ fn render_loss_curves(
             points: run,
         });
     }
+    // Validation ROC-AUC rises to the top right and losses fall to the
+    // bottom right: no corner is reliably free, so the legend goes below
+    // the x-axis title (which ends 12 px above the 480 px mark).
+    let legend = frame.legend_layout(&pieces);
+    let legend_top = 480 - 4;
+    let height = legend.as_ref().map_or(480, |l| legend_top + l.height + 12);
+    let mut canvas = Canvas::new(720, height as u32);
+    canvas.text(360, 20, title, TEXT_SCALE, (0.5, 0.0), false);
+    frame.draw_axes(&mut canvas, &x_ticks, &y_ticks, x_label, "");
     frame.draw_series(&mut canvas, &pieces);
-    // Training curves usually fall from the top-left, leaving the top-right free.
-    let legend = frame.draw_legend(&mut canvas, &pieces, false);
+    let legend = legend.map(|l| l.draw(&mut canvas, frame.area.left, legend_top));
     (canvas.image, legend)
 }
 
@@ -920,12 +950,58 @@ mod tests {
             .unwrap()
             .to_rgb8();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(image.dimensions(), (720, 480));
+        // Three legend rows below the 720x480 chart.
+        let row = GLYPH_ROWS * TEXT_SCALE + 8;
+        let legend_height = 2 * LEGEND_PAD + 3 * row - 8;
+        assert_eq!(
+            image.dimensions(),
+            (720, (480 - 4 + legend_height + 12) as u32)
+        );
         for index in 0..3 {
             assert!(has_color(&image, series_color(index)));
         }
         let legend = render_loss_curves(&series, "", "Epoch").1.unwrap();
         assert!(count_in(&image, legend, INK) > 100);
+        for index in 0..3 {
+            assert!(
+                count_in(&image, legend, series_color(index)) > 20,
+                "swatch {index}"
+            );
+        }
+    }
+
+    /// Validation ROC-AUC curves climb into the top-right corner, where the
+    /// legend used to sit: now every curve pixel stays visible, because the
+    /// legend lies wholly below the plotting area and its axis labels.
+    #[test]
+    fn the_legend_never_covers_training_curves() {
+        let series: Vec<(String, Vec<f32>)> = (0..3)
+            .map(|k| {
+                (
+                    format!("arm{k} val ROC-AUC"),
+                    (0..10)
+                        .map(|e| 0.5 + 0.045 * e as f32 + 0.01 * k as f32)
+                        .collect(),
+                )
+            })
+            .collect();
+        let (image, legend) = render_loss_curves(&series, "Validation ROC-AUC per epoch", "Epoch");
+        let legend = legend.unwrap();
+        // The x-axis title's text ends 12 px above the 480 px mark.
+        assert!(legend.top >= 480 - 12, "{legend:?}");
+        assert_eq!(legend.bottom + 12, image.height() as i64);
+        // The last point of the top curve (epoch 9, 0.915) is drawn in its colour.
+        let top_right = Rect {
+            left: 600,
+            top: 30,
+            right: 700,
+            bottom: 200,
+        };
+        assert!(count_in(&image, top_right, series_color(2)) > 20);
+        // Without labels there is no legend and no extra height.
+        let (image, legend) = render_loss_curves(&[(String::new(), vec![0.1, 0.2])], "", "Epoch");
+        assert!(legend.is_none());
+        assert_eq!(image.height(), 480);
     }
 
     #[test]

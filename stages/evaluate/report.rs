@@ -1,13 +1,17 @@
-//! The comparison `evaluate` reports: per-arm summary tables (GitHub
-//! Markdown and aligned plain text), and a whole report as Markdown or as
-//! one self-contained HTML page (inline CSS, figures embedded as base64
-//! `data:` URIs).
+//! The comparison `evaluate` reports: per-arm summary tables and the paired
+//! comparisons of the arms (GitHub Markdown and aligned plain text), and a
+//! whole report as Markdown or as one self-contained HTML page (inline CSS,
+//! figures embedded as base64 `data:` URIs), naming the paper it reproduces
+//! and how to reproduce it.
 //!
 //! Promises:
-//! - Every metric is printed with 3 decimals. An arm with one seed shows its
-//!   test ROC-AUC with the bootstrap interval, `0.812 [0.741, 0.874]`; an arm
-//!   with several shows mean ± sample std over seeds, `0.812 ± 0.013` (the
-//!   per-seed values and intervals are in the report's per-seed table).
+//! - Every metric is printed with 3 decimals; p-values below 0.001 print as
+//!   "< 0.001" and AUC differences carry their sign. The "Seeds" column
+//!   counts an arm's seeds (the seed numbers are in the per-seed table). An
+//!   arm with one seed shows its test ROC-AUC with the bootstrap interval,
+//!   `0.812 [0.741, 0.874]`; an arm with several shows mean ± sample std
+//!   over seeds, `0.812 ± 0.013` (the per-seed values and intervals are in
+//!   the report's per-seed table).
 //!   The interval is labelled "95% CI": compute it at level 0.95.
 //! - The paper's reported numbers are printed verbatim, as given, in their
 //!   own table: they are not recomputed or compared numerically.
@@ -15,11 +19,14 @@
 //!   `& < > " '` everywhere in HTML. Markdown titles, captions and notes are
 //!   passed through, so they may carry Markdown.
 //! - Non-finite numbers print as "n/a".
+//! - Nothing here reads a clock or the environment: the report's bytes are
+//!   a function of its arguments.
 
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use super::compare::Comparison;
 use super::metrics::{Interval, mean_std};
 
 /// One augmentation arm's results over its seeds.
@@ -48,26 +55,54 @@ pub struct SeedMetrics {
 /// Serde's view of `metrics::Interval`, which stays free of serde.
 #[derive(Serialize, Deserialize)]
 #[serde(remote = "Interval")]
-struct IntervalDef {
+pub(super) struct IntervalDef {
     low: f64,
     high: f64,
 }
 
-/// The per-arm summary as a GitHub Markdown table, followed by the paper's
-/// reported numbers, `paper` = (label, reported ROC-AUC as printed), in a
-/// small table of their own (left out when `paper` is empty).
-pub fn table_markdown(arms: &[ArmSummary], paper: &[(&str, &str)]) -> String {
-    let mut out = markdown_table(&summary_table(arms));
-    if !paper.is_empty() {
-        out.push_str("\nReported in the paper:\n\n");
-        out.push_str(&markdown_table(&paper_table(paper)));
-    }
-    out
+/// Where a report comes from: enough to find the run that made it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The `evaluate` stage's name in the pipeline.
+    pub stage: String,
+    /// Its fingerprint (hex), as the lock file records it.
+    pub fingerprint: String,
+    /// melanoflow's version.
+    pub melanoflow: String,
+}
+
+/// Everything a whole report shows, except its figures.
+pub struct Report<'a> {
+    pub title: &'a str,
+    pub arms: &'a [ArmSummary],
+    pub comparisons: &'a [Comparison],
+    /// The paper's table: (label, reported ROC-AUC as printed); may be empty.
+    pub paper: &'a [(&'a str, &'a str)],
+    /// How the paper is cited (Markdown: emphasis allowed).
+    pub paper_citation: &'a str,
+    pub notes: &'a [String],
+    pub provenance: &'a Provenance,
 }
 
 /// The per-arm summary as plain text with aligned columns, for a terminal.
 pub fn table_terminal(arms: &[ArmSummary]) -> String {
-    let table = summary_table(arms);
+    terminal_table(&summary_table(arms))
+}
+
+/// The paired comparisons as plain text with aligned columns, followed by
+/// what they mean; empty when there are none.
+pub fn comparisons_terminal(comparisons: &[Comparison]) -> String {
+    if comparisons.is_empty() {
+        return String::new();
+    }
+    format!(
+        "{}\n{}\n",
+        terminal_table(&comparison_table(comparisons)),
+        comparisons_explained(comparisons)
+    )
+}
+
+fn terminal_table(table: &Table) -> String {
     let widths: Vec<usize> = (0..table.header.len())
         .map(|c| {
             table
@@ -103,77 +138,147 @@ pub fn table_terminal(arms: &[ArmSummary]) -> String {
     out
 }
 
+/// What the comparison table's numbers are and what p < 0.05 means.
+fn comparisons_explained(comparisons: &[Comparison]) -> String {
+    let c = &comparisons[0];
+    let pooled = if comparisons.iter().all(|c| c.seeds_a == 1 && c.seeds_b == 1) {
+        "each arm's test scores".to_string()
+    } else {
+        "each arm's seed-ensemble scores (per test image, the mean score of the arm's seeds)".into()
+    };
+    format!(
+        "ΔAUC = AUC(A) - AUC(B), from {pooled}, on the same {} test images ({} malignant). \
+         The interval and the first p-value are DeLong's test for two correlated ROC curves; \
+         the bootstrap draws the malignant and the benign test images separately, {} times, \
+         the same images for both arms. p < 0.05 means that if the two arms had equal ROC-AUC \
+         on images like these, a difference at least this large would arise by chance less than \
+         5% of the time; it says nothing about how large the difference is (read the interval). \
+         The DeLong and bootstrap p-values are not corrected for multiple comparisons; \
+         p (Holm) is DeLong's, adjusted by Holm's method over the {} comparison(s).",
+        c.n_pos + c.n_neg,
+        c.n_pos,
+        c.bootstrap.resamples,
+        comparisons.len()
+    )
+}
+
 /// A whole report in Markdown: the summary and paper tables, what each arm
-/// is, per-seed results, the figures (`images` = (caption, path relative to
-/// the report)), and the notes.
-pub fn report_markdown(
-    title: &str,
-    arms: &[ArmSummary],
-    paper: &[(&str, &str)],
-    images: &[(&str, &str)],
-    notes: &[String],
-) -> String {
+/// is, per-seed results, the paired comparisons, the figures (`images` =
+/// (caption, path relative to the report)), the notes, and how to
+/// reproduce it.
+pub fn report_markdown(r: &Report, images: &[(&str, &str)]) -> String {
     let mut out = format!(
-        "# {title}\n\n## Test-set results\n\n{}",
-        table_markdown(arms, paper)
+        "# {}\n\n## Test-set results\n\n{}",
+        r.title,
+        markdown_table(&summary_table(r.arms))
     );
+    if !r.paper.is_empty() {
+        let _ = write!(
+            out,
+            "\nReported in {}:\n\n{}",
+            r.paper_citation,
+            markdown_table(&paper_table(r.paper))
+        );
+    }
     out.push_str("\n### Arms\n\n");
-    for arm in arms {
+    for arm in r.arms {
         let _ = writeln!(out, "- **{}**: {}", arm.arm, arm.description);
     }
     let _ = write!(
         out,
         "\n### Per-seed results\n\n{}",
-        markdown_table(&seed_table(arms))
+        markdown_table(&seed_table(r.arms))
     );
+    if !r.comparisons.is_empty() {
+        let _ = write!(
+            out,
+            "\n## Paired comparisons\n\n{}\n{}\n",
+            markdown_table(&comparison_table(r.comparisons)),
+            comparisons_explained(r.comparisons)
+        );
+        let per_seed = per_seed_comparison_table(r.comparisons);
+        if !per_seed.rows.is_empty() {
+            let _ = write!(
+                out,
+                "\n### Per-seed comparisons (DeLong, seeds both arms trained)\n\n{}",
+                markdown_table(&per_seed)
+            );
+        }
+    }
     if !images.is_empty() {
         out.push_str("\n## Figures\n\n");
         for (caption, path) in images {
             let _ = write!(out, "![{caption}]({path})\n\n*{caption}*\n\n");
         }
     }
-    if !notes.is_empty() {
+    if !r.notes.is_empty() {
         out.push_str(if images.is_empty() {
             "\n## Notes\n\n"
         } else {
             "## Notes\n\n"
         });
-        for note in notes {
+        for note in r.notes {
             let _ = writeln!(out, "- {note}");
         }
     }
+    let _ = write!(
+        out,
+        "\n## Reproducing this report\n\n{}\n",
+        reproduce_text(r, |code| format!("`{code}`"))
+    );
     out
+}
+
+/// How to reproduce the report; `code` formats a command or digest.
+fn reproduce_text(r: &Report, code: impl Fn(&str) -> String) -> String {
+    let p = r.provenance;
+    format!(
+        "Written by stage {} with fingerprint {} (melanoflow {}). \
+         The fingerprint covers the stage's code, its parameters and the digest of every input: \
+         a run of the stage with this fingerprint writes these same bytes (the README says where \
+         bitwise reproducibility holds). To reproduce: {} with the same pipeline file, \
+         then {} re-executes the stage and compares its output with the lock file; \
+         {} prints the table with the git revision and the lock file's digest.",
+        code(&p.stage),
+        code(&p.fingerprint),
+        p.melanoflow,
+        code("melanoflow run"),
+        code(&format!("melanoflow verify --rerun {}", p.stage)),
+        code("melanoflow metrics")
+    )
 }
 
 /// The same report as one self-contained HTML page: inline CSS, figures
 /// (`images` = (caption, PNG bytes)) embedded as base64 `data:` URIs, every
-/// piece of caller text HTML-escaped.
-pub fn report_html(
-    title: &str,
-    arms: &[ArmSummary],
-    paper: &[(&str, &str)],
-    images: &[(&str, &[u8])],
-    notes: &[String],
-) -> String {
+/// piece of caller text HTML-escaped (the paper citation's Markdown
+/// emphasis becomes `<em>`).
+pub fn report_html(r: &Report, images: &[(&str, &[u8])]) -> String {
     let mut out = String::new();
+    let title = escape_html(r.title);
     let _ = write!(
         out,
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-         <title>{}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<main>\n<h1>{}</h1>\n",
-        escape_html(title),
-        escape_html(title)
+         <title>{title}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<main>\n<h1>{title}</h1>\n"
     );
     out.push_str("<h2>Test-set results</h2>\n<div class=\"tables\">\n");
-    out.push_str(&html_table(&summary_table(arms), None));
-    if !paper.is_empty() {
+    out.push_str(&html_table(&summary_table(r.arms), None));
+    if !r.paper.is_empty() {
         out.push_str(&html_table(
-            &paper_table(paper),
+            &paper_table(r.paper),
             Some("Reported in the paper"),
         ));
     }
-    out.push_str("</div>\n<h3>Arms</h3>\n<dl>\n");
-    for arm in arms {
+    out.push_str("</div>\n");
+    if !r.paper.is_empty() {
+        let _ = writeln!(
+            out,
+            "<p>Reported in {}.</p>",
+            emphasis_html(&escape_html(r.paper_citation))
+        );
+    }
+    out.push_str("<h3>Arms</h3>\n<dl>\n");
+    for arm in r.arms {
         let _ = writeln!(
             out,
             "<dt>{}</dt><dd>{}</dd>",
@@ -182,7 +287,21 @@ pub fn report_html(
         );
     }
     out.push_str("</dl>\n<h3>Per-seed results</h3>\n");
-    out.push_str(&html_table(&seed_table(arms), None));
+    out.push_str(&html_table(&seed_table(r.arms), None));
+    if !r.comparisons.is_empty() {
+        out.push_str("<h2>Paired comparisons</h2>\n");
+        out.push_str(&html_table(&comparison_table(r.comparisons), None));
+        let _ = writeln!(
+            out,
+            "<p>{}</p>",
+            escape_html(&comparisons_explained(r.comparisons))
+        );
+        let per_seed = per_seed_comparison_table(r.comparisons);
+        if !per_seed.rows.is_empty() {
+            out.push_str("<h3>Per-seed comparisons (DeLong, seeds both arms trained)</h3>\n");
+            out.push_str(&html_table(&per_seed, None));
+        }
+    }
     if !images.is_empty() {
         out.push_str("<h2>Figures</h2>\n");
         for (caption, png) in images {
@@ -194,14 +313,36 @@ pub fn report_html(
             );
         }
     }
-    if !notes.is_empty() {
+    if !r.notes.is_empty() {
         out.push_str("<h2>Notes</h2>\n<ul>\n");
-        for note in notes {
+        for note in r.notes {
             let _ = writeln!(out, "<li>{}</li>", escape_html(note));
         }
         out.push_str("</ul>\n");
     }
+    let _ = writeln!(
+        out,
+        "<h2>Reproducing this report</h2>\n<p>{}</p>",
+        reproduce_text(r, |code| format!("<code>{}</code>", escape_html(code)))
+    );
     out.push_str("</main>\n</body>\n</html>\n");
+    out
+}
+
+/// Markdown `*text*` spans of already-escaped text as `<em>`.
+fn emphasis_html(escaped: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in escaped.split('*').enumerate() {
+        // Odd parts sit between a pair of stars; an unpaired last star stays.
+        if i % 2 == 1 && escaped.matches('*').count() > i {
+            let _ = write!(out, "<em>{part}</em>");
+        } else {
+            if i % 2 == 1 {
+                out.push('*');
+            }
+            out.push_str(part);
+        }
+    }
     out
 }
 
@@ -258,7 +399,7 @@ fn summary_table(arms: &[ArmSummary]) -> Table {
                 mean_pm_std(seeds, |s| s.average_precision),
                 mean_pm_std(seeds, |s| s.sensitivity_at_90_specificity),
                 test_sizes.join(", "),
-                join(seeds.iter().map(|s| s.seed)),
+                seeds.len().to_string(),
                 join(seeds.iter().map(|s| s.best_epoch)),
             ]
         })
@@ -273,7 +414,68 @@ fn summary_table(arms: &[ArmSummary]) -> Table {
             "Seeds",
             "Best epoch(s)",
         ],
-        numeric: vec![false, true, true, true, true, false, false],
+        numeric: vec![false, true, true, true, true, true, false],
+        rows,
+    }
+}
+
+fn comparison_table(comparisons: &[Comparison]) -> Table {
+    let rows = comparisons
+        .iter()
+        .map(|c| {
+            vec![
+                format!("{} vs {}", c.arm_a, c.arm_b),
+                format!("{} / {}", f3(c.auc_a), f3(c.auc_b)),
+                format!(
+                    "{} [{}, {}]",
+                    signed3(c.difference),
+                    signed3(c.delong.ci.low),
+                    signed3(c.delong.ci.high)
+                ),
+                p_value(c.delong.p),
+                p_value(c.delong.p_holm),
+                format!(
+                    "[{}, {}]",
+                    signed3(c.bootstrap.ci.low),
+                    signed3(c.bootstrap.ci.high)
+                ),
+                p_value(c.bootstrap.p),
+            ]
+        })
+        .collect();
+    Table {
+        header: vec![
+            "A vs B",
+            "ROC-AUC A / B",
+            "ΔAUC [95% CI]",
+            "p (DeLong)",
+            "p (Holm)",
+            "Bootstrap 95% CI",
+            "p (bootstrap)",
+        ],
+        numeric: vec![false, true, true, true, true, true, true],
+        rows,
+    }
+}
+
+fn per_seed_comparison_table(comparisons: &[Comparison]) -> Table {
+    let rows = comparisons
+        .iter()
+        .flat_map(|c| {
+            c.per_seed.iter().map(|s| {
+                vec![
+                    format!("{} vs {}", c.arm_a, c.arm_b),
+                    s.seed.to_string(),
+                    format!("{} / {}", f3(s.auc_a), f3(s.auc_b)),
+                    signed3(s.difference),
+                    p_value(s.p),
+                ]
+            })
+        })
+        .collect();
+    Table {
+        header: vec!["A vs B", "Seed", "ROC-AUC A / B", "ΔAUC", "p (DeLong)"],
+        numeric: vec![false, true, true, true, true],
         rows,
     }
 }
@@ -325,6 +527,25 @@ fn paper_table(paper: &[(&str, &str)]) -> Table {
             .iter()
             .map(|(label, auc)| vec![label.to_string(), auc.to_string()])
             .collect(),
+    }
+}
+
+/// A difference with its sign; one that rounds to zero prints unsigned.
+fn signed3(x: f64) -> String {
+    if !x.is_finite() {
+        "n/a".into()
+    } else if (x * 1000.0).round() == 0.0 {
+        "0.000".into()
+    } else {
+        format!("{x:+.3}")
+    }
+}
+
+fn p_value(p: f64) -> String {
+    if p.is_finite() && p < 0.001 {
+        "< 0.001".into()
+    } else {
+        f3(p)
     }
 }
 
@@ -466,24 +687,91 @@ mod tests {
 
     const PAPER: &[(&str, &str)] = &[("Classical augmentation", "0.81"), ("CycleGAN", "0.83")];
 
+    fn comparisons() -> Vec<Comparison> {
+        use super::super::compare::{BootstrapRecord, DeLongRecord, SeedComparison};
+        vec![Comparison {
+            arm_a: "classical".into(),
+            arm_b: "cyclegan".into(),
+            seeds_a: 1,
+            seeds_b: 3,
+            auc_a: 0.8123,
+            auc_b: 0.8301,
+            difference: 0.8123 - 0.8301,
+            delong: DeLongRecord {
+                se: 0.012,
+                z: Some(-1.48),
+                p: 0.0004,
+                p_holm: 0.0012,
+                ci: Interval {
+                    low: -0.0413,
+                    high: 0.00002,
+                },
+            },
+            bootstrap: BootstrapRecord {
+                ci: Interval {
+                    low: -0.039,
+                    high: 0.0031,
+                },
+                p: 0.0567,
+                resamples: 2000,
+            },
+            n_pos: 117,
+            n_neg: 483,
+            per_seed: vec![SeedComparison {
+                seed: 1,
+                auc_a: 0.8123,
+                auc_b: 0.80,
+                difference: 0.0123,
+                p: 0.5,
+            }],
+        }]
+    }
+
+    fn provenance() -> Provenance {
+        Provenance {
+            stage: "evaluate".into(),
+            fingerprint: "ab12".repeat(16),
+            melanoflow: "0.1.0".into(),
+        }
+    }
+
+    /// Runs `check` on a report over `arms()` and `comparisons()`.
+    fn with_report<T>(title: &str, check: impl FnOnce(&Report) -> T) -> T {
+        let (arms, comparisons, provenance) = (arms(), comparisons(), provenance());
+        let notes = vec!["Test split is patient-disjoint.".to_string()];
+        check(&Report {
+            title,
+            arms: &arms,
+            comparisons: &comparisons,
+            paper: PAPER,
+            paper_citation: "*The paper* (Someone 2020)",
+            notes: &notes,
+            provenance: &provenance,
+        })
+    }
+
     #[test]
-    fn tables_print_three_decimals() {
-        let md = table_markdown(&arms(), PAPER);
+    fn tables_print_three_decimals_and_count_seeds() {
+        let md = markdown_table(&summary_table(&arms()));
         assert!(
             md.contains(
                 "| classical | 0.812 [0.741, 0.874] | 0.612 | 0.412 | 600 (117) | 1 | 11 |"
             ),
             "{md}"
         );
-        // mean 0.82, sample std 0.02 over seeds.
+        // mean 0.82, sample std 0.02 over the 3 seeds.
         assert!(
             md.contains(
-                "| cyclegan | 0.820 ± 0.020 | 0.620 ± 0.020 | 0.420 ± 0.020 | 600 (117) | 1, 2, 3 | 11, 12, 13 |"
+                "| cyclegan | 0.820 ± 0.020 | 0.620 ± 0.020 | 0.420 ± 0.020 | 600 (117) | 3 | 11, 12, 13 |"
             ),
             "{md}"
         );
-        assert!(md.contains("| Classical augmentation | 0.81 |"), "{md}");
-        assert!(md.contains("| --- | ---: |"));
+        let paper = markdown_table(&paper_table(PAPER));
+        assert!(
+            paper.contains("| Classical augmentation | 0.81 |"),
+            "{paper}"
+        );
+        assert!(paper.contains("| --- | ---: |"));
         let terminal = table_terminal(&arms());
         assert!(
             terminal.contains("0.812 [0.741, 0.874]") && terminal.contains("0.820 ± 0.020"),
@@ -500,42 +788,102 @@ mod tests {
     }
 
     #[test]
+    fn comparison_table_signs_differences_and_floors_p() {
+        let md = markdown_table(&comparison_table(&comparisons()));
+        // 0.8123 - 0.8301 = -0.0178; the CI's upper end rounds to zero;
+        // p 0.0004 < 0.001; Holm 0.0012.
+        assert!(
+            md.contains(
+                "| classical vs cyclegan | 0.812 / 0.830 | -0.018 [-0.041, 0.000] | < 0.001 | 0.001 | [-0.039, +0.003] | 0.057 |"
+            ),
+            "{md}"
+        );
+        let per_seed = markdown_table(&per_seed_comparison_table(&comparisons()));
+        assert!(
+            per_seed.contains("| classical vs cyclegan | 1 | 0.812 / 0.800 | +0.012 | 0.500 |"),
+            "{per_seed}"
+        );
+        let terminal = comparisons_terminal(&comparisons());
+        for part in [
+            "classical vs cyclegan",
+            "-0.018 [-0.041, 0.000]",
+            "on the same 600 test images (117 malignant)",
+            "seed-ensemble",
+            "2000 times",
+            "not corrected for multiple comparisons",
+            "Holm's method over the 1 comparison(s)",
+            "p < 0.05 means",
+        ] {
+            assert!(terminal.contains(part), "missing {part:?} in\n{terminal}");
+        }
+        assert_eq!(comparisons_terminal(&[]), "");
+    }
+
+    #[test]
     fn seedless_arm_and_pipes() {
         let arm = ArmSummary {
             arm: "a|b".into(),
             description: String::new(),
             seeds: vec![],
         };
-        let md = table_markdown(&[arm], &[]);
-        assert!(md.contains("| a\\|b | n/a | n/a | n/a |  |  |  |"), "{md}");
-        assert!(!md.contains("Reported in the paper"));
+        let md = markdown_table(&summary_table(&[arm]));
+        assert!(md.contains("| a\\|b | n/a | n/a | n/a |  | 0 |  |"), "{md}");
     }
 
     #[test]
     fn reports_have_every_part() {
-        let notes = vec!["Test split is patient-disjoint.".to_string()];
-        let md = report_markdown(
-            "Melanoma",
-            &arms(),
-            PAPER,
-            &[("ROC curves", "roc.png")],
-            &notes,
-        );
+        let md = with_report("Melanoma", |r| {
+            report_markdown(r, &[("ROC curves", "roc.png")])
+        });
+        let fingerprint = "ab12".repeat(16);
         for part in [
             "# Melanoma",
+            "Reported in *The paper* (Someone 2020):",
             "![ROC curves](roc.png)",
             "- **cyclegan**: Adds",
             "| cyclegan | 3 | 0.840 [0.700, 0.900] |",
+            "## Paired comparisons",
+            "| classical vs cyclegan | 0.812 / 0.830 |",
+            "### Per-seed comparisons",
             "- Test split",
+            "## Reproducing this report",
+            &format!("stage `evaluate` with fingerprint `{fingerprint}` (melanoflow 0.1.0)"),
+            "`melanoflow verify --rerun evaluate`",
         ] {
             assert!(md.contains(part), "missing {part:?} in\n{md}");
         }
         let png: &[u8] = b"\x89PNG";
-        let html = report_html("Melanoma", &arms(), PAPER, &[("ROC curves", png)], &notes);
-        assert!(html.contains("src=\"data:image/png;base64,iVBORw==\""));
-        assert!(html.contains("<td class=\"num\">0.812 [0.741, 0.874]</td>"));
-        assert!(html.contains("<figcaption>ROC curves</figcaption>"));
-        assert!(html.contains("<caption>Reported in the paper</caption>"));
+        let html = with_report("Melanoma", |r| report_html(r, &[("ROC curves", png)]));
+        for part in [
+            "src=\"data:image/png;base64,iVBORw==\"",
+            "<td class=\"num\">0.812 [0.741, 0.874]</td>",
+            "<figcaption>ROC curves</figcaption>",
+            "<caption>Reported in the paper</caption>",
+            "<p>Reported in <em>The paper</em> (Someone 2020).</p>",
+            "<h2>Paired comparisons</h2>",
+            "<td class=\"num\">-0.018 [-0.041, 0.000]</td>",
+            &format!("<code>{fingerprint}</code>"),
+        ] {
+            assert!(html.contains(part), "missing {part:?} in\n{html}");
+        }
+        // Without comparisons (one arm) the section is left out.
+        let (arms, provenance) = (arms(), provenance());
+        let md = report_markdown(
+            &Report {
+                title: "t",
+                arms: &arms[..1],
+                comparisons: &[],
+                paper: &[],
+                paper_citation: "",
+                notes: &[],
+                provenance: &provenance,
+            },
+            &[],
+        );
+        assert!(
+            !md.contains("Paired comparisons") && !md.contains("Reported in"),
+            "{md}"
+        );
     }
 
     #[test]
@@ -543,23 +891,37 @@ mod tests {
         let mut evil = arms();
         evil[0].arm = "<script>alert('x')</script>".into();
         evil[0].description = "a & b".into();
+        let provenance = provenance();
+        let notes = vec!["<i>note</i>".to_string()];
         let html = report_html(
-            "1 < 2",
-            &evil,
-            &[("<b>", "\"0.8\"")],
+            &Report {
+                title: "1 < 2",
+                arms: &evil,
+                comparisons: &[],
+                paper: &[("<b>", "\"0.8\"")],
+                paper_citation: "*<u>* & co",
+                notes: &notes,
+                provenance: &provenance,
+            },
             &[("<img>", &[])],
-            &["<i>note</i>".into()],
         );
-        assert!(!html.contains("<script>") && !html.contains("<b>") && !html.contains("<i>"));
+        assert!(
+            !html.contains("<script>")
+                && !html.contains("<b>")
+                && !html.contains("<i>")
+                && !html.contains("<u>")
+        );
         for escaped in [
             "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;",
             "a &amp; b",
             "<title>1 &lt; 2</title>",
             "&quot;0.8&quot;",
             "&lt;i&gt;note",
+            "<em>&lt;u&gt;</em> &amp; co",
         ] {
             assert!(html.contains(escaped), "missing {escaped}");
         }
+        assert_eq!(emphasis_html("a *b* c *d"), "a <em>b</em> c *d");
     }
 
     #[test]

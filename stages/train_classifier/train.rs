@@ -436,10 +436,13 @@ pub fn run(p: &TrainClassifierParams, ctx: &StageContext) -> Result<StageReport>
                 .map(|e| format!(", seed {} resumed after epoch {e}", r.seed))
         })
         .collect();
+    // Names as the pipeline file spells them (`lite0`, `classical`), not
+    // Rust's Debug names.
+    let spelled = |v: serde_json::Value| v.as_str().unwrap_or("?").to_string();
     Ok(StageReport::new(format!(
-        "{:?} {:?}, {} seed(s), {} epochs of {} images: best val ROC-AUC {}{resumed}",
-        p.variant,
-        p.augmentation,
+        "{}, augmentation {}, {} seed(s), {} epochs of {} images: best val ROC-AUC {}{resumed}",
+        spelled(serde_json::to_value(p.variant)?),
+        spelled(serde_json::to_value(p.augmentation)?),
         results.len(),
         p.epochs,
         composition.benign

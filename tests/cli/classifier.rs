@@ -96,6 +96,14 @@ fn generate_train_evaluate_and_print_the_table() {
     for stage in ["generate", "none", "classical", "cyclegan", "evaluate"] {
         assert_eq!(r.state(stage), "ran", "{stage}");
     }
+    // Arms are named as the pipeline file spells them.
+    assert!(
+        r.line("classical")
+            .contains("-> lite0, augmentation classical, 2 seed(s)")
+            && r.line("none").contains("augmentation none,"),
+        "{}",
+        r.stdout
+    );
 
     // generate: sources are benign training images only, and balance the classes.
     let meta = read_parquet(&p.path("data/out/ingest/metadata.parquet"));
@@ -194,6 +202,79 @@ fn generate_train_evaluate_and_print_the_table() {
         "the CycleGAN arm names its generator: {}",
         arms[2]["description"]
     );
+    // Every pair of arms, in the order listed, on the same test images,
+    // with finite p-values and intervals that hold the difference.
+    let comparisons = m["comparisons"].as_array().unwrap();
+    let pairs: Vec<(&str, &str)> = comparisons
+        .iter()
+        .map(|c| (c["arm_a"].as_str().unwrap(), c["arm_b"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("none", "classical"),
+            ("none", "cyclegan"),
+            ("classical", "cyclegan")
+        ]
+    );
+    let n_test = arms[0]["seeds"][0]["n_test"].as_u64().unwrap();
+    let n_mal = arms[0]["seeds"][0]["n_test_malignant"].as_u64().unwrap();
+    for c in comparisons {
+        let f = |v: &serde_json::Value| v.as_f64().unwrap_or_else(|| panic!("{c}"));
+        let d = f(&c["difference"]);
+        assert!((d - (f(&c["auc_a"]) - f(&c["auc_b"]))).abs() < 1e-12, "{c}");
+        for p in [
+            &c["delong"]["p"],
+            &c["delong"]["p_holm"],
+            &c["bootstrap"]["p"],
+        ] {
+            assert!((0.0..=1.0).contains(&f(p)), "{c}");
+        }
+        assert!(f(&c["delong"]["p_holm"]) >= f(&c["delong"]["p"]), "{c}");
+        assert!(
+            f(&c["delong"]["ci"]["low"]) <= d && d <= f(&c["delong"]["ci"]["high"]),
+            "{c}"
+        );
+        assert_eq!(c["bootstrap"]["resamples"], 200);
+        assert_eq!(c["n_pos"].as_u64(), Some(n_mal), "{c}");
+        assert_eq!(
+            c["n_pos"].as_u64().unwrap() + c["n_neg"].as_u64().unwrap(),
+            n_test
+        );
+    }
+    // Each arm's seeds are pooled (classical has 2); seeds both arms trained
+    // are also compared one by one.
+    let seeds_of = |k: usize| -> Vec<u64> {
+        arms[k]["seeds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["seed"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(seeds_of(1), [0, 1]);
+    assert_eq!(
+        (
+            comparisons[0]["seeds_a"].as_u64(),
+            comparisons[0]["seeds_b"].as_u64()
+        ),
+        (Some(seeds_of(0).len() as u64), Some(2))
+    );
+    let shared: Vec<u64> = seeds_of(0).into_iter().filter(|s| *s < 2).collect();
+    let compared: Vec<u64> = comparisons[0]["per_seed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["seed"].as_u64().unwrap())
+        .collect();
+    assert_eq!(compared, shared);
+    // The report names the run that wrote it: the fingerprint in the lock file.
+    let lock: toml::Value = toml::from_str(&p.lock()).unwrap();
+    assert_eq!(
+        m["provenance"]["fingerprint"],
+        lock["stages"]["evaluate"]["fingerprint"].as_str().unwrap()
+    );
+    assert_eq!(m["provenance"]["melanoflow"], env!("CARGO_PKG_VERSION"));
     let roc = image::open(p.path("data/out/evaluate/roc.png")).unwrap();
     assert_eq!((roc.width(), roc.height()), (640, 640));
     let html = std::fs::read_to_string(p.path("data/out/evaluate/report.html")).unwrap();
@@ -202,21 +283,57 @@ fn generate_train_evaluate_and_print_the_table() {
             && html.contains("data:image/png;base64,")
             && html.contains("cyclegan")
     );
-    assert!(
-        std::fs::read_to_string(p.path("data/out/evaluate/report.md"))
+    let md = std::fs::read_to_string(p.path("data/out/evaluate/report.md")).unwrap();
+    let fingerprint = m["provenance"]["fingerprint"].as_str().unwrap();
+    for part in [
+        "## Paired comparisons",
+        "| none vs classical |",
+        "| classical vs cyclegan |",
+        "seed-ensemble",
+        "not corrected for multiple comparisons",
+        "*CycleGAN-based data augmentation for melanoma image classification*",
+        "## Reproducing this report",
+        fingerprint,
+    ] {
+        assert!(md.contains(part), "missing {part:?} in\n{md}");
+    }
+    // The Seeds column counts seeds (it used to list them: `0` for one seed).
+    let row = |arm: &str| {
+        md.lines()
+            .find(|l| l.starts_with(&format!("| {arm} |")))
             .unwrap()
-            .contains("| classical |")
+            .split(" | ")
+            .nth(5)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        (row("classical"), row("none")),
+        (
+            "2".into(),
+            arms[0]["seeds"].as_array().unwrap().len().to_string()
+        ),
+        "{md}"
     );
+    assert!(html.contains("<h2>Paired comparisons</h2>") && html.contains(fingerprint));
 
     // `melanoflow metrics` prints the table.
     let t = p.ok(&["metrics"]);
-    assert!(
-        t.stdout.contains("Test ROC-AUC")
-            && t.stdout.contains("classical")
-            && t.stdout.contains("0.79"),
-        "{}",
-        t.stdout
-    );
+    let lock_digest = blake3::hash(p.lock().as_bytes()).to_hex().to_string();
+    for part in [
+        "Test ROC-AUC",
+        "classical",
+        "0.79",
+        "Paired comparisons",
+        "none vs classical",
+        "p (DeLong)",
+        &format!("fingerprint {fingerprint}"),
+        &format!("BLAKE3 {lock_digest}"),
+        // The project is not a git checkout.
+        "git revision unknown",
+    ] {
+        assert!(t.stdout.contains(part), "missing {part:?} in\n{}", t.stdout);
+    }
     // The pipeline file may follow the command name.
     std::fs::rename(p.path("data/pipeline.toml"), p.path("data/other.toml")).unwrap();
     std::fs::rename(p.path("data/pipeline.lock"), p.path("data/other.lock")).unwrap();
