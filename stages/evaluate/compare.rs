@@ -25,6 +25,9 @@ use super::metrics::Interval;
 use super::paired::{delong, holm, paired_bootstrap};
 use super::report::IntervalDef;
 
+/// One seed's test predictions: (image name, malignant, score), any order.
+pub type SeedPredictions = Vec<(String, bool, f64)>;
+
 /// One arm's test predictions, per seed, aligned to one image order.
 pub struct ArmScores {
     pub arm: String,
@@ -35,9 +38,8 @@ pub struct ArmScores {
 }
 
 impl ArmScores {
-    /// `seeds`: per seed, its test predictions as (image name, malignant,
-    /// score) in any order.
-    pub fn new(arm: &str, seeds: Vec<(u64, Vec<(String, bool, f64)>)>) -> Result<ArmScores> {
+    /// `seeds`: (seed, its test predictions), in the seeds' listed order.
+    pub fn new(arm: &str, seeds: Vec<(u64, SeedPredictions)>) -> Result<ArmScores> {
         let Some((_, first)) = seeds.first() else {
             bail!("arm `{arm}` has no seeds");
         };
