@@ -55,6 +55,12 @@ pub struct ExecutorConfig {
     /// Slurm: the melanoflow binary as the compute nodes see it (default:
     /// this binary's path, which suits a shared filesystem).
     pub command: Option<String>,
+    /// Slurm: the cluster has GPUs, so a stage that would use one where
+    /// present (its kind says so: `device = "auto"`) asks for it
+    /// (`--gres=gpu:1`). Off by default: such a stage then runs wherever its
+    /// job lands, on the CPU if there is no GPU.
+    #[serde(default)]
+    pub gpus: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -656,6 +662,15 @@ mod tests {
         );
         let e = parse_text(&format!("{GOOD}\n[stages.a.resources]\ngpu = 1\n"), &[]).unwrap_err();
         assert!(e.contains("stages.a.resources") && e.contains("gpu"), "{e}");
+        let p = parse_text(&format!("[executor]\ngpus = true\n{GOOD}"), &[]).unwrap();
+        assert!(p.executor.gpus && !ExecutorConfig::default().gpus);
+        // Only the stage kind says whether a stage can use a GPU.
+        let e = parse_text(
+            &format!("{GOOD}\n[stages.a.resources]\ngpus_if_available = 1\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.contains("gpus_if_available"), "{e}");
         let e = parse_text(&format!("[executor]\nkind = \"kubernetes\"\n{GOOD}"), &[]).unwrap_err();
         assert!(e.contains(":2:") && e.contains("kubernetes"), "{e}");
     }

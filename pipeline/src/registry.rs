@@ -98,6 +98,12 @@ pub struct Resources {
     pub mem: Option<String>,
     /// GPUs (`--gres=gpu:N`).
     pub gpus: Option<u32>,
+    /// GPUs the stage would use if its job landed on a node with them (its
+    /// `device` is `auto`), requested only when `[executor] gpus = true` says
+    /// the cluster has GPUs; `gpus` above, when set, wins. Set by the stage
+    /// kind, never by the pipeline file.
+    #[serde(skip)]
+    pub gpus_if_available: Option<u32>,
     /// Wall-clock limit, Slurm syntax: `90`, `4:00:00`, `1-00:00:00` (`--time`).
     pub time: Option<String>,
     /// Partition (`--partition`), overriding `[executor] partition`.
@@ -114,6 +120,7 @@ impl Resources {
             cpus: self.cpus.or(other.cpus),
             mem: self.mem.or(other.mem),
             gpus: self.gpus.or(other.gpus),
+            gpus_if_available: self.gpus_if_available.or(other.gpus_if_available),
             time: self.time.or(other.time),
             partition: self.partition.or(other.partition),
             array: self.array.or(other.array),

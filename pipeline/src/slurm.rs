@@ -436,8 +436,15 @@ pub fn resource_args(r: &Resources, cfg: &ExecutorConfig) -> Vec<String> {
     if let Some(m) = &r.mem {
         args.push(format!("--mem={m}"));
     }
-    if let Some(g) = r.gpus.filter(|g| *g > 0) {
-        args.push(format!("--gres=gpu:{g}"));
+    // An explicit count (the pipeline's, or the kind's for `cuda:N`) wins;
+    // else a stage that can use a GPU gets one when the cluster has them.
+    let gpus = match r.gpus {
+        Some(g) => g,
+        None if cfg.gpus => r.gpus_if_available.unwrap_or(0),
+        None => 0,
+    };
+    if gpus > 0 {
+        args.push(format!("--gres=gpu:{gpus}"));
     }
     if let Some(t) = &r.time {
         args.push(format!("--time={t}"));
@@ -709,6 +716,7 @@ mod tests {
             time: Some("2:00:00".into()),
             partition: None,
             array: None,
+            gpus_if_available: None,
         };
         let cfg = ExecutorConfig {
             partition: Some("batch".into()),
@@ -734,6 +742,37 @@ mod tests {
         assert_eq!(
             resource_args(&own, &ExecutorConfig::default()),
             ["--partition=gpu"]
+        );
+    }
+
+    /// A stage that can use a GPU (`device = "auto"` in a CUDA build) asks
+    /// for one only when `[executor] gpus = true`; an explicit `gpus` (the
+    /// kind's for `cuda:N`, or the pipeline's, 0 included) always wins.
+    #[test]
+    fn gpus_if_available_follow_the_executor() {
+        let auto = Resources {
+            gpus_if_available: Some(1),
+            ..Default::default()
+        };
+        let with_gpus = ExecutorConfig {
+            gpus: true,
+            ..Default::default()
+        };
+        assert_eq!(resource_args(&auto, &with_gpus), ["--gres=gpu:1"]);
+        assert!(resource_args(&auto, &ExecutorConfig::default()).is_empty());
+        assert!(resource_args(&Resources::default(), &with_gpus).is_empty());
+        let opted_out = Resources {
+            gpus: Some(0),
+            ..auto.clone()
+        };
+        assert!(resource_args(&opted_out, &with_gpus).is_empty());
+        let two = Resources {
+            gpus: Some(2),
+            ..auto
+        };
+        assert_eq!(
+            resource_args(&two, &ExecutorConfig::default()),
+            ["--gres=gpu:2"]
         );
     }
 

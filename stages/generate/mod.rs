@@ -21,7 +21,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use arrow_array::{ArrayRef, Int32Array, Int64Array, StringArray};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use melanoflow_pipeline::{BoxError, Stage, StageContext, StageReport};
+use melanoflow_pipeline::{BoxError, Resources, Stage, StageContext, StageReport};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -30,7 +30,9 @@ use serde::{Deserialize, Serialize};
 use crate::imageset::{ImageRecord, ImageSet};
 use crate::models::cyclegan::Generator;
 use crate::preprocess::shards::write_shard;
-use crate::train_cyclegan::{Config as CycleGanConfig, check_device_spec, select_device};
+use crate::train_cyclegan::{
+    Config as CycleGanConfig, check_device_spec, device_resources, select_device,
+};
 
 pub struct Generate;
 
@@ -92,6 +94,10 @@ impl Stage for Generate {
             return Err("`batch_size` and `shard_mb` must be at least 1".into());
         }
         check_device_spec(&p.device)
+    }
+
+    fn resources(&self, p: &GenerateParams) -> Resources {
+        device_resources(&p.device)
     }
 
     fn run(&self, p: &GenerateParams, ctx: &StageContext) -> Result<StageReport, BoxError> {

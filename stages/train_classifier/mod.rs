@@ -167,12 +167,8 @@ impl Stage for TrainClassifier {
             .collect()
     }
 
-    /// A cluster run asks for one GPU when the device is CUDA.
     fn resources(&self, p: &TrainClassifierParams) -> Resources {
-        Resources {
-            gpus: p.device.starts_with("cuda").then_some(1),
-            ..Resources::default()
-        }
+        crate::train_cyclegan::device_resources(&p.device)
     }
 
     fn run(&self, p: &TrainClassifierParams, ctx: &StageContext) -> Result<StageReport, BoxError> {

@@ -232,6 +232,21 @@ pub fn plan_device(spec: &str, cuda_built: bool) -> Result<DevicePlan> {
     }
 }
 
+/// What a cluster job of a stage computing on `device` asks for: one GPU for
+/// `"cuda:N"`; for `"auto"`, one GPU if the cluster has them (`[executor]
+/// gpus = true`); nothing for the CPU. Decided by the string alone, not by
+/// this build: the workers may run another binary (`[executor] command`).
+pub fn device_resources(spec: &str) -> Resources {
+    let cuda = spec
+        .strip_prefix("cuda:")
+        .is_some_and(|n| n.parse::<usize>().is_ok());
+    Resources {
+        gpus: cuda.then_some(1),
+        gpus_if_available: (spec == "auto").then_some(1),
+        ..Resources::default()
+    }
+}
+
 /// The device a stage computes on: `"auto"` is GPU 0 in a CUDA build when
 /// one can be opened and the CPU otherwise (a build without CUDA, or no
 /// usable GPU or driver: then one notice per process, not an error);
@@ -314,12 +329,8 @@ impl Stage for TrainCycleGan {
         check_device_spec(&p.device)
     }
 
-    /// A cluster run asks for one GPU when the device is CUDA.
     fn resources(&self, p: &TrainCycleGanParams) -> Resources {
-        Resources {
-            gpus: p.device.starts_with("cuda").then_some(1),
-            ..Resources::default()
-        }
+        device_resources(&p.device)
     }
 
     fn run(&self, p: &TrainCycleGanParams, ctx: &StageContext) -> Result<StageReport, BoxError> {
@@ -362,6 +373,17 @@ mod device_tests {
         for bad in ["gpu", "cuda", "cuda:x", "CPU"] {
             assert!(plan_device(bad, true).is_err(), "{bad}");
             assert!(check_device_spec(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cluster_jobs_ask_for_a_gpu_by_device() {
+        let r = device_resources("cuda:1");
+        assert_eq!((r.gpus, r.gpus_if_available), (Some(1), None));
+        let r = device_resources("auto");
+        assert_eq!((r.gpus, r.gpus_if_available), (None, Some(1)));
+        for cpu in ["cpu", "cuda:x"] {
+            assert_eq!(device_resources(cpu), Resources::default(), "{cpu}");
         }
     }
 
