@@ -8,6 +8,8 @@ use candle_nn::{Init, VarBuilder};
 
 use super::kernels::batchnorm::{Act, batch_norm_act_train};
 use super::kernels::conv::{conv_transpose2d, conv2d};
+use super::kernels::gpu::norm;
+use super::kernels::{Path, path};
 
 /// The init hint for weights: N(0, 0.02), as the reference CycleGAN. (The
 /// actual values are then drawn from the pipeline seed: see `init.rs`.)
@@ -18,30 +20,11 @@ const WEIGHT_INIT: Init = Init::Randn {
 
 /// Pads the last two dimensions by reflection (the edge pixel is not
 /// repeated), like `torch.nn.ReflectionPad2d(p)`. Shape [B, C, H, W] ->
-/// [B, C, H + 2p, W + 2p]; requires p < H and p < W.
+/// [B, C, H + 2p, W + 2p]; requires p < H and p < W. Two `index_select`s with
+/// index tensors cached per device and size, on every device (a gather: the
+/// same bytes however its indices were built).
 pub fn reflection_pad2d(x: &Tensor, p: usize) -> Result<Tensor> {
-    if p == 0 {
-        return Ok(x.clone());
-    }
-    let (_, _, h, w) = x.dims4()?;
-    let index = |n: usize| -> Result<Tensor> {
-        let idx: Vec<u32> = (0..n + 2 * p)
-            .map(|i| {
-                let j = i as i64 - p as i64;
-                let j = if j < 0 {
-                    -j
-                } else if j >= n as i64 {
-                    2 * (n as i64 - 1) - j
-                } else {
-                    j
-                };
-                j as u32
-            })
-            .collect();
-        Tensor::from_vec(idx, n + 2 * p, x.device())
-    };
-    let x = x.contiguous()?;
-    x.index_select(&index(w)?, 3)?.index_select(&index(h)?, 2)
+    norm::reflection_pad2d(x, p)
 }
 
 /// Instance normalisation over (H, W) per sample and channel, without affine
@@ -49,8 +32,14 @@ pub fn reflection_pad2d(x: &Tensor, p: usize) -> Result<Tensor> {
 /// BatchNorm's training-mode normalisation of a batch of one with N x C
 /// channels, so it runs on the fused BatchNorm kernel (one pass forward, one
 /// backward) instead of five candle ops and their gradients.
+///
+/// CUDA tensors take `kernels::gpu::norm`'s formulation (no per-call
+/// constants, closed-form backward) instead (`kernels::path` decides).
 pub fn instance_norm(x: &Tensor) -> Result<Tensor> {
     const EPS: f64 = 1e-5;
+    if path(&[x]) == Path::Formulation {
+        return norm::instance_norm(x, EPS);
+    }
     let (n, c, h, w) = x.dims4()?;
     let ones = Tensor::ones(n * c, x.dtype(), x.device())?;
     let zeros = Tensor::zeros(n * c, x.dtype(), x.device())?;

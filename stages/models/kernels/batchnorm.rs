@@ -24,9 +24,10 @@
 //!   mean is carried as an f32 hi+lo pair, so inputs with `|mean| ≫ std` keep
 //!   their precision).
 //! * The fast path is taken only on CPU with F32 tensors and while
-//!   [`fast_kernels_enabled`] is on; anything else (CUDA, Metal, other dtypes,
-//!   the switch off) computes the same thing with plain candle ops, so GPUs keep
-//!   candle's kernels and the reference stays testable.
+//!   [`fast_kernels_enabled`](super::fast_kernels_enabled) is on
+//!   (`kernels::path`); anything else (CUDA, Metal, other dtypes, the switch
+//!   off) computes the same thing with plain candle ops, which is also the
+//!   GPU formulation (elementwise ops and reductions), and the reference.
 //! * Gradients are first order: the backward op is not itself differentiable.
 //!   In evaluation mode, when `mean` or `var` tracks a graph, the candle path is
 //!   used so that their gradients exist too.
@@ -56,7 +57,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::fast_kernels_enabled;
+use super::{Path, path};
 
 /// The activation applied after the affine transform.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,11 +163,10 @@ pub fn batch_norm_act_eval(
     x.contiguous()?.apply_op3(gamma, beta, op)
 }
 
+/// The fused kernel runs where `kernels::path` picks the CPU kernels;
+/// elsewhere (CUDA included) the candle ops below.
 fn fast_path(ts: &[&Tensor]) -> bool {
-    fast_kernels_enabled()
-        && ts
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    path(ts) == Path::Cpu
 }
 
 fn check_channel_params(what: &str, c: usize, params: &[(&str, &Tensor)]) -> Result<()> {
@@ -875,7 +875,7 @@ impl CustomOp2 for BnActGrad<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::set_fast_kernels;
+    use super::super::{fast_kernels_enabled, set_fast_kernels};
     use super::*;
     use candle_core::{Device, Var};
     use rand::SeedableRng;

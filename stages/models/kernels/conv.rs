@@ -30,8 +30,9 @@
 //!   `(H − 1)·s − 2p + Kh + output_padding`), forward and both gradients, to
 //!   f32 rounding (the summation order differs).
 //! * The fast path is taken only on CPU with F32 input and weight and while
-//!   [`fast_kernels_enabled`]; anything else (CUDA, Metal, other dtypes, or the
-//!   switch off) calls candle's own op, so GPUs keep candle's kernels.
+//!   [`fast_kernels_enabled`](super::fast_kernels_enabled); CUDA tensors take
+//!   `gpu::conv`'s formulations, anything else (Metal, other dtypes, or the
+//!   switch off) candle's own op (`kernels::path` decides).
 //! * Gradients are first order: the backward ops are not themselves
 //!   differentiable (no double backward through these ops). A gradient whose
 //!   argument tracks no graph (e.g. the image fed to the first layer) is not
@@ -69,19 +70,21 @@
 use super::cpu::{Mat, dims4, f32_values, gemm_into, matmul};
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::fast_kernels_enabled;
+use super::{Path, gpu, path};
 
 /// y = conv2d(x [N, C, H, W], w [O, C, Kh, Kw]) with stride and symmetric zero
 /// padding, no bias: `[N, O, (H+2p−Kh)/s+1, (W+2p−Kw)/s+1]`.
 ///
 /// Same function as candle's `x.conv2d(w, padding, stride, 1, 1)`.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if !fast_path(x, w) {
-        return x.conv2d(w, padding, stride, 1, 1);
+    match path(&[x, w]) {
+        Path::Cpu => {}
+        Path::Formulation => return gpu::conv::conv2d(x, w, stride, padding),
+        Path::Candle => return x.conv2d(w, padding, stride, 1, 1),
     }
     // `contiguous` is a no-op (same tensor, same gradient node) when the
     // layout already is; otherwise it is a differentiable copy.
@@ -100,8 +103,12 @@ pub fn conv_transpose2d(
     padding: usize,
     output_padding: usize,
 ) -> Result<Tensor> {
-    if !fast_path(x, w) {
-        return x.conv_transpose2d(w, padding, output_padding, stride, 1);
+    match path(&[x, w]) {
+        Path::Cpu => {}
+        Path::Formulation => {
+            return gpu::conv::conv_transpose2d(x, w, stride, padding, output_padding);
+        }
+        Path::Candle => return x.conv_transpose2d(w, padding, output_padding, stride, 1),
     }
     let (_, _, h, wd) = x.dims4()?;
     let (_, _, kh, kw) = w.dims4()?;
@@ -129,14 +136,6 @@ pub fn conv_transpose2d(
             w: wo,
         },
     )
-}
-
-fn fast_path(x: &Tensor, w: &Tensor) -> bool {
-    fast_kernels_enabled()
-        && x.device().is_cpu()
-        && w.device().is_cpu()
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
 }
 
 // ---------------------------------------------------------------------------
@@ -935,8 +934,9 @@ impl CustomOp2 for ConvGradWeight {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fast_kernels_enabled;
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 

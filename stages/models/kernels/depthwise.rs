@@ -17,8 +17,9 @@
 //!   bias, output `(H + 2p - K)/s + 1`), forward and both gradients, to f32
 //!   rounding (summation order differs, and FMA is used where the CPU has it).
 //! * The fast path is taken only on CPU with F32 input and weight and while
-//!   [`fast_kernels_enabled`]; anything else (CUDA, Metal, F16/BF16/F64, or the
-//!   switch turned off) calls candle's own op, so GPUs keep their kernels.
+//!   [`fast_kernels_enabled`]; CUDA tensors take `gpu::depthwise`'s
+//!   formulation, anything else (Metal, F16/BF16/F64, or the switch turned
+//!   off) candle's own op (`kernels::path` decides).
 //! * Gradients are first order: the backward ops are not themselves
 //!   differentiable (no double backward through this op).
 //! * Any input layout is accepted (non-contiguous tensors are made contiguous).
@@ -43,9 +44,10 @@
 use super::cpu::{dims4, f32_values};
 use std::borrow::Cow;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+use super::{Path, gpu, path};
 pub use super::{fast_kernels_enabled, set_fast_kernels};
 
 /// y = depthwise_conv2d(x [N,C,H,W], w [C,1,K,K]) with stride and symmetric zero padding, no bias.
@@ -53,13 +55,10 @@ pub use super::{fast_kernels_enabled, set_fast_kernels};
 /// Non-square kernels `[C,1,Kh,Kw]` work too. Output `[N, C, (H+2p-Kh)/s+1, (W+2p-Kw)/s+1]`.
 pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
-    let fast = fast_kernels_enabled()
-        && x.device().is_cpu()
-        && w.device().is_cpu()
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32;
-    if !fast {
-        return x.conv2d(w, padding, stride, 1, c);
+    match path(&[x, w]) {
+        Path::Cpu => {}
+        Path::Formulation => return gpu::depthwise::depthwise_conv2d(x, w, stride, padding),
+        Path::Candle => return x.conv2d(w, padding, stride, 1, c),
     }
     // `contiguous` is a no-op (same tensor, same gradient node) when the
     // layout already is; otherwise it is a differentiable copy.
@@ -776,7 +775,7 @@ impl CustomOp2 for DepthwiseGradWeight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{DType, Var};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 

@@ -1,7 +1,18 @@
-//! CPU kernels the models use in place of candle's slower generic paths, as
-//! candle custom ops with their own backward. Each falls back to candle's op on
-//! other devices (CUDA keeps candle's kernels) and when switched off, so the
-//! reference path stays testable.
+//! Kernels the models use in place of candle's slower generic paths, and the
+//! one place that picks, per call, which implementation runs ([`path`]):
+//!
+//! * CPU tensors (F32, [`fast_kernels_enabled`]): this folder's CPU kernels,
+//!   candle custom ops with their own backward (`conv`, `depthwise`,
+//!   `pointwise`, `batchnorm`).
+//! * CUDA tensors: `gpu`'s formulations, built only from ops that are fast on
+//!   candle's CUDA backend (see its header), unless the environment variable
+//!   `MELANOFLOW_GPU_OPS=candle` or [`set_gpu_formulations`]`(false)` asks for
+//!   candle's own ops.
+//! * Anything else (Metal, other dtypes on CPU, a switch off): candle's ops,
+//!   the reference the kernels and formulations are tested against.
+//!
+//! Only CUDA calls ever take the formulations outside tests, so a CPU run's
+//! bytes do not depend on them.
 
 /// Defines `$name(args)` that runs `$impl::<true, ..>` compiled for AVX2+FMA
 /// when the CPU has both, else `$impl::<false, ..>` for the baseline target.
@@ -46,13 +57,104 @@ pub mod batchnorm;
 pub mod conv;
 mod cpu;
 pub mod depthwise;
+pub(crate) mod gpu;
 pub mod pointwise;
 #[cfg(test)]
 mod testing;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use candle_core::{DType, Tensor};
 
 static FAST_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Which implementation a kernel call runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// This folder's CPU kernels.
+    Cpu,
+    /// `gpu`'s formulations (CUDA tensors; CPU tensors only in tests).
+    Formulation,
+    /// candle's own ops.
+    Candle,
+}
+
+/// The implementation for a call on `ts` (its tensor arguments): the one
+/// decision every kernel's public function defers to.
+pub(crate) fn path(ts: &[&Tensor]) -> Path {
+    let all = |f: fn(&Tensor) -> bool| ts.iter().all(|t| f(t));
+    #[cfg(test)]
+    if FORMULATIONS_ON_CPU.with(|f| f.get()) && all(|t| t.device().is_cpu()) {
+        return Path::Formulation;
+    }
+    if fast_kernels_enabled() && all(|t| t.device().is_cpu() && t.dtype() == DType::F32) {
+        Path::Cpu
+    } else if gpu_formulations_enabled() && all(|t| t.device().is_cuda()) {
+        Path::Formulation
+    } else {
+        Path::Candle
+    }
+}
+
+/// [`set_gpu_formulations`]' state: unset (read the environment), on, off.
+static GPU_FORMULATIONS: AtomicU8 = AtomicU8::new(UNSET);
+const UNSET: u8 = 0;
+const ON: u8 = 1;
+const OFF: u8 = 2;
+
+/// Turns the GPU formulations on or off (process-wide). Off, CUDA tensors go
+/// through candle's own ops. The default is on, unless the environment
+/// variable `MELANOFLOW_GPU_OPS` is `candle`.
+pub fn set_gpu_formulations(enabled: bool) {
+    GPU_FORMULATIONS.store(if enabled { ON } else { OFF }, Ordering::Relaxed);
+}
+
+/// Whether CUDA tensors take `gpu`'s formulations (see [`set_gpu_formulations`]).
+pub fn gpu_formulations_enabled() -> bool {
+    match GPU_FORMULATIONS.load(Ordering::Relaxed) {
+        UNSET => {
+            let on = match std::env::var("MELANOFLOW_GPU_OPS").as_deref() {
+                Ok("candle") => false,
+                Ok("") | Ok("fast") | Err(_) => true,
+                Ok(other) => {
+                    eprintln!(
+                        "warning: MELANOFLOW_GPU_OPS={other:?} is neither \"fast\" nor \"candle\"; using \"fast\""
+                    );
+                    true
+                }
+            };
+            // A racing `set_gpu_formulations` wins over the environment.
+            let _ = GPU_FORMULATIONS.compare_exchange(
+                UNSET,
+                if on { ON } else { OFF },
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            GPU_FORMULATIONS.load(Ordering::Relaxed) == ON
+        }
+        state => state == ON,
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set by tests (per thread, so other tests never see it): CPU tensors
+    /// take the GPU formulations, which is how they are tested without a GPU.
+    static FORMULATIONS_ON_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While the returned guard lives, kernel calls made on this thread with CPU
+/// tensors take the GPU formulations, as CUDA tensors would.
+#[cfg(test)]
+pub(crate) fn formulations_on_cpu() -> impl Drop {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            FORMULATIONS_ON_CPU.with(|f| f.set(self.0));
+        }
+    }
+    Reset(FORMULATIONS_ON_CPU.with(|f| f.replace(true)))
+}
 
 /// Turns the fast CPU kernels on or off (process-wide; default on). When off,
 /// every kernel here computes with candle's own ops, the reference.

@@ -20,9 +20,9 @@
 //!   `[B, O, H, W]` (= `x.conv2d(w, 0, 1, 1, 1)`, no bias), forward and both
 //!   gradients, to f32 rounding (the summation order differs).
 //! * The fast path is taken only on CPU with F32 input and weight and while
-//!   [`fast_kernels_enabled`]; anything else (CUDA, Metal, other dtypes, or the
-//!   switch off) runs exactly that candle formulation, so GPUs keep candle's
-//!   kernels and the reference stays testable.
+//!   [`fast_kernels_enabled`](super::fast_kernels_enabled) (`kernels::path`);
+//!   anything else (CUDA, Metal, other dtypes, or the switch off) runs exactly
+//!   that candle formulation, a cuBLAS product on GPUs, and the reference.
 //! * Gradients are first order: the backward ops are not themselves
 //!   differentiable (no double backward through this op).
 //! * Any layout is accepted (non-contiguous inputs and output gradients are
@@ -55,22 +55,18 @@
 
 use super::cpu::{Mat, f32_values, matmul};
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::fast_kernels_enabled;
+use super::{Path, path};
 
 /// y = w · x per pixel: x [B, C, H, W], w [O, C, 1, 1] or [O, C]; y [B, O, H, W]. No bias.
 pub fn pointwise_conv2d(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let o = weight_rows(w.dims(), c)?;
-    let fast = fast_kernels_enabled()
-        && x.device().is_cpu()
-        && w.device().is_cpu()
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32;
-    if !fast {
+    // Elsewhere (CUDA included) the candle formulation: a cuBLAS product.
+    if path(&[x, w]) != Path::Cpu {
         return w
             .reshape((o, c))?
             .broadcast_matmul(&x.reshape((b, c, h * wd))?)?
@@ -436,9 +432,9 @@ impl CustomOp2 for PointwiseGradWeight {
 
 #[cfg(test)]
 mod tests {
-    use super::super::set_fast_kernels;
+    use super::super::{fast_kernels_enabled, set_fast_kernels};
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
