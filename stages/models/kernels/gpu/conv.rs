@@ -126,21 +126,19 @@ pub(crate) fn forward(x: &Tensor, w: &Tensor, s: usize, p: usize, budget: usize)
     );
     // candle's im2col for one item: a row of C·Kh·Kw values per output pixel.
     let per_row = c * kh * kw * wo;
-    let per_item = per_row * ho;
-    if n * per_item <= budget {
-        return x.conv2d(w, p, s, 1, 1);
-    }
-    if per_item <= budget {
-        let step = budget / per_item;
-        let parts = (0..n)
-            .step_by(step)
-            .map(|i| x.narrow(0, i, step.min(n - i))?.conv2d(w, p, s, 1, 1))
-            .collect::<Result<Vec<_>>>()?;
-        return Tensor::cat(&parts, 0);
-    }
+    let rows = match forward_cut(n, per_row, ho, budget) {
+        Cut::Whole => return x.conv2d(w, p, s, 1, 1),
+        Cut::Items(step) => {
+            let parts = (0..n)
+                .step_by(step)
+                .map(|i| x.narrow(0, i, step.min(n - i))?.conv2d(w, p, s, 1, 1))
+                .collect::<Result<Vec<_>>>()?;
+            return Tensor::cat(&parts, 0);
+        }
+        Cut::Rows(rows) => rows,
+    };
     // One item is too big: runs of output rows, each from the input rows it
     // reads, padded explicitly so that every run is a padding-0 convolution.
-    let rows = (budget / per_row).max(1);
     let xp = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
     let items = (0..n)
         .map(|i| {
@@ -157,6 +155,45 @@ pub(crate) fn forward(x: &Tensor, w: &Tensor, s: usize, p: usize, budget: usize)
         })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&items, 0)
+}
+
+/// How [`forward`] splits a convolution of `n` items, `ho` output rows of
+/// `per_row` im2col values each, so that no im2col exceeds `budget` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// One `conv2d`.
+    Whole,
+    /// Runs of this many items.
+    Items(usize),
+    /// One item at a time, in runs of this many output rows (at least one,
+    /// even when a single row exceeds the budget).
+    Rows(usize),
+}
+
+pub(crate) fn forward_cut(n: usize, per_row: usize, ho: usize, budget: usize) -> Cut {
+    let per_item = per_row * ho;
+    if n * per_item <= budget {
+        Cut::Whole
+    } else if per_item <= budget {
+        Cut::Items(budget / per_item)
+    } else {
+        Cut::Rows((budget / per_row).max(1))
+    }
+}
+
+/// How [`weight_grad`] groups its work: `(items, taps)` per matrix product,
+/// whose right operand holds `items · taps · per_item` values (`per_item =
+/// C·Ho·Wo`, one tap of one item): within `budget` unless one tap of one item
+/// alone exceeds it.
+pub(crate) fn weight_grad_cut(
+    n: usize,
+    per_item: usize,
+    taps: usize,
+    budget: usize,
+) -> (usize, usize) {
+    let per_item = per_item.max(1);
+    let items = (budget / per_item).clamp(1, n.max(1));
+    (items, (budget / (per_item * items)).clamp(1, taps.max(1)))
 }
 
 /// The gradient with respect to the input `[N, C, H, W]` (`hw = (H, W)`) of
@@ -202,9 +239,7 @@ pub(crate) fn weight_grad(
     if n == 0 {
         return Tensor::zeros((o, c, kh, kw), dy.dtype(), dy.device());
     }
-    let per_item = (c * ho * wo).max(1);
-    let items = (budget / per_item).clamp(1, n);
-    let group = (budget / (per_item * items)).clamp(1, taps.max(1));
+    let (items, group) = weight_grad_cut(n, c * ho * wo, taps, budget);
     let mut total: Option<Tensor> = None;
     for start in (0..n).step_by(items) {
         let len = items.min(n - start);

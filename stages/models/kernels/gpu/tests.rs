@@ -116,6 +116,44 @@ fn conv2d_matches_cpu_kernel_and_candle() {
     assert_eq!(cases, 2 * (1 + 2 + 3 + 4));
 }
 
+/// The CycleGAN's 7x7 head (64 channels in) at 224 px: candle would build
+/// one `64·49·N·224²` im2col for the weight gradient, past `u32::MAX` values
+/// from batch ~28 (its launch grid is a u32). Every buffer of the
+/// formulation stays within [`COL_BUDGET`] (2^28), at any batch, and one
+/// 1024 px item still cuts its forward into row runs.
+#[test]
+fn large_kernel_buffers_stay_within_the_budget() {
+    use conv::{Cut, forward_cut, weight_grad_cut};
+    let (c, k, side) = (64, 7, 224);
+    for n in [1, 8, 28, 32, 64, 256] {
+        let candle = c * k * k * n * side * side;
+        assert_eq!(candle > u32::MAX as usize, n >= 28, "batch {n}");
+        let per_row = c * k * k * side;
+        let largest = match forward_cut(n, per_row, side, COL_BUDGET) {
+            Cut::Whole => n * per_row * side,
+            Cut::Items(items) => items * per_row * side,
+            Cut::Rows(rows) => rows * per_row,
+        };
+        assert!(largest <= COL_BUDGET, "forward, batch {n}: {largest}");
+        let (items, taps) = weight_grad_cut(n, c * side * side, k * k, COL_BUDGET);
+        let largest = items * taps * c * side * side;
+        assert!(
+            largest <= COL_BUDGET && items <= n,
+            "weight gradient, batch {n}: {largest}"
+        );
+    }
+    assert_eq!(
+        forward_cut(8, 64 * 49 * 224, 224, COL_BUDGET),
+        Cut::Items(1)
+    );
+    assert_eq!(weight_grad_cut(8, 64 * 224 * 224, 49, COL_BUDGET), (8, 10));
+    let big = 64 * 49 * 1024;
+    assert_eq!(
+        forward_cut(1, big, 1024, COL_BUDGET),
+        Cut::Rows(COL_BUDGET / big)
+    );
+}
+
 /// conv_transpose2d (weight [Cin, Cout, K, K]) with every output padding
 /// below the stride, against the CPU kernel and candle's conv_transpose2d.
 #[test]
