@@ -457,14 +457,8 @@ impl EfficientNet {
     /// With `rng`, the model is in training mode: BatchNorm uses and updates
     /// batch statistics, dropout and stochastic depth draw from `rng`.
     pub fn forward_t(&self, x: &Tensor, mut rng: TrainRng) -> Result<Tensor> {
-        let train = rng.is_some();
-        let mut h = self.stem.forward_t(x, train)?;
-        for b in &self.blocks {
-            h = b.forward_t(&h, &mut rng)?;
-        }
-        h = self.head.forward_t(&h, train)?;
-        let mut pooled = h.flatten_from(2)?.mean(D::Minus1)?;
-        if let Some(rng) = rng.as_deref_mut()
+        let mut pooled = self.pooled_t(x, &mut rng)?;
+        if let Some(rng) = rng
             && self.dropout > 0.0
         {
             pooled = pooled.mul(&keep_mask(
@@ -476,6 +470,24 @@ impl EfficientNet {
             )?)?;
         }
         self.classifier.forward(&pooled)
+    }
+
+    /// The globally average-pooled output of the last convolution [B, C]
+    /// (1280 for B0 and Lite0) in evaluation mode: what the head sees, as
+    /// image features (FID-style measures, linear probes).
+    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        self.pooled_t(x, &mut None)
+    }
+
+    /// Stem, blocks, head convolution and global average pooling: [B, C].
+    fn pooled_t(&self, x: &Tensor, rng: &mut TrainRng) -> Result<Tensor> {
+        let train = rng.is_some();
+        let mut h = self.stem.forward_t(x, train)?;
+        for b in &self.blocks {
+            h = b.forward_t(&h, rng)?;
+        }
+        h = self.head.forward_t(&h, train)?;
+        h.flatten_from(2)?.mean(D::Minus1)
     }
 }
 
