@@ -4,6 +4,7 @@
 
 pub mod code_identity;
 pub mod evaluate;
+pub mod fidelity;
 pub mod generate;
 pub mod imageset;
 pub mod ingest;
@@ -25,6 +26,7 @@ pub fn registry() -> Registry {
         .register(train_cyclegan::TrainCycleGan)
         .register(generate::Generate)
         .register(train_classifier::TrainClassifier)
+        .register(fidelity::Fidelity)
         .register(evaluate::Evaluate);
     r
 }

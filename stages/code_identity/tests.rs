@@ -92,6 +92,7 @@ fn the_build_embeds_the_identities_of_these_sources() {
         "train_cyclegan",
         "generate",
         "train_classifier",
+        "fidelity",
         "evaluate",
     ] {
         assert!(
@@ -176,9 +177,11 @@ fn one_changed_line_changes_its_kind_and_nothing_else() {
         "0.5 * lr * (1.0 + (std::f64::consts::PI",
         "0.5 * lr * (1.0 + (std::f64::consts::E",
     );
+    // fidelity reads images through the classifier's resampling
+    // (`train_classifier::augment`), so it is in the closure too.
     assert_eq!(
         changed(&before, &tree.identities()),
-        vec!["train_classifier"]
+        vec!["fidelity", "train_classifier"]
     );
 }
 
