@@ -7,6 +7,7 @@ mod fixture;
 mod classifier;
 mod cyclegan;
 mod engine;
+mod fidelity;
 mod golden;
 mod ingest;
 mod preprocess;
