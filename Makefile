@@ -8,7 +8,7 @@ CONFIG ?= data/pipeline.toml
 
 .PHONY: repro repro-update pipeline test test-build bench bench-train bench-remote build status clean gpu-check weights metrics real
 
-pipeline: build
+pipeline: build weights
 	$(BIN) run --config $(CONFIG)
 	$(BIN) metrics --config $(CONFIG)
 
