@@ -19,8 +19,10 @@
 //! test's cross-validated ROC-AUC (0.5 = indistinguishable); see `measures`
 //! and `probe` for the definitions.
 //!
-//! Outputs: `fidelity.json` (every number, per row) and `fidelity.md` (the
-//! table). Same inputs, parameters and seed, same bytes.
+//! Outputs: `fidelity.json` (every number, per row), `fidelity.md` (the
+//! table) and `fidelity.html` (the same as an HTML fragment, which
+//! `evaluate` puts in its report). Same inputs, parameters and seed, same
+//! bytes.
 
 pub mod features;
 pub mod linalg;
@@ -427,6 +429,7 @@ fn run(p: &FidelityParams, ctx: &StageContext) -> Result<StageReport> {
         serde_json::to_string_pretty(&file)? + "\n",
     )?;
     std::fs::write(ctx.out_dir.join("fidelity.md"), markdown(&file))?;
+    std::fs::write(ctx.out_dir.join("fidelity.html"), html(&file))?;
     let summary: Vec<String> = file
         .rows
         .iter()
@@ -462,45 +465,86 @@ fn check_finite(f: &FidelityFile) -> Result<()> {
     Ok(())
 }
 
-/// The table: one row per set.
-pub fn markdown(f: &FidelityFile) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "Synthetic vs real malignant training images ({} of {} real; {}, {} px, {} features).\n",
-        f.reference_images, f.reference_available, f.network, f.image_size, f.feature_dims
-    );
-    let _ = writeln!(
-        s,
-        "| set | images | FD | KID x 1000 | precision | recall | two-sample ROC-AUC |"
-    );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
-    for r in &f.rows {
-        let name = match r.kind {
+/// The cells of one row: set, images, FD, KID x 1000, precision, recall, AUC.
+fn cells(r: &Row) -> [String; 7] {
+    [
+        match r.kind {
             "real_benign" => format!("{} (reference: the generators' sources)", r.name),
             _ => format!("`{}`", r.name),
-        };
-        let _ = writeln!(
-            s,
-            "| {name} | {} | {:.2} | {:.2} ± {:.2} | {:.3} | {:.3} | {:.3} ± {:.3} |",
-            r.images,
-            r.frechet.distance,
-            1000.0 * r.kid.mean,
-            1000.0 * r.kid.std,
-            r.precision_recall.precision,
-            r.precision_recall.recall,
-            r.two_sample.auc,
-            r.two_sample.auc_std,
-        );
-    }
-    let _ = writeln!(
-        s,
-        "\n{FEATURE_NOTE}. Lower FD and KID = closer to the real malignant images. \
+        },
+        r.images.to_string(),
+        format!("{:.2}", r.frechet.distance),
+        format!("{:.2} ± {:.2}", 1000.0 * r.kid.mean, 1000.0 * r.kid.std),
+        format!("{:.3}", r.precision_recall.precision),
+        format!("{:.3}", r.precision_recall.recall),
+        format!("{:.3} ± {:.3}", r.two_sample.auc, r.two_sample.auc_std),
+    ]
+}
+
+const HEADER: [&str; 7] = [
+    "set",
+    "images",
+    "FD",
+    "KID x 1000",
+    "precision",
+    "recall",
+    "two-sample ROC-AUC",
+];
+
+fn caption(f: &FidelityFile) -> String {
+    format!(
+        "Synthetic vs real malignant training images ({} of {} real; {}, {} px, {} features).",
+        f.reference_images, f.reference_available, f.network, f.image_size, f.feature_dims
+    )
+}
+
+fn explanation(f: &FidelityFile) -> String {
+    format!(
+        "{FEATURE_NOTE}. Lower FD and KID = closer to the real malignant images. \
          KID: unbiased MMD² with the kernel (x·y/d + 1)³, mean ± std over {} subsets of min({}, the two sets' sizes) images. \
          Precision (synthetic inside the real images' manifold) and recall (real inside the synthetic ones'): k = {}. \
          Two-sample ROC-AUC: a logistic-regression probe telling synthetic from real, {}-fold cross-validated \
          (mean ± std over folds); 0.5 = indistinguishable, 1 = always told apart.",
         f.params.kid_subsets, f.params.kid_subset_size, f.params.k, f.params.probe_folds,
+    )
+}
+
+/// The table in Markdown: one row per set.
+pub fn markdown(f: &FidelityFile) -> String {
+    let mut s = format!("{}\n\n| {} |\n", caption(f), HEADER.join(" | "));
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+    for r in &f.rows {
+        let _ = writeln!(s, "| {} |", cells(r).join(" | "));
+    }
+    let _ = writeln!(s, "\n{}", explanation(f));
+    s
+}
+
+/// The same as an HTML fragment (a table and a paragraph), text escaped.
+pub fn html(f: &FidelityFile) -> String {
+    let esc = |t: &str| {
+        t.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    let mut s = format!(
+        "<table>\n<caption>{}</caption>\n<thead><tr>",
+        esc(&caption(f))
     );
+    for (i, h) in HEADER.iter().enumerate() {
+        let class = if i > 0 { " class=\"num\"" } else { "" };
+        let _ = write!(s, "<th{class}>{}</th>", esc(h));
+    }
+    s.push_str("</tr></thead>\n<tbody>\n");
+    for r in &f.rows {
+        s.push_str("<tr>");
+        for (i, c) in cells(r).iter().enumerate() {
+            let class = if i > 0 { " class=\"num\"" } else { "" };
+            let _ = write!(s, "<td{class}>{}</td>", esc(c));
+        }
+        s.push_str("</tr>\n");
+    }
+    let _ = writeln!(s, "</tbody>\n</table>\n<p>{}</p>", esc(&explanation(f)));
     s
 }

@@ -2,8 +2,8 @@
 //! stages measured against the real malignant images with a randomly
 //! initialised Lite0 (the stage does not care where its weights come from,
 //! and tests cannot fetch ImageNet's); a finite number per row, the
-//! two-sample AUC within [0, 1], the same bytes at one thread, and a clear
-//! error without `weights`.
+//! two-sample AUC within [0, 1], the table in evaluate's report, the same
+//! bytes at one thread, and a clear error without `weights`.
 
 use crate::fixture::*;
 
@@ -56,6 +56,20 @@ inputs = ["preprocess", "generate", "generate_half"]
 weights = "weights/lite0.safetensors"
 kid_subsets = 20
 device = "cpu"
+
+[stages.classical]
+kind = "train_classifier"
+inputs = ["preprocess"]
+augmentation = "classical"
+variant = "lite0"
+epochs = 1
+batch_size = 16
+device = "cpu"
+
+[stages.evaluate]
+kind = "evaluate"
+inputs = ["classical", "fidelity"]
+bootstrap_resamples = 200
 "#;
 
 /// A Lite0 with weights drawn from `seed`, saved as safetensors with
@@ -150,6 +164,20 @@ fn fidelity_measures_every_generator_against_the_real_malignant_images() {
         "{md}"
     );
 
+    let html = std::fs::read_to_string(p.path("data/out/fidelity/fidelity.html")).unwrap();
+    assert!(html.contains("<td>`generate_half`</td>"), "{html}");
+
+    // evaluate puts the table in its reports, before how to reproduce them.
+    let report = std::fs::read_to_string(p.path("data/out/evaluate/report.md")).unwrap();
+    let at = report
+        .find("## How good are the synthetic images? (`fidelity`)")
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(at < report.find("## Reproducing this report").unwrap());
+    assert!(report[at..].contains("| `generate_half` |"));
+    let page = std::fs::read_to_string(p.path("data/out/evaluate/report.html")).unwrap();
+    assert!(page.contains("<h2>How good are the synthetic images? (fidelity)</h2>"));
+    assert!(page.contains("<td>`generate`</td>"));
+
     // Same bytes on one thread (every stage re-run from scratch).
     p.env
         .push(("RAYON_NUM_THREADS".to_string(), "1".to_string()));
@@ -161,11 +189,13 @@ fn fidelity_measures_every_generator_against_the_real_malignant_images() {
     );
     p.env.clear();
 
-    // Other weights: only fidelity re-runs, and its numbers move.
+    // Other weights: only fidelity (and the report) re-run, and its numbers move.
     write_random_lite0(&p.path("data/weights/lite0.safetensors"), 8);
     let r = p.ok(&["run"]);
     assert_eq!(r.state("fidelity"), "ran");
+    assert_eq!(r.state("evaluate"), "ran");
     assert_eq!(r.state("generate"), "cached");
+    assert_eq!(r.state("classical"), "cached");
     let again = std::fs::read_to_string(p.path("data/out/fidelity/fidelity.json")).unwrap();
     assert_ne!(again, text);
 }
