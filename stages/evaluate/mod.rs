@@ -2,7 +2,8 @@
 //! patient-held-out test split.
 //!
 //! Upstreams: one or more `train_classifier` stages (the arms, in the order
-//! listed) and, optionally, `train_cyclegan` stages (their sample grids and
+//! listed) and, optionally, `fidelity` stages (their tables of how good the
+//! synthetic images are) and `train_cyclegan` stages (their sample grids and
 //! loss curves go into the report). Per arm and seed, from the kept
 //! checkpoint's test predictions: ROC-AUC (ties count one half), its
 //! stratified bootstrap 95% interval, PR-AUC (average precision), and
@@ -93,7 +94,7 @@ impl Stage for Evaluate {
 
     fn check(&self, p: &EvaluateParams, inputs: &[String]) -> Result<(), String> {
         if inputs.is_empty() {
-            return Err("takes the `train_classifier` stages to compare (and optionally `train_cyclegan` stages) as `inputs`".into());
+            return Err("takes the `train_classifier` stages to compare (and optionally `train_cyclegan` and `fidelity` stages) as `inputs`".into());
         }
         if p.bootstrap_resamples < 100 {
             return Err("`bootstrap_resamples` must be at least 100".into());
@@ -407,9 +408,14 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
         .iter()
         .map(|(c, f)| (c.as_str(), f.as_str()))
         .collect();
+    let fidelity = fidelity_sections(ctx)?;
     std::fs::write(
         out.join("report.md"),
-        report::report_markdown(&whole, &captions),
+        before(
+            report::report_markdown(&whole, &captions),
+            "\n## Reproducing this report",
+            &fidelity.0,
+        ),
     )?;
     let pngs: Vec<(String, Vec<u8>)> = images
         .iter()
@@ -421,7 +427,11 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
         .collect();
     std::fs::write(
         out.join("report.html"),
-        report::report_html(&whole, &embedded),
+        before(
+            report::report_html(&whole, &embedded),
+            "<h2>Reproducing this report</h2>",
+            &fidelity.1,
+        ),
     )?;
     let file = MetricsFile {
         title: p.title.clone(),
@@ -455,6 +465,37 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
         arms.len(),
         comparisons.len()
     )))
+}
+
+/// The report sections (Markdown, HTML) of the `fidelity` upstreams: their
+/// own `fidelity.md` and `fidelity.html`, read as text so that this stage
+/// does not depend on the fidelity code.
+fn fidelity_sections(ctx: &StageContext) -> Result<(String, String)> {
+    let (mut md, mut html) = (String::new(), String::new());
+    for u in ctx.upstream.iter().filter(|u| u.kind == "fidelity") {
+        let read = |f: &str| {
+            std::fs::read_to_string(u.dir.join(f))
+                .with_context(|| format!("reading `{}`'s {f}", u.name))
+        };
+        md.push_str(&format!(
+            "\n## How good are the synthetic images? (`{}`)\n\n{}",
+            u.name,
+            read("fidelity.md")?
+        ));
+        html.push_str(&format!(
+            "<h2>How good are the synthetic images? ({})</h2>\n{}",
+            u.name,
+            read("fidelity.html")?
+        ));
+    }
+    Ok((md, html))
+}
+
+/// `text` with `insert` placed before the first `marker` (at the end without one).
+fn before(mut text: String, marker: &str, insert: &str) -> String {
+    let at = text.find(marker).unwrap_or(text.len());
+    text.insert_str(at, insert);
+    text
 }
 
 /// Per-epoch means of the CycleGAN's generator and discriminator losses.
