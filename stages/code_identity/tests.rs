@@ -191,8 +191,8 @@ fn a_shared_module_changes_every_kind_that_uses_it() {
     let before = tree.identities();
     tree.edit(
         "stages/models/layers.rs",
-        "2 * (n as i64 - 1) - j",
-        "2 * (n as i64 - 1) - j - 0",
+        "const EPS: f64 = 1e-5;",
+        "const EPS: f64 = 1.0e-5;",
     );
     let changed = changed(&before, &tree.identities());
     for kind in ["models", "train_cyclegan", "generate", "train_classifier"] {
