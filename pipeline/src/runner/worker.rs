@@ -13,7 +13,17 @@
 //! nothing half-done is ever used; when two workers race on one fingerprint,
 //! the first record stands and the second worker reports the one that stood.
 
-use super::*;
+use std::path::Path;
+
+use super::external::Externals;
+use super::schedule::run_catching_panics;
+use super::{Engine, RunOptions};
+use crate::artifacts::ArtifactError;
+use crate::context::{StageContext, Upstream};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::runlock::RunLock;
 
 /// Which share of a stage's work a worker does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
