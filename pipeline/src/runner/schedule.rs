@@ -15,9 +15,10 @@ use std::time::Instant;
 use super::commit::Finished;
 use super::failures::Failures;
 use super::plan::Decision;
+use super::workspace::Reuse;
 use super::{Engine, Output, RunOptions, StageOutcome, State};
 use crate::artifacts::ArtifactError;
-use crate::context::{StageContext, StageReport, Upstream};
+use crate::context::{StageContext, StageReport};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fingerprint::CACHE_VERSION;
@@ -225,14 +226,10 @@ impl<'r> Engine<'r> {
                 let ups = self.pipeline.stages[i]
                     .inputs
                     .iter()
-                    .map(|n| Upstream {
-                        name: n.clone(),
-                        kind: self.pipeline.stage(n).expect("validated").kind.clone(),
-                        dir: self.pipeline.stage_out_dir(n),
-                        manifest: outputs[n].manifest.clone(),
-                    })
+                    .map(|n| outputs[n].manifest.clone())
                     .collect();
-                let ctx = self.prepare(i, &fp, ups, ext.files)?;
+                let staging = self.staging_root().join(&name);
+                let ctx = self.stage_context(i, fp, staging, ups, ext.files, Reuse::Earlier)?;
                 let launch = Launch {
                     i,
                     fp,

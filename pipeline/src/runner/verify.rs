@@ -11,9 +11,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::schedule::run_catching_panics;
+use super::workspace::Reuse;
 use super::{Engine, RunOptions, State};
 use crate::config::StageDecl;
-use crate::context::{StageContext, Upstream};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -97,38 +97,22 @@ impl Engine<'_> {
             let name = self.pipeline.stages[i].name.clone();
             let inputs = self.pipeline.stages[i].inputs.clone();
             let locked = self.lock.stages[&name].output;
-            let mut upstream = Vec::new();
-            for n in &inputs {
-                let dir = self.pipeline.stage_out_dir(n);
-                let manifest = self
-                    .dir_manifest(&dir)?
-                    .ok_or_else(|| Error::NotUpToDate { stages: n.clone() })?;
-                upstream.push(Upstream {
-                    name: n.clone(),
-                    kind: self.pipeline.stage(n).expect("validated").kind.clone(),
-                    dir,
-                    manifest,
-                });
-            }
+            let upstream = inputs
+                .iter()
+                .map(|n| {
+                    self.dir_manifest(&self.pipeline.stage_out_dir(n))?
+                        .ok_or_else(|| Error::NotUpToDate { stages: n.clone() })
+                })
+                .collect::<Result<Vec<_>>>()?;
             let ext = self.resolve_external(i)?;
             let (out_dir, scratch) = (root.join(&name), root.join(format!("{name}.scratch")));
-            for d in [&out_dir, &scratch] {
-                fsutil::remove_dir_if_exists(d).map_err(|e| Error::io(d, e))?;
-            }
-            std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
-            let decl: &StageDecl = &self.pipeline.stages[i];
-            let ctx = StageContext {
-                stage: name.clone(),
-                // Every selected stage is up to date, so this is its fingerprint now.
-                fingerprint: self.lock.stages[&name].fingerprint,
-                out_dir: out_dir.clone(),
-                base_dir: self.pipeline.base_dir.clone(),
-                upstream,
-                external: ext.files,
-                progress: self.progress.clone(),
-                previous: None,
+            // Every selected stage is up to date, so this is its fingerprint now.
+            let fp = self.lock.stages[&name].fingerprint;
+            let reuse = Reuse::Nothing {
                 scratch_dir: scratch.clone(),
             };
+            let ctx = self.stage_context(i, fp, out_dir.clone(), upstream, ext.files, reuse)?;
+            let decl: &StageDecl = &self.pipeline.stages[i];
             let kind = self.registry.get(&decl.kind).expect("validated kind");
             // A panic fails the stage as in `run`: reported, and the re-run
             // folders are removed below.

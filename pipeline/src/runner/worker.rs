@@ -17,9 +17,9 @@ use std::path::Path;
 
 use super::external::Externals;
 use super::schedule::run_catching_panics;
+use super::workspace::Reuse;
 use super::{Engine, RunOptions};
 use crate::artifacts::ArtifactError;
-use crate::context::{StageContext, Upstream};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -143,9 +143,8 @@ impl<'r> Engine<'r> {
                         digest: *digest,
                         store: self.artifacts.store().describe(),
                     })?;
-            // Upstreams are read where a local run reads them, `out/NAME`:
-            // stages may record those paths, and the bytes must not depend on
-            // where a stage ran. Workers sharing the folder take turns writing it.
+            // The stage reads it at `out/NAME`, as in a local run (see
+            // `stage_context`). Workers sharing the folder take turns writing it.
             let dir = self.pipeline.stage_out_dir(n);
             if !self
                 .dir_manifest(&dir)?
@@ -166,31 +165,14 @@ impl<'r> Engine<'r> {
                     self.restore(n, *digest)?;
                 }
             }
-            ups.push(Upstream {
-                name: n.clone(),
-                kind: self.pipeline.stage(n).expect("validated").kind.clone(),
-                dir,
-                manifest,
-            });
+            ups.push(manifest);
         }
         let out_dir = dir.join("out");
-        std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
         // Per-item reuse as in a local run: the committed `out/STAGE` the lock
         // file names (read only; the submitting command replaces it after
         // every job has finished).
-        let previous = self.previous_output(&name)?;
+        let ctx = self.stage_context(i, fp, out_dir.clone(), ups, ext.files, Reuse::Earlier)?;
         let decl = &self.pipeline.stages[i];
-        let ctx = StageContext {
-            stage: name.clone(),
-            fingerprint: fp,
-            out_dir: out_dir.clone(),
-            base_dir: self.pipeline.base_dir.clone(),
-            upstream: ups,
-            external: ext.files,
-            progress: self.progress.clone(),
-            previous,
-            scratch_dir: self.scratch_dir(&name, &fp),
-        };
         let kind = self.registry.get(&decl.kind).expect("validated kind");
         let mut part_dirs = Vec::new();
         if let Work::Assemble { parts } = work {

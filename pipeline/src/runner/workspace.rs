@@ -13,6 +13,17 @@ use crate::context::{ExternalFiles, StageContext, Upstream};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fsutil;
+use crate::manifest::Manifest;
+
+/// What a stage's run may carry over from earlier runs of it.
+pub(super) enum Reuse {
+    /// Per-item results from its last committed output, when that is intact,
+    /// and checkpoints from its scratch folder (`run`, cluster workers).
+    Earlier,
+    /// Nothing: a re-execution from scratch (`verify --rerun`), with this
+    /// throwaway scratch folder, emptied first.
+    Nothing { scratch_dir: PathBuf },
+}
 
 impl Engine<'_> {
     /// Per stage and fingerprint: `.melanoflow/scratch/STAGE-FINGERPRINT`.
@@ -52,29 +63,56 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// A fresh staging folder and the context a stage runs with.
-    pub(super) fn prepare(
+    /// The context stage `i` runs with (the one place a `StageContext` is
+    /// built): it writes into `out_dir`, emptied and created here, and reads
+    /// its upstreams from their `out/NAME` folders, which hold `upstream`
+    /// (their manifests, in the order of its `inputs`). Upstreams are read
+    /// there wherever the stage runs (`run`, `verify --rerun`, a cluster
+    /// worker): stages may record those paths, and the bytes must not depend
+    /// on where a stage ran.
+    pub(super) fn stage_context(
         &mut self,
         i: usize,
-        fp: &Digest,
-        upstream: Vec<Upstream>,
+        fp: Digest,
+        out_dir: PathBuf,
+        upstream: Vec<Manifest>,
         external: Vec<ExternalFiles>,
+        reuse: Reuse,
     ) -> Result<StageContext> {
-        let name = self.pipeline.stages[i].name.clone();
-        let staging = self.staging_root().join(&name);
-        fsutil::remove_dir_if_exists(&staging).map_err(|e| Error::io(&staging, e))?;
-        std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-        let previous = self.previous_output(&name)?;
+        let decl = &self.pipeline.stages[i];
+        debug_assert_eq!(upstream.len(), decl.inputs.len());
+        let upstream = decl
+            .inputs
+            .iter()
+            .zip(upstream)
+            .map(|(n, manifest)| Upstream {
+                name: n.clone(),
+                kind: self.pipeline.stage(n).expect("validated").kind.clone(),
+                dir: self.pipeline.stage_out_dir(n),
+                manifest,
+            })
+            .collect();
+        let name = decl.name.clone();
+        fsutil::remove_dir_if_exists(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+        std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+        let (previous, scratch_dir) = match reuse {
+            Reuse::Earlier => (self.previous_output(&name)?, self.scratch_dir(&name, &fp)),
+            Reuse::Nothing { scratch_dir } => {
+                fsutil::remove_dir_if_exists(&scratch_dir)
+                    .map_err(|e| Error::io(&scratch_dir, e))?;
+                (None, scratch_dir)
+            }
+        };
         Ok(StageContext {
-            stage: name.clone(),
-            fingerprint: *fp,
-            out_dir: staging,
+            stage: name,
+            fingerprint: fp,
+            out_dir,
             base_dir: self.pipeline.base_dir.clone(),
             upstream,
             external,
             progress: self.progress.clone(),
             previous,
-            scratch_dir: self.scratch_dir(&name, fp),
+            scratch_dir,
         })
     }
 
