@@ -19,16 +19,20 @@ use crate::lockfile::{LockEntry, params_to_json, params_to_toml};
 use crate::manifest::Manifest;
 use crate::registry::short_code;
 
+/// What the planner decided for a stage, from its fingerprint, the lock
+/// file, its output folder and the store. Only a decision: what then happened
+/// (a restore can find the stored copy damaged and run the stage instead) is
+/// the outcome's [`State`].
 pub(super) enum Decision {
+    /// Up to date: its output folder holds this output.
     Cached(Output),
-    Restored(Output, Vec<String>),
+    /// The store holds its result; only the output folder needs writing.
     Restore {
         output: Digest,
         reasons: Vec<String>,
     },
-    Run {
-        reasons: Vec<String>,
-    },
+    /// It must run.
+    Run { reasons: Vec<String> },
 }
 
 impl Engine<'_> {
@@ -69,7 +73,6 @@ impl Engine<'_> {
                         (State::WouldRestore, reasons, Some(fp), Some(output))
                     }
                     Decision::Run { reasons } => (State::WouldRun, reasons, Some(fp), None),
-                    Decision::Restored(..) => unreachable!("decide never restores"),
                 }
             };
             if let Some(d) = output {

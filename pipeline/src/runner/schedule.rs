@@ -194,65 +194,66 @@ impl<'r> Engine<'r> {
             .collect();
         let ext = self.resolve_external(i)?;
         let fp = self.fingerprint_of(i, &upstream, &ext);
-        let mut decision = self.decide(i, fp, &upstream, &ext, opts.forces(&name))?;
-        if let Decision::Restore { output, reasons } = &decision {
-            match self.restore(&name, *output) {
-                Ok(out) => decision = Decision::Restored(out, reasons.clone()),
-                // A damaged or incomplete store copy is not fatal: recompute it.
-                Err(Error::Artifact(
-                    e @ (ArtifactError::Corrupt { .. } | ArtifactError::Missing { .. }),
-                )) => {
-                    tracing::warn!("stage `{name}`: {e}");
-                    let mut reasons = reasons.clone();
-                    reasons.push("stored result is damaged, recomputing".into());
-                    decision = Decision::Run { reasons };
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let (state, reasons, output) = match decision {
-            Decision::Cached(out) => (State::Cached, vec![], out),
-            Decision::Restored(out, reasons) => (State::Restored, reasons, out),
-            Decision::Restore { .. } => unreachable!("restored above"),
-            Decision::Run { reasons } if opts.restore_only => {
-                return Err(Error::Worker(format!(
-                    "stage `{name}` has no result in the store {} to restore ({}): its job succeeded, so the workers must be writing to another store",
-                    self.artifacts.store().describe(),
-                    reasons.join("; ")
-                )));
-            }
-            Decision::Run { reasons } => {
-                tracing::info!("running stage `{name}`: {}", reasons.join("; "));
-                let ups = self.pipeline.stages[i]
-                    .inputs
-                    .iter()
-                    .map(|n| outputs[n].manifest.clone())
-                    .collect();
-                let staging = self.staging_root().join(&name);
-                let ctx = self.stage_context(i, fp, staging, ups, ext.files, Reuse::Earlier)?;
-                let launch = Launch {
-                    i,
-                    fp,
-                    reasons,
-                    upstream,
-                    external: ext.combined,
-                    ctx,
-                    started,
+        // Cached, or restored here, the stage is done; else the reasons it runs.
+        let reasons = 'run: {
+            let (state, reasons, output) =
+                match self.decide(i, fp, &upstream, &ext, opts.forces(&name))? {
+                    Decision::Cached(out) => (State::Cached, vec![], out),
+                    Decision::Restore {
+                        output,
+                        mut reasons,
+                    } => match self.restore(&name, output) {
+                        Ok(out) => (State::Restored, reasons, out),
+                        // A damaged or incomplete store copy is not fatal: recompute it.
+                        Err(Error::Artifact(
+                            e @ (ArtifactError::Corrupt { .. } | ArtifactError::Missing { .. }),
+                        )) => {
+                            tracing::warn!("stage `{name}`: {e}");
+                            reasons.push("stored result is damaged, recomputing".into());
+                            break 'run reasons;
+                        }
+                        Err(e) => return Err(e),
+                    },
+                    Decision::Run { reasons } => break 'run reasons,
                 };
-                return Ok(Step::Launch(Box::new(launch)));
-            }
+            let stage = Finished {
+                i,
+                fp,
+                state,
+                reasons,
+                upstream,
+                external: ext.combined,
+                summary: None,
+                started,
+            };
+            return self
+                .record(stage, output)
+                .map(|(o, out)| Step::Done(o, out));
         };
-        let stage = Finished {
+        if opts.restore_only {
+            return Err(Error::Worker(format!(
+                "stage `{name}` has no result in the store {} to restore ({}): its job succeeded, so the workers must be writing to another store",
+                self.artifacts.store().describe(),
+                reasons.join("; ")
+            )));
+        }
+        tracing::info!("running stage `{name}`: {}", reasons.join("; "));
+        let ups = self.pipeline.stages[i]
+            .inputs
+            .iter()
+            .map(|n| outputs[n].manifest.clone())
+            .collect();
+        let staging = self.staging_root().join(&name);
+        let ctx = self.stage_context(i, fp, staging, ups, ext.files, Reuse::Earlier)?;
+        let launch = Launch {
             i,
             fp,
-            state,
             reasons,
             upstream,
             external: ext.combined,
-            summary: None,
+            ctx,
             started,
         };
-        self.record(stage, output)
-            .map(|(o, out)| Step::Done(o, out))
+        Ok(Step::Launch(Box::new(launch)))
     }
 }
