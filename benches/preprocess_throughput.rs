@@ -62,7 +62,10 @@ fn generate(dir: &Path, count: usize, width: u32, height: u32) {
         let patient = melanoflow::synth::render::Patient::random(&mut rng);
         let square = melanoflow::synth::render::render_lesion(
             &patient,
-            i % 10 == 0,
+            melanoflow::synth::render::severity_mean(
+                i % 10 == 0,
+                melanoflow::synth::render::DEFAULT_SEVERITY_SHIFT,
+            ),
             width.max(height),
             &mut rng,
         );

@@ -40,6 +40,12 @@ pub struct SynthParams {
     /// Number of patients (ISIC 2020: 2,056, about 16 images each).
     #[serde(default = "defaults::patients")]
     pub patients: u32,
+    /// How far malignant lesions sit from benign ones on the latent severity that drives
+    /// every ABCD feature, in standard deviations: it sets the task's difficulty, since no
+    /// classifier can beat the Bayes ROC-AUC `Φ(shift / √2)` (1.9: 0.91; 2.3: 0.95, about
+    /// the winning score of the ISIC 2020 challenge).
+    #[serde(default = "defaults::severity_shift")]
+    pub severity_shift: f32,
     #[serde(default = "defaults::seed")]
     pub seed: u64,
     #[serde(default = "defaults::jpeg_quality")]
@@ -58,6 +64,9 @@ mod defaults {
     }
     pub fn patients() -> u32 {
         250
+    }
+    pub fn severity_shift() -> f32 {
+        super::render::DEFAULT_SEVERITY_SHIFT
     }
     pub fn seed() -> u64 {
         2020
@@ -102,6 +111,12 @@ impl Stage for Synth {
                 p.count, p.patients
             ));
         }
+        if !(0.0..=8.0).contains(&p.severity_shift) {
+            return Err(format!(
+                "`severity_shift` must be within 0..=8 standard deviations, not {}",
+                p.severity_shift
+            ));
+        }
         if !(1..=100).contains(&p.jpeg_quality) {
             return Err(format!(
                 "`jpeg_quality` must be within 1..=100, not {}",
@@ -122,8 +137,8 @@ impl Stage for Synth {
                 // One ChaCha stream per row: the image does not depend on which thread draws it.
                 let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
                 rng.set_stream(1 + i as u64);
-                let img =
-                    render::render_lesion(&row.appearance, row.target == 1, p.image_size, &mut rng);
+                let severity = render::severity_mean(row.target == 1, p.severity_shift);
+                let img = render::render_lesion(&row.appearance, severity, p.image_size, &mut rng);
                 write_jpeg(
                     &images_dir.join(format!("{}.jpg", row.image_name)),
                     &img,
@@ -366,6 +381,7 @@ mod tests {
             malignant_fraction: 0.05,
             image_size: 64,
             patients,
+            severity_shift: super::render::DEFAULT_SEVERITY_SHIFT,
             seed: 7,
             jpeg_quality: 90,
         }

@@ -7,15 +7,15 @@
 //!
 //! Class differences follow the ABCD rule of dermoscopy (Asymmetry, Border irregularity,
 //! Colour variety, Diameter) and are deliberately *overlapping* distributions: every lesion
-//! draws a latent "severity" `s ~ N(0, 1)` (benign) or `N(MALIGNANT_SEVERITY_SHIFT, 1)`
+//! draws a latent "severity" `s ~ N(0, 1)` (benign) or `N(shift, 1)`
 //! (malignant), and each ABCD feature is an independent noisy function of `s` alone. The
 //! image therefore depends on the class only through `s`, which bounds the ROC-AUC of any
-//! classifier by that of `s` itself, `Φ(shift / √2)` ≈ 0.91: the task is learnable but never
-//! trivially separable. Everything else (skin tone, hair, vignette, zoom, lighting) is drawn
+//! classifier by that of `s` itself, `Φ(shift / √2)` (0.91 at shift 1.9, 0.95 at 2.3): the task
+//! is learnable but never trivially separable. Everything else (skin tone, hair, vignette, zoom, lighting) is drawn
 //! independently of the class, so it carries no label information.
 //!
 //! Promises:
-//! * Deterministic: the output is a pure function of `(patient, malignant, size)` and the rng
+//! * Deterministic: the output is a pure function of `(patient, severity_mean, size)` and the rng
 //!   state. All random parameters are drawn up front from the rng in a fixed order; per-pixel
 //!   noise comes from an integer hash seeded from the rng (no threads, clocks or hash maps).
 //!   Bytes are reproducible on a given platform; libm's `exp`/`atan2` may differ in the last
@@ -29,8 +29,9 @@ use rand::Rng;
 use std::f32::consts::{PI, TAU};
 
 /// Mean latent severity of malignant lesions, in units of its standard deviation (benign
-/// lesions have mean 0). Caps the Bayes ROC-AUC at `Φ(1.9 / √2)` ≈ 0.91.
-const MALIGNANT_SEVERITY_SHIFT: f32 = 1.9;
+/// lesions have mean 0), unless the `synth` stage's `severity_shift` says otherwise. Caps the
+/// Bayes ROC-AUC at `Φ(1.9 / √2)` ≈ 0.91.
+pub const DEFAULT_SEVERITY_SHIFT: f32 = 1.9;
 
 /// How strongly each ABCD feature follows the latent severity (the rest is independent
 /// per-feature noise, so e.g. a malignant lesion can be small but very asymmetric).
@@ -131,16 +132,22 @@ impl Patient {
     }
 }
 
+/// The mean latent severity of a lesion's class: 0 for benign, `shift` for malignant.
+pub fn severity_mean(malignant: bool, shift: f32) -> f32 {
+    if malignant { shift } else { 0.0 }
+}
+
 /// Renders one `size` x `size` dermoscopy-like image of a lesion on this patient's skin.
-/// `malignant` selects the class-conditional distribution of the lesion's features.
+/// `severity_mean` (see [`severity_mean`]) selects the class-conditional distribution of the
+/// lesion's features.
 pub fn render_lesion(
     patient: &Patient,
-    malignant: bool,
+    severity_mean: f32,
     size: u32,
     rng: &mut impl Rng,
 ) -> RgbImage {
     assert!(size > 0, "image size must be positive");
-    Scene::random(patient, malignant, size, rng).draw()
+    Scene::random(patient, severity_mean, size, rng).draw()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -157,13 +164,8 @@ struct Abcd {
 }
 
 impl Abcd {
-    fn random(malignant: bool, rng: &mut impl Rng) -> Abcd {
-        let severity = normal(rng)
-            + if malignant {
-                MALIGNANT_SEVERITY_SHIFT
-            } else {
-                0.0
-            };
+    fn random(severity_mean: f32, rng: &mut impl Rng) -> Abcd {
+        let severity = normal(rng) + severity_mean;
         let mut feature = || {
             let noise = (1.0 - SEVERITY_LOADING * SEVERITY_LOADING).sqrt();
             let z = SEVERITY_LOADING * severity + noise * normal(rng);
@@ -293,8 +295,8 @@ struct Scene {
 }
 
 impl Scene {
-    fn random(patient: &Patient, malignant: bool, size: u32, rng: &mut impl Rng) -> Scene {
-        let abcd = Abcd::random(malignant, rng);
+    fn random(patient: &Patient, severity_mean: f32, size: u32, rng: &mut impl Rng) -> Scene {
+        let abcd = Abcd::random(severity_mean, rng);
         let lesion = Lesion::random(&abcd, size, rng);
         let dots = random_dots(&abcd, &lesion, rng);
 
@@ -997,7 +999,12 @@ mod tests {
     fn render(seed: u64, malignant: bool, size: u32) -> RgbImage {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let patient = Patient::random(&mut rng);
-        render_lesion(&patient, malignant, size, &mut rng)
+        render_lesion(
+            &patient,
+            severity_mean(malignant, DEFAULT_SEVERITY_SHIFT),
+            size,
+            &mut rng,
+        )
     }
 
     #[test]
@@ -1145,7 +1152,10 @@ mod tests {
             let patient = Patient::random(&mut rng);
             let malignant = i % 2 == 1;
             features.push(hand_features(&render_lesion(
-                &patient, malignant, 64, &mut rng,
+                &patient,
+                severity_mean(malignant, DEFAULT_SEVERITY_SHIFT),
+                64,
+                &mut rng,
             )));
             labels.push(malignant);
         }
