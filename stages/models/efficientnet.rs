@@ -75,6 +75,12 @@ pub struct EfficientNetConfig {
     /// TensorFlow "SAME" padding for stride-2 convolutions (pad bottom/right
     /// more), which weights ported from TensorFlow (Lite0) were trained with.
     pub tf_same_padding: bool,
+    /// Transfer learning on little data: torchvision's `features[..n]` (the
+    /// stem for 1, then whole MBConv stages, up to 8) keep their loaded
+    /// weights. In training they run in evaluation mode (BatchNorm running
+    /// statistics, no stochastic depth) and pass no gradient back, so they
+    /// neither learn nor cost a backward pass. 0 = everything trains.
+    pub frozen_stages: usize,
 }
 
 impl EfficientNetConfig {
@@ -85,7 +91,17 @@ impl EfficientNetConfig {
             dropout: None,
             stochastic_depth: 0.2,
             tf_same_padding: variant.is_lite(),
+            frozen_stages: 0,
         }
+    }
+
+    /// Whether the variable `name` (torchvision's name) belongs to a frozen
+    /// stage, `features.{i}.*` with `i < frozen_stages`.
+    pub fn is_frozen(&self, name: &str) -> bool {
+        name.strip_prefix("features.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .is_some_and(|i| i < self.frozen_stages)
     }
 
     /// BatchNorm (eps, momentum). torchvision: 1e-5, 0.1; the TensorFlow-trained
@@ -407,6 +423,8 @@ pub struct EfficientNet {
     head: ConvBn,
     classifier: candle_nn::Linear,
     dropout: f64,
+    /// MBConv blocks inside the frozen stages (see `frozen_stages`).
+    frozen_blocks: usize,
     pub config: EfficientNetConfig,
 }
 
@@ -425,6 +443,18 @@ impl EfficientNet {
         };
         let stem = ConvBn::new(3, stem_out, 3, 2, false, act, cfg, features.pp("0"))?;
         let total: usize = layout.iter().map(|s| s.5).sum();
+        if cfg.frozen_stages > layout.len() + 1 {
+            candle_core::bail!(
+                "frozen_stages {} > {}: the head convolution and the classifier always train",
+                cfg.frozen_stages,
+                layout.len() + 1
+            );
+        }
+        let frozen_blocks = layout
+            .iter()
+            .take(cfg.frozen_stages.saturating_sub(1))
+            .map(|s| s.5)
+            .sum();
         let mut blocks = Vec::with_capacity(total);
         for (si, &(e, k, s, cin, cout, repeats)) in layout.iter().enumerate() {
             for j in 0..repeats {
@@ -449,6 +479,7 @@ impl EfficientNet {
             head,
             classifier: candle_nn::Linear::new(w, Some(b)),
             dropout: cfg.dropout.unwrap_or(dropout),
+            frozen_blocks,
             config: cfg.clone(),
         })
     }
@@ -482,9 +513,22 @@ impl EfficientNet {
     /// Stem, blocks, head convolution and global average pooling: [B, C].
     fn pooled_t(&self, x: &Tensor, rng: &mut TrainRng) -> Result<Tensor> {
         let train = rng.is_some();
-        let mut h = self.stem.forward_t(x, train)?;
-        for b in &self.blocks {
-            h = b.forward_t(&h, rng)?;
+        // In training, the stem and the first `frozen` blocks run as in
+        // evaluation and their output is detached: autograd stops there.
+        let frozen = (train && self.config.frozen_stages > 0).then_some(self.frozen_blocks);
+        let mut h = self.stem.forward_t(x, train && frozen.is_none())?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            if frozen == Some(i) {
+                h = h.detach();
+            }
+            h = if frozen.is_some_and(|k| i < k) {
+                b.forward_t(&h, &mut None)?
+            } else {
+                b.forward_t(&h, rng)?
+            };
+        }
+        if frozen == Some(self.blocks.len()) {
+            h = h.detach();
         }
         h = self.head.forward_t(&h, train)?;
         h.flatten_from(2)?.mean(D::Minus1)
@@ -603,6 +647,9 @@ mod tests {
     use super::*;
     use candle_core::Device;
     use candle_nn::VarMap;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+    use std::collections::BTreeMap;
 
     /// `noise` and `value` of tests/reference/efficientnet_reference.py.
     fn noise(a: f64) -> f64 {
@@ -716,6 +763,71 @@ mod tests {
             .filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var"))
             .map(|(_, v)| v.elem_count())
             .sum()
+    }
+
+    #[test]
+    fn frozen_stages_pass_no_gradient_and_keep_their_statistics() {
+        // features[..4]: the stem and the MBConv stages 1-3 (5 blocks of Lite0).
+        let frozen_cfg = EfficientNetConfig {
+            dropout: Some(0.0),
+            stochastic_depth: 0.0,
+            frozen_stages: 4,
+            ..EfficientNetConfig::new(Variant::Lite0, 1)
+        };
+        let (vm, plain) = reference_model(Variant::Lite0);
+        let frozen = EfficientNet::new(
+            &frozen_cfg,
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        assert_eq!(frozen.frozen_blocks, 1 + 2 + 2);
+        let snapshot = |vm: &VarMap| -> BTreeMap<String, Vec<f32>> {
+            let data = vm.data().lock().unwrap();
+            data.iter()
+                .map(|(n, v)| (n.clone(), v.flatten_all().unwrap().to_vec1().unwrap()))
+                .collect()
+        };
+        let x = input();
+        // Evaluation does not depend on freezing.
+        let eval = |m: &EfficientNet| -> Vec<f32> {
+            m.forward_t(&x, None)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_eq!(eval(&plain), eval(&frozen));
+
+        let before = snapshot(&vm);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let loss = frozen
+            .forward_t(&x, Some(&mut rng))
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let after = snapshot(&vm);
+        let data = vm.data().lock().unwrap();
+        let (mut frozen_vars, mut trained_vars) = (0, 0);
+        for (name, var) in data.iter() {
+            let statistic = name.ends_with("running_mean") || name.ends_with("running_var");
+            if frozen_cfg.is_frozen(name) {
+                frozen_vars += 1;
+                assert!(grads.get(var).is_none(), "{name} got a gradient");
+                assert_eq!(before[name], after[name], "{name} moved");
+            } else if !statistic {
+                trained_vars += 1;
+                assert!(grads.get(var).is_some(), "{name} got no gradient");
+            } else if name.starts_with("features.8") {
+                // The head's BatchNorm still learns its running statistics.
+                assert_ne!(before[name], after[name], "{name} did not move");
+            }
+        }
+        assert!(frozen_vars > 0 && trained_vars > 0);
+        assert!(frozen_cfg.is_frozen("features.3.1.block.0.0.weight"));
+        assert!(!frozen_cfg.is_frozen("features.4.0.block.0.0.weight"));
+        assert!(!frozen_cfg.is_frozen("classifier.1.weight"));
     }
 
     #[test]

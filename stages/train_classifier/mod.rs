@@ -13,7 +13,8 @@
 //! Upstreams: a `preprocess` stage, and for `cyclegan` a `generate` stage.
 //! Pretrained weights: `weights` = a safetensors file in torchvision's layout
 //! (`make weights` writes ImageNet EfficientNet-Lite0); its digest is part of
-//! the fingerprint. The head is always new (one logit).
+//! the fingerprint. The head is always new (one logit); `frozen_stages`
+//! keeps the early stages as pretrained.
 //!
 //! Per seed, the checkpoint with the best validation ROC-AUC is kept (ties:
 //! the earlier epoch). Outputs: `model-seed{S}.safetensors`,
@@ -80,6 +81,13 @@ pub struct TrainClassifierParams {
     /// Pretrained weights (safetensors, torchvision names); unset = from scratch.
     #[serde(default)]
     pub weights: Option<String>,
+    /// With `weights`: torchvision's `features[..n]` keep their pretrained
+    /// weights and BatchNorm statistics (1 = the stem, 2..=8 also the MBConv
+    /// stages up to n - 1). Fewer parameters to fit a few dozen malignant
+    /// images, and no backward pass through the early, high-resolution
+    /// layers. 0 = fine-tune everything.
+    #[serde(default)]
+    pub frozen_stages: usize,
     #[serde(default = "defaults::device")]
     pub device: String,
 }
@@ -153,6 +161,18 @@ impl Stage for TrainClassifier {
             || !(0.0..1.0).contains(&p.stochastic_depth)
         {
             return Err("`dropout` and `stochastic_depth` must be within [0, 1)".into());
+        }
+        if p.frozen_stages > 8 {
+            return Err(format!(
+                "`frozen_stages` must be within 0..=8 (the head always trains), not {}",
+                p.frozen_stages
+            ));
+        }
+        if p.frozen_stages > 0 && p.weights.is_none() {
+            return Err(
+                "`frozen_stages` needs pretrained `weights`: frozen random layers would never learn"
+                    .into(),
+            );
         }
         if p.weights.as_deref().is_some_and(|w| w.contains("://")) {
             return Err("`weights` must be a local safetensors file".into());

@@ -99,15 +99,19 @@ fn model_config(p: &TrainClassifierParams) -> EfficientNetConfig {
     EfficientNetConfig {
         dropout: p.dropout,
         stochastic_depth: p.stochastic_depth,
+        frozen_stages: p.frozen_stages,
         ..EfficientNetConfig::new(p.variant, 1)
     }
 }
 
-/// Trainable variables (BatchNorm running statistics are not).
-fn trainable(varmap: &VarMap) -> Vec<(String, candle_core::Var)> {
+/// Trainable variables: neither BatchNorm running statistics nor the frozen
+/// stages' variables.
+fn trainable(varmap: &VarMap, config: &EfficientNetConfig) -> Vec<(String, candle_core::Var)> {
     crate::models::adam::named_vars("", varmap)
         .into_iter()
-        .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
+        .filter(|(n, _)| {
+            !n.ends_with("running_mean") && !n.ends_with("running_var") && !config.is_frozen(n)
+        })
         .collect()
 }
 
@@ -165,7 +169,7 @@ fn train_seed(
         load_pretrained(&varmap, t).map_err(|e| anyhow!("loading `weights`: {e}"))?;
         init_head_for_finetuning(&varmap, seed)?;
     }
-    let mut adam = Adam::new(trainable(&varmap), p.lr, 0.9, 0.999)?;
+    let mut adam = Adam::new(trainable(&varmap, &model.config), p.lr, 0.9, 0.999)?;
     adam.weight_decay = p.weight_decay;
 
     std::fs::create_dir_all(scratch)?;
