@@ -513,22 +513,20 @@ impl EfficientNet {
     /// Stem, blocks, head convolution and global average pooling: [B, C].
     fn pooled_t(&self, x: &Tensor, rng: &mut TrainRng) -> Result<Tensor> {
         let train = rng.is_some();
-        // In training, the stem and the first `frozen` blocks run as in
-        // evaluation and their output is detached: autograd stops there.
-        let frozen = (train && self.config.frozen_stages > 0).then_some(self.frozen_blocks);
-        let mut h = self.stem.forward_t(x, train && frozen.is_none())?;
-        for (i, b) in self.blocks.iter().enumerate() {
-            if frozen == Some(i) {
-                h = h.detach();
+        let (prefix, rest) = self.blocks.split_at(self.frozen_blocks);
+        let mut h = if self.config.frozen_stages > 0 {
+            // The frozen stem and blocks always run as in evaluation (which is
+            // what evaluation runs anyway); autograd stops at their output.
+            let mut h = self.stem.forward_t(x, false)?;
+            for b in prefix {
+                h = b.forward_t(&h, &mut None)?;
             }
-            h = if frozen.is_some_and(|k| i < k) {
-                b.forward_t(&h, &mut None)?
-            } else {
-                b.forward_t(&h, rng)?
-            };
-        }
-        if frozen == Some(self.blocks.len()) {
-            h = h.detach();
+            h.detach()
+        } else {
+            self.stem.forward_t(x, train)?
+        };
+        for b in rest {
+            h = b.forward_t(&h, rng)?;
         }
         h = self.head.forward_t(&h, train)?;
         h.flatten_from(2)?.mean(D::Minus1)

@@ -45,7 +45,7 @@ pub struct SynthParams {
     /// classifier can beat the Bayes ROC-AUC `Φ(shift / √2)` (1.9: 0.91; 2.3: 0.95, about
     /// the winning score of the ISIC 2020 challenge).
     #[serde(default = "defaults::severity_shift")]
-    pub severity_shift: f32,
+    pub severity_shift: f64,
     #[serde(default = "defaults::seed")]
     pub seed: u64,
     #[serde(default = "defaults::jpeg_quality")]
@@ -65,7 +65,7 @@ mod defaults {
     pub fn patients() -> u32 {
         250
     }
-    pub fn severity_shift() -> f32 {
+    pub fn severity_shift() -> f64 {
         super::render::DEFAULT_SEVERITY_SHIFT
     }
     pub fn seed() -> u64 {

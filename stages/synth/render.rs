@@ -11,8 +11,8 @@
 //! (malignant), and each ABCD feature is an independent noisy function of `s` alone. The
 //! image therefore depends on the class only through `s`, which bounds the ROC-AUC of any
 //! classifier by that of `s` itself, `Φ(shift / √2)` (0.91 at shift 1.9, 0.95 at 2.3): the task
-//! is learnable but never trivially separable. Everything else (skin tone, hair, vignette, zoom, lighting) is drawn
-//! independently of the class, so it carries no label information.
+//! is learnable but never trivially separable. Everything else (skin tone, hair, vignette,
+//! zoom, lighting) is drawn independently of the class, so it carries no label information.
 //!
 //! Promises:
 //! * Deterministic: the output is a pure function of `(patient, severity_mean, size)` and the rng
@@ -30,8 +30,9 @@ use std::f32::consts::{PI, TAU};
 
 /// Mean latent severity of malignant lesions, in units of its standard deviation (benign
 /// lesions have mean 0), unless the `synth` stage's `severity_shift` says otherwise. Caps the
-/// Bayes ROC-AUC at `Φ(1.9 / √2)` ≈ 0.91.
-pub const DEFAULT_SEVERITY_SHIFT: f32 = 1.9;
+/// Bayes ROC-AUC at `Φ(1.9 / √2)` ≈ 0.91. An f64 like every stage parameter, so that the
+/// lock file records `1.9`, not its f32 widening.
+pub const DEFAULT_SEVERITY_SHIFT: f64 = 1.9;
 
 /// How strongly each ABCD feature follows the latent severity (the rest is independent
 /// per-feature noise, so e.g. a malignant lesion can be small but very asymmetric).
@@ -133,8 +134,8 @@ impl Patient {
 }
 
 /// The mean latent severity of a lesion's class: 0 for benign, `shift` for malignant.
-pub fn severity_mean(malignant: bool, shift: f32) -> f32 {
-    if malignant { shift } else { 0.0 }
+pub fn severity_mean(malignant: bool, shift: f64) -> f32 {
+    if malignant { shift as f32 } else { 0.0 }
 }
 
 /// Renders one `size` x `size` dermoscopy-like image of a lesion on this patient's skin.
