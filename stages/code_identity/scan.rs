@@ -265,10 +265,10 @@ fn declared_modules(tokens: &TokenStream) -> Vec<String> {
             TokenTree::Ident(name),
             TokenTree::Punct(semi),
         ] = w
+            && kw == "mod"
+            && semi.as_char() == ';'
         {
-            if kw == "mod" && semi.as_char() == ';' {
-                out.push(name.to_string());
-            }
+            out.push(name.to_string());
         }
     }
     out
@@ -353,10 +353,10 @@ impl Normalized {
                 TokenTree::Group(g) if g.delimiter() == Delimiter::Brace => return i + 1,
                 TokenTree::Punct(p) if p.as_char() == ';' => {
                     let item: Vec<&TokenTree> = tokens[start..i].iter().collect();
-                    if let [.., TokenTree::Ident(kw), TokenTree::Ident(name)] = item.as_slice() {
-                        if kw == "mod" {
-                            self.test_modules.push(name.to_string());
-                        }
+                    if let [.., TokenTree::Ident(kw), TokenTree::Ident(name)] = item.as_slice()
+                        && kw == "mod"
+                    {
+                        self.test_modules.push(name.to_string());
                     }
                     return i + 1;
                 }

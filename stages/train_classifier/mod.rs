@@ -88,6 +88,9 @@ pub struct TrainClassifierParams {
     /// layers. 0 = fine-tune everything.
     #[serde(default)]
     pub frozen_stages: usize,
+    /// BatchNorm's running-statistics momentum (weight of each new batch).
+    #[serde(default = "defaults::bn_momentum")]
+    pub bn_momentum: f64,
     #[serde(default = "defaults::device")]
     pub device: String,
 }
@@ -114,6 +117,9 @@ mod defaults {
     }
     pub fn stochastic_depth() -> f64 {
         0.2
+    }
+    pub fn bn_momentum() -> f64 {
+        0.1
     }
     pub fn seeds() -> Vec<u64> {
         vec![0]
@@ -161,6 +167,12 @@ impl Stage for TrainClassifier {
             || !(0.0..1.0).contains(&p.stochastic_depth)
         {
             return Err("`dropout` and `stochastic_depth` must be within [0, 1)".into());
+        }
+        if !(p.bn_momentum > 0.0 && p.bn_momentum <= 1.0) {
+            return Err(format!(
+                "`bn_momentum` must be within (0, 1], not {}",
+                p.bn_momentum
+            ));
         }
         if p.frozen_stages > 8 {
             return Err(format!(

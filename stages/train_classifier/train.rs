@@ -100,6 +100,7 @@ fn model_config(p: &TrainClassifierParams) -> EfficientNetConfig {
         dropout: p.dropout,
         stochastic_depth: p.stochastic_depth,
         frozen_stages: p.frozen_stages,
+        bn_momentum: p.bn_momentum,
         ..EfficientNetConfig::new(p.variant, 1)
     }
 }

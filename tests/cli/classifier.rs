@@ -363,6 +363,62 @@ fn generate_train_evaluate_and_print_the_table() {
     }
 }
 
+/// The classifier learns, not just runs: on an easy synthetic task (malignant
+/// lesions 4 standard deviations of latent severity away, so the Bayes
+/// ROC-AUC of a reader of the five lesion features is about 0.99) a Lite0
+/// trained from scratch for 8 epochs on 32 px images separates the test
+/// classes well. Measured: 0.85, 0.84 and 0.83 for seeds 0, 1, 2 (about 23 s
+/// each); with BatchNorm momentum 0.01 the same run stayed near 0.6.
+#[test]
+fn the_classifier_learns_an_easy_task() {
+    let p = Project::new(
+        r#"
+[stages.synth]
+kind = "synth"
+count = 600
+malignant_fraction = 0.25
+image_size = 32
+patients = 150
+severity_shift = 4.0
+seed = 11
+
+[stages.ingest]
+kind = "ingest"
+inputs = ["synth"]
+val_fraction = 0.15
+test_fraction = 0.3
+
+[stages.preprocess]
+kind = "preprocess"
+inputs = ["ingest"]
+size = 32
+
+[stages.classical]
+kind = "train_classifier"
+inputs = ["preprocess"]
+augmentation = "classical"
+variant = "lite0"
+epochs = 8
+batch_size = 16
+lr = 2e-3
+device = "cpu"
+
+[stages.evaluate]
+kind = "evaluate"
+inputs = ["classical"]
+bootstrap_resamples = 200
+"#,
+    );
+    p.ok(&["run"]);
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.path("data/out/evaluate/metrics.json")).unwrap(),
+    )
+    .unwrap();
+    let seed = &m["arms"][0]["seeds"][0];
+    let auc = seed["auc"].as_f64().unwrap();
+    assert!(auc > 0.8, "test ROC-AUC {auc} after training: {seed}");
+}
+
 #[test]
 fn a_bad_arm_declaration_is_a_pipeline_error() {
     let p = Project::new(&chain().replace(
