@@ -14,6 +14,8 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::dag;
+
+pub mod foreach;
 use crate::registry::{ParsedParams, Registry, Resources};
 
 /// A validated pipeline, ready to plan.
@@ -167,7 +169,7 @@ impl std::fmt::Display for Override {
     }
 }
 
-const STAGE_RESERVED: &[&str] = &["kind", "inputs", "resources"];
+const STAGE_RESERVED: &[&str] = &["kind", "inputs", "resources", "foreach"];
 
 /// Reads, parses and validates a pipeline file.
 pub fn load(
@@ -245,7 +247,11 @@ pub fn parse(
                 };
                 for (name, table) in stages {
                     let line = line_col(text, name.span().start).0;
-                    stage_tables.push((name.get_ref().to_string(), table, line));
+                    for (name, table) in foreach::expand(name.get_ref(), table)
+                        .map_err(|(span, message)| err_at(Some(span), message))?
+                    {
+                        stage_tables.push((name, table, line));
+                    }
                 }
             }
             other => {
@@ -261,7 +267,10 @@ pub fn parse(
     stage_tables.sort_by_key(|(_, _, line)| *line);
 
     for o in overrides {
-        if !stage_tables.iter().any(|(n, _, _)| *n == o.stage) {
+        if !stage_tables
+            .iter()
+            .any(|(n, _, _)| *n == o.stage || foreach::base_name(n) == o.stage)
+        {
             return Err(ConfigError {
                 file: file.into(),
                 line: None,
@@ -280,7 +289,7 @@ pub fn parse(
                 format!("stage `{name}` must be a table"),
             ));
         };
-        if !is_valid_name(&name) {
+        if !is_valid_name(foreach::base_name(&name)) {
             return Err(err_at(
                 Some(span.clone()),
                 format!(
@@ -343,7 +352,10 @@ pub fn parse(
             .iter()
             .map(|(k, v)| (k.get_ref().to_string(), k.span().start..v.span().end))
             .collect();
-        let my_overrides: Vec<&Override> = overrides.iter().filter(|o| o.stage == name).collect();
+        let my_overrides: Vec<&Override> = overrides
+            .iter()
+            .filter(|o| o.stage == name || o.stage == foreach::base_name(&name))
+            .collect();
         for o in &my_overrides {
             if STAGE_RESERVED.contains(&o.key.as_str()) {
                 return Err(ConfigError {

@@ -166,6 +166,61 @@ fn read_predictions(path: &Path) -> Result<Vec<Prediction>> {
         .collect()
 }
 
+/// The classifier stages grouped into arms, in input order: a stage is its
+/// own arm, and the stages of one `foreach` (`classical@0`, `classical@1`,
+/// ...: cross-validation folds) are one arm named `classical`.
+fn group_folds<'a>(stages: &[&'a Upstream]) -> Vec<(String, Vec<&'a Upstream>)> {
+    let mut arms: Vec<(String, Vec<&Upstream>)> = Vec::new();
+    for &u in stages {
+        let arm = melanoflow_pipeline::config::foreach::base_name(&u.name);
+        match arms.iter_mut().find(|(name, _)| name == arm) {
+            Some((_, folds)) => folds.push(u),
+            None => arms.push((arm.to_string(), vec![u])),
+        }
+    }
+    arms
+}
+
+/// The predictions of an arm's folds, one list: every fold must train the
+/// same seeds, and no image may be tested by two folds.
+fn pooled_predictions(
+    folds: &[&Upstream],
+    trains: &[serde_json::Value],
+) -> Result<Vec<Prediction>> {
+    let seeds_of = |t: &serde_json::Value| -> Vec<u64> {
+        t["seeds"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|s| s["seed"].as_u64()).collect())
+            .unwrap_or_default()
+    };
+    let mut pooled = Vec::new();
+    let mut tested_by: std::collections::HashMap<(u64, String), &str> = Default::default();
+    for (u, train) in folds.iter().zip(trains) {
+        if seeds_of(train) != seeds_of(&trains[0]) {
+            bail!(
+                "`{}` trained seeds {:?}, `{}` {:?}: the folds of one arm must train the same seeds",
+                u.name,
+                seeds_of(train),
+                folds[0].name,
+                seeds_of(&trains[0])
+            );
+        }
+        for p in read_predictions(&u.dir.join("predictions.parquet"))? {
+            if p.split == "test" {
+                if let Some(other) = tested_by.insert((p.seed, p.image.clone()), &u.name) {
+                    bail!(
+                        "test image `{}` is in the test split of both `{other}` and `{}`: folds must hold out disjoint patients",
+                        p.image,
+                        u.name
+                    );
+                }
+            }
+            pooled.push(p);
+        }
+    }
+    Ok(pooled)
+}
+
 /// Validation ROC-AUC per epoch of one seed, from `history.parquet`.
 fn read_val_auc(path: &Path, seed: u64) -> Result<Vec<f32>> {
     melanoflow_schemas::check_parquet(path, &melanoflow_schemas::CLASSIFIER_HISTORY)?;
@@ -244,17 +299,26 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
         })
         .collect::<Result<_>>()?;
 
+    let arm_folds = group_folds(&arms_up);
     let mut arms = Vec::new();
     let mut roc_series = Vec::new();
     let mut curves: Vec<(String, Vec<f32>)> = Vec::new();
     let mut test_sizes = std::collections::BTreeSet::new();
     let mut arm_scores = Vec::new();
-    for (k, up) in arms_up.iter().enumerate() {
-        let train: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(up.dir.join("train.json"))
-                .with_context(|| format!("reading {}/train.json", up.name))?,
-        )?;
-        let preds = read_predictions(&up.dir.join("predictions.parquet"))?;
+    for (k, (arm, folds)) in arm_folds.iter().enumerate() {
+        let up = folds[0];
+        let read_train = |u: &Upstream| -> Result<serde_json::Value> {
+            Ok(serde_json::from_str(
+                &std::fs::read_to_string(u.dir.join("train.json"))
+                    .with_context(|| format!("reading {}/train.json", u.name))?,
+            )?)
+        };
+        let train = read_train(up)?;
+        let fold_trains = folds
+            .iter()
+            .map(|u| read_train(u))
+            .collect::<Result<Vec<_>>>()?;
+        let preds = pooled_predictions(folds, &fold_trains)?;
         let mut seeds = Vec::new();
         let mut seed_predictions = Vec::new();
         let mut first_curve = 0;
@@ -276,7 +340,7 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
                     .collect(),
             ));
             let err = |what: &str, e: metrics::MetricError| {
-                anyhow!("arm `{}` seed {seed}: {what}: {e}", up.name)
+                anyhow!("arm `{arm}` seed {seed}: {what}: {e}")
             };
             let auc = roc_auc(&scores, &labels).map_err(|e| err("test ROC-AUC", e))?;
             let curve = roc_curve(&scores, &labels).map_err(|e| err("ROC curve", e))?;
@@ -295,6 +359,20 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
                     read_val_auc(&up.dir.join("history.parquet"), seed)?,
                 ));
             }
+            // Pooled over folds, the checkpoint statistics are the folds' means.
+            let fold_seed = |key: &str| -> f64 {
+                let values: Vec<f64> = fold_trains
+                    .iter()
+                    .filter_map(|t| {
+                        t["seeds"]
+                            .as_array()?
+                            .iter()
+                            .find(|x| x["seed"].as_u64() == Some(seed))?[key]
+                            .as_f64()
+                    })
+                    .collect();
+                metrics::mean_std(&values).0
+            };
             test_sizes.insert((labels.len(), labels.iter().filter(|&&l| l).count()));
             seeds.push(SeedMetrics {
                 seed,
@@ -307,25 +385,28 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
                     .map_err(|e| err("sensitivity", e))?,
                 n_test: labels.len(),
                 n_test_malignant: labels.iter().filter(|&&l| l).count(),
-                best_epoch: s["best_epoch"].as_u64().unwrap_or(0) as usize,
-                val_auc: s["best_val_auc"].as_f64().unwrap_or(f64::NAN),
+                best_epoch: fold_seed("best_epoch").round() as usize,
+                val_auc: fold_seed("best_val_auc"),
             });
         }
         let aucs: Vec<f64> = seeds.iter().map(|s| s.auc).collect();
         roc_series[first_curve].label = match aucs.len() {
-            1 => format!("{} (AUC {:.3})", up.name, aucs[0]),
-            n => format!(
-                "{} (AUC {:.3}, mean of {n})",
-                up.name,
-                metrics::mean_std(&aucs).0
-            ),
+            1 => format!("{arm} (AUC {:.3})", aucs[0]),
+            n => format!("{arm} (AUC {:.3}, mean of {n})", metrics::mean_std(&aucs).0),
         };
+        let mut description = describe(&train, &gans);
+        if folds.len() > 1 {
+            description += &format!(
+                "; out-of-fold predictions pooled over {} folds (best epoch and validation AUC: fold means)",
+                folds.len()
+            );
+        }
         arms.push(ArmSummary {
-            arm: up.name.clone(),
-            description: describe(&train, &gans),
+            arm: arm.clone(),
+            description,
             seeds,
         });
-        arm_scores.push(ArmScores::new(&up.name, seed_predictions)?);
+        arm_scores.push(ArmScores::new(arm, seed_predictions)?);
     }
     if test_sizes.len() > 1 {
         bail!(
@@ -380,10 +461,21 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
     }
 
     let (n_test, n_mal) = test_sizes.into_iter().next().unwrap_or_default();
+    let n_folds = arm_folds.iter().map(|(_, f)| f.len()).max().unwrap_or(1);
+    let test_split = if n_folds > 1 {
+        format!(
+            "Cross-validation over {n_folds} folds of patients: each of the {n_test} images ({n_mal} malignant) \
+             is scored once, by the model of the fold that held its patient out of training and validation; \
+             the AUCs are of these pooled out-of-fold scores."
+        )
+    } else {
+        format!(
+            "Test split: {n_test} images, {n_mal} malignant, from patients never seen in training or validation."
+        )
+    };
     let notes = vec![
         format!(
-            "Test split: {n_test} images, {n_mal} malignant, from patients never seen in training or validation. \
-             With {n_mal} positives the 95% intervals are wide: whether two arms differ is what the paired \
+            "{test_split} With {n_mal} positives the 95% intervals are wide: whether two arms differ is what the paired \
              comparisons test (on the same images), not whether their intervals overlap."
         ),
         "Each arm's checkpoint is the epoch with the best validation ROC-AUC (the original kept the worst).".into(),

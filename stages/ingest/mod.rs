@@ -50,14 +50,29 @@ pub struct IngestParams {
     pub image_extensions: Vec<String>,
     #[serde(default = "defaults::fraction")]
     pub val_fraction: f64,
-    #[serde(default = "defaults::fraction")]
-    pub test_fraction: f64,
+    /// Unset: 0.15. Not with `folds` (the test split is then one fold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_fraction: Option<f64>,
+    /// Cross-validation: the patients in this many folds of equal shares
+    /// (stratified by label); fold `fold` is the test split and
+    /// `val_fraction` of the other patients validate. One pipeline stage per
+    /// fold (`foreach = [0, 1, ...]`, `fold = "${item}"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folds: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fold: Option<usize>,
     #[serde(default = "defaults::seed")]
     pub seed: u64,
     /// The metadata has no `patient_id` (an ISIC archive export): each image
     /// is its own patient, so the split cannot keep a patient's lesions together.
     #[serde(default)]
     pub patient_per_image: bool,
+}
+
+impl IngestParams {
+    pub fn test_fraction(&self) -> f64 {
+        self.test_fraction.unwrap_or(defaults::fraction())
+    }
 }
 
 mod defaults {
@@ -90,11 +105,35 @@ impl Stage for Ingest {
             (1, _, _) => return Err("with an upstream in `inputs`, leave `metadata` and `images` unset (they come from it)".into()),
             _ => return Err("takes at most one upstream (a source such as `synth`)".into()),
         }
-        let (v, t) = (p.val_fraction, p.test_fraction);
-        if !(0.0..1.0).contains(&v) || !(0.0..1.0).contains(&t) || v + t >= 1.0 {
-            return Err(format!(
-                "`val_fraction` ({v}) and `test_fraction` ({t}) must be >= 0 and sum to less than 1"
-            ));
+        match (p.folds, p.fold, p.test_fraction) {
+            (None, None, _) => {
+                let (v, t) = (p.val_fraction, p.test_fraction());
+                if !(0.0..1.0).contains(&v) || !(0.0..1.0).contains(&t) || v + t >= 1.0 {
+                    return Err(format!(
+                        "`val_fraction` ({v}) and `test_fraction` ({t}) must be >= 0 and sum to less than 1"
+                    ));
+                }
+            }
+            (Some(k), Some(f), None) => {
+                if k < 2 || f >= k {
+                    return Err(format!(
+                        "`folds` ({k}) must be at least 2 and `fold` ({f}) one of 0..{k}"
+                    ));
+                }
+                if !(0.0..1.0).contains(&p.val_fraction) {
+                    return Err(format!(
+                        "`val_fraction` ({}) must be >= 0 and less than 1",
+                        p.val_fraction
+                    ));
+                }
+            }
+            (Some(_), Some(_), Some(_)) => {
+                return Err(
+                    "with `folds`, the test split is fold `fold`: leave `test_fraction` unset"
+                        .into(),
+                );
+            }
+            _ => return Err("`folds` and `fold` go together: set both or neither".into()),
         }
         for (key, v) in [("metadata", &p.metadata), ("duplicates", &p.duplicates)] {
             if v.as_deref().is_some_and(|v| v.contains("://")) {
@@ -269,12 +308,16 @@ fn run(p: &IngestParams, ctx: &StageContext) -> Result<StageReport> {
     let pick_str = |v: &Vec<String>| kept.iter().map(|&i| v[i].clone()).collect::<Vec<_>>();
     let patient_id = pick_str(&records.patient_id);
     let target: Vec<i32> = kept.iter().map(|&i| records.target[i]).collect();
-    let fractions = [
-        1.0 - p.val_fraction - p.test_fraction,
-        p.val_fraction,
-        p.test_fraction,
-    ];
-    let splits = split::assign(&patient_id, &target, fractions, p.seed)?;
+    let splits = match (p.folds, p.fold) {
+        (Some(folds), Some(fold)) => {
+            split::assign_fold(&patient_id, &target, folds, fold, p.val_fraction, p.seed)?
+        }
+        _ => {
+            let t = p.test_fraction();
+            let fractions = [1.0 - p.val_fraction - t, p.val_fraction, t];
+            split::assign(&patient_id, &target, fractions, p.seed)?
+        }
+    };
 
     let opt = |v: &Vec<Option<String>>| -> ArrayRef {
         Arc::new(kept.iter().map(|&i| v[i].clone()).collect::<StringArray>())

@@ -1,10 +1,12 @@
-//! The patient-grouped, label-stratified split into train / val / test.
+//! The patient-grouped, label-stratified split into train / val / test, and
+//! into `k` cross-validation folds.
 //!
-//! Promises: every patient's images land in one split; each split's share of
-//! malignant images follows its fraction, so its malignant rate stays close to
-//! the whole dataset's (within one percentage point on ISIC-sized data; the
-//! test suite checks it on the real ISIC 2020 metadata); deterministic for a
-//! seed.
+//! Promises: every patient's images land in one split (one fold); each
+//! split's share of malignant images follows its fraction, so its malignant
+//! rate stays close to the whole dataset's (within one percentage point on
+//! ISIC-sized data; the test suite checks it on the real ISIC 2020 metadata);
+//! deterministic for a seed. With folds, the test split is one fold and every
+//! patient is in exactly one fold's test split.
 //!
 //! Method: patients in a seeded random order, then stably sorted by number of
 //! malignant images and of images (largest first); each goes to the split
@@ -27,6 +29,53 @@ pub fn assign(
     fractions: [f64; 3],
     seed: u64,
 ) -> Result<Vec<&'static str>> {
+    Ok(assign_groups(patient_id, target, &fractions, seed)?
+        .into_iter()
+        .map(|g| SPLITS[g])
+        .collect())
+}
+
+/// Cross-validation: the patients in `folds` groups of equal shares, fold
+/// `fold` is the test split and the other patients are split into train and
+/// validation (`val_fraction` of them, of images and of malignant images).
+pub fn assign_fold(
+    patient_id: &[String],
+    target: &[i32],
+    folds: usize,
+    fold: usize,
+    val_fraction: f64,
+    seed: u64,
+) -> Result<Vec<&'static str>> {
+    let fold_of = assign_groups(patient_id, target, &vec![1.0 / folds as f64; folds], seed)?;
+    let rest: Vec<usize> = (0..patient_id.len())
+        .filter(|&i| fold_of[i] != fold)
+        .collect();
+    let rest_split = assign_groups(
+        &rest
+            .iter()
+            .map(|&i| patient_id[i].clone())
+            .collect::<Vec<_>>(),
+        &rest.iter().map(|&i| target[i]).collect::<Vec<_>>(),
+        &[1.0 - val_fraction, val_fraction],
+        // Another stream than the folds', so that validation is not the next fold.
+        seed ^ 0x9e37_79b9_7f4a_7c15,
+    )?;
+    let mut split = vec![SPLITS[2]; patient_id.len()];
+    for (&i, g) in rest.iter().zip(rest_split) {
+        split[i] = SPLITS[g];
+    }
+    Ok(split)
+}
+
+/// Group index per row (into `fractions`), in row order: patients whole,
+/// malignant images and images each shared out by `fractions`.
+fn assign_groups(
+    patient_id: &[String],
+    target: &[i32],
+    fractions: &[f64],
+    seed: u64,
+) -> Result<Vec<usize>> {
+    let groups = fractions.len();
     let rows = df!(
         "patient_id" => patient_id,
         "target" => target,
@@ -66,15 +115,15 @@ pub fn assign(
 
     let total_images: u64 = images.iter().sum();
     let total_malignant: u64 = malignant.iter().sum();
-    let mut got_images = [0u64; 3];
-    let mut got_malignant = [0u64; 3];
+    let mut got_images = vec![0u64; groups];
+    let mut got_malignant = vec![0u64; groups];
     let mut split_of = vec![0usize; ids.len()];
     for &p in &order {
-        let deficit = |s: usize, got: &[u64; 3], total: u64| {
+        let deficit = |s: usize, got: &[u64], total: u64| {
             let want = fractions[s] * total as f64;
             (want - got[s] as f64) / want.max(1e-9)
         };
-        let best = (0..3)
+        let best = (0..groups)
             .filter(|&s| fractions[s] > 0.0)
             .max_by(|&a, &b| {
                 let key = |s: usize| {
@@ -87,13 +136,13 @@ pub fn assign(
                         (deficit(s, &got_images, total_images), 0.0)
                     }
                 };
-                // Ties go to the earlier split (train, then val, then test).
+                // Ties go to the earlier group (train, then val, then test).
                 key(a)
                     .partial_cmp(&key(b))
                     .unwrap_or(std::cmp::Ordering::Equal)
                     .then(b.cmp(&a))
             })
-            .expect("train fraction is positive");
+            .expect("the first fraction is positive");
         split_of[p] = best;
         got_images[best] += images[p];
         got_malignant[best] += malignant[p];
@@ -101,7 +150,7 @@ pub fn assign(
 
     let assignment = df!(
         "patient_id" => &ids,
-        "split" => split_of.iter().map(|&s| SPLITS[s]).collect::<Vec<_>>(),
+        "group" => split_of.iter().map(|&g| g as u32).collect::<Vec<_>>(),
     )?;
     let mut args = JoinArgs::new(JoinType::Left);
     args.maintain_order = MaintainOrderJoin::Left;
@@ -114,15 +163,10 @@ pub fn assign(
             args,
         )
         .collect()?;
-    let split = joined.column("split")?.str()?;
-    Ok(split
+    let group = joined.column("group")?.u32()?;
+    Ok(group
         .iter()
-        .map(|s| match s {
-            Some("train") => "train",
-            Some("val") => "val",
-            Some("test") => "test",
-            other => unreachable!("every patient was assigned, got {other:?}"),
-        })
+        .map(|g| g.expect("every patient was assigned") as usize)
         .collect())
 }
 
@@ -167,6 +211,44 @@ mod tests {
             split,
             assign(&pid, &target, [0.7, 0.15, 0.15], 1).unwrap(),
             "deterministic"
+        );
+    }
+
+    #[test]
+    fn folds_partition_the_patients_and_each_holds_its_share() {
+        let mut pid = Vec::new();
+        let mut target = Vec::new();
+        for p in 0..100 {
+            pid.push(format!("IP_{p:04}"));
+            target.push((p % 2) as i32);
+        }
+        let mut tested = vec![0; pid.len()];
+        for fold in 0..5 {
+            let split = assign_fold(&pid, &target, 5, fold, 0.2, 7).unwrap();
+            let count = |name: &str, malignant: bool| {
+                (0..pid.len())
+                    .filter(|&i| split[i] == name && (!malignant || target[i] == 1))
+                    .count()
+            };
+            // 20 test images (10 malignant); 20% of the other 80 for validation.
+            assert_eq!(
+                (count("test", false), count("test", true)),
+                (20, 10),
+                "fold {fold}"
+            );
+            assert_eq!(
+                (count("val", false), count("val", true)),
+                (16, 8),
+                "fold {fold}"
+            );
+            for i in 0..pid.len() {
+                tested[i] += (split[i] == "test") as usize;
+            }
+            assert_eq!(split, assign_fold(&pid, &target, 5, fold, 0.2, 7).unwrap());
+        }
+        assert!(
+            tested.iter().all(|&n| n == 1),
+            "each image is tested in exactly one fold"
         );
     }
 }

@@ -419,6 +419,125 @@ bootstrap_resamples = 200
     assert!(auc > 0.8, "test ROC-AUC {auc} after training: {seed}");
 }
 
+/// Cross-validation through `foreach`: three folds of patients, two arms per
+/// fold, and `evaluate` pooling each arm's out-of-fold predictions so that
+/// every image is scored exactly once.
+#[test]
+fn cross_validation_pools_every_image_once_per_arm() {
+    let arm = |name: &str, augmentation: &str| {
+        format!(
+            r#"
+[stages.{name}]
+kind = "train_classifier"
+foreach = [0, 1, 2]
+inputs = ["preprocess@${{item}}"]
+augmentation = "{augmentation}"
+variant = "lite0"
+epochs = 1
+batch_size = 16
+device = "cpu"
+"#
+        )
+    };
+    let p = Project::new(&format!(
+        r#"
+[stages.synth]
+kind = "synth"
+count = 120
+malignant_fraction = 0.25
+image_size = 32
+patients = 40
+seed = 5
+
+[stages.ingest]
+kind = "ingest"
+foreach = [0, 1, 2]
+inputs = ["synth"]
+folds = 3
+fold = "${{item}}"
+val_fraction = 0.2
+
+[stages.preprocess]
+kind = "preprocess"
+foreach = [0, 1, 2]
+inputs = ["ingest@${{item}}"]
+size = 32
+{}{}
+[stages.evaluate]
+kind = "evaluate"
+inputs = ["none@0", "none@1", "none@2", "classical@0", "classical@1", "classical@2"]
+bootstrap_resamples = 200
+"#,
+        arm("none", "none"),
+        arm("classical", "classical")
+    ));
+    let r = p.ok(&["run"]);
+    for stage in [
+        "ingest@0",
+        "ingest@2",
+        "preprocess@1",
+        "classical@2",
+        "evaluate",
+    ] {
+        assert_eq!(r.state(stage), "ran", "{stage}");
+    }
+    // Each fold tests a third of the patients; together, every image once.
+    let mut tested = std::collections::HashMap::new();
+    let mut malignant = 0;
+    for fold in 0..3 {
+        let meta = read_parquet(&p.path(&format!("data/out/ingest@{fold}/metadata.parquet")));
+        let (names, splits, targets) = (
+            meta.column("image_name").unwrap().str().unwrap(),
+            meta.column("split").unwrap().str().unwrap(),
+            meta.column("target").unwrap().i32().unwrap(),
+        );
+        for i in 0..meta.height() {
+            if splits.get(i) == Some("test") {
+                *tested.entry(names.get(i).unwrap().to_string()).or_insert(0) += 1;
+                malignant += targets.get(i).unwrap();
+            }
+        }
+        assert_eq!(meta.height(), 120, "fold {fold}");
+    }
+    assert_eq!(tested.len(), 120, "every image is in one fold's test split");
+    assert!(tested.values().all(|&n| n == 1));
+
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.path("data/out/evaluate/metrics.json")).unwrap(),
+    )
+    .unwrap();
+    let arms = m["arms"].as_array().unwrap();
+    let names: Vec<&str> = arms.iter().map(|a| a["arm"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["none", "classical"],
+        "one arm per foreach, not per fold"
+    );
+    for a in arms {
+        let s = &a["seeds"][0];
+        assert_eq!(s["n_test"], 120, "{a}");
+        assert_eq!(s["n_test_malignant"], malignant, "{a}");
+        assert!(
+            a["description"]
+                .as_str()
+                .unwrap()
+                .contains("pooled over 3 folds"),
+            "{a}"
+        );
+    }
+    assert_eq!(
+        m["comparisons"].as_array().unwrap().len(),
+        1,
+        "none vs classical, paired"
+    );
+    assert!(
+        m["notes"][0]
+            .as_str()
+            .unwrap()
+            .contains("Cross-validation over 3 folds")
+    );
+}
+
 #[test]
 fn a_bad_arm_declaration_is_a_pipeline_error() {
     let p = Project::new(&chain().replace(

@@ -225,3 +225,103 @@ fn key_order_in_the_file_does_not_change_canonical_params() {
     let b = parse_text("[stages.a]\nrate = 0.5\nseed = 1\nkind = \"toy\"\n", &[]).unwrap();
     assert_eq!(a.stages[0].params.canonical, b.stages[0].params.canonical);
 }
+
+const FOREACH: &str = r#"
+[stages.a]
+kind = "toy"
+foreach = [0, 1, 2]
+seed = "${item}"
+path = "fold-${item}.csv"
+
+[stages.b]
+kind = "toy"
+foreach = [0, 1, 2]
+inputs = ["a@${item}"]
+
+[stages.all]
+kind = "toy"
+inputs = ["b@0", "b@1", "b@2"]
+"#;
+
+#[test]
+fn foreach_declares_one_stage_per_item_with_the_item_substituted() {
+    let p = parse_text(FOREACH, &[]).unwrap();
+    let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["a@0", "a@1", "a@2", "b@0", "b@1", "b@2", "all"]);
+    for k in 0..3 {
+        let a = p.stage(&format!("a@{k}")).unwrap();
+        // A whole-string placeholder keeps the item's type; inside a string, its text.
+        assert_eq!(a.params.canonical["seed"], k);
+        assert_eq!(a.params.canonical["path"], format!("fold-{k}.csv"));
+        assert_eq!(a.line, 2, "errors point at the table that declared it");
+        assert_eq!(
+            p.stage(&format!("b@{k}")).unwrap().inputs,
+            [format!("a@{k}")]
+        );
+    }
+    // Written out by hand, the same stage parses to the same parameters.
+    let by_hand = parse_text(
+        "[stages.a]\nkind = \"toy\"\nseed = 2\npath = \"fold-2.csv\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        by_hand.stages[0].params.canonical,
+        p.stage("a@2").unwrap().params.canonical
+    );
+}
+
+#[test]
+fn overrides_reach_every_item_or_one() {
+    let p = parse_text(FOREACH, &["a.rate=0.5", "a@1.path=x.csv"]).unwrap();
+    for k in 0..3 {
+        assert_eq!(
+            p.stage(&format!("a@{k}")).unwrap().params.canonical["rate"],
+            0.5
+        );
+    }
+    assert_eq!(p.stage("a@1").unwrap().params.canonical["path"], "x.csv");
+    assert_eq!(
+        p.stage("a@2").unwrap().params.canonical["path"],
+        "fold-2.csv"
+    );
+    let e = parse_text(FOREACH, &["a.foreach=[1]"]).unwrap_err();
+    assert!(e.contains("cannot be overridden"), "{e}");
+}
+
+#[test]
+fn bad_foreach_lists_name_the_line_and_the_problem() {
+    let bad = |list: &str| {
+        parse_text(
+            &format!("\n[stages.a]\nkind = \"toy\"\nforeach = {list}\n"),
+            &[],
+        )
+        .unwrap_err()
+    };
+    let e = bad("[]");
+    assert!(
+        e.starts_with("data/p.toml:4:") && e.contains("is empty"),
+        "{e}"
+    );
+    let e = bad("[1, 1]");
+    assert!(e.contains("lists `1` twice"), "{e}");
+    let e = bad("[\"a b\"]");
+    assert!(
+        e.contains("an integer or a name") && e.contains("\"a b\""),
+        "{e}"
+    );
+    let e = bad("[1.5]");
+    assert!(
+        e.contains("an integer or a name") && e.contains("float"),
+        "{e}"
+    );
+    let e = bad("3");
+    assert!(e.contains("must be a list"), "{e}");
+    // An input that names an item the list lacks is a missing upstream.
+    let e = parse_text(
+        "[stages.a]\nkind = \"toy\"\nforeach = [0]\n\n[stages.b]\nkind = \"toy\"\ninputs = [\"a@1\"]\n",
+        &[],
+    )
+    .unwrap_err();
+    assert!(e.contains("a@1"), "{e}");
+}
