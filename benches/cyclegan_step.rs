@@ -3,16 +3,18 @@
 //! steps),
 //! for `benches/cyclegan.sh` to print beside PyTorch.
 //!
-//!   cyclegan_step --size 128 --ngf 64 --ndf 64 --blocks 9 --batch 1 --steps 5 --warmup 2 [--kernels fast|candle]
+//!   cyclegan_step --size 128 --ngf 64 --ndf 64 --blocks 9 --batch 1 --steps 5 --warmup 2 [--kernels fast|candle] [--precision f32|bf16]
 //!
 //! `--kernels` sets melanoflow's fast-kernel switch (default fast); `candle`
 //! runs every layer on candle's own ops, the before-the-kernels reference
-//! (`benches/train.sh`).
+//! (`benches/train.sh`). `--precision bf16` runs the networks in BF16 with
+//! F32 weights (on the CPU an emulation: F32 arithmetic rounded to BF16).
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use melanoflow::models::adam::Adam;
+use melanoflow::models::precision::Precision;
 use melanoflow::train_cyclegan::TrainCycleGanParams;
 use melanoflow::train_cyclegan::train::{Nets, Pool, train_step};
 use rand::SeedableRng;
@@ -28,12 +30,16 @@ fn arg(args: &[String], name: &str, default: usize) -> usize {
 fn main() -> anyhow::Result<()> {
     melanoflow::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
-    let kernels = args
-        .iter()
-        .position(|a| a == "--kernels")
-        .and_then(|i| args.get(i + 1))
-        .map_or("fast", |s| s.as_str());
-    match kernels {
+    let text = |name: &str, default: &str| -> String {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map_or(default.to_string(), String::clone)
+    };
+    let kernels = text("--kernels", "fast");
+    let precision: Precision = serde_json::from_value(text("--precision", "f32").into())?;
+    let dtype = precision.resolve(&Device::Cpu).compute_dtype();
+    match kernels.as_str() {
         "fast" => melanoflow::models::kernels::set_fast_kernels(true),
         "candle" => melanoflow::models::kernels::set_fast_kernels(false),
         k => anyhow::bail!("--kernels fast|candle, not {k:?}"),
@@ -70,6 +76,7 @@ fn main() -> anyhow::Result<()> {
             &mut pool_b,
             &real_a,
             &real_b,
+            dtype,
             &mut rng,
         )?;
         if i >= warmup {
@@ -86,7 +93,8 @@ fn main() -> anyhow::Result<()> {
         (times[n / 2 - 1] + times[n / 2]) / 2.0
     };
     println!(
-        "{{\"framework\":\"candle\",\"kernels\":\"{kernels}\",\"size\":{size},\"ngf\":{ngf},\"blocks\":{blocks},\"batch\":{batch},\"threads\":{},\"ms_per_step\":{:.1}}}",
+        "{{\"framework\":\"candle\",\"kernels\":\"{kernels}\",\"precision\":\"{}\",\"size\":{size},\"ngf\":{ngf},\"blocks\":{blocks},\"batch\":{batch},\"threads\":{},\"ms_per_step\":{:.1}}}",
+        precision.name(),
         rayon::current_num_threads(),
         median
     );

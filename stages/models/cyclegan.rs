@@ -4,6 +4,9 @@
 //! every conv), with the paper's change: LeakyReLU everywhere in the
 //! generator, slope a parameter.
 //!
+//! Both networks compute in their input's dtype (F32, or BF16 with F32
+//! weights: see `precision`) and return it.
+//!
 //! Weight names follow the reference's `nn.Sequential` indices (`model.1.weight`,
 //! `model.10.conv_block.1.weight`, ...), so a saved safetensors file loads
 //! into the PyTorch reference model with `load_state_dict`.
@@ -12,7 +15,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::layers::{Conv, ConvT, instance_norm, leaky_relu, reflection_pad2d};
+use super::layers::{Conv, ConvT, instance_norm, leaky_relu, reflection_pad2d, upsample_nearest2x};
 
 /// How the generator doubles resolution on the way up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,10 +54,7 @@ impl Up {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Up::Transposed(c) => c.forward(x),
-            Up::NearestConv(c) => {
-                let (_, _, h, w) = x.dims4()?;
-                c.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
-            }
+            Up::NearestConv(c) => c.forward(&upsample_nearest2x(x)?),
         }
     }
 }

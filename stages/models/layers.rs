@@ -2,6 +2,10 @@
 //! reflection padding (not an op in candle: built from `index_select`),
 //! instance normalisation without affine parameters, LeakyReLU, and
 //! convolutions with biases named like PyTorch's (`weight`, `bias`).
+//!
+//! Every layer computes in its input's dtype (see `precision`): F32
+//! variables are cast to it in the forward pass, while instance-norm
+//! statistics, bias additions and the losses stay in F32.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -9,7 +13,8 @@ use candle_nn::{Init, VarBuilder};
 use super::kernels::batchnorm::{Act, batch_norm_act_train};
 use super::kernels::conv::{conv_transpose2d, conv2d};
 use super::kernels::gpu::norm;
-use super::kernels::{Path, path};
+use super::kernels::{Path, accumulation_dtype, half_on_cpu, path, widen};
+use super::precision::in_dtype_of;
 
 /// The init hint for weights: N(0, 0.02), as the reference CycleGAN. (The
 /// actual values are then drawn from the pipeline seed: see `init.rs`.)
@@ -41,8 +46,9 @@ pub fn instance_norm(x: &Tensor) -> Result<Tensor> {
         return norm::instance_norm(x, EPS);
     }
     let (n, c, h, w) = x.dims4()?;
-    let ones = Tensor::ones(n * c, x.dtype(), x.device())?;
-    let zeros = Tensor::zeros(n * c, x.dtype(), x.device())?;
+    let dtype = accumulation_dtype(x.dtype());
+    let ones = Tensor::ones(n * c, dtype, x.device())?;
+    let zeros = Tensor::zeros(n * c, dtype, x.device())?;
     let (y, _, _) = batch_norm_act_train(
         &x.reshape((1, n * c, h, w))?,
         &ones,
@@ -56,6 +62,20 @@ pub fn instance_norm(x: &Tensor) -> Result<Tensor> {
 /// LeakyReLU for a slope in [0, 1): max(x, slope * x).
 pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
     x.maximum(&(x * slope)?)
+}
+
+/// Nearest-neighbour upsampling of x [B, C, H, W] to [B, C, 2H, 2W]. Half
+/// precision on the CPU upsamples in F32 (a copy, so the same values):
+/// candle's backward of this op is a grouped `conv2d`, which its CPU backend
+/// lacks in half precision.
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if half_on_cpu(&[x]) {
+        return widen(x)?
+            .upsample_nearest2d(2 * h, 2 * w)?
+            .to_dtype(x.dtype());
+    }
+    x.upsample_nearest2d(2 * h, 2 * w)
 }
 
 /// A 2-D convolution with bias (the reference uses biases with instance norm),
@@ -90,10 +110,8 @@ impl Conv {
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        add_channel_bias(
-            &conv2d(x, &self.weight, self.stride, self.padding)?,
-            &self.bias,
-        )
+        let w = in_dtype_of(&self.weight, x)?;
+        add_channel_bias(&conv2d(x, &w, self.stride, self.padding)?, &self.bias)
     }
 }
 
@@ -115,23 +133,30 @@ impl ConvT {
 
 impl Module for ConvT {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        add_channel_bias(&conv_transpose2d(x, &self.weight, 2, 1, 1)?, &self.bias)
+        let w = in_dtype_of(&self.weight, x)?;
+        add_channel_bias(&conv_transpose2d(x, &w, 2, 1, 1)?, &self.bias)
     }
 }
 
-/// x [N, C, H, W] + bias [C].
+/// x [N, C, H, W] + bias [C], in x's dtype. The addition runs in F32 for
+/// half-precision x: the bias's gradient is a sum over N·H·W values, which
+/// candle would otherwise add in BF16. (For F32 x the casts are no-ops.)
 fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)
+    let bias = bias.to_dtype(accumulation_dtype(x.dtype()))?;
+    widen(x)?
+        .broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?
+        .to_dtype(x.dtype())
 }
 
-/// Mean squared error against a target tensor of the same shape.
+/// Mean squared error against a target tensor of the same shape, computed
+/// in F32 (or F64) whatever the inputs' dtype.
 pub fn mse(x: &Tensor, target: &Tensor) -> Result<Tensor> {
-    (x - target)?.sqr()?.mean_all()
+    (widen(x)? - widen(target)?)?.sqr()?.mean_all()
 }
 
-/// Mean absolute error.
+/// Mean absolute error, in F32 (or F64) as [`mse`].
 pub fn l1(x: &Tensor, target: &Tensor) -> Result<Tensor> {
-    (x - target)?.abs()?.mean_all()
+    (widen(x)? - widen(target)?)?.abs()?.mean_all()
 }
 
 /// A scalar tensor's value.

@@ -8,3 +8,4 @@ pub mod efficientnet;
 pub mod init;
 pub mod kernels;
 pub mod layers;
+pub mod precision;

@@ -25,9 +25,12 @@
 //!   their precision).
 //! * The fast path is taken only on CPU with F32 tensors and while
 //!   [`fast_kernels_enabled`](super::fast_kernels_enabled) is on
-//!   (`kernels::path`); anything else (CUDA, Metal, other dtypes, the switch
-//!   off) computes the same thing with plain candle ops, which is also the
-//!   GPU formulation (elementwise ops and reductions), and the reference.
+//!   (`kernels::path`); BF16/F16 CPU tensors take it in F32, the output
+//!   rounded back; anything else (CUDA, Metal, F64, the switch off) computes
+//!   the same thing with plain candle ops, which is also the GPU formulation
+//!   (elementwise ops and reductions), and the reference. Half-precision
+//!   inputs are normalised in F32 on every path, and their batch statistics
+//!   are returned in F32.
 //! * Gradients are first order: the backward op is not itself differentiable.
 //!   In evaluation mode, when `mean` or `var` tracks a graph, the candle path is
 //!   used so that their gradients exist too.
@@ -57,7 +60,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::{Path, path};
+use super::{Path, accumulation_dtype, path, widen};
 
 /// The activation applied after the affine transform.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,7 +87,8 @@ impl Act {
 /// over (N, H, W), then y = act(gamma * xhat + beta). Returns y and the batch mean and *unbiased* variance
 /// (what PyTorch folds into running_var), each [C], detached.
 ///
-/// `mean` and `var` have x's dtype. Errors when a channel has fewer than two values (`N·H·W < 2`).
+/// `mean` and `var` are in x's [`accumulation_dtype`] (F32 for BF16/F16 x: statistics stay F32). Errors when a
+/// channel has fewer than two values (`N·H·W < 2`).
 pub fn batch_norm_act_train(
     x: &Tensor,
     gamma: &Tensor,
@@ -101,8 +105,14 @@ pub fn batch_norm_act_train(
             x.dims()
         );
     }
-    if !fast_path(&[x, gamma, beta]) {
-        return train_candle(x, gamma, beta, eps, act, &g);
+    match path(&[x, gamma, beta]) {
+        Path::Cpu => {}
+        Path::Widened => {
+            let (y, mean, var) =
+                batch_norm_act_train(&widen(x)?, &widen(gamma)?, &widen(beta)?, eps, act)?;
+            return Ok((y.to_dtype(x.dtype())?, mean, var));
+        }
+        Path::Formulation | Path::Candle => return train_candle(x, gamma, beta, eps, act, &g),
     }
     let saved = Arc::new(OnceLock::new());
     let op = BnAct {
@@ -146,8 +156,19 @@ pub fn batch_norm_act_eval(
     check_channel_params(what, g.c, &params)?;
     // Running statistics are buffers; the fused backward has no gradient for
     // them, so a graph through them needs candle's ops.
-    if !fast_path(&[x, gamma, beta, mean, var]) || mean.track_op() || var.track_op() {
-        return eval_candle(x, gamma, beta, mean, var, eps, act, &g);
+    match path(&[x, gamma, beta, mean, var]) {
+        _ if mean.track_op() || var.track_op() => {
+            return eval_candle(x, gamma, beta, mean, var, eps, act, &g);
+        }
+        Path::Cpu => {}
+        Path::Widened => {
+            let [gamma, beta, mean, var] = [gamma, beta, mean, var].map(widen);
+            return batch_norm_act_eval(&widen(x)?, &gamma?, &beta?, &mean?, &var?, eps, act)?
+                .to_dtype(x.dtype());
+        }
+        Path::Formulation | Path::Candle => {
+            return eval_candle(x, gamma, beta, mean, var, eps, act, &g);
+        }
     }
     let mean = mean.to_vec1::<f32>()?;
     let invstd = var
@@ -161,12 +182,6 @@ pub fn batch_norm_act_eval(
         saved: Arc::new(OnceLock::new()),
     };
     x.contiguous()?.apply_op3(gamma, beta, op)
-}
-
-/// The fused kernel runs where `kernels::path` picks the CPU kernels;
-/// elsewhere (CUDA included) the candle ops below.
-fn fast_path(ts: &[&Tensor]) -> bool {
-    path(ts) == Path::Cpu
 }
 
 fn check_channel_params(what: &str, c: usize, params: &[(&str, &Tensor)]) -> Result<()> {
@@ -185,14 +200,6 @@ fn check_channel_params(what: &str, c: usize, params: &[(&str, &Tensor)]) -> Res
 // candle-op path (other devices and dtypes, or the switch off)
 // ---------------------------------------------------------------------------
 
-/// candle_nn computes half-precision BatchNorm in F32; so does this path.
-fn internal_dtype(d: DType) -> DType {
-    match d {
-        DType::F16 | DType::BF16 => DType::F32,
-        d => d,
-    }
-}
-
 /// `[1, C, 1, ...]`: a per-channel vector shaped to broadcast against x.
 fn per_channel(t: &Tensor, rank: usize, c: usize, dtype: DType) -> Result<Tensor> {
     let mut dims = vec![1; rank];
@@ -209,7 +216,8 @@ fn train_candle(
     g: &Geom,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (dtype, rank) = (x.dtype(), x.rank());
-    let dt = internal_dtype(dtype);
+    // In F32 for half-precision x, as candle_nn does.
+    let dt = accumulation_dtype(dtype);
     let xi = x.to_dtype(dt)?;
     let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
     let mean = xi.mean_keepdim(reduce.as_slice())?;
@@ -221,8 +229,8 @@ fn train_candle(
         .broadcast_add(&per_channel(beta, rank, g.c, dt)?)?;
     let y = act.apply_candle(&z)?.to_dtype(dtype)?;
     let m = g.m() as f64;
-    let mean = mean.flatten_all()?.detach().to_dtype(dtype)?;
-    let var = (var.flatten_all()?.detach() * (m / (m - 1.0)))?.to_dtype(dtype)?;
+    let mean = mean.flatten_all()?.detach();
+    let var = (var.flatten_all()?.detach() * (m / (m - 1.0)))?;
     Ok((y, mean, var))
 }
 
@@ -238,7 +246,7 @@ fn eval_candle(
     g: &Geom,
 ) -> Result<Tensor> {
     let (dtype, rank) = (x.dtype(), x.rank());
-    let dt = internal_dtype(dtype);
+    let dt = accumulation_dtype(dtype);
     let std = (per_channel(var, rank, g.c, dt)? + eps)?.sqrt()?;
     let z = x
         .to_dtype(dt)?

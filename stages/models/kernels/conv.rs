@@ -31,8 +31,9 @@
 //!   f32 rounding (the summation order differs).
 //! * The fast path is taken only on CPU with F32 input and weight and while
 //!   [`fast_kernels_enabled`](super::fast_kernels_enabled); CUDA tensors take
-//!   `gpu::conv`'s formulations, anything else (Metal, other dtypes, or the
-//!   switch off) candle's own op (`kernels::path` decides).
+//!   `gpu::conv`'s formulations, BF16/F16 CPU tensors this path in F32 with
+//!   the result rounded back, anything else (Metal, F64, or the switch off)
+//!   candle's own op (`kernels::path` decides).
 //! * Gradients are first order: the backward ops are not themselves
 //!   differentiable (no double backward through these ops). A gradient whose
 //!   argument tracks no graph (e.g. the image fed to the first layer) is not
@@ -74,7 +75,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{Path, gpu, path};
+use super::{Path, gpu, path, widen};
 
 /// y = conv2d(x [N, C, H, W], w [O, C, Kh, Kw]) with stride and symmetric zero
 /// padding, no bias: `[N, O, (H+2p−Kh)/s+1, (W+2p−Kw)/s+1]`.
@@ -85,6 +86,9 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
         Path::Cpu => {}
         Path::Formulation => return gpu::conv::conv2d(x, w, stride, padding),
         Path::Candle => return x.conv2d(w, padding, stride, 1, 1),
+        Path::Widened => {
+            return conv2d(&widen(x)?, &widen(w)?, stride, padding)?.to_dtype(x.dtype());
+        }
     }
     // `contiguous` is a no-op (same tensor, same gradient node) when the
     // layout already is; otherwise it is a differentiable copy.
@@ -109,6 +113,10 @@ pub fn conv_transpose2d(
             return gpu::conv::conv_transpose2d(x, w, stride, padding, output_padding);
         }
         Path::Candle => return x.conv_transpose2d(w, padding, output_padding, stride, 1),
+        Path::Widened => {
+            return conv_transpose2d(&widen(x)?, &widen(w)?, stride, padding, output_padding)?
+                .to_dtype(x.dtype());
+        }
     }
     let (_, _, h, wd) = x.dims4()?;
     let (_, _, kh, kw) = w.dims4()?;

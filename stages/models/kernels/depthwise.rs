@@ -18,8 +18,9 @@
 //!   rounding (summation order differs, and FMA is used where the CPU has it).
 //! * The fast path is taken only on CPU with F32 input and weight and while
 //!   [`fast_kernels_enabled`]; CUDA tensors take `gpu::depthwise`'s
-//!   formulation, anything else (Metal, F16/BF16/F64, or the switch turned
-//!   off) candle's own op (`kernels::path` decides).
+//!   formulation, anything else (Metal, F64, or the switch turned off)
+//!   candle's own op (`kernels::path` decides). BF16/F16 tensors compute in
+//!   F32, the result rounded back, on every device.
 //! * Gradients are first order: the backward ops are not themselves
 //!   differentiable (no double backward through this op).
 //! * Any input layout is accepted (non-contiguous tensors are made contiguous).
@@ -47,7 +48,7 @@ use std::borrow::Cow;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::{Path, gpu, path};
+use super::{Path, accumulation_dtype, gpu, path, widen};
 pub use super::{fast_kernels_enabled, set_fast_kernels};
 
 /// y = depthwise_conv2d(x [N,C,H,W], w [C,1,K,K]) with stride and symmetric zero padding, no bias.
@@ -55,10 +56,16 @@ pub use super::{fast_kernels_enabled, set_fast_kernels};
 /// Non-square kernels `[C,1,Kh,Kw]` work too. Output `[N, C, (H+2p-Kh)/s+1, (W+2p-Kw)/s+1]`.
 pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
+    let widened = || depthwise_conv2d(&widen(x)?, &widen(w)?, stride, padding)?.to_dtype(x.dtype());
     match path(&[x, w]) {
         Path::Cpu => {}
+        // Half precision computes in F32 on CUDA too: the formulation's tap
+        // sums and its weight gradient (a sum over N·Ho·Wo) are elementwise
+        // adds and candle reductions, which would add in BF16.
+        Path::Formulation if x.dtype() != accumulation_dtype(x.dtype()) => return widened(),
         Path::Formulation => return gpu::depthwise::depthwise_conv2d(x, w, stride, padding),
         Path::Candle => return x.conv2d(w, padding, stride, 1, c),
+        Path::Widened => return widened(),
     }
     // `contiguous` is a no-op (same tensor, same gradient node) when the
     // layout already is; otherwise it is a differentiable copy.

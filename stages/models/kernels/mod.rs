@@ -8,8 +8,14 @@
 //!   candle's CUDA backend (see its header), unless the environment variable
 //!   `MELANOFLOW_GPU_OPS=candle` or [`set_gpu_formulations`]`(false)` asks for
 //!   candle's own ops.
-//! * Anything else (Metal, other dtypes on CPU, a switch off): candle's ops,
-//!   the reference the kernels and formulations are tested against.
+//! * Anything else (Metal, F64 on CPU, a switch off): candle's ops, the
+//!   reference the kernels and formulations are tested against.
+//! * Half precision (BF16, F16) on the CPU ([`half_on_cpu`]): each kernel
+//!   computes in F32 from the half-precision values (on the CPU kernels, or
+//!   candle's F32 ops with the switch off) and rounds its result to the
+//!   input's dtype. candle 0.11's CPU backend has no half-precision matmul,
+//!   so no half-precision `conv2d` (im2col + matmul) either; and F32
+//!   arithmetic rounded once at the end is what a GPU's BF16 GEMM does.
 //!
 //! Only CUDA calls ever take the formulations outside tests, so a CPU run's
 //! bytes do not depend on them.
@@ -60,7 +66,7 @@ pub mod depthwise;
 pub(crate) mod gpu;
 pub mod pointwise;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
@@ -77,11 +83,17 @@ pub(crate) enum Path {
     Formulation,
     /// candle's own ops.
     Candle,
+    /// Half precision on the CPU ([`half_on_cpu`]): the same call on the
+    /// arguments widened to F32, its result rounded to the input's dtype.
+    Widened,
 }
 
 /// The implementation for a call on `ts` (its tensor arguments): the one
 /// decision every kernel's public function defers to.
 pub(crate) fn path(ts: &[&Tensor]) -> Path {
+    if half_on_cpu(ts) {
+        return Path::Widened;
+    }
     let all = |f: fn(&Tensor) -> bool| ts.iter().all(|t| f(t));
     #[cfg(test)]
     if FORMULATIONS_ON_CPU.with(|f| f.get()) && all(|t| t.device().is_cpu()) {
@@ -94,6 +106,32 @@ pub(crate) fn path(ts: &[&Tensor]) -> Path {
     } else {
         Path::Candle
     }
+}
+
+/// Whether a kernel call on `ts` is half precision (some tensor BF16 or F16)
+/// on the CPU, and so computes in F32 and rounds its result back (see the
+/// module header). Checked before every other path: candle's CPU ops and
+/// the GPU formulations (which are made of them) lack half-precision matmul.
+pub(crate) fn half_on_cpu(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .any(|t| t.dtype() != accumulation_dtype(t.dtype()))
+        && ts.iter().all(|t| t.device().is_cpu())
+}
+
+/// The dtype that sums and statistics of `dtype` values are computed in:
+/// F32 for half precision (BF16, F16; candle's reductions add in the
+/// tensor's own dtype, on CUDA too), else `dtype` itself.
+pub fn accumulation_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
+/// `t` in [`accumulation_dtype`]: the same tensor unless it is half
+/// precision, else a differentiable F32 copy.
+pub fn widen(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.to_dtype(accumulation_dtype(t.dtype()))
 }
 
 /// [`set_gpu_formulations`]' state: unset (read the environment), on, off.

@@ -21,8 +21,11 @@
 //!   gradients, to f32 rounding (the summation order differs).
 //! * The fast path is taken only on CPU with F32 input and weight and while
 //!   [`fast_kernels_enabled`](super::fast_kernels_enabled) (`kernels::path`);
-//!   anything else (CUDA, Metal, other dtypes, or the switch off) runs exactly
-//!   that candle formulation, a cuBLAS product on GPUs, and the reference.
+//!   BF16/F16 CPU tensors take this path in F32 with the result rounded back;
+//!   anything else (CUDA, Metal, F64, or the switch off) runs exactly that
+//!   candle formulation, a cuBLAS product on GPUs, and the reference. (In
+//!   BF16 on CUDA, candle's backward sums the `B` per-item weight gradients
+//!   in BF16: `B` terms, not `B·H·W`.)
 //! * Gradients are first order: the backward ops are not themselves
 //!   differentiable (no double backward through this op).
 //! * Any layout is accepted (non-contiguous inputs and output gradients are
@@ -59,18 +62,22 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{Path, path};
+use super::{Path, path, widen};
 
 /// y = w · x per pixel: x [B, C, H, W], w [O, C, 1, 1] or [O, C]; y [B, O, H, W]. No bias.
 pub fn pointwise_conv2d(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let o = weight_rows(w.dims(), c)?;
-    // Elsewhere (CUDA included) the candle formulation: a cuBLAS product.
-    if path(&[x, w]) != Path::Cpu {
-        return w
-            .reshape((o, c))?
-            .broadcast_matmul(&x.reshape((b, c, h * wd))?)?
-            .reshape((b, o, h, wd));
+    match path(&[x, w]) {
+        Path::Cpu => {}
+        Path::Widened => return pointwise_conv2d(&widen(x)?, &widen(w)?)?.to_dtype(x.dtype()),
+        // Elsewhere (CUDA included) the candle formulation: a cuBLAS product.
+        Path::Formulation | Path::Candle => {
+            return w
+                .reshape((o, c))?
+                .broadcast_matmul(&x.reshape((b, c, h * wd))?)?
+                .reshape((b, o, h, wd));
+        }
     }
     // `contiguous` is a no-op (same tensor, same gradient node) when the
     // layout already is; otherwise it is a differentiable copy.

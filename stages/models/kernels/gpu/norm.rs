@@ -13,8 +13,9 @@
 //!   uploaded two fresh tensors per call. The gather copies values exactly,
 //!   so it gives the same bytes as any other gather of the same indices.
 
-use candle_core::{DType, Result, Tensor, bail};
+use candle_core::{Result, Tensor, bail};
 
+use super::super::accumulation_dtype;
 use super::{Index, cached_index, graft1};
 
 /// Instance norm of `x [N, C, H, W]` with `eps` inside the square root.
@@ -28,10 +29,7 @@ pub(crate) fn instance_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
         );
     }
     let dtype = x.dtype();
-    let internal = match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        d => d,
-    };
+    let internal = accumulation_dtype(dtype);
     let xi = x.detach().to_dtype(internal)?;
     let mean = xi.mean_keepdim((2, 3))?;
     let xc = xi.broadcast_sub(&mean)?;
