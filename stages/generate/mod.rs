@@ -12,7 +12,8 @@
 //! `shard-NNNNN.safetensors` + `index.parquet` (target 1, split train),
 //! `provenance.parquet` (synthetic name, source image, source patient,
 //! generator digest), `samples.png` (sources above their translations) and
-//! `generate.json`. The generator runs in evaluation mode (instance norm, no
+//! `generate.json` (counts, and the precision the generator ran in, `auto`
+//! resolved). The generator runs in evaluation mode (instance norm, no
 //! dropout): the same weights and sources give the same bytes.
 
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::imageset::{ImageRecord, ImageSet};
 use crate::models::cyclegan::Generator;
+use crate::models::precision::Precision;
 use crate::preprocess::shards::write_shard;
 use crate::train_cyclegan::{
     Config as CycleGanConfig, check_device_spec, device_resources, select_device,
@@ -55,6 +57,10 @@ pub struct GenerateParams {
     pub seed: u64,
     #[serde(default = "defaults::device")]
     pub device: String,
+    /// As `train_cyclegan`'s: "auto" (bf16 on CUDA, f32 on the CPU), "f32",
+    /// "tf32" or "bf16"; left out of the canonical parameters when "auto".
+    #[serde(default, skip_serializing_if = "Precision::is_auto")]
+    pub precision: Precision,
 }
 
 mod defaults {
@@ -115,8 +121,11 @@ impl Stage for Generate {
         parts: usize,
     ) -> Result<StageReport, BoxError> {
         let inputs = inputs(ctx)?;
-        let synthetic = translate(p, ctx, &inputs, part, parts)?;
+        let (synthetic, precision) = translate(p, ctx, &inputs, part, parts)?;
         std::fs::write(ctx.out_dir.join(PART_PIXELS), synthetic.concat())?;
+        if let Some(precision) = precision {
+            std::fs::write(ctx.out_dir.join(PART_PRECISION), precision.name())?;
+        }
         Ok(StageReport::new(format!(
             "part {part} of {parts}: {} images",
             synthetic.len()
@@ -132,6 +141,7 @@ impl Stage for Generate {
         let inputs = inputs(ctx)?;
         let image_bytes = (inputs.set.size as usize).pow(2) * 3;
         let mut synthetic = Vec::new();
+        let mut precisions = Vec::new();
         for dir in parts {
             let path = dir.join(PART_PIXELS);
             let bytes =
@@ -145,13 +155,18 @@ impl Stage for Generate {
                 .into());
             }
             synthetic.extend(bytes.chunks(image_bytes).map(<[u8]>::to_vec));
+            if let Ok(name) = std::fs::read_to_string(dir.join(PART_PRECISION)) {
+                precisions.push(name);
+            }
             let samples = dir.join(SAMPLES);
             if samples.exists() {
                 std::fs::copy(&samples, ctx.out_dir.join(SAMPLES))
                     .with_context(|| format!("copying {}", samples.display()))?;
             }
         }
-        Ok(finish(p, ctx, &inputs, synthetic)?)
+        precisions.sort();
+        precisions.dedup();
+        Ok(finish(p, ctx, &inputs, synthetic, &precisions.join(", "))?)
     }
 }
 
@@ -218,30 +233,35 @@ fn inputs(ctx: &StageContext) -> Result<Inputs> {
     })
 }
 
-/// Pixels of one part's translations, concatenated (NHWC u8), and the part's
+/// Pixels of one part's translations, concatenated (NHWC u8), the precision
+/// they were computed in (when the part had any batch), and the part's
 /// sample grid when it holds the first batch.
 const PART_PIXELS: &str = "pixels.u8";
+const PART_PRECISION: &str = "precision.txt";
 const SAMPLES: &str = "samples.png";
 
 /// Translates part `part` of `parts` of the sources: a contiguous run of
 /// whole `batch_size` batches, the same batches a whole run forms, so a
 /// split run computes the same pixels. Writes the sample grid (from the first
-/// batch) into `ctx.out_dir` when it has that batch; returns the pixels.
+/// batch) into `ctx.out_dir` when it has that batch; returns the pixels and,
+/// when there were any, the precision they were computed in.
 fn translate(
     p: &GenerateParams,
     ctx: &StageContext,
     inputs: &Inputs,
     part: usize,
     parts: usize,
-) -> Result<Vec<Vec<u8>>> {
+) -> Result<(Vec<Vec<u8>>, Option<Precision>)> {
     let set = &inputs.set;
     let sources = choose_sources(set, p.target_ratio, p.seed)?;
     let batches: Vec<&[&ImageRecord]> = sources.chunks(p.batch_size).collect();
     let mine = (part * batches.len() / parts)..((part + 1) * batches.len() / parts);
     if mine.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
     let device = select_device(&p.device)?;
+    let (precision, _tf32) = p.precision.enter(&device);
+    let dtype = precision.compute_dtype();
     let config = inputs.gan_dir.join("config.json");
     let cfg: CycleGanConfig = serde_json::from_str(
         &std::fs::read_to_string(&config)
@@ -273,7 +293,9 @@ fn translate(
             }
         }
         let x = Tensor::from_vec(data, (batch.len(), 3, side, side), &device)?;
-        let y = generator.forward(&x)?;
+        let y = generator
+            .forward(&x.to_dtype(dtype)?)?
+            .to_dtype(DType::F32)?;
         if b == 0 {
             let k = batch.len().min(8);
             crate::train_cyclegan::grid::write_grid(
@@ -285,23 +307,32 @@ fn translate(
         bar.inc(batch.len() as u64);
     }
     bar.finish_and_clear();
-    Ok(synthetic)
+    Ok((synthetic, Some(precision)))
 }
 
 fn run(p: &GenerateParams, ctx: &StageContext) -> Result<StageReport> {
     let inputs = inputs(ctx)?;
-    let synthetic = translate(p, ctx, &inputs, 0, 1)?;
-    finish(p, ctx, &inputs, synthetic)
+    let (synthetic, precision) = translate(p, ctx, &inputs, 0, 1)?;
+    finish(
+        p,
+        ctx,
+        &inputs,
+        synthetic,
+        precision.map_or("", Precision::name),
+    )
 }
 
 /// Writes the artifact from every translation, in source order: shards,
 /// index, provenance, summary (the sample grid is already in place). A whole
-/// run and an assembled split run both end here.
+/// run and an assembled split run both end here. `precision`: what the
+/// translations were computed in (parts that disagree, `auto` on machines
+/// with and without a GPU, are listed; empty when nothing was translated).
 fn finish(
     p: &GenerateParams,
     ctx: &StageContext,
     inputs: &Inputs,
     synthetic: Vec<Vec<u8>>,
+    precision: &str,
 ) -> Result<StageReport> {
     let (set, generator_digest) = (&inputs.set, &inputs.generator_digest);
     let sources = choose_sources(set, p.target_ratio, p.seed)?;
@@ -364,6 +395,7 @@ fn finish(
         "train_malignant": malignant,
         "target_ratio": p.target_ratio,
         "generator_digest": generator_digest,
+        "precision": precision,
     });
     std::fs::write(
         ctx.out_dir.join("generate.json"),

@@ -20,7 +20,8 @@
 //! the earlier epoch). Outputs: `model-seed{S}.safetensors`,
 //! `predictions.parquet` (validation and test scores of the kept checkpoint,
 //! schema `predictions/1`), `history.parquet` (`classifier_history/1`),
-//! `train.json`, `config.json`. Training resumes from the last finished epoch
+//! `train.json` (with the precision it ran in, `auto` resolved),
+//! `config.json`. Training resumes from the last finished epoch
 //! after a kill (checkpoints in the engine's scratch folder).
 
 pub mod augment;
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 use crate::models::efficientnet::Variant;
+use crate::models::precision::Precision;
 use crate::train_cyclegan::check_device_spec;
 
 pub struct TrainClassifier;
@@ -93,6 +95,10 @@ pub struct TrainClassifierParams {
     pub bn_momentum: f64,
     #[serde(default = "defaults::device")]
     pub device: String,
+    /// As `train_cyclegan`'s: "auto" (bf16 on CUDA, f32 on the CPU), "f32",
+    /// "tf32" or "bf16"; left out of the canonical parameters when "auto".
+    #[serde(default, skip_serializing_if = "Precision::is_auto")]
+    pub precision: Precision,
 }
 
 mod defaults {

@@ -116,16 +116,16 @@ fn trainable(varmap: &VarMap, config: &EfficientNetConfig) -> Vec<(String, candl
         .collect()
 }
 
-/// Scores (logits) of the model in evaluation mode.
+/// Scores (logits) of the model in evaluation mode, computing in `dtype`.
 fn predict(
     model: &EfficientNet,
     data: &ClassifierData,
     records: &[&ImageRecord],
-    device: &Device,
+    (device, dtype): (&Device, DType),
 ) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(records.len());
     for chunk in records.chunks(64) {
-        let x = data.eval_batch(chunk, device)?;
+        let x = data.eval_batch(chunk, device)?.to_dtype(dtype)?;
         let logits = model
             .forward_t(&x, None)?
             .flatten_all()?
@@ -155,7 +155,7 @@ fn train_seed(
     seed: u64,
     data: &ClassifierData,
     pretrained: Option<&HashMap<String, Tensor>>,
-    device: &Device,
+    (device, dtype): (&Device, DType),
     scratch: &Path,
     ctx: &StageContext,
     label: &str,
@@ -227,7 +227,10 @@ fn train_seed(
             let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xC1A5_51F1);
             rng.set_stream(step);
             let (x, t) = data.train_batch(batch, &mut rng, device)?;
-            let logits = model.forward_t(&x, Some(&mut rng))?.flatten_all()?;
+            // Logits are F32 whatever `dtype` the network computes in.
+            let logits = model
+                .forward_t(&x.to_dtype(dtype)?, Some(&mut rng))?
+                .flatten_all()?;
             let loss = bce_with_logits(&logits, &t)?;
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
@@ -240,7 +243,7 @@ fn train_seed(
             bar.inc(1);
             bar.set_message(format!("epoch {}/{} loss {value:.3}", epoch + 1, p.epochs));
         }
-        let logits = predict(&model, data, &val, device)?;
+        let logits = predict(&model, data, &val, (device, dtype))?;
         let labels: Vec<bool> = val.iter().map(|r| r.malignant).collect();
         let val_auc = roc_auc(&logits, &labels).map_err(|e| anyhow!("validation ROC-AUC: {e}"))?;
         let row = EpochRow {
@@ -291,7 +294,7 @@ fn train_seed(
         .split("val")
         .chain(data.real.split("test"))
         .collect();
-    let logits = predict(&model, data, &eval, device)?;
+    let logits = predict(&model, data, &eval, (device, dtype))?;
     let predictions = eval
         .iter()
         .zip(logits)
@@ -324,6 +327,7 @@ fn varmap_load(varmap: &VarMap, path: &Path, device: &Device) -> Result<()> {
 
 pub fn run(p: &TrainClassifierParams, ctx: &StageContext) -> Result<StageReport> {
     let device = select_device(&p.device)?;
+    let (precision, _tf32) = p.precision.enter(&device);
     let pre = ctx
         .upstream_of_kind("preprocess")
         .ok_or_else(|| anyhow!("one upstream must be a `preprocess` stage"))?;
@@ -386,7 +390,7 @@ pub fn run(p: &TrainClassifierParams, ctx: &StageContext) -> Result<StageReport>
             seed,
             &data,
             pretrained.as_ref(),
-            &device,
+            (&device, precision.compute_dtype()),
             &ctx.scratch_dir.join(format!("seed-{seed}")),
             ctx,
             &label,
@@ -419,6 +423,7 @@ pub fn run(p: &TrainClassifierParams, ctx: &StageContext) -> Result<StageReport>
         "augmentation": p.augmentation,
         "variant": p.variant,
         "image_size": side,
+        "precision": precision.name(),
         "pretrained": load_report,
         "generator_digest": generator_digest,
         "epoch_composition": composition,

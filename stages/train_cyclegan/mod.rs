@@ -7,7 +7,8 @@
 //! `losses.parquet` (schema `cyclegan_losses/1`, one row per step);
 //! `samples.png` (benign inputs, their malignant translations, the
 //! reconstructions, like the paper's Figure 1); `config.json` (the resolved
-//! configuration); `train.json` (steps and final losses). No timings go into
+//! configuration); `train.json` (steps, final losses and the precision it
+//! ran in, `auto` resolved). No timings go into
 //! outputs, so a re-run on the same machine writes the same bytes.
 //!
 //! Checkpoints (every `checkpoint_every` steps) go to the engine's scratch
@@ -28,6 +29,7 @@ use melanoflow_pipeline::{BoxError, Resources, Stage, StageContext, StageReport}
 use serde::{Deserialize, Serialize};
 
 use crate::models::cyclegan::{DiscriminatorConfig, GeneratorConfig, Upsample};
+use crate::models::precision::Precision;
 
 pub struct TrainCycleGan;
 
@@ -106,6 +108,12 @@ pub struct TrainCycleGanParams {
     /// "auto" (CUDA if built with `--features cuda` and a GPU is present), "cpu", or "cuda:N".
     #[serde(default = "defaults::device")]
     pub device: String,
+    /// "auto" (bf16 on CUDA, f32 on the CPU), "f32", "tf32" or "bf16"
+    /// (`models::precision`). Left out of the canonical parameters when
+    /// "auto", so pipelines that never set it keep their fingerprints'
+    /// parameter part; any explicit value enters the fingerprint.
+    #[serde(default, skip_serializing_if = "Precision::is_auto")]
+    pub precision: Precision,
 }
 
 mod defaults {

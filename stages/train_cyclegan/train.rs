@@ -91,7 +91,9 @@ impl Pool {
                 out.push(img);
             } else if rng.random::<f64>() > 0.5 {
                 let j = rng.random_range(0..self.size);
-                out.push(std::mem::replace(&mut self.images[j], img));
+                // A checkpoint's images may come from a run in another
+                // precision (`auto` on another device).
+                out.push(std::mem::replace(&mut self.images[j], img).to_dtype(batch.dtype())?);
             } else {
                 out.push(img);
             }
@@ -136,15 +138,20 @@ pub fn lr_factor(cfg: &Config, epoch: usize) -> f64 {
     1.0 - (epoch + 1).saturating_sub(cfg.n_epochs) as f64 / (cfg.n_epochs_decay + 1) as f64
 }
 
-/// Discriminator targets shaped like `like`, per the smoothing option.
+/// Discriminator targets shaped like `like`, per the smoothing option, in
+/// F32 whatever `like`'s dtype (0.9 has no exact BF16 value).
 fn targets(
     like: &Tensor,
     smoothing: LabelSmoothing,
     rng: &mut impl Rng,
 ) -> Result<(Tensor, Tensor)> {
+    let (ones, zeros) = (
+        Tensor::ones(like.shape(), DType::F32, like.device())?,
+        Tensor::zeros(like.shape(), DType::F32, like.device())?,
+    );
     Ok(match smoothing {
-        LabelSmoothing::None => (like.ones_like()?, like.zeros_like()?),
-        LabelSmoothing::OneSided => ((like.ones_like()? * 0.9)?, like.zeros_like()?),
+        LabelSmoothing::None => (ones, zeros),
+        LabelSmoothing::OneSided => ((ones * 0.9)?, zeros),
         LabelSmoothing::Noisy => {
             let n = like.elem_count();
             let real: Vec<f32> = (0..n).map(|_| 1.0 + 0.3 * standard_normal(rng)).collect();
@@ -157,8 +164,10 @@ fn targets(
     })
 }
 
-/// One training step on a batch: the generators' update, then the
-/// discriminators'. Returns the losses (step, epoch and lr left at 0).
+/// One training step on a batch (F32 images): the generators' update, then
+/// the discriminators'. The networks compute in `dtype` (their input's: see
+/// `models::precision`), the losses in F32 against the F32 images. Returns
+/// the losses (step, epoch and lr left at 0).
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     cfg: &Config,
@@ -169,13 +178,15 @@ pub fn train_step(
     pool_b: &mut Pool,
     real_a: &Tensor,
     real_b: &Tensor,
+    dtype: DType,
     rng: &mut impl Rng,
 ) -> Result<LossRow> {
     let mut row = LossRow::default();
+    let (in_a, in_b) = (real_a.to_dtype(dtype)?, real_b.to_dtype(dtype)?);
     // Generators: fool both discriminators, reconstruct both ways.
-    let fake_b = nets.g_a.forward(real_a)?;
+    let fake_b = nets.g_a.forward(&in_a)?;
     let rec_a = nets.g_b.forward(&fake_b)?;
-    let fake_a = nets.g_b.forward(real_b)?;
+    let fake_a = nets.g_b.forward(&in_b)?;
     let rec_b = nets.g_a.forward(&fake_a)?;
     let pred_fake_b = nets.d_a.forward(&fake_b)?;
     let pred_fake_a = nets.d_b.forward(&fake_a)?;
@@ -186,8 +197,8 @@ pub fn train_step(
     let mut loss_g = (((&loss_g_a + &loss_g_b)? + &loss_cycle_a)? + &loss_cycle_b)?;
     if cfg.lambda_identity > 0.0 {
         let w = cfg.lambda_cycle * cfg.lambda_identity;
-        let idt_a = (l1(&nets.g_a.forward(real_b)?, real_b)? * w)?;
-        let idt_b = (l1(&nets.g_b.forward(real_a)?, real_a)? * w)?;
+        let idt_a = (l1(&nets.g_a.forward(&in_b)?, real_b)? * w)?;
+        let idt_b = (l1(&nets.g_b.forward(&in_a)?, real_a)? * w)?;
         row.idt_a = scalar(&idt_a)?;
         row.idt_b = scalar(&idt_b)?;
         loss_g = ((loss_g + idt_a)? + idt_b)?;
@@ -197,11 +208,11 @@ pub fn train_step(
     // Discriminators: real vs (possibly historical) fakes.
     let fake_b = pool_b.query(&fake_b.detach(), rng)?;
     let fake_a = pool_a.query(&fake_a.detach(), rng)?;
-    let pred_real_b = nets.d_a.forward(real_b)?;
+    let pred_real_b = nets.d_a.forward(&in_b)?;
     let (real_t, fake_t) = targets(&pred_real_b, cfg.label_smoothing, rng)?;
     let loss_d_a =
         ((mse(&pred_real_b, &real_t)? + mse(&nets.d_a.forward(&fake_b)?, &fake_t)?)? * 0.5)?;
-    let pred_real_a = nets.d_b.forward(real_a)?;
+    let pred_real_a = nets.d_b.forward(&in_a)?;
     let (real_t, fake_t) = targets(&pred_real_a, cfg.label_smoothing, rng)?;
     let loss_d_b =
         ((mse(&pred_real_a, &real_t)? + mse(&nets.d_b.forward(&fake_a)?, &fake_t)?)? * 0.5)?;
@@ -225,12 +236,14 @@ pub struct Trained {
     pub resumed_from: Option<u64>,
 }
 
-/// Trains from scratch or from the checkpoint in `scratch`; stops early after
-/// `stop_after` steps (tests use it to simulate a kill right after a checkpoint).
+/// Trains from scratch or from the checkpoint in `scratch`, the networks
+/// computing in `dtype`; stops early after `stop_after` steps (tests use it
+/// to simulate a kill right after a checkpoint).
 pub fn train(
     cfg: &Config,
     images: &Images,
     device: &Device,
+    dtype: DType,
     scratch: &Path,
     stop_after: Option<u64>,
     on_step: &dyn Fn(&LossRow, u64),
@@ -283,6 +296,7 @@ pub fn train(
                 &mut pool_b,
                 &real_a,
                 &real_b,
+                dtype,
                 &mut rng,
             )?;
             (row.step, row.epoch, row.lr) = (step, epoch as u64, lr);
@@ -440,6 +454,8 @@ fn tail_mean(rows: &[LossRow], n: usize, get: fn(&LossRow) -> f32) -> f32 {
 pub fn run(p: &TrainCycleGanParams, ctx: &StageContext) -> Result<StageReport> {
     let cfg = p.resolve();
     let device = select_device(&p.device)?;
+    let (precision, _tf32) = p.precision.enter(&device);
+    let dtype = precision.compute_dtype();
     let pre = ctx
         .upstream_of_kind("preprocess")
         .ok_or_else(|| anyhow!("the upstream must be a `preprocess` stage"))?;
@@ -454,17 +470,26 @@ pub fn run(p: &TrainCycleGanParams, ctx: &StageContext) -> Result<StageReport> {
     let total = steps_per_epoch * (cfg.n_epochs + cfg.n_epochs_decay) as u64;
     let bar = ctx.progress.bar(total, "training CycleGAN (steps)");
     let started = std::time::Instant::now();
-    let trained = train(&cfg, &images, &device, &ctx.scratch_dir, None, &|row, _| {
-        bar.set_position(row.step);
-        bar.set_message(format!("G {:.3} D {:.3}", row.g, (row.d_a + row.d_b) / 2.0));
-    })?;
+    let trained = train(
+        &cfg,
+        &images,
+        &device,
+        dtype,
+        &ctx.scratch_dir,
+        None,
+        &|row, _| {
+            bar.set_position(row.step);
+            bar.set_message(format!("G {:.3} D {:.3}", row.g, (row.d_a + row.d_b) / 2.0));
+        },
+    )?;
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     if trained.steps_run > 0 {
         tracing::info!(
-            "{} steps in {seconds:.1}s ({:.0} ms/step) on {device:?}",
+            "{} steps in {seconds:.1}s ({:.0} ms/step) on {device:?} in {}",
             trained.steps_run,
-            1000.0 * seconds / trained.steps_run as f64
+            1000.0 * seconds / trained.steps_run as f64,
+            precision.name()
         );
     }
 
@@ -474,8 +499,9 @@ pub fn run(p: &TrainCycleGanParams, ctx: &StageContext) -> Result<StageReport> {
     write_losses(&ctx.out_dir.join("losses.parquet"), &trained.losses)?;
     let preview: Vec<&super::data::ImageRef> = images.preview.iter().collect();
     let x = images.batch(&preview, false, &mut ChaCha8Rng::seed_from_u64(0), &device)?;
-    let fake = trained.nets.g_a.forward(&x)?;
-    let rec = trained.nets.g_b.forward(&fake)?;
+    let fake = trained.nets.g_a.forward(&x.to_dtype(dtype)?)?;
+    let rec = trained.nets.g_b.forward(&fake)?.to_dtype(DType::F32)?;
+    let fake = fake.to_dtype(DType::F32)?;
     super::grid::write_grid(&ctx.out_dir.join("samples.png"), &[&x, &fake, &rec])?;
     std::fs::write(
         ctx.out_dir.join("config.json"),
@@ -487,6 +513,7 @@ pub fn run(p: &TrainCycleGanParams, ctx: &StageContext) -> Result<StageReport> {
         "epochs": cfg.n_epochs + cfg.n_epochs_decay,
         "train_images": { "benign": images.benign.len(), "malignant": images.malignant.len() },
         "image_size": images.size,
+        "precision": precision.name(),
         "final_epoch_mean": {
             "loss_g": last(|r| r.g), "loss_cycle_a": last(|r| r.cycle_a), "loss_cycle_b": last(|r| r.cycle_b),
             "loss_d_a": last(|r| r.d_a), "loss_d_b": last(|r| r.d_b),

@@ -118,3 +118,59 @@ fn a_killed_training_run_resumes_from_its_checkpoint() {
     let r = p.ok(&["run"]);
     assert!(r.line("gan").contains("resumed at step"), "{}", r.stdout);
 }
+
+/// `precision` through the binary: `bf16` runs (on the CPU: F32 arithmetic
+/// rounded to BF16), says so in train.json, and is a new fingerprint, while
+/// naming the default ("auto") is not; a bad value is a config error naming
+/// the stage, the key and the allowed values.
+#[test]
+fn precision_bf16_runs_and_is_part_of_the_fingerprint() {
+    let p = Project::new(&tiny(1));
+    p.ok(&["run"]);
+    let fingerprint = |lock: &str| -> String {
+        let t: toml::Table = toml::from_str(lock).unwrap();
+        t["stages"]["gan"]["fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let train_json = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.path("data/out/gan/train.json")).unwrap())
+            .unwrap()
+    };
+    let auto = fingerprint(&p.lock());
+    assert_eq!(train_json()["precision"], "f32", "auto on the CPU");
+    let r = p.ok(&["status", "--set", "gan.precision=auto"]);
+    assert_eq!(r.state("gan"), "cached", "the default, named: {}", r.stdout);
+    let r = p.ok(&["status", "--set", "gan.precision=bf16"]);
+    assert!(
+        r.line("gan")
+            .contains("parameter `precision` (unset -> \"bf16\")"),
+        "{}",
+        r.stdout
+    );
+    let r = p.ok(&["status", "--set", "gan.precision=f32"]);
+    assert_eq!(
+        r.state("gan"),
+        "would run",
+        "an explicit value: {}",
+        r.stdout
+    );
+    let r = p.ok(&["run", "--set", "gan.precision=bf16"]);
+    assert_eq!(r.state("gan"), "ran", "{}", r.stdout);
+    assert_eq!(train_json()["precision"], "bf16");
+    assert_ne!(fingerprint(&p.lock()), auto);
+
+    let bad = Project::new(
+        &tiny(1).replace("device = \"cpu\"", "device = \"cpu\"\nprecision = \"fp16\""),
+    );
+    let r = bad.fails(&["status"]);
+    assert!(
+        r.stderr
+            .contains("stages.gan.precision (kind `train_cyclegan`)")
+            && r.stderr
+                .contains("unknown variant `fp16`, expected one of `auto`, `f32`, `tf32`, `bf16`"),
+        "{}",
+        r.stderr
+    );
+}
