@@ -6,6 +6,7 @@ pub mod code_identity;
 pub mod evaluate;
 pub mod fidelity;
 pub mod generate;
+pub mod gpu_check;
 pub mod imageset;
 pub mod ingest;
 pub mod models;

@@ -18,6 +18,11 @@ fn main() -> std::process::ExitCode {
                 about: "Convert legacy PyTorch EfficientNet weights to safetensors (make weights)",
                 run: melanoflow::weights::convert_command,
             },
+            AppCommand {
+                name: "gpu-check",
+                about: "Compare training steps on CPU and GPU, time them (scripts/gpu-check.sh)",
+                run: melanoflow::gpu_check::gpu_check_command,
+            },
         ],
     )
 }

@@ -9,6 +9,7 @@ mod cyclegan;
 mod engine;
 mod fidelity;
 mod golden;
+mod gpu_check;
 mod ingest;
 mod preprocess;
 mod realdata;
