@@ -17,6 +17,7 @@ Prints one JSON line:
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -112,6 +113,64 @@ def set_requires_grad(nets, flag):
             p.requires_grad_(flag)
 
 
+def make_nets(ngf=64, ndf=64, blocks=9, n_layers_d=3, slope=SLOPE):
+    """G_A (A -> B), G_B (B -> A), D_A (judges B), D_B (judges A), in train mode:
+    the names of melanoflow's G_A/G_B/D_A/D_B.safetensors."""
+    nets = {
+        "G_A": ResnetGenerator(ngf=ngf, n_blocks=blocks, slope=slope),
+        "G_B": ResnetGenerator(ngf=ngf, n_blocks=blocks, slope=slope),
+        "D_A": NLayerDiscriminator(ndf=ndf, n_layers=n_layers_d),
+        "D_B": NLayerDiscriminator(ndf=ndf, n_layers=n_layers_d),
+    }
+    for net in nets.values():
+        net.train()
+    return nets
+
+
+def make_step(nets, lam=10.0, lr=2e-4, autocast=contextlib.nullcontext):
+    """One training step step(real_A, real_B) -> (loss_G, loss_D) as floats
+    (reading them waits for the step): Adam(lr, (0.5, 0.999)) on both pairs,
+    LSGAN losses, L1 cycle loss weighted `lam`; forward passes and losses
+    under `autocast()` (bf16 autocast on a GPU), backward outside it."""
+    G_A, G_B, D_A, D_B = (nets[k] for k in ("G_A", "G_B", "D_A", "D_B"))
+    opt_G = torch.optim.Adam(list(G_A.parameters()) + list(G_B.parameters()),
+                             lr=lr, betas=(0.5, 0.999))
+    opt_D = torch.optim.Adam(list(D_A.parameters()) + list(D_B.parameters()),
+                             lr=lr, betas=(0.5, 0.999))
+    mse = nn.MSELoss()
+    l1 = nn.L1Loss()
+
+    def gan_loss(pred, target_is_real):
+        target = torch.ones_like(pred) if target_is_real else torch.zeros_like(pred)
+        return mse(pred, target)
+
+    def step(real_A, real_B):
+        # ---- generators
+        with autocast():
+            fake_B = G_A(real_A)
+            rec_A = G_B(fake_B)
+            fake_A = G_B(real_B)
+            rec_B = G_A(fake_A)
+        set_requires_grad((D_A, D_B), False)
+        opt_G.zero_grad(set_to_none=True)
+        with autocast():
+            loss_G = (gan_loss(D_A(fake_B), True) + gan_loss(D_B(fake_A), True)
+                      + lam * l1(rec_A, real_A) + lam * l1(rec_B, real_B))
+        loss_G.backward()
+        opt_G.step()
+        # ---- discriminators
+        set_requires_grad((D_A, D_B), True)
+        opt_D.zero_grad(set_to_none=True)
+        with autocast():
+            loss_D_A = 0.5 * (gan_loss(D_A(real_B), True) + gan_loss(D_A(fake_B.detach()), False))
+            loss_D_B = 0.5 * (gan_loss(D_B(real_A), True) + gan_loss(D_B(fake_A.detach()), False))
+        (loss_D_A + loss_D_B).backward()
+        opt_D.step()
+        return float(loss_G.detach()), float((loss_D_A + loss_D_B).detach())
+
+    return step
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=128)
@@ -129,56 +188,18 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    G_A = ResnetGenerator(ngf=args.ngf, n_blocks=args.blocks)  # A -> B
-    G_B = ResnetGenerator(ngf=args.ngf, n_blocks=args.blocks)  # B -> A
-    D_A = NLayerDiscriminator(ndf=args.ndf, n_layers=args.n_layers_d)  # judges B
-    D_B = NLayerDiscriminator(ndf=args.ndf, n_layers=args.n_layers_d)  # judges A
-    for net in (G_A, G_B, D_A, D_B):
-        net.train()
-
-    opt_G = torch.optim.Adam(list(G_A.parameters()) + list(G_B.parameters()),
-                             lr=2e-4, betas=(0.5, 0.999))
-    opt_D = torch.optim.Adam(list(D_A.parameters()) + list(D_B.parameters()),
-                             lr=2e-4, betas=(0.5, 0.999))
-    mse = nn.MSELoss()
-    l1 = nn.L1Loss()
-    lam = 10.0
-
+    nets = make_nets(args.ngf, args.ndf, args.blocks, args.n_layers_d)
+    step = make_step(nets)
     shape = (args.batch, 3, args.size, args.size)
     real_A = torch.rand(shape) * 2 - 1
     real_B = torch.rand(shape) * 2 - 1
 
-    def gan_loss(pred, target_is_real):
-        target = torch.ones_like(pred) if target_is_real else torch.zeros_like(pred)
-        return mse(pred, target)
-
-    def step():
-        # ---- generators
-        fake_B = G_A(real_A)
-        rec_A = G_B(fake_B)
-        fake_A = G_B(real_B)
-        rec_B = G_A(fake_A)
-        set_requires_grad((D_A, D_B), False)
-        opt_G.zero_grad(set_to_none=True)
-        loss_G = (gan_loss(D_A(fake_B), True) + gan_loss(D_B(fake_A), True)
-                  + lam * l1(rec_A, real_A) + lam * l1(rec_B, real_B))
-        loss_G.backward()
-        opt_G.step()
-        # ---- discriminators
-        set_requires_grad((D_A, D_B), True)
-        opt_D.zero_grad(set_to_none=True)
-        loss_D_A = 0.5 * (gan_loss(D_A(real_B), True) + gan_loss(D_A(fake_B.detach()), False))
-        loss_D_B = 0.5 * (gan_loss(D_B(real_A), True) + gan_loss(D_B(fake_A.detach()), False))
-        (loss_D_A + loss_D_B).backward()
-        opt_D.step()
-        return float(loss_G.detach()), float((loss_D_A + loss_D_B).detach())
-
     for _ in range(args.warmup):
-        step()
+        step(real_A, real_B)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        step()
+        step(real_A, real_B)
         times.append((time.perf_counter() - t0) * 1000.0)
 
     print(json.dumps({
