@@ -6,7 +6,7 @@ CARGO  ?= cargo
 BIN    := target/release/melanoflow
 CONFIG ?= data/pipeline.toml
 
-.PHONY: repro repro-update pipeline test test-build bench bench-train bench-remote build status clean gpu-check weights metrics real
+.PHONY: repro repro-update pipeline test test-build bench bench-train bench-remote build status clean weights metrics real
 
 pipeline: build weights
 	$(BIN) run --config $(CONFIG)
@@ -111,14 +111,31 @@ build-cuda:
 cuda-smoke: build build-cuda
 	MELANOFLOW_CUDA_HOME=$(CUDA_TOOLKIT) scripts/cuda/smoke.sh $(CUDA_BIN) $(BIN)
 
-# A few CycleGAN steps on CPU and GPU from the same seed, losses side by side
-# with the step times (needs an NVIDIA GPU and its driver). Same toolkit and
-# target/ as build-cuda.
-gpu-check: pipeline
-	scripts/cuda-toolkit.sh $(CUDA_TOOLKIT)
-	. $(CUDA_TOOLKIT)/env.sh && $(CARGO) build --release --features cuda --example gpu_check
-	. $(CUDA_TOOLKIT)/env.sh && LD_LIBRARY_PATH=$$MELANOFLOW_CUDA_LIB$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} \
-	  target/release/examples/gpu_check data/out/preprocess 5
+# The GPU check's bundle (issue 13), made here for a GPU machine without
+# network: gpu-bundle/ holds the stripped CUDA binary compressed with xz, a
+# 128 px preprocessed shard of synthetic images (data/gpu_check.toml),
+# the Lite0 ImageNet weights, scripts/gpu-check.sh and the PyTorch half
+# (benches/gpu_check_torch.py, benches/cyclegan_step_torch.py). It must stay
+# under 60 MiB (what such a machine takes); the size is printed. On the GPU
+# machine, from the folder holding gpu-bundle/: gpu-bundle/gpu-check.sh.
+BUNDLE     := gpu-bundle
+BUNDLE_MAX := 62914560
+.PHONY: gpu-build gpu-check
+gpu-build: build build-cuda weights
+	$(BIN) run --config data/gpu_check.toml -q
+	rm -rf $(BUNDLE) && mkdir -p $(BUNDLE)/input
+	strip -o $(BUNDLE)/melanoflow-cuda $(CUDA_BIN)
+	xz -9 -T2 $(BUNDLE)/melanoflow-cuda
+	cp -rL data/out/gpu_check/preprocess $(BUNDLE)/input/preprocess
+	cp $(WEIGHTS) $(BUNDLE)/input/lite0.safetensors
+	cp scripts/gpu-check.sh benches/gpu_check_torch.py benches/cyclegan_step_torch.py $(BUNDLE)/
+	@size=$$(du -sb $(BUNDLE) | cut -f1); du -ab $(BUNDLE) | sort -n | tail -6; \
+	echo "$(BUNDLE): $$size bytes ($$((size / 1048576)) MiB; at most $$(($(BUNDLE_MAX) / 1048576)) MiB)"; \
+	test $$size -le $(BUNDLE_MAX) || { echo "$(BUNDLE) is over its limit" >&2; exit 1; }
+
+# Runs the check here, on a machine that has a GPU as well as the build tools.
+gpu-check: gpu-build
+	$(BUNDLE)/gpu-check.sh
 
 # Reproducibility (CI runs this): the small pipeline from an empty store, its
 # lock compared with the committed data/ci_small.lock (`verify --against`:
