@@ -21,7 +21,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Result, anyhow};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use serde::Serialize;
 
 use super::steps::{Batches, Classifier, CycleGan, NoiseBatches, cyclegan_config};
@@ -44,15 +44,21 @@ fn apply(precision: Precision) -> std::result::Result<(), String> {
     match precision {
         Precision::F32 => candle_core::cuda::set_gemm_reduced_precision_f32(false),
         Precision::Tf32 => candle_core::cuda::set_gemm_reduced_precision_f32(true),
-        // The training stages have no bf16 path yet (issue 13, item 3): when
-        // they do, this arm selects it like the two above.
-        Precision::Bf16 => {
-            return Err(
-                "skipped: this build trains in f32 only (no bf16 training path yet)".into(),
-            );
-        }
+        // BF16 activations with F32 master weights (`models::precision`);
+        // the F32 parts (norm statistics, losses) use full-F32 matmuls.
+        Precision::Bf16 => candle_core::cuda::set_gemm_reduced_precision_f32(false),
     }
     Ok(())
+}
+
+impl Precision {
+    /// The dtype the activations compute in.
+    fn dtype(self) -> DType {
+        match self {
+            Precision::Bf16 => DType::BF16,
+            Precision::F32 | Precision::Tf32 => DType::F32,
+        }
+    }
 }
 
 /// Which model a timing runs.
@@ -131,21 +137,21 @@ fn build(
     shape: &Shape,
     pretrained: Option<&HashMap<String, Tensor>>,
     seed: u64,
+    dtype: DType,
     dev: &Device,
 ) -> Result<Trainee> {
     Ok(match model {
         BenchModel::Cyclegan => {
             let mut cfg = cyclegan_config(shape.ngf, shape.n_blocks, shape.ndf, shape.batch);
             cfg.seed = seed;
-            Trainee::Gan(Box::new(CycleGan::new(&cfg, dev)?))
+            Trainee::Gan(Box::new(CycleGan::new(&cfg, dev)?.in_dtype(dtype)))
         }
-        BenchModel::B0 => Trainee::Cls(Box::new(Classifier::new(Variant::B0, None, seed, dev)?)),
-        BenchModel::Lite0 => Trainee::Cls(Box::new(Classifier::new(
-            Variant::Lite0,
-            pretrained,
-            seed,
-            dev,
-        )?)),
+        BenchModel::B0 => Trainee::Cls(Box::new(
+            Classifier::new(Variant::B0, None, seed, dev)?.in_dtype(dtype),
+        )),
+        BenchModel::Lite0 => Trainee::Cls(Box::new(
+            Classifier::new(Variant::Lite0, pretrained, seed, dev)?.in_dtype(dtype),
+        )),
     })
 }
 
@@ -217,7 +223,7 @@ pub fn bench(
     }
     dev.synchronize()?;
     let baseline = memory::used(dev);
-    let mut trainee = build(model, shape, pretrained, 0, dev)?;
+    let mut trainee = build(model, shape, pretrained, 0, precision.dtype(), dev)?;
     if let Some(dir) = export_dir {
         export(model, &trainee, dir, dev)?;
     }
