@@ -178,10 +178,11 @@ fn one_changed_line_changes_its_kind_and_nothing_else() {
         "0.5 * lr * (1.0 + (std::f64::consts::E",
     );
     // fidelity reads images through the classifier's resampling
-    // (`train_classifier::augment`), so it is in the closure too.
+    // (`train_classifier::augment`), and `gpu-check` trains with the
+    // classifier's step, so both are in the closure too.
     assert_eq!(
         changed(&before, &tree.identities()),
-        vec!["fidelity", "train_classifier"]
+        vec!["fidelity", "gpu_check", "train_classifier"]
     );
 }
 
