@@ -80,6 +80,8 @@ fn series_color(index: usize) -> [u8; 3] {
 }
 
 const PRIMARY_WIDTH: f64 = 2.5;
+/// Series of at most this many points get a dot at each point.
+const MARKED_POINTS: usize = 12;
 const SECONDARY_WIDTH: f64 = 1.25;
 const SECONDARY_OPACITY: f64 = 0.45;
 /// Font pixels per glyph pixel for all text.
@@ -103,6 +105,18 @@ impl Canvas {
     fn new(width: u32, height: u32) -> Canvas {
         Canvas {
             image: RgbImage::from_pixel(width, height, Rgb(WHITE)),
+        }
+    }
+
+    /// A filled disc of `radius` pixels around (x, y), antialiased at its rim.
+    fn dot(&mut self, x: f64, y: f64, radius: f64, color: [u8; 3]) {
+        let reach = radius.ceil() as i64 + 1;
+        let (cx, cy) = (x.round() as i64, y.round() as i64);
+        for py in cy - reach..=cy + reach {
+            for px in cx - reach..=cx + reach {
+                let d = ((px as f64 - x).powi(2) + (py as f64 - y).powi(2)).sqrt();
+                self.blend(px, py, color, (radius + 0.5 - d).clamp(0.0, 1.0));
+            }
         }
     }
 
@@ -420,6 +434,13 @@ impl Frame {
                 opacity,
                 None,
             );
+            // A line needs two points: a run of one epoch (or a few) would be
+            // invisible or hard to read, so short primary series get dots.
+            if !line.label.is_empty() && line.points.len() <= MARKED_POINTS {
+                for &(x, y) in &pixels {
+                    canvas.dot(x, y, 2.0 * width, series_color(line.color_index));
+                }
+            }
         }
     }
 
@@ -1002,6 +1023,26 @@ mod tests {
         let (image, legend) = render_loss_curves(&[(String::new(), vec![0.1, 0.2])], "", "Epoch");
         assert!(legend.is_none());
         assert_eq!(image.height(), 480);
+    }
+
+    /// One epoch per arm (the default pipeline) is one point per series: a
+    /// line of one point draws nothing, so each point is a dot of its colour.
+    #[test]
+    fn single_epoch_series_are_drawn_as_dots() {
+        let series: Vec<(String, Vec<f32>)> = (0..4)
+            .map(|k| (format!("arm{k} val ROC-AUC"), vec![0.78 + 0.03 * k as f32]))
+            .collect();
+        let (image, legend) = render_loss_curves(&series, "Validation ROC-AUC per epoch", "Epoch");
+        let plot = Rect {
+            left: 0,
+            top: 0,
+            right: image.width() as i64,
+            bottom: legend.unwrap().top,
+        };
+        for k in 0..4 {
+            let n = count_in(&image, plot, series_color(k));
+            assert!(n >= 12, "arm{k}: {n} pixels of its colour above the legend");
+        }
     }
 
     #[test]
