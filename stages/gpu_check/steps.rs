@@ -491,17 +491,20 @@ mod tests {
         assert!(checked > 1000, "{checked}");
     }
 
-    /// Lite0's first-step gradients on the CPU kernels against candle's own
-    /// ops (the reference every kernel is tested against). Fails today: the
-    /// CPU kernels differ by 1.1-1.9% in every gradient from `features.6`
-    /// (the 2x2 stage at 64 px) down to the stem, while `features.7`, the head
-    /// and the classifier agree to 1e-4, and the GPU formulations agree with
-    /// candle to 2e-5 (B0 and the CycleGAN agree to 5e-5 on every path). So
-    /// some CPU kernel goes wrong on a shape only Lite0 makes there (ReLU6, a
-    /// 5x5 depthwise on a 2x2 map, TF "SAME" padding). Ignored until fixed:
+    /// Lite0 from scratch, first-step gradients on the CPU kernels against
+    /// candle's own ops. Fails: they differ by 1.1-1.9% from `features.6` (the
+    /// 2x2 stage at 64 px) down to the stem, while `features.7`, the head and
+    /// the classifier agree to 1e-4. Not, as far as measured, a kernel bug:
+    /// every BatchNorm call agrees with candle's ops to 5e-7 on its in-network
+    /// input (forward, dx, dgamma), and sending only the ReLU6 BatchNorms, or
+    /// only the identity ones, through candle moves the gradient by as much
+    /// (1.4% and 1.1%): at initialisation on noise, this network's gradient
+    /// amplifies rounding-level differences about 10^4-fold (B0, smooth SiLU,
+    /// agrees to 4e-5). The GPU check runs Lite0 from ImageNet weights, which
+    /// this test does not have. Ignored until the amplification is explained:
     /// `cargo test --release -p melanoflow --lib lite0_cpu_kernels -- --ignored --test-threads=1`.
     #[test]
-    #[ignore = "known failure: Lite0's CPU-kernel gradients differ from candle's by ~1.5%"]
+    #[ignore = "known failure: Lite0 from scratch amplifies rounding ~1e4-fold; see the doc comment"]
     fn lite0_cpu_kernels_match_candles_ops() {
         let batches = NoiseBatches { size: 64, seed: 0 };
         let model = CheckModel::Classifier(Variant::Lite0);
