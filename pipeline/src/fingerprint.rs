@@ -10,6 +10,7 @@
 //!   4. for each upstream input in declared order: its stage name and the
 //!      digest of its output manifest,
 //!   5. the digest of the manifest of its external input files (or nothing).
+//!
 //! The stage's own name is deliberately absent: two stages of one kind with
 //! the same inputs and parameters share a result.
 //!

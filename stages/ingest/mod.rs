@@ -11,6 +11,7 @@
 //!   - `ingest.json`: counts per split, for people and CI;
 //!   - `source.json`: where the images are (`images`, relative to the
 //!     pipeline file's folder), for the stages that read pixels.
+//!
 //! On any bad input the stage fails with a message naming the file, line,
 //! column and value; the engine then commits nothing.
 

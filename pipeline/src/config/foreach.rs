@@ -42,13 +42,18 @@ pub fn base_name(name: &str) -> &str {
     name.split_once(SEPARATOR).map_or(name, |(base, _)| base)
 }
 
+/// A stage's name and its table.
+pub type NamedTable<'i> = (String, Spanned<DeValue<'i>>);
+
+/// Where in the file, and what is wrong.
+pub type SpannedError = (Range<usize>, String);
+
 /// The tables one stage table stands for: itself if it has no `foreach`,
 /// else one `NAME@ITEM` table per item with `${item}` substituted.
-/// The error carries the span to blame and the message.
 pub fn expand<'i>(
     name: &str,
     table: Spanned<DeValue<'i>>,
-) -> Result<Vec<(String, Spanned<DeValue<'i>>)>, (Range<usize>, String)> {
+) -> Result<Vec<NamedTable<'i>>, SpannedError> {
     let span = table.span();
     let DeValue::Table(mut fields) = table.into_inner() else {
         return Err((span, format!("stage `{name}` must be a table")));
