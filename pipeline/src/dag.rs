@@ -171,7 +171,9 @@ pub fn render_dot(stages: &[StageDecl]) -> String {
 }
 
 pub fn render_mermaid(stages: &[StageDecl]) -> String {
-    let id = |name: &str| name.replace('-', "_");
+    // Mermaid ids are letters, digits and `_`: `-` and foreach's `@` are
+    // spelled out so that `a-b`, `a_b` and `a@b` stay three nodes.
+    let id = |name: &str| name.replace('-', "_dash_").replace('@', "_at_");
     let mut out = String::from("flowchart LR\n");
     for s in stages {
         out.push_str(&format!(

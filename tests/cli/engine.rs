@@ -295,6 +295,43 @@ fn dag_renders_text_dot_and_mermaid() {
     );
 }
 
+/// The README's stage diagram is `melanoflow dag --mermaid` of the default
+/// pipeline, so it cannot drift from the pipeline file; foreach names (`@`)
+/// make valid, distinct Mermaid ids.
+#[test]
+fn the_readme_diagram_is_the_default_pipelines_dag() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(BIN)
+        .args(["dag", "--mermaid", "--config"])
+        .arg(root.join("data/pipeline.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dag = String::from_utf8(out.stdout).unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let block = readme
+        .split_once("```mermaid\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(block, _)| block)
+        .expect("README.md has a ```mermaid block");
+    assert_eq!(
+        block, dag,
+        "README.md's diagram differs from `melanoflow dag --mermaid`: paste the latter"
+    );
+
+    let p = Project::new(
+        "[stages.a]\nkind = \"synth\"\nforeach = [0, 1]\n\n[stages.a-b]\nkind = \"synth\"\n\n[stages.a_b]\nkind = \"synth\"\n",
+    );
+    let mermaid = p.ok(&["dag", "--mermaid"]).stdout;
+    for node in ["a_at_0[", "a_at_1[", "a_dash_b[", "a_b["] {
+        assert!(mermaid.contains(node), "{node} in:\n{mermaid}");
+    }
+}
+
 #[test]
 fn gc_keeps_what_the_lock_references_and_verify_catches_corruption() {
     let p = Project::new(SMALL);
