@@ -21,10 +21,10 @@ pub fn lock_files_in(dir: &Path) -> Result<Vec<(PathBuf, LockFile)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        if path.extension().is_some_and(|e| e == "lock") {
-            if let Ok(lock) = LockFile::load(&path) {
-                out.push((path, lock));
-            }
+        if path.extension().is_some_and(|e| e == "lock")
+            && let Ok(lock) = LockFile::load(&path)
+        {
+            out.push((path, lock));
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));

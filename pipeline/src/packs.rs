@@ -160,10 +160,10 @@ pub fn download(
 /// A pack with a corrupt blob is garbage as a whole: remove it when allowed,
 /// so that the next push writes a good one.
 fn drop_pack(remote: &Remote, key: &str) {
-    if !remote.read_only {
-        if let Err(e) = remote.store.delete(key) {
-            tracing::warn!("could not remove corrupt pack {key}: {e}");
-        }
+    if !remote.read_only
+        && let Err(e) = remote.store.delete(key)
+    {
+        tracing::warn!("could not remove corrupt pack {key}: {e}");
     }
 }
 

@@ -222,7 +222,7 @@ fn a_locked_crate_version_changes_the_kinds_that_compute_with_it() {
         .expect("gemm-common locked");
     let version_at = at + "name = \"gemm-common\"\nversion = \"".len();
     let mut bumped = lock.clone();
-    bumped.insert_str(version_at, "9");
+    bumped.insert(version_at, '9');
     // Dependants name it without a version when only one is locked.
     std::fs::write(tree.path("Cargo.lock"), bumped).unwrap();
     let changed = changed(&before, &tree.identities());

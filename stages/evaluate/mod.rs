@@ -206,14 +206,14 @@ fn pooled_predictions(
             );
         }
         for p in read_predictions(&u.dir.join("predictions.parquet"))? {
-            if p.split == "test" {
-                if let Some(other) = tested_by.insert((p.seed, p.image.clone()), &u.name) {
-                    bail!(
-                        "test image `{}` is in the test split of both `{other}` and `{}`: folds must hold out disjoint patients",
-                        p.image,
-                        u.name
-                    );
-                }
+            if p.split == "test"
+                && let Some(other) = tested_by.insert((p.seed, p.image.clone()), &u.name)
+            {
+                bail!(
+                    "test image `{}` is in the test split of both `{other}` and `{}`: folds must hold out disjoint patients",
+                    p.image,
+                    u.name
+                );
             }
             pooled.push(p);
         }

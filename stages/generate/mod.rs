@@ -173,11 +173,7 @@ impl Stage for Generate {
 /// The benign training images to translate, in generation order: as many as
 /// it takes for `malignant + n >= target_ratio * benign`. Only training-split
 /// records are ever returned.
-pub fn choose_sources<'a>(
-    set: &'a ImageSet,
-    target_ratio: f64,
-    seed: u64,
-) -> Result<Vec<&'a ImageRecord>> {
+pub fn choose_sources(set: &ImageSet, target_ratio: f64, seed: u64) -> Result<Vec<&ImageRecord>> {
     let mut benign: Vec<&ImageRecord> = set.split("train").filter(|r| !r.malignant).collect();
     let malignant = set.split("train").filter(|r| r.malignant).count();
     let wanted = (target_ratio * benign.len() as f64).round() as usize;

@@ -220,7 +220,7 @@ mod tests {
         let mut target = Vec::new();
         for p in 0..100 {
             pid.push(format!("IP_{p:04}"));
-            target.push((p % 2) as i32);
+            target.push(p % 2);
         }
         let mut tested = vec![0; pid.len()];
         for fold in 0..5 {

@@ -745,7 +745,7 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        for (got, want) in eval.iter().zip([0.160057932138443f32, 0.16236701607704163]) {
+        for (got, want) in eval.iter().zip([0.160_057_93_f32, 0.162_367_02]) {
             assert!((got - want).abs() < 2e-5, "eval logits {eval:?}");
         }
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
@@ -756,10 +756,7 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        for (got, want) in train
-            .iter()
-            .zip([0.23474647104740143f32, 0.5319917798042297])
-        {
+        for (got, want) in train.iter().zip([0.234_746_47_f32, 0.531_991_8]) {
             assert!((got - want).abs() < 2e-4, "train logits {train:?}");
         }
         // The training pass moved the running mean like PyTorch's (momentum 0.1).
@@ -771,10 +768,10 @@ mod tests {
             .to_vec1()
             .unwrap();
         for (got, want) in rm.iter().zip([
-            0.04543698579072952f32,
-            0.021913748234510422,
-            0.00902032945305109,
-            -0.016324782744050026,
+            0.045_436_986_f32,
+            0.021_913_748,
+            0.009_020_329,
+            -0.016_324_783,
         ]) {
             assert!((got - want).abs() < 1e-5, "running mean {rm:?}");
         }

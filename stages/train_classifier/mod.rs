@@ -157,7 +157,8 @@ impl Stage for TrainClassifier {
         if p.seeds.is_empty() {
             return Err("`seeds` must list at least one seed".into());
         }
-        if !(p.lr > 0.0) || p.weight_decay < 0.0 {
+        // `lr > 0` is false for NaN too, which is the point.
+        if p.lr.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || p.weight_decay < 0.0 {
             return Err("`lr` must be positive and `weight_decay` non-negative".into());
         }
         if !(p.target_ratio > 0.0 && p.target_ratio <= 10.0) {

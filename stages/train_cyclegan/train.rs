@@ -306,7 +306,7 @@ pub fn train(
             on_step(&row, total_steps);
             losses.push(row);
             steps_run += 1;
-            if step % cfg.checkpoint_every as u64 == 0 || step == total_steps {
+            if step.is_multiple_of(cfg.checkpoint_every as u64) || step == total_steps {
                 save_checkpoint(
                     scratch, step, &nets, &adam_g, &adam_d, &pool_a, &pool_b, &losses,
                 )?;

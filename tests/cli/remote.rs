@@ -354,7 +354,7 @@ fn azure_push_then_pull_into_a_fresh_clone_runs_every_stage_cached() {
 }
 
 fn push_then_pull(server: &Server) {
-    let origin = project(&server, "push-pull");
+    let origin = project(server, "push-pull");
     // A read-only remote is never written, even by a run that computes.
     origin.ok(&["run", "--remote-read-only"]);
     assert_eq!(

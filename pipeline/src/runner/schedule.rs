@@ -39,7 +39,7 @@ pub(super) struct Launch {
 }
 
 enum Step {
-    Done(StageOutcome, Output),
+    Done(Box<(StageOutcome, Output)>),
     Launch(Box<Launch>),
 }
 
@@ -68,7 +68,7 @@ impl<'r> Engine<'r> {
     ) -> Result<Vec<StageOutcome>> {
         if opts.dry_run {
             let outcomes = self.plan(opts)?;
-            outcomes.iter().for_each(|o| on_stage(o));
+            outcomes.iter().for_each(&mut *on_stage);
             return Ok(outcomes);
         }
         let _guard = self.run_lock(opts.wait)?;
@@ -129,7 +129,8 @@ impl<'r> Engine<'r> {
                     waiting.remove(k);
                     let started = Instant::now();
                     match self.step(i, opts, &outputs) {
-                        Ok(Step::Done(outcome, output)) => {
+                        Ok(Step::Done(done_step)) => {
+                            let (outcome, output) = *done_step;
                             outputs.insert(outcome.stage.clone(), output);
                             done(outcome);
                         }
@@ -228,7 +229,7 @@ impl<'r> Engine<'r> {
             };
             return self
                 .record(stage, output)
-                .map(|(o, out)| Step::Done(o, out));
+                .map(|done| Step::Done(Box::new(done)));
         };
         if opts.restore_only {
             return Err(Error::Worker(format!(

@@ -98,16 +98,15 @@ impl<'r> Engine<'r> {
                 output: record.output,
             });
         }
-        if let Work::Part { part, parts } = work {
-            if let Some(record) = self
+        if let Work::Part { part, parts } = work
+            && let Some(record) = self
                 .artifacts
                 .get_part(&fp, part, parts)?
                 .filter(|_| !force)
-            {
-                return Ok(WorkerOutcome::AlreadyCommitted {
-                    output: record.output,
-                });
-            }
+        {
+            return Ok(WorkerOutcome::AlreadyCommitted {
+                output: record.output,
+            });
         }
         let dir = self.pipeline.state_dir().join("work").join(format!(
             "{name}-{}-{}",
@@ -146,9 +145,9 @@ impl<'r> Engine<'r> {
             // The stage reads it at `out/NAME`, as in a local run (see
             // `stage_context`). Workers sharing the folder take turns writing it.
             let dir = self.pipeline.stage_out_dir(n);
-            if !self
+            if self
                 .dir_manifest(&dir)?
-                .is_some_and(|m| m.digest() == *digest)
+                .is_none_or(|m| m.digest() != *digest)
             {
                 let _turn = RunLock::acquire(
                     &self
@@ -158,9 +157,9 @@ impl<'r> Engine<'r> {
                         .join(format!("out-{n}.lock")),
                     true,
                 )?;
-                if !self
+                if self
                     .dir_manifest(&dir)?
-                    .is_some_and(|m| m.digest() == *digest)
+                    .is_none_or(|m| m.digest() != *digest)
                 {
                     self.restore(n, *digest)?;
                 }
