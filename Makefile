@@ -48,7 +48,7 @@ $(CURDIR)/.tools/bin/s3s-fs:
 $(CURDIR)/.tools/node_modules/.bin/azurite-blob:
 	npm install --prefix $(CURDIR)/.tools --no-save --no-audit --no-fund azurite@3.35.0
 
-bench: build
+bench: build weights
 	benches/engine_noop.sh
 	benches/preprocess.sh
 	benches/cyclegan.sh

@@ -7,9 +7,10 @@
 # command: one warm-up, then the median of 5 runs (hyperfine if installed,
 # else a python3 perf_counter loop; the same timer for both tools).
 #
-#   1. the default pipeline (a copy of data/pipeline.toml: synth's 4,000
-#      JPEGs and every stage after it; a train_cyclegan stage is cut to one
-#      epoch with --set so that populating stays short); DVC: one stage
+#   1. the default pipeline (a copy of data/pipeline.toml: synth's 3,000
+#      JPEGs and every stage after it; CycleGANs cut to one epoch and
+#      classifier arms to one seed with --set so that populating stays
+#      short; the ImageNet weights from `make weights`); DVC: one stage
 #      depending on the synth output folder.
 #   2. an ingest-only pipeline over a source folder of N small images plus an
 #      ISIC-format train.csv, N = 5,000, 33,126 (ISIC 2020) and 50,000; DVC:
@@ -262,20 +263,25 @@ MF_ARGS=()
 POPULATE_TIMEOUT=${BENCH_POPULATE_TIMEOUT:-300}
 
 # --------------------------------------------------------------------------
-# Row 1: the default pipeline. Populating it runs every stage once; a
-# training stage (kind train_cyclegan) is cut to one epoch with --set, passed
-# to every melanoflow command of this row, so that `make bench` stays short:
-# the no-op cost does not depend on how long the training took.
+# Row 1: the default pipeline. Populating it runs every stage once; the
+# training stages are cut short with --set (CycleGANs to one epoch, each
+# classifier arm to one seed), passed to every melanoflow command of this
+# row, so that populating fits in BENCH_POPULATE_TIMEOUT on 2 cores: the no-op
+# cost does not depend on how long the training took.
 # BENCH_DEFAULT_SET="STAGE.KEY=VALUE ..." replaces those overrides ("" = none).
 say ""
 say "== default pipeline (data/pipeline.toml) =="
 T="$W/default"
 mkdir -p "$T/data"
 cp data/pipeline.toml "$T/data/pipeline.toml"
+# The ImageNet weights the classifier arms and fidelity read (make weights),
+# at the path the pipeline file names relative to itself.
+[ -d data/weights ] && ln -s "$PWD/data/weights" "$T/data/weights"
 IFS=$'\t' read -r STAGES TRAIN_SET < <(python3 - "$T/data/pipeline.toml" <<'EOF'
 import sys, tomllib
 stages = tomllib.load(open(sys.argv[1], "rb")).get("stages", {})
 sets = [f"{n}.n_epochs=1 {n}.n_epochs_decay=0" for n, t in stages.items() if t.get("kind") == "train_cyclegan"]
+sets += [f"{n}.seeds=[0]" for n, t in stages.items() if t.get("kind") == "train_classifier"]
 print(" → ".join(stages) or "?", " ".join(sets), sep="\t")
 EOF
 ) || STAGES="?"
