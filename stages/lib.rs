@@ -9,6 +9,7 @@ pub mod generate;
 pub mod gpu_check;
 pub mod imageset;
 pub mod ingest;
+pub mod metrics;
 pub mod models;
 pub mod preprocess;
 pub mod synth;

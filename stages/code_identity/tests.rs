@@ -186,6 +186,21 @@ fn one_changed_line_changes_its_kind_and_nothing_else() {
     );
 }
 
+/// The report is `evaluate`'s alone: the classifiers' validation AUC comes
+/// from the top-level `metrics` module, so editing a figure or the report's
+/// HTML re-runs `evaluate` and no training stage.
+#[test]
+fn a_report_edit_changes_evaluate_only() {
+    let tree = Tree::copy();
+    let before = tree.identities();
+    tree.edit(
+        "stages/evaluate/report.rs",
+        "<h2>Reproducing this report</h2>",
+        "<h2>Reproducing this report.</h2>",
+    );
+    assert_eq!(changed(&before, &tree.identities()), vec!["evaluate"]);
+}
+
 #[test]
 fn a_shared_module_changes_every_kind_that_uses_it() {
     let tree = Tree::copy();

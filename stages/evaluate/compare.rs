@@ -21,9 +21,9 @@ use std::collections::HashMap;
 use anyhow::{Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use super::metrics::Interval;
 use super::paired::{delong, holm, paired_bootstrap};
 use super::report::IntervalDef;
+use crate::metrics::Interval;
 
 /// One seed's test predictions: (image name, malignant, score), any order.
 pub type SeedPredictions = Vec<(String, bool, f64)>;
@@ -258,8 +258,8 @@ fn compare_pair(a: &ArmScores, b: &ArmScores, resamples: usize, seed: u64) -> Re
 
 #[cfg(test)]
 mod tests {
-    use super::super::metrics::roc_auc;
     use super::*;
+    use crate::metrics::roc_auc;
 
     /// 40 images, every fourth malignant; score = f(image, seed).
     fn arm(name: &str, seeds: &[u64], shift: f64, reversed: bool) -> ArmScores {

@@ -23,7 +23,6 @@
 //! the git revision and the lock file's digest beside the table instead.
 
 pub mod compare;
-pub mod metrics;
 pub mod paired;
 pub mod plot;
 pub mod report;
@@ -35,10 +34,10 @@ use melanoflow_pipeline::{BoxError, Stage, StageContext, StageReport, Upstream};
 use polars::prelude::{ParquetReader, SerReader};
 use serde::{Deserialize, Serialize};
 
-use compare::{ArmScores, Comparison};
-use metrics::{
-    average_precision, bootstrap_auc_ci, roc_auc, roc_curve, sensitivity_at_specificity,
+use crate::metrics::{
+    self, average_precision, bootstrap_auc_ci, roc_auc, roc_curve, sensitivity_at_specificity,
 };
+use compare::{ArmScores, Comparison};
 use report::{ArmSummary, Provenance, SeedMetrics};
 
 pub struct Evaluate;

@@ -28,7 +28,7 @@ use std::cmp::Ordering;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::metrics::{Interval, MetricError, auc_by_ranks, check, quantile_sorted};
+use crate::metrics::{Interval, MetricError, auc_by_ranks, check, quantile_sorted};
 
 /// The 0.975 quantile of the standard normal: 95% two-sided intervals.
 pub const Z_975: f64 = 1.959_963_984_540_054;
@@ -287,8 +287,8 @@ fn erfc(x: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::metrics::{bootstrap_auc_ci, roc_auc};
     use super::*;
+    use crate::metrics::{bootstrap_auc_ci, roc_auc};
 
     #[test]
     fn erfc_matches_known_values() {

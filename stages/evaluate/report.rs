@@ -29,7 +29,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::compare::Comparison;
-use super::metrics::{Interval, mean_std};
+use crate::metrics::{Interval, mean_std};
 
 /// One augmentation arm's results over its seeds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{ClassifierData, Composition};
 use super::{Augmentation, TrainClassifierParams};
-use crate::evaluate::metrics::roc_auc;
 use crate::imageset::{ImageRecord, ImageSet};
+use crate::metrics::roc_auc;
 use crate::models::adam::Adam;
 use crate::models::efficientnet::{
     EfficientNet, EfficientNetConfig, LoadReport, init_head_for_finetuning, init_weights,

@@ -1,7 +1,9 @@
-//! Binary-classification metrics for `evaluate`: ROC-AUC, the ROC curve,
-//! average precision (PR-AUC), sensitivity at a fixed specificity, a
-//! stratified bootstrap confidence interval for ROC-AUC, and mean/std over
-//! seeds.
+//! Binary-classification metrics for `evaluate` (and the validation AUC of
+//! `train_classifier`): ROC-AUC, the ROC curve, average precision (PR-AUC),
+//! sensitivity at a fixed specificity, a stratified bootstrap confidence
+//! interval for ROC-AUC, and mean/std over seeds. A top-level module of its
+//! own so that a classifier's code identity holds these functions and not the
+//! whole report: editing a figure re-runs `evaluate` only.
 //!
 //! Promises:
 //! - Scores are "probability of malignant" (higher = more malignant); labels
