@@ -40,6 +40,7 @@ test:
 test-build:
 	$(CARGO) fmt --all --check
 	$(CARGO) test --release --workspace --no-run
+	$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
 $(CURDIR)/.tools/bin/s3s-fs:
