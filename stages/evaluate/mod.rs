@@ -312,11 +312,12 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
                     .with_context(|| format!("reading {}/train.json", u.name))?,
             )?)
         };
-        let train = read_train(up)?;
         let fold_trains = folds
             .iter()
             .map(|u| read_train(u))
             .collect::<Result<Vec<_>>>()?;
+        // The arm's settings (seeds, model, balancing) are its first fold's.
+        let train = &fold_trains[0];
         let preds = pooled_predictions(folds, &fold_trains)?;
         let mut seeds = Vec::new();
         let mut seed_predictions = Vec::new();
@@ -393,7 +394,7 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
             1 => format!("{arm} (AUC {:.3})", aucs[0]),
             n => format!("{arm} (AUC {:.3}, mean of {n})", metrics::mean_std(&aucs).0),
         };
-        let mut description = describe(&train, &gans);
+        let mut description = describe(train, &gans);
         if folds.len() > 1 {
             description += &format!(
                 "; out-of-fold predictions pooled over {} folds (best epoch and validation AUC: fold means)",

@@ -39,24 +39,15 @@ pub enum Precision {
     Bf16,
 }
 
-/// Sets the process up for `precision`, or says why this build cannot run it.
-fn apply(precision: Precision) -> std::result::Result<(), String> {
-    match precision {
-        Precision::F32 => candle_core::cuda::set_gemm_reduced_precision_f32(false),
-        Precision::Tf32 => candle_core::cuda::set_gemm_reduced_precision_f32(true),
-        // BF16 activations with F32 master weights (`models::precision`);
-        // the F32 parts (norm statistics, losses) use full-F32 matmuls.
-        Precision::Bf16 => candle_core::cuda::set_gemm_reduced_precision_f32(false),
-    }
-    Ok(())
-}
-
 impl Precision {
-    /// The dtype the activations compute in.
-    fn dtype(self) -> DType {
+    /// The same setting as the training stages' `precision` parameter, so a
+    /// timing computes what a stage would (`models::precision`).
+    fn stage_precision(self) -> crate::models::precision::Precision {
+        use crate::models::precision::Precision as Stage;
         match self {
-            Precision::Bf16 => DType::BF16,
-            Precision::F32 | Precision::Tf32 => DType::F32,
+            Precision::F32 => Stage::F32,
+            Precision::Tf32 => Stage::Tf32,
+            Precision::Bf16 => Stage::Bf16,
         }
     }
 }
@@ -87,7 +78,7 @@ pub struct BenchRow {
     pub framework: &'static str,
     pub model: BenchModel,
     pub precision: Precision,
-    /// "ok" or "skipped".
+    /// "ok" (the table script also reads "skipped", which PyTorch rows can be).
     pub status: &'static str,
     pub note: String,
     pub device: String,
@@ -213,17 +204,14 @@ pub fn bench(
         memory_method: memory::METHOD,
         last_loss: None,
     };
-    if let Err(why) = apply(precision) {
-        row.status = "skipped";
-        row.note = why;
-        return Ok(row);
-    }
+    // TF32 matmuls on a GPU while the guard lives, as in a training stage.
+    let (resolved, _tf32) = precision.stage_precision().enter(dev);
     if dev.is_cpu() && precision == Precision::Tf32 {
         row.note = "TF32 has no effect on the CPU".into();
     }
     dev.synchronize()?;
     let baseline = memory::used(dev);
-    let mut trainee = build(model, shape, pretrained, 0, precision.dtype(), dev)?;
+    let mut trainee = build(model, shape, pretrained, 0, resolved.compute_dtype(), dev)?;
     if let Some(dir) = export_dir {
         export(model, &trainee, dir, dev)?;
     }
