@@ -310,6 +310,26 @@ impl Artifacts {
         Ok(())
     }
 
+    /// Writes a named record (an experiment's) locally and on a writable
+    /// remote; the key is the caller's, outside `blobs/` and `runs/`.
+    pub fn put_record(&self, key: &str, bytes: Vec<u8>) -> Result<(), ArtifactError> {
+        let bytes = Bytes::from(bytes);
+        self.store.put(key, bytes.clone())?;
+        if let Some(remote) = self.writable_remote() {
+            remote.store.put(key, bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a named record locally and on a writable remote.
+    pub fn delete_record(&self, key: &str) -> Result<(), ArtifactError> {
+        self.store.delete(key)?;
+        if let Some(remote) = self.writable_remote() {
+            remote.store.delete(key)?;
+        }
+        Ok(())
+    }
+
     /// Records what part `part` of `parts` of a split stage produced, after
     /// its blobs and manifest are stored.
     pub fn put_part(

@@ -110,10 +110,35 @@ pub enum Command {
         #[arg(long)]
         mermaid: bool,
     },
-    /// Delete store blobs and run records that no lock file beside the pipeline file references.
+    /// Delete store blobs and run records that no lock file beside the
+    /// pipeline file, and no experiment, references.
     Gc {
         #[arg(long, short = 'n')]
         dry_run: bool,
+        /// Keep only what the workspace's lock files reference: experiments'
+        /// results go too (their records stay, and `exp apply` refuses them).
+        #[arg(long)]
+        workspace_only: bool,
+    },
+    /// Experiments: named runs with overrides, kept beside the workspace.
+    Exp {
+        #[command(subcommand)]
+        command: crate::experiments::cli::ExpCommand,
+    },
+    /// Parameters, outputs and metrics between two states: git revisions of
+    /// the lock file, experiments (`exp:NAME`) or the workspace (default:
+    /// HEAD vs the workspace). Metrics on the same test images carry a
+    /// paired test.
+    Diff {
+        /// A (default HEAD).
+        a: Option<String>,
+        /// B (default workspace).
+        b: Option<String>,
+        /// Markdown, for a CI comment.
+        #[arg(long, conflicts_with = "json")]
+        md: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Re-hash stored outputs and output folders against the lock file; with
     /// `--rerun`, re-execute stages from scratch and compare their outputs.
@@ -281,6 +306,25 @@ fn run_app(
 }
 
 fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
+    match &cli.command {
+        Command::Exp { command } => return crate::experiments::cli::exp(cli, registry, command),
+        Command::Diff { a, b, md, json } => {
+            use crate::experiments::cli::Format;
+            let format = match (md, json) {
+                (true, _) => Format::Markdown,
+                (_, true) => Format::Json,
+                _ => Format::Terminal,
+            };
+            return crate::experiments::cli::diff(
+                cli,
+                registry,
+                a.as_deref(),
+                b.as_deref(),
+                format,
+            );
+        }
+        _ => {}
+    }
     if let Command::Kinds = cli.command {
         for k in registry.kinds() {
             println!(
@@ -389,13 +433,21 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
             print!("{text}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Gc { dry_run } => {
+        Command::Gc {
+            dry_run,
+            workspace_only,
+        } => {
             let engine = Engine::open(pipeline, registry, progress)?;
             let _guard = engine.run_lock(true)?;
-            let locks: Vec<_> = maintenance::lock_files_in(&engine.pipeline.base_dir)?
+            let mut locks: Vec<_> = maintenance::lock_files_in(&engine.pipeline.base_dir)?
                 .into_iter()
                 .map(|(_, l)| l)
                 .collect();
+            if !workspace_only {
+                locks.extend(crate::experiments::all_lock_files(
+                    &engine.pipeline.state_dir(),
+                )?);
+            }
             let r = maintenance::gc(engine.artifacts(), &locks, *dry_run)?;
             let verb = if *dry_run { "would delete" } else { "deleted" };
             let parts = if r.deleted_parts > 0 {
@@ -560,14 +612,16 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Kinds => unreachable!("handled above"),
+        Command::Kinds | Command::Exp { .. } | Command::Diff { .. } => {
+            unreachable!("handled above")
+        }
         Command::App(_) => unreachable!("handled by run_app"),
     }
 }
 
 /// How Slurm jobs call this binary back: the same program (or `[executor]
 /// command`), the same pipeline file and the same global options.
-fn worker_command(
+pub(crate) fn worker_command(
     cli: &Cli,
     pipeline: &config::Pipeline,
 ) -> Result<crate::slurm::WorkerCommand, Error> {

@@ -30,6 +30,9 @@ pub struct Pipeline {
     pub remote: Option<RemoteConfig>,
     /// Where stage outputs are materialised: `OUT/STAGE/`.
     pub out_dir: PathBuf,
+    /// The lock file: beside the pipeline file (`pipeline.toml` ->
+    /// `pipeline.lock`), or an experiment's own (`experiments.rs`).
+    pub lock_file: PathBuf,
     /// How stages are run (`[executor]`).
     pub executor: ExecutorConfig,
     /// Stages in a topological order (upstreams first), ties in file order.
@@ -102,9 +105,8 @@ impl Pipeline {
         self.stages.iter().find(|s| s.name == name)
     }
 
-    /// The lock file beside the pipeline file: `pipeline.toml` -> `pipeline.lock`.
     pub fn lock_path(&self) -> PathBuf {
-        self.file.with_extension("lock")
+        self.lock_file.clone()
     }
 
     /// Engine state that is neither output nor store: the file hash cache, staging.
@@ -446,6 +448,7 @@ pub fn parse(
 
     Ok(Pipeline {
         file: file.into(),
+        lock_file: file.with_extension("lock"),
         out_dir: base_dir.join(out),
         base_dir,
         store_url,

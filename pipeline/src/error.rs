@@ -62,6 +62,8 @@ pub enum Error {
     Worker(String),
     #[error("slurm: {0}")]
     Slurm(String),
+    #[error("{0}")]
+    Experiment(String),
     #[error("unknown command `{0}`; see `melanoflow --help`")]
     UnknownCommand(String),
 }

@@ -22,6 +22,7 @@ pub mod context;
 pub mod dag;
 pub mod digest;
 pub mod error;
+pub mod experiments;
 pub mod filecache;
 pub mod fingerprint;
 pub mod fsutil;

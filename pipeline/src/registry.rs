@@ -283,10 +283,11 @@ impl<S: Stage> DynStage for Typed<S> {
     }
 }
 
-/// Every stage kind the binary knows.
+/// Every stage kind the binary knows, and how to read its results.
 #[derive(Default)]
 pub struct Registry {
     kinds: Vec<Box<dyn DynStage>>,
+    results: Option<Box<dyn crate::experiments::ResultReader>>,
 }
 
 impl Registry {
@@ -309,6 +310,21 @@ impl Registry {
             .iter()
             .find(|k| k.kind() == kind)
             .map(|k| k.as_ref())
+    }
+
+    /// How `exp` and `diff` read metrics and paired tests out of a finished
+    /// workspace (the application's; without one they show parameters and
+    /// outputs only).
+    pub fn set_results(
+        &mut self,
+        reader: impl crate::experiments::ResultReader + 'static,
+    ) -> &mut Self {
+        self.results = Some(Box::new(reader));
+        self
+    }
+
+    pub fn results(&self) -> Option<&dyn crate::experiments::ResultReader> {
+        self.results.as_deref()
     }
 
     pub fn kinds(&self) -> impl Iterator<Item = &dyn DynStage> {

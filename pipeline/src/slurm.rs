@@ -82,44 +82,24 @@ pub fn run(
     on_line: &mut dyn FnMut(&str),
     on_stage: &mut dyn FnMut(&StageOutcome),
 ) -> Result<Vec<StageOutcome>> {
-    let cfg = engine.pipeline.executor.clone();
     let plan = engine.plan(opts)?;
-    let to_run: Vec<&StageOutcome> = plan.iter().filter(|o| o.state == State::WouldRun).collect();
-    if !to_run.is_empty() {
-        let log_dir = engine.pipeline.state_dir().join("slurm");
-        std::fs::create_dir_all(&log_dir).map_err(|e| Error::io(&log_dir, e))?;
-        let interrupted = Arc::new(AtomicBool::new(false));
-        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            signal_hook::flag::register(signal, interrupted.clone())
-                .map_err(|e| Error::io("signal handler", e))?;
-        }
-        let mut jobs: Vec<Job> = Vec::new();
-        let submitted = submit_all(
-            engine, opts, &cfg, worker, &to_run, &log_dir, &mut jobs, on_line,
-        );
-        if let Err(e) = submitted {
-            cancel(&jobs, on_line);
-            return Err(e);
-        }
-        follow(&mut jobs, &cfg, &interrupted, on_line)?;
-        let failed: Vec<&Job> = jobs.iter().filter(|j| j.state != "COMPLETED").collect();
-        if !failed.is_empty() && opts.keep_going {
-            return finish_keep_going(engine, opts, &plan, &jobs, on_stage);
-        }
-        if !failed.is_empty() {
-            let names: Vec<String> = failed
-                .iter()
-                .map(|j| format!("{} (job {} {})", j.stage, j.id, j.state))
-                .collect();
-            return Err(Error::Slurm(format!(
-                "{} of {} job(s) did not complete: {}",
-                failed.len(),
-                jobs.len(),
-                names.join(", ")
-            )));
-        }
+    let log_dir = engine.pipeline.state_dir().join("slurm");
+    let mut batch = Batch::default();
+    batch.submit_plan(engine, opts, worker, &plan, &log_dir, on_line)?;
+    let failed = batch.follow(&engine.pipeline.executor.clone(), on_line)?;
+    if !failed.is_empty() && opts.keep_going {
+        return finish_keep_going(engine, opts, &plan, &batch.jobs, on_stage);
     }
-    // Everything is in the store now: write the folders and the lock file.
+    batch.check(&failed)?;
+    restore_pass(engine, opts, on_stage)
+}
+
+/// Everything is in the store now: write the folders and the lock file.
+pub fn restore_pass(
+    engine: &mut Engine,
+    opts: &RunOptions,
+    on_stage: &mut dyn FnMut(&StageOutcome),
+) -> Result<Vec<StageOutcome>> {
     let final_pass = RunOptions {
         force: false,
         jobs: 1,
@@ -127,6 +107,125 @@ pub fn run(
         ..opts.clone()
     };
     engine.run(&final_pass, on_stage)
+}
+
+/// The jobs of one or more plans submitted together (a sweep of
+/// experiments): a stage planned by several of them with the same `key` is
+/// submitted once, and every plan's downstream jobs depend on that one job.
+#[derive(Default)]
+pub struct Batch {
+    jobs: Vec<Job>,
+    /// Job id of each submitted stage, by key.
+    ids: BTreeMap<String, String>,
+    interrupted: Option<Arc<AtomicBool>>,
+}
+
+impl Batch {
+    /// Jobs submitted so far (a shared stage counts once).
+    pub fn submitted(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Submits the stages of `plan` that must run, keyed by stage name.
+    pub fn submit_plan(
+        &mut self,
+        engine: &Engine,
+        opts: &RunOptions,
+        worker: &WorkerCommand,
+        plan: &[StageOutcome],
+        log_dir: &Path,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        self.submit_keyed(
+            engine,
+            opts,
+            worker,
+            plan,
+            log_dir,
+            &|s: &str| s.to_string(),
+            on_line,
+        )
+    }
+
+    /// Submits the stages of `plan` that must run and whose `key` has not
+    /// been submitted yet; upstream jobs are found by their keys.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_keyed(
+        &mut self,
+        engine: &Engine,
+        opts: &RunOptions,
+        worker: &WorkerCommand,
+        plan: &[StageOutcome],
+        log_dir: &Path,
+        key: &dyn Fn(&str) -> String,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        let to_run: Vec<&StageOutcome> =
+            plan.iter().filter(|o| o.state == State::WouldRun).collect();
+        if to_run.is_empty() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(log_dir).map_err(|e| Error::io(log_dir, e))?;
+        if self.interrupted.is_none() {
+            let interrupted = Arc::new(AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(signal, interrupted.clone())
+                    .map_err(|e| Error::io("signal handler", e))?;
+            }
+            self.interrupted = Some(interrupted);
+        }
+        let cfg = &engine.pipeline.executor;
+        let submitted = submit_all(
+            engine,
+            opts,
+            cfg,
+            worker,
+            &to_run,
+            log_dir,
+            key,
+            &mut self.ids,
+            &mut self.jobs,
+            on_line,
+        );
+        if let Err(e) = submitted {
+            cancel(&self.jobs, on_line);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Follows every submitted job to its end; returns the ones that did not
+    /// complete.
+    pub fn follow(
+        &mut self,
+        cfg: &ExecutorConfig,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<Vec<String>> {
+        if self.jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let interrupted = self.interrupted.clone().unwrap_or_default();
+        follow(&mut self.jobs, cfg, &interrupted, on_line)?;
+        Ok(self
+            .jobs
+            .iter()
+            .filter(|j| j.state != "COMPLETED")
+            .map(|j| format!("{} (job {} {})", j.stage, j.id, j.state))
+            .collect())
+    }
+
+    /// An error naming the jobs that did not complete, if any.
+    pub fn check(&self, failed: &[String]) -> Result<()> {
+        if failed.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Slurm(format!(
+            "{} of {} job(s) did not complete: {}",
+            failed.len(),
+            self.jobs.len(),
+            failed.join(", ")
+        )))
+    }
 }
 
 /// `--keep-going` after some jobs failed: Slurm has already run every job
@@ -250,11 +349,15 @@ fn submit_all(
     worker: &WorkerCommand,
     to_run: &[&StageOutcome],
     log_dir: &Path,
+    key: &dyn Fn(&str) -> String,
+    ids: &mut BTreeMap<String, String>,
     jobs: &mut Vec<Job>,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<()> {
-    let mut ids: BTreeMap<&str, String> = BTreeMap::new();
     for o in to_run {
+        if ids.contains_key(&key(&o.stage)) {
+            continue;
+        }
         let decl = engine
             .pipeline
             .stage(&o.stage)
@@ -262,7 +365,7 @@ fn submit_all(
         let mut deps: Vec<String> = decl
             .inputs
             .iter()
-            .filter_map(|n| ids.get(n.as_str()).cloned())
+            .filter_map(|n| ids.get(&key(n)).cloned())
             .collect();
         let mut stage_args = vec!["run-stage".to_string(), decl.name.clone()];
         // Known now when every upstream is cached: the worker then refuses to
@@ -308,7 +411,7 @@ fn submit_all(
             jobs,
             on_line,
         )?;
-        ids.insert(&o.stage, id);
+        ids.insert(key(&o.stage), id);
     }
     Ok(())
 }
