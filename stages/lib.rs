@@ -4,6 +4,7 @@
 
 pub mod code_identity;
 pub mod evaluate;
+pub mod exp_report;
 pub mod fidelity;
 pub mod generate;
 pub mod gpu_check;
@@ -29,7 +30,8 @@ pub fn registry() -> Registry {
         .register(generate::Generate)
         .register(train_classifier::TrainClassifier)
         .register(fidelity::Fidelity)
-        .register(evaluate::Evaluate);
+        .register(evaluate::Evaluate)
+        .set_results(evaluate::results::EvaluateResults);
     r
 }
 

@@ -14,6 +14,11 @@ fn main() -> std::process::ExitCode {
                 run: melanoflow::evaluate::metrics_command,
             },
             AppCommand {
+                name: "report",
+                about: "One HTML page comparing experiments: metrics, paired tests, ROC curves",
+                run: melanoflow::exp_report::report_command,
+            },
+            AppCommand {
                 name: "convert-weights",
                 about: "Convert legacy PyTorch EfficientNet weights to safetensors (make weights)",
                 run: melanoflow::weights::convert_command,

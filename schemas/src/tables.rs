@@ -149,3 +149,20 @@ pub const CLASSIFIER_HISTORY: ArtifactSchema = ArtifactSchema {
         ]
     },
 };
+
+/// `evaluate/test_scores.parquet`: every arm's test score per seed and image
+/// (out-of-fold where the arm is a `foreach` of folds), what `diff` pairs
+/// across experiments and revisions.
+pub const TEST_SCORES: ArtifactSchema = ArtifactSchema {
+    name: "test_scores",
+    version: 1,
+    fields: || {
+        vec![
+            Field::new("arm", DataType::Utf8, false),
+            Field::new("seed", DataType::Int64, false),
+            Field::new("image_name", DataType::Utf8, false),
+            Field::new("target", DataType::Int32, false),
+            Field::new("score", DataType::Float64, false),
+        ]
+    },
+};

@@ -208,6 +208,18 @@ pub fn compare_arms(arms: &[ArmScores], resamples: usize, seed: u64) -> Result<V
     Ok(comparisons)
 }
 
+/// DeLong's test of two arms' seed-ensemble scores, matched image by image
+/// (an error when their test images or labels differ).
+pub fn delong_pooled(a: &ArmScores, b: &ArmScores) -> Result<super::paired::DeLong> {
+    let order = match_images(a, b)?;
+    let sb: Vec<f64> = {
+        let pooled = b.pooled();
+        order.iter().map(|&j| pooled[j]).collect()
+    };
+    delong(&a.pooled(), &sb, &a.labels())
+        .map_err(|e| anyhow!("comparing `{}` with `{}`: {e}", a.arm, b.arm))
+}
+
 fn compare_pair(a: &ArmScores, b: &ArmScores, resamples: usize, seed: u64) -> Result<Comparison> {
     let order = match_images(a, b)?;
     let labels = a.labels();

@@ -14,6 +14,7 @@
 //! (`compare`, `paired`).
 //!
 //! Outputs: `metrics.json` (every number; what `melanoflow metrics` prints),
+//! `test_scores.parquet` (every arm's test scores, what `diff` pairs),
 //! `roc.png` (every arm), `training.png` (validation ROC-AUC per epoch),
 //! `cyclegan_losses.png`, the CycleGAN sample grids, `report.md` and
 //! `report.html` (self-contained). Same inputs and seed, same bytes: the
@@ -26,6 +27,8 @@ pub mod compare;
 pub mod paired;
 pub mod plot;
 pub mod report;
+pub mod results;
+pub mod scores;
 
 use std::path::Path;
 
@@ -416,6 +419,7 @@ fn run(p: &EvaluateParams, ctx: &StageContext) -> Result<StageReport> {
     let comparisons = compare::compare_arms(&arm_scores, p.bootstrap_resamples, p.seed)?;
 
     let out = &ctx.out_dir;
+    scores::write(&out.join(scores::FILE), &arm_scores)?;
     plot::roc_png(&out.join("roc.png"), &roc_series)?;
     plot::loss_curves_png(
         &out.join("training.png"),

@@ -39,6 +39,15 @@ pub fn roc_png(path: &Path, curves: &[RocSeries]) -> Result<()> {
     save(&render_roc(curves).0, path)
 }
 
+/// [`roc_png`]'s image as PNG bytes, for embedding.
+pub fn roc_png_bytes(curves: &[RocSeries]) -> Result<Vec<u8>> {
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    render_roc(curves)
+        .0
+        .write_to(&mut bytes, ImageFormat::Png)?;
+    Ok(bytes.into_inner())
+}
+
 /// Draws training curves (x = position in the vector, i.e. the step or
 /// epoch index; y auto-scaled) titled `title`, one colour per series, and
 /// writes a 720x480 PNG.

@@ -348,7 +348,7 @@ fn emphasis_html(escaped: &str) -> String {
     out
 }
 
-const STYLE: &str = "\
+pub(crate) const STYLE: &str = "\
 body{margin:0;background:#fafafa;color:#1a1a1a;\
 font:16px/1.5 system-ui,-apple-system,'Segoe UI',Roboto,'Helvetica Neue',Arial,sans-serif}\
 main{max-width:1000px;margin:0 auto;padding:2rem 1.5rem 4rem;background:#fff}\
@@ -612,7 +612,7 @@ fn html_table(table: &Table, caption: Option<&str>) -> String {
     out
 }
 
-fn escape_html(text: &str) -> String {
+pub(crate) fn escape_html(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for ch in text.chars() {
         match ch {

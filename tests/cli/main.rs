@@ -7,6 +7,7 @@ mod fixture;
 mod classifier;
 mod cyclegan;
 mod engine;
+mod experiments;
 mod fidelity;
 mod golden;
 mod gpu_check;

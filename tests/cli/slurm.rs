@@ -7,7 +7,8 @@
 //! 1. the CI pipeline (every stage kind; preprocess and generate as job
 //!    arrays of parts, each then an assembling job) through Slurm writes the
 //!    same lock file as a local run, and a second run submits nothing;
-//! 2. a changed parameter submits only that stage and its downstream;
+//! 2. a changed parameter submits only that stage and its downstream; a
+//!    sweep of two experiments submits the stages they share once;
 //! 3. a worker killed mid-stage commits nothing, and the re-run succeeds;
 //! 4. a failing stage cancels its dependants and is reported with job id,
 //!    exit code and log; a stage on `device = "cuda"` asks for a GPU and
@@ -195,6 +196,58 @@ fn the_pipeline_runs_on_a_real_slurm_cluster() {
         ["evaluate"],
         "{}",
         changed.stdout
+    );
+
+    // 2b. A sweep of two experiments in one batch: the stages they share
+    // (gan at ngf 6 and what follows it up to cyclegan) are submitted once,
+    // and both experiments' evaluate jobs wait for that one cyclegan job.
+    let sweep = p.ok(&[
+        "exp",
+        "run",
+        "--executor",
+        "slurm",
+        "--name",
+        "sw",
+        "--set",
+        "gan.ngf=6",
+        "--sweep",
+        "classical.lr=2e-3,4e-3",
+    ]);
+    let jobs = submitted(&sweep);
+    assert_eq!(
+        stages_of(&jobs),
+        [
+            "gan",
+            "generate[0-1]",
+            "generate",
+            "classical",
+            "cyclegan",
+            "evaluate",
+            "classical",
+            "evaluate"
+        ],
+        "{}",
+        sweep.stdout
+    );
+    let cyclegan = &jobs[4].1;
+    let evaluates: Vec<&str> = sweep
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("submit   evaluate:"))
+        .collect();
+    assert!(
+        evaluates.len() == 2 && evaluates.iter().all(|l| l.contains(cyclegan.as_str())),
+        "{}",
+        sweep.stdout
+    );
+    let show: serde_json::Value =
+        serde_json::from_str(&p.ok(&["exp", "show", "--json"]).stdout).unwrap();
+    let rows = show["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{show:#}");
+    assert!(
+        rows.iter()
+            .all(|r| r["metrics"]["classical auc"].as_f64().is_some()),
+        "{show:#}"
     );
 
     // 3. Kill a worker mid-stage: nothing of it is committed; the re-run succeeds.

@@ -308,7 +308,8 @@ impl Diff {
         let (ci, p) = match &m.paired {
             // The test's difference is A - B; the table's is B - A.
             Some(t) => (
-                format!("[{:+.4}, {:+.4}]", -t.ci.1, -t.ci.0),
+                // `0.0 - x`, not `-x`: no "-0.0000" for a zero bound.
+                format!("[{:+.4}, {:+.4}]", 0.0 - t.ci.1, 0.0 - t.ci.0),
                 format!("{} ({})", p_value(t.p), t.test),
             ),
             None => ("".into(), "".into()),
