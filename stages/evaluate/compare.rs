@@ -299,6 +299,21 @@ mod tests {
     }
 
     #[test]
+    fn delong_between_runs_matches_images_by_name() {
+        // The same arm in two runs, its rows in opposite orders.
+        let (a, b) = (arm("x", &[0, 1], 0.3, false), arm("x", &[0, 1], 0.6, true));
+        let d = delong_pooled(&a, &b).unwrap();
+        let aligned: Vec<f64> = b.pooled().into_iter().rev().collect();
+        let want = delong(&a.pooled(), &aligned, &a.labels()).unwrap();
+        assert_eq!(d, want);
+        assert!((d.auc_b - roc_auc(&aligned, &a.labels()).unwrap()).abs() < 1e-15);
+        // Another test split cannot be paired.
+        let mut other = arm("x", &[0], 0.3, false);
+        other.images[3].0 = "ISIC_999".into();
+        assert!(delong_pooled(&a, &other).is_err());
+    }
+
+    #[test]
     fn pools_by_image_and_matches_arms_by_name() {
         // The same predictions in reverse row order: same pooled scores per
         // image, so a difference of exactly 0 and p = 1.
