@@ -41,6 +41,10 @@ pub struct Cli {
     /// Read from the remote store, never write to it (CI runners).
     #[arg(long, global = true)]
     pub remote_read_only: bool,
+    /// Use this experiment's lock file and output folders instead of the
+    /// workspace's (how `exp run --executor slurm` calls its workers).
+    #[arg(long, global = true, hide = true, value_name = "NAME")]
+    pub experiment: Option<String>,
     /// More logging (-v info, -vv debug).
     #[arg(long, short, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -339,6 +343,10 @@ fn dispatch(cli: &Cli, registry: &Registry) -> Result<ExitCode, Error> {
     let mut pipeline = config::load(&cli.config, registry, &cli.overrides)?;
     if let Some(remote) = pipeline.remote.as_mut() {
         remote.read_only |= cli.remote_read_only;
+    }
+    if let Some(name) = &cli.experiment {
+        crate::experiments::check_name(name)?;
+        crate::experiments::redirect(&mut pipeline, name);
     }
     let progress = Progress::new(cli.quiet);
     match &cli.command {

@@ -117,9 +117,13 @@ fn submit_and_follow(
             program: worker.program.clone(),
             global_args: worker.global_args.clone(),
         };
+        // Its own `--set`s, and its own folders: a worker restores the
+        // stage's upstream outputs into the experiment's `out/`, never the
+        // workspace's or another experiment's.
         worker
             .global_args
             .extend(p.overrides.iter().map(|o| format!("--set={o}")));
+        worker.global_args.push(format!("--experiment={}", p.name));
         let log_dir = super::experiment_dir(&engine.pipeline, &p.name).join("slurm");
         let key = |stage: &str| keys[stage].clone();
         batch.submit_keyed(engine, &opts.run, &worker, &plan, &log_dir, &key, on_line)?;

@@ -213,7 +213,10 @@ impl<'r> Engine<'r> {
         } else {
             self.artifacts.put_run_once(&fp, &record)?
         };
-        self.remove_scratch(&name);
+        // Only this fingerprint's: workers of other fingerprints of the same
+        // stage (experiments of a sweep) may be running beside this one.
+        let scratch = self.scratch_dir(&name, &fp);
+        let _ = fsutil::remove_dir_if_exists(&scratch);
         if stood.output != digest {
             tracing::warn!(
                 "stage `{name}`: another worker committed {} for this fingerprint first; its result stands (this run wrote {})",
