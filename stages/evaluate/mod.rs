@@ -682,33 +682,10 @@ pub fn metrics_command(
     }
     println!(
         "git revision {}",
-        git_revision(&pipeline.base_dir).unwrap_or_else(|| "unknown (not a git checkout)".into())
+        melanoflow_pipeline::experiments::git_revision(&pipeline.base_dir)
+            .unwrap_or_else(|| "unknown (not a git checkout)".into())
     );
     Ok(std::process::ExitCode::SUCCESS)
-}
-
-/// `git rev-parse HEAD` in `dir`, with " (modified)" when tracked files
-/// differ from it; None without git or outside a repository.
-fn git_revision(dir: &Path) -> Option<String> {
-    let git = |args: &[&str]| {
-        std::process::Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(args)
-            .stderr(std::process::Stdio::null())
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let head = git(&["rev-parse", "HEAD"]).filter(|h| !h.is_empty())?;
-    let dirty =
-        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-    Some(if dirty {
-        format!("{head} (modified)")
-    } else {
-        head
-    })
 }
 
 #[cfg(test)]

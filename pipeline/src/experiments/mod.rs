@@ -263,15 +263,26 @@ pub fn all_lock_files(state_dir: &Path) -> Result<Vec<LockFile>> {
     Ok(locks)
 }
 
-/// The workspace's git revision (`HEAD`), if it is a git checkout.
+/// The workspace's git revision (`HEAD`), with ` (modified)` when tracked
+/// files differ from it; `None` outside a git checkout.
 pub fn git_revision(dir: &Path) -> Option<String> {
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let head = git(&["rev-parse", "HEAD"]).filter(|h| !h.is_empty())?;
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    Some(if dirty {
+        format!("{head} (modified)")
+    } else {
+        head
+    })
 }

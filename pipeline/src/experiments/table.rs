@@ -144,9 +144,16 @@ impl Table {
         c
     }
 
-    /// Aligned columns, at most `width` characters a line.
+    /// Aligned columns, at most `width` characters a line. A suffix every
+    /// metric shares (` auc`) is said once, under the table, to save width.
     pub fn terminal(&self, width: usize) -> String {
-        let header = self.header();
+        let mut header = self.header();
+        let suffix = common_suffix(&self.metrics);
+        if !suffix.is_empty() {
+            for h in &mut header[1 + self.params.len()..] {
+                h.truncate(h.len() - suffix.len());
+            }
+        }
         let body: Vec<Vec<String>> = self.rows.iter().map(|r| self.cells(r)).collect();
         let widths: Vec<usize> = (0..header.len())
             .map(|j| {
@@ -183,12 +190,18 @@ impl Table {
         for r in &body {
             out.push_str(&line(r));
         }
-        if shown < header.len() {
+        if !suffix.is_empty() {
             out.push_str(&format!(
-                "({} more column(s) in --json, --csv, --md: {})\n",
-                header.len() - shown,
-                header[shown..].join(", ")
+                "(each metric column NAME is the metric `NAME{suffix}`)\n"
             ));
+        }
+        if shown < header.len() {
+            let note = format!(
+                "({} more column(s) in --json, --csv, --md: {})",
+                header.len() - shown,
+                self.header()[shown..].join(", ")
+            );
+            out.push_str(&wrap(&note, width));
         }
         out
     }
@@ -229,6 +242,46 @@ impl Table {
             out.push_str(&line(cells));
         }
         out
+    }
+}
+
+/// `text` in lines of at most `width` characters, broken at spaces.
+fn wrap(text: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for word in text.split(' ') {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            out.push_str(&line);
+            out.push('\n');
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    out.push_str(&line);
+    out.push('\n');
+    out
+}
+
+/// The ` word` suffix every name shares (after a space, never a whole
+/// name), or "".
+fn common_suffix(names: &[String]) -> String {
+    let Some(first) = names.first() else {
+        return String::new();
+    };
+    let Some(at) = first.rfind(' ') else {
+        return String::new();
+    };
+    let suffix = &first[at..];
+    let shared = names
+        .iter()
+        .all(|n| n.len() > suffix.len() && n.ends_with(suffix));
+    if shared {
+        suffix.to_string()
+    } else {
+        String::new()
     }
 }
 
@@ -295,6 +348,11 @@ mod tests {
         let text = t.terminal(100);
         assert!(text.starts_with("experiment"), "{text}");
         assert!(text.contains("0.8000"), "{text}");
+        assert!(text.lines().next().unwrap().ends_with("  arm"), "{text}");
+        assert!(
+            text.contains("(each metric column NAME is the metric `NAME auc`)"),
+            "{text}"
+        );
         assert!(
             t.markdown().contains("| b | 0.0003 | 0.8000 |"),
             "{}",
@@ -307,7 +365,7 @@ mod tests {
     fn the_terminal_table_fits_the_width_and_names_what_it_left_out() {
         let metrics: Vec<Metric> = (0..12)
             .map(|i| Metric {
-                name: format!("arm_{i} auc"),
+                name: format!("augmentation_arm_{i} auc"),
                 value: 0.5,
             })
             .collect();
