@@ -90,7 +90,7 @@ fn render(pipeline: &melanoflow_pipeline::config::Pipeline, names: &[String]) ->
                 overrides: record.overrides.clone(),
                 out_dir: experiments::experiment_dir(pipeline, name).join("out"),
             });
-            records.push(record);
+            records.push((record, true));
         }
     }
     let reader = EvaluateResults;

@@ -321,6 +321,29 @@ impl Artifacts {
         Ok(())
     }
 
+    /// Keys of named records under `prefix`, in the local store and on the
+    /// remote, sorted, each once.
+    pub fn list_records(&self, prefix: &str) -> Result<Vec<String>, ArtifactError> {
+        let mut keys = self.store.list(prefix)?;
+        if let Some(remote) = self.remote() {
+            keys.extend(remote.store.list(prefix)?);
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    /// A named record: the local store's, else the remote's.
+    pub fn get_record(&self, key: &str) -> Result<Option<Bytes>, ArtifactError> {
+        if let Some(bytes) = self.store.get(key)? {
+            return Ok(Some(bytes));
+        }
+        match self.remote() {
+            Some(remote) => Ok(remote.store.get(key)?),
+            None => Ok(None),
+        }
+    }
+
     /// Deletes a named record locally and on a writable remote.
     pub fn delete_record(&self, key: &str) -> Result<(), ArtifactError> {
         self.store.delete(key)?;

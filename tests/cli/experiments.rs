@@ -250,3 +250,54 @@ fn sweeps_share_stages_show_apply_and_diff() {
         before
     );
 }
+
+/// An experiment run in one clone is listed, compared and applied in
+/// another through the remote store, without running anything there.
+#[test]
+fn experiments_travel_through_the_remote() {
+    let remote = tempfile::tempdir().unwrap();
+    let pipeline = CI_PIPELINE.replace(
+        "url = \"out/ci_small.store\"",
+        &format!(
+            "url = \"out/ci_small.store\"\nremote = \"{}\"",
+            remote.path().display()
+        ),
+    );
+    assert_ne!(pipeline, CI_PIPELINE, "data/ci_small.toml changed shape");
+    let a = Project::new(&pipeline);
+    a.ok(&[
+        "exp",
+        "run",
+        "-q",
+        "--name",
+        "shared",
+        "--set",
+        "classical.lr=3e-3",
+    ]);
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            a.path("data/.melanoflow/experiments/pipeline/shared/record.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+
+    let b = Project::new(&pipeline);
+    let show = json(&b.ok(&["exp", "show", "--json"]));
+    let rows = show["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{show:#}");
+    assert_eq!(rows[0]["name"], "shared");
+    assert_eq!(rows[0]["here"], false);
+    for m in record["metrics"].as_array().unwrap() {
+        assert_eq!(rows[0]["metrics"][m["name"].as_str().unwrap()], m["value"]);
+    }
+    let table = b.ok(&["exp", "show"]).stdout;
+    assert!(table.contains("shared *"), "{table}");
+
+    let applied = b.ok(&["exp", "apply", "shared"]);
+    assert!(applied.stdout.contains("nothing ran"), "{}", applied.stdout);
+    let after = b.ok(&["run"]);
+    assert!(after.stdout.contains("8 cached"), "{}", after.stdout);
+    let lock: toml::Value = toml::from_str(&b.lock()).unwrap();
+    assert_eq!(lock, toml::Value::try_from(&record["lock"]).unwrap());
+}

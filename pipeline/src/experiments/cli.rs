@@ -146,10 +146,12 @@ pub fn exp(cli: &Cli, registry: &Registry, command: &ExpCommand) -> Result<ExitC
             sort,
         } => {
             let pipeline = config::load(&cli.config, registry, &cli.overrides)?;
-            let records = super::list(&pipeline)?;
+            let engine = Engine::open(pipeline, registry, progress)?;
+            let pipeline = &engine.pipeline;
+            let records = super::list_shared(pipeline, engine.artifacts())?;
             let lock = crate::lockfile::LockFile::load(&pipeline.lock_path())?;
             let metrics = match registry.results() {
-                Some(r) => r.metrics(&pipeline, &pipeline.out_dir).map_err(|e| {
+                Some(r) => r.metrics(pipeline, &pipeline.out_dir).map_err(|e| {
                     Error::Experiment(format!("reading the workspace's metrics: {e}"))
                 })?,
                 None => Vec::new(),
@@ -178,7 +180,10 @@ pub fn exp(cli: &Cli, registry: &Registry, command: &ExpCommand) -> Result<ExitC
         }
         ExpCommand::Apply { name } => {
             let pipeline = config::load(&cli.config, registry, &[])?;
-            let record = super::load(&pipeline, name)?;
+            let record = {
+                let engine = Engine::open(pipeline, registry, progress.clone())?;
+                super::load_shared(&engine.pipeline, engine.artifacts(), name)?
+            };
             let applied = super::apply::apply(&cli.config, registry, &record, progress)?;
             println!(
                 "applied experiment `{name}`: {} written into {}; {} output folder(s) restored; nothing ran",

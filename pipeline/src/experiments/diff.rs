@@ -199,7 +199,7 @@ fn load_side(engine: &Engine, registry: &Registry, side: &Side, scratch: &Path) 
             out_dir: Some(pipeline.out_dir.clone()),
         }),
         Side::Experiment(name) => {
-            let record = super::load(pipeline, name)?;
+            let record = super::load_shared(pipeline, engine.artifacts(), name)?;
             let dir = super::experiment_dir(pipeline, name).join("out");
             let out_dir = if dir.is_dir() {
                 Some(dir)

@@ -164,6 +164,60 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
+/// Every experiment of this pipeline: those run here, then those only in
+/// the store or on the remote (run elsewhere and shared), each by name.
+/// The flag says whether its folders are here.
+pub fn list_shared(
+    pipeline: &Pipeline,
+    artifacts: &crate::artifacts::Artifacts,
+) -> Result<Vec<(ExperimentRecord, bool)>> {
+    let mut all: Vec<(ExperimentRecord, bool)> =
+        list(pipeline)?.into_iter().map(|r| (r, true)).collect();
+    let prefix = record_key(pipeline, "");
+    let prefix = prefix.trim_end_matches(".json");
+    for key in artifacts.list_records(prefix)? {
+        let Some(name) = key
+            .strip_prefix(prefix)
+            .and_then(|k| k.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        if all.iter().any(|(r, _)| r.name == name) {
+            continue;
+        }
+        if let Some(record) = stored_record(artifacts, &key)? {
+            all.push((record, false));
+        }
+    }
+    all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    Ok(all)
+}
+
+fn stored_record(
+    artifacts: &crate::artifacts::Artifacts,
+    key: &str,
+) -> Result<Option<ExperimentRecord>> {
+    let Some(bytes) = artifacts.get_record(key)? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        Error::Experiment(format!("store record {key}: not an experiment record: {e}"))
+    })
+}
+
+/// One experiment's record: run here, else from the store or the remote.
+pub fn load_shared(
+    pipeline: &Pipeline,
+    artifacts: &crate::artifacts::Artifacts,
+    name: &str,
+) -> Result<ExperimentRecord> {
+    check_name(name)?;
+    match load(pipeline, name) {
+        Ok(r) => Ok(r),
+        Err(e) => stored_record(artifacts, &record_key(pipeline, name))?.ok_or(e),
+    }
+}
+
 /// Every experiment recorded for this pipeline here, by name.
 pub fn list(pipeline: &Pipeline) -> Result<Vec<ExperimentRecord>> {
     let dir = experiments_dir(pipeline);

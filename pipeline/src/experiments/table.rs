@@ -26,6 +26,9 @@ pub struct Row {
     /// How many stages ran, were restored, were cached when it ran.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub stages: BTreeMap<String, usize>,
+    /// Its folders are here (false: a record from the store or the remote,
+    /// run elsewhere; `exp apply` restores it).
+    pub here: bool,
 }
 
 /// The table: its rows and the order of its columns.
@@ -48,10 +51,10 @@ pub fn flat_params(lock: &LockFile) -> BTreeMap<String, String> {
 }
 
 /// Builds the table from the workspace (its lock file and metrics, when it
-/// has run) and the experiments.
+/// has run) and the experiments (each with whether its folders are here).
 pub fn build(
     workspace: Option<(&LockFile, &[Metric])>,
-    experiments: &[ExperimentRecord],
+    experiments: &[(ExperimentRecord, bool)],
     sort: Option<&str>,
 ) -> Table {
     let mut sources: Vec<(Row, BTreeMap<String, String>, &[Metric])> = Vec::new();
@@ -62,10 +65,11 @@ pub fn build(
             params: BTreeMap::new(),
             metrics: BTreeMap::new(),
             stages: BTreeMap::new(),
+            here: true,
         };
         sources.push((row, flat_params(lock), metrics));
     }
-    for e in experiments {
+    for (e, here) in experiments {
         let mut stages = BTreeMap::new();
         for state in e.stages.values() {
             *stages.entry(state.clone()).or_insert(0) += 1;
@@ -76,6 +80,7 @@ pub fn build(
             params: BTreeMap::new(),
             metrics: BTreeMap::new(),
             stages,
+            here: *here,
         };
         sources.push((row, flat_params(&e.lock), &e.metrics));
     }
@@ -134,8 +139,13 @@ impl Table {
         h
     }
 
-    fn cells(&self, row: &Row) -> Vec<String> {
-        let mut c = vec![row.name.clone()];
+    /// A row's cells; `mark` stars an experiment whose folders are not here.
+    fn cells(&self, row: &Row, mark: bool) -> Vec<String> {
+        let mut c = vec![if row.here || !mark {
+            row.name.clone()
+        } else {
+            format!("{} *", row.name)
+        }];
         c.extend(self.params.iter().map(|k| row.params[k].clone()));
         c.extend(self.metrics.iter().map(|m| match row.metrics.get(m) {
             Some(v) => format!("{v:.4}"),
@@ -154,7 +164,7 @@ impl Table {
                 h.truncate(h.len() - suffix.len());
             }
         }
-        let body: Vec<Vec<String>> = self.rows.iter().map(|r| self.cells(r)).collect();
+        let body: Vec<Vec<String>> = self.rows.iter().map(|r| self.cells(r, true)).collect();
         let widths: Vec<usize> = (0..header.len())
             .map(|j| {
                 body.iter()
@@ -190,6 +200,9 @@ impl Table {
         for r in &body {
             out.push_str(&line(r));
         }
+        if self.rows.iter().any(|r| !r.here) {
+            out.push_str("(* shared through the store, run elsewhere: `exp apply` restores it)\n");
+        }
         if !suffix.is_empty() {
             out.push_str(&format!(
                 "(each metric column NAME is the metric `NAME{suffix}`)\n"
@@ -214,7 +227,10 @@ impl Table {
             .collect();
         out.push_str(&format!("|{}|\n", align.join("|")));
         for r in &self.rows {
-            out.push_str(&format!("| {} |\n", self.cells(r).join(" | ")));
+            out.push_str(&format!("| {} |\n", self.cells(r, true).join(" | ")));
+        }
+        if self.rows.iter().any(|r| !r.here) {
+            out.push_str("\n\\* shared through the store, run elsewhere.\n");
         }
         out
     }
@@ -232,7 +248,7 @@ impl Table {
         };
         let mut out = line(self.header());
         for r in &self.rows {
-            let mut cells = self.cells(r);
+            let mut cells = self.cells(r, false);
             // Full precision where a program reads it.
             for (j, m) in self.metrics.iter().enumerate() {
                 if let Some(v) = r.metrics.get(m) {
@@ -340,7 +356,10 @@ mod tests {
             value: 0.7,
         }];
         let ws = lock(0, 0.001);
-        let exps = [record("a", 0, 0.01, 0.65), record("b", 0, 0.0003, 0.8)];
+        let exps = [
+            (record("a", 0, 0.01, 0.65), true),
+            (record("b", 0, 0.0003, 0.8), false),
+        ];
         let t = build(Some((&ws, &ws_metrics)), &exps, Some("arm auc"));
         assert_eq!(t.params, ["arm.lr"]);
         let names: Vec<&str> = t.rows.iter().map(|r| r.name.as_str()).collect();
@@ -354,11 +373,13 @@ mod tests {
             "{text}"
         );
         assert!(
-            t.markdown().contains("| b | 0.0003 | 0.8000 |"),
+            t.markdown().contains("| b * | 0.0003 | 0.8000 |"),
             "{}",
             t.markdown()
         );
-        assert!(t.csv().contains("b,0.0003,0.8\n"), "{}", t.csv());
+        assert!(t.csv().contains("\nb,0.0003,0.8\n"), "{}", t.csv());
+        assert!(text.contains("b *"), "{text}");
+        assert!(text.contains("(* shared through the store"), "{text}");
     }
 
     #[test]
@@ -371,7 +392,7 @@ mod tests {
             .collect();
         let mut e = record("a", 0, 0.1, 0.5);
         e.metrics = metrics;
-        let t = build(None, &[e], None);
+        let t = build(None, &[(e, true)], None);
         let text = t.terminal(100);
         assert!(text.lines().all(|l| l.chars().count() <= 100), "{text}");
         assert!(text.contains("more column(s)"), "{text}");
