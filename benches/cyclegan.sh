@@ -8,17 +8,14 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
+. benches/lib.sh
 OUT=$ROOT/benches/out
 mkdir -p "$OUT"
 cargo build --release --example cyclegan_step 2>&1 | tail -1
 RUST=$ROOT/target/release/examples/cyclegan_step
 THREADS=$(nproc)
-PY=$ROOT/benches/.venv-torch/bin/python
-if [ ! -x "$PY" ] || ! "$PY" -c "import torch" 2>/dev/null; then
-  echo "installing torch into benches/.venv-torch (pip) ..."
-  python3 -m venv "$ROOT/benches/.venv-torch" && "$ROOT/benches/.venv-torch/bin/pip" -q install torch || true
-fi
-HAVE_TORCH=0; "$PY" -c "import torch" 2>/dev/null && HAVE_TORCH=1
+PY=$ROOT/$BENCH_VENV_TORCH/bin/python
+HAVE_TORCH=0; pip_peer "$ROOT/$BENCH_VENV_TORCH" "import torch" torch && HAVE_TORCH=1
 
 row() {  # label size ngf ndf blocks batch steps
   local label=$1; shift
@@ -34,7 +31,7 @@ row() {  # label size ngf ndf blocks batch steps
 }
 
 {
-  echo "## CycleGAN training step, ms (median), $THREADS threads, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+  echo "## CycleGAN training step, ms (median), $THREADS threads, $(cpu_model)"
   echo
   echo "| configuration | candle | PyTorch | candle / PyTorch |"
   echo "|---|---|---|---|"

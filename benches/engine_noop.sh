@@ -29,6 +29,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
+. benches/lib.sh
 BIN=${MELANOFLOW:-target/release/melanoflow}
 case "$BIN" in /*) ;; *) BIN="$ROOT/$BIN" ;; esac
 SIZES=${BENCH_SIZES:-"5000 33126 50000"}
@@ -38,11 +39,9 @@ OUTDIR="$ROOT/benches/out"
 REPORT="$OUTDIR/engine_noop.md"
 LOG="$OUTDIR/engine_noop.log"
 W="$OUTDIR/tmp/engine_noop"
-VENV="$ROOT/benches/.venv"
+VENV="$ROOT/$BENCH_VENV"
 export DVC_NO_ANALYTICS=1 PYTHONWARNINGS=ignore
 
-commas() { echo "$1" | sed -e ':a' -e 's/\([0-9]\)\([0-9]\{3\}\)\($\|,\)/\1,\2\3/' -e 'ta'; }
-say() { printf '%s\n' "$*" >&2; }
 die() { say "engine_noop: $*"; exit 1; }
 
 [ -x "$BIN" ] || die "no melanoflow binary at $BIN (run \`make build\`, or set MELANOFLOW)"
@@ -83,18 +82,10 @@ DVC=""
 DVC_WHY=""
 if [ "${BENCH_NO_DVC:-0}" = 1 ]; then
     DVC_WHY="BENCH_NO_DVC=1"
-elif "$VENV/bin/dvc" --version >/dev/null 2>&1; then
+elif pip_peer "$VENV" "import dvc" dvc && "$VENV/bin/dvc" --version >/dev/null 2>&1; then
     DVC="$VENV/bin/dvc"
 else
-    say "installing DVC into $VENV (pip) ..."
-    if { [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"; } >>"$LOG" 2>&1 \
-        && "$VENV/bin/pip" install -q dvc >>"$LOG" 2>&1 \
-        && "$VENV/bin/dvc" --version >/dev/null 2>&1; then
-        DVC="$VENV/bin/dvc"
-    else
-        DVC_WHY="$(grep -iE 'error|could not|no matching' "$LOG" | tail -1 | cut -c1-200)"
-        DVC_WHY=${DVC_WHY:-"pip install dvc into $VENV failed (see $LOG)"}
-    fi
+    DVC_WHY=$(pip_why "pip install dvc into $VENV failed (see $LOG)")
 fi
 if [ -z "$DVC" ]; then
     say "DVC could not be installed: $DVC_WHY; reporting melanoflow alone"
@@ -105,9 +96,7 @@ fi
 
 MF_VERSION=$("$BIN" --version 2>/dev/null || echo "melanoflow (unknown version)")
 DVC_VERSION=${DVC:+$("$DVC" --version 2>/dev/null)}
-CPU=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
-CPU=${CPU:-$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)}
-MACHINE="nproc $(nproc), CPU ${CPU:-unknown}, $(uname -sr), load average at start $(cut -d' ' -f1-3 /proc/loadavg)"
+MACHINE="$(machine_line) at start"
 
 say "machine:    $MACHINE"
 say "melanoflow: $MF_VERSION ($BIN)"

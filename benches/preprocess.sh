@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
+. benches/lib.sh
 OUT=$ROOT/benches/out
 mkdir -p "$OUT"
 cargo build --release --example preprocess_throughput --bin melanoflow 2>&1 | tail -1
@@ -23,11 +24,8 @@ if [ ! -d "$SYN" ] || [ "$(ls "$SYN" | wc -l)" -lt 1000 ]; then
   "$RUST" --generate "$SYN" 1000 1024 768
 fi
 
-PY=$ROOT/benches/.venv/bin/python
-if [ ! -x "$PY" ] || ! "$PY" -c "import PIL" 2>/dev/null; then
-  python3 -m venv "$ROOT/benches/.venv" && "$ROOT/benches/.venv/bin/pip" -q install pillow || true
-fi
-HAVE_PIL=0; "$PY" -c "import PIL" 2>/dev/null && HAVE_PIL=1
+PY=$ROOT/$BENCH_VENV/bin/python
+HAVE_PIL=0; pip_peer "$ROOT/$BENCH_VENV" "import PIL" pillow && HAVE_PIL=1
 
 run_set() {  # name dir
   local name=$1 dir=$2
@@ -81,7 +79,7 @@ TOML
 }
 
 {
-  echo "## preprocess throughput, $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"
+  echo "## preprocess throughput, $(nproc) cores ($(cpu_model))"
   echo
   echo "decode + resize + centre crop to 256 px, images/s (best of 3), files read inside the timed loop. Goal: >= 2x Pillow and >= 80% of the decode-only ceiling."
   echo

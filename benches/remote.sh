@@ -46,6 +46,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
+. benches/lib.sh
 BIN=${MELANOFLOW:-target/release/melanoflow}
 case "$BIN" in /*) ;; *) BIN="$ROOT/$BIN" ;; esac
 RUNS=${BENCH_RUNS:-3}
@@ -55,7 +56,7 @@ OUTDIR="$ROOT/benches/out"
 REPORT="$OUTDIR/remote.md"
 LOG="$OUTDIR/remote.log"
 W="$OUTDIR/tmp/remote"
-VENV="$ROOT/benches/.venv"
+VENV="$ROOT/$BENCH_VENV"
 BUCKET=mfbench
 S3_KEY=mfbench-access
 S3_SECRET=mfbench-secret-key
@@ -65,8 +66,6 @@ export DVC_NO_ANALYTICS=1 PYTHONWARNINGS=ignore
 # Loopback only: never through a proxy.
 export NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,$NO_PROXY}" no_proxy="127.0.0.1,localhost${no_proxy:+,$no_proxy}"
 
-commas() { echo "$1" | sed -e ':a' -e 's/\([0-9]\)\([0-9]\{3\}\)\($\|,\)/\1,\2\3/' -e 'ta'; }
-say() { printf '%s\n' "$*" >&2; }
 die() { say "remote: $*"; exit 1; }
 
 [ -x "$BIN" ] || die "no melanoflow binary at $BIN (run \`make build\`, or set MELANOFLOW)"
@@ -119,16 +118,10 @@ DVC_WHY=""
 if [ "${BENCH_NO_DVC:-0}" = 1 ]; then
     DVC_WHY="BENCH_NO_DVC=1"
 else
-    if ! { "$VENV/bin/dvc" --version && "$VENV/bin/python" -c 'import dvc_s3'; } >/dev/null 2>&1; then
-        say "installing DVC with S3 support (dvc, dvc-s3) into $VENV (pip) ..."
-        { [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"; } >>"$LOG" 2>&1 || true
-        "$VENV/bin/pip" install -q dvc dvc-s3 >>"$LOG" 2>&1 || true
-    fi
-    if { "$VENV/bin/dvc" --version && "$VENV/bin/python" -c 'import dvc_s3'; } >/dev/null 2>&1; then
+    if pip_peer "$VENV" "import dvc, dvc_s3" dvc dvc-s3 && "$VENV/bin/dvc" --version >/dev/null 2>&1; then
         DVC="$VENV/bin/dvc"
     else
-        DVC_WHY="$(grep -iE 'error|could not|no matching' "$LOG" | tail -1 | cut -c1-200 || true)"
-        DVC_WHY=${DVC_WHY:-"pip install dvc dvc-s3 into $VENV failed (see $LOG)"}
+        DVC_WHY=$(pip_why "pip install dvc dvc-s3 into $VENV failed (see $LOG)")
     fi
 fi
 if [ -n "$DVC" ] && ! command -v git >/dev/null; then
@@ -165,9 +158,7 @@ print(", ".join(out))
 EOF
 )
 fi
-CPU=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
-CPU=${CPU:-$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)}
-MACHINE="nproc $(nproc), CPU ${CPU:-unknown}, $(uname -sr), load average at start $(cut -d' ' -f1-3 /proc/loadavg)"
+MACHINE="$(machine_line) at start"
 
 say "machine:    $MACHINE"
 say "melanoflow: $MF_VERSION ($BIN)${MF_WHY:+; rows skipped: $MF_WHY}"

@@ -21,6 +21,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
+. benches/lib.sh
 OUT=$ROOT/benches/out
 mkdir -p "$OUT"
 
@@ -34,18 +35,11 @@ THREADS=${THREADS:-$(nproc)}
 # candle's CPU ops and gemm run on rayon's global pool; this sizes it.
 export RAYON_NUM_THREADS=$THREADS
 
-PY=$ROOT/benches/.venv-torch/bin/python
-if [ ! -x "$PY" ] || ! "$PY" -c "import torch" 2>/dev/null; then
-  echo "installing torch into benches/.venv-torch (pip) ..." >&2
-  python3 -m venv "$ROOT/benches/.venv-torch" && "$ROOT/benches/.venv-torch/bin/pip" -q install torch || true
-fi
-HAVE_TORCH=0; "$PY" -c "import torch" 2>/dev/null && HAVE_TORCH=1
+PY=$ROOT/$BENCH_VENV_TORCH/bin/python
+HAVE_TORCH=0; pip_peer "$ROOT/$BENCH_VENV_TORCH" "import torch" torch && HAVE_TORCH=1
 # Row 3 needs torchvision's efficientnet_b0 (pillow is a torchvision import).
-if [ $HAVE_TORCH = 1 ] && ! "$PY" -c "import torchvision" 2>/dev/null; then
-  echo "installing torchvision + pillow into benches/.venv-torch (pip) ..." >&2
-  "$ROOT/benches/.venv-torch/bin/pip" -q install torchvision pillow || true
-fi
-HAVE_TV=0; [ $HAVE_TORCH = 1 ] && "$PY" -c "import torchvision" 2>/dev/null && HAVE_TV=1
+HAVE_TV=0
+[ $HAVE_TORCH = 1 ] && pip_peer "$ROOT/$BENCH_VENV_TORCH" "import torchvision" torchvision pillow && HAVE_TV=1
 [ $HAVE_TORCH = 1 ] || echo "PyTorch could not be installed with pip: the PyTorch column will be n/a" >&2
 
 # Sizes: the real rows, or tiny ones for SMOKE=1.
