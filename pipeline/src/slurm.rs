@@ -85,7 +85,8 @@ pub fn run(
     let plan = engine.plan(opts)?;
     let log_dir = engine.pipeline.state_dir().join("slurm");
     let mut batch = Batch::default();
-    batch.submit_plan(engine, opts, worker, &plan, &log_dir, on_line)?;
+    let by_name = |stage: &str| stage.to_string();
+    batch.submit_keyed(engine, opts, worker, &plan, &log_dir, &by_name, on_line)?;
     let failed = batch.follow(&engine.pipeline.executor.clone(), on_line)?;
     if !failed.is_empty() && opts.keep_going {
         return finish_keep_going(engine, opts, &plan, &batch.jobs, on_stage);
@@ -121,32 +122,6 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Jobs submitted so far (a shared stage counts once).
-    pub fn submitted(&self) -> usize {
-        self.jobs.len()
-    }
-
-    /// Submits the stages of `plan` that must run, keyed by stage name.
-    pub fn submit_plan(
-        &mut self,
-        engine: &Engine,
-        opts: &RunOptions,
-        worker: &WorkerCommand,
-        plan: &[StageOutcome],
-        log_dir: &Path,
-        on_line: &mut dyn FnMut(&str),
-    ) -> Result<()> {
-        self.submit_keyed(
-            engine,
-            opts,
-            worker,
-            plan,
-            log_dir,
-            &|s: &str| s.to_string(),
-            on_line,
-        )
-    }
-
     /// Submits the stages of `plan` that must run and whose `key` has not
     /// been submitted yet; upstream jobs are found by their keys.
     #[allow(clippy::too_many_arguments)]
