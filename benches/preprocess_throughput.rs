@@ -98,6 +98,12 @@ fn main() {
         let bytes = std::fs::read(p).unwrap();
         std::hint::black_box(decode_rgb8(&bytes).unwrap());
     });
+    // The ceiling of the stage's own path: the same reduced (DCT-scaled)
+    // decode it uses, without the resize.
+    measure("dct_scaled_decode_only", &files, repeats, &|p, _| {
+        let bytes = std::fs::read(p).unwrap();
+        std::hint::black_box(decode_rgb8_at_least(&bytes, size).unwrap());
+    });
     measure("dct_scaled_resize_crop", &files, repeats, &|p, r| {
         let bytes = std::fs::read(p).unwrap();
         let (img, _) = decode_rgb8_at_least(&bytes, size).unwrap();
