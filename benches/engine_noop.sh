@@ -437,14 +437,7 @@ EOF
     awk -F'\t' '{printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}' "$W/stats"
     echo
     echo "</details>"
-    if [ "${#NOTES[@]}" -gt 0 ]; then
-        echo
-        echo "Notes:"
-        for n in "${NOTES[@]}"; do echo "- $n"; done
-    fi
+    report_notes
 } >"$REPORT"
 
-echo
-cat "$REPORT"
-echo
-echo "(written to ${REPORT#"$ROOT"/}; timer and tool output in ${LOG#"$ROOT"/})"
+show_report "timer and tool output"

@@ -48,3 +48,21 @@ cpu_model() {
 machine_line() {
     echo "nproc $(nproc), CPU $(cpu_model), $(uname -sr), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 }
+
+# The report's closing "Notes:" list, from the script's array NOTES.
+report_notes() {
+    if [ "${#NOTES[@]}" -gt 0 ]; then
+        echo
+        echo "Notes:"
+        for n in "${NOTES[@]}"; do echo "- $n"; done
+    fi
+}
+
+# Prints the finished report ($REPORT) and where it and the log ($LOG) are;
+# $1 says what the log holds.
+show_report() {
+    echo
+    cat "$REPORT"
+    echo
+    echo "(written to ${REPORT#"$ROOT"/}; $1 in ${LOG#"$ROOT"/})"
+}

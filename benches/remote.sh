@@ -538,14 +538,7 @@ EOF
     awk -F'\t' '{printf "| %s | %s | %s | %.1f |\n", $1, $2, $3, $4 / 1000}' "$TIMES"
     echo
     echo "</details>"
-    if [ "${#NOTES[@]}" -gt 0 ]; then
-        echo
-        echo "Notes:"
-        for n in "${NOTES[@]}"; do echo "- $n"; done
-    fi
+    report_notes
 } >"$REPORT"
 
-echo
-cat "$REPORT"
-echo
-echo "(written to ${REPORT#"$ROOT"/}; tool output in ${LOG#"$ROOT"/})"
+show_report "tool output"
