@@ -238,7 +238,14 @@ impl FileHashCache {
         on_hashed: &(dyn Fn(u64) + Sync),
     ) -> std::io::Result<Manifest> {
         let files = walk_files(root).map_err(|e| with_path(e, root))?;
-        let stamps: Vec<Stamp> = files.iter().map(|f| Stamp::of(&f.meta)).collect();
+        let stamps: Vec<Stamp> = files
+            .iter()
+            .map(|f| Stamp {
+                size: f.size,
+                mtime_ns: f.mtime_ns,
+                inode: f.inode,
+            })
+            .collect();
         let paths: Vec<PathBuf> = files.iter().map(|f| f.path.clone()).collect();
         let digests = self.digest_stamped(&paths, &stamps, on_hashed)?;
         Ok(Manifest::new(
