@@ -251,6 +251,13 @@ T0=$SECONDS
 MF_ARGS=()
 POPULATE_TIMEOUT=${BENCH_POPULATE_TIMEOUT:-300}
 
+# Start-up floors: what each tool costs before it looks at any file (process
+# start, imports). No no-op can be faster than its floor.
+FLOOR_MF=$(measure "start-up floor: melanoflow --version" "$W" "$BIN" --version || echo fail)
+FLOOR_DVC=n/a
+[ -n "$DVC" ] && FLOOR_DVC=$(measure "start-up floor: dvc --version" "$W" "$DVC" --version || echo fail)
+say "start-up floor: melanoflow $FLOOR_MF ms, dvc $FLOOR_DVC ms"
+
 # --------------------------------------------------------------------------
 # Row 1: the default pipeline. Populating it runs every stage once; the
 # training stages are cut short with --set (CycleGANs to one epoch, each
@@ -421,6 +428,8 @@ for line in open(sys.argv[1]):
         pass
     print(f"| {label} | {files} | {ms(mr)} | {ms(ms_)} | {ms(dr)} | {ms(ds)} | {ratio(dr, mr)} | {ratio(ds, ms_)} | {goal} |")
 EOF
+    echo
+    echo "Start-up floor (\`--version\`, median ms): melanoflow $FLOOR_MF, DVC $FLOOR_DVC. A no-op cannot be faster than its tool's floor; the rest of each no-op is the tool's own work."
     echo
     echo "Times are medians in ms. \"files\": the files DVC's stage depends on (default pipeline: the synth output folder, which melanoflow checks too, besides its other stages; ingest: images + train.csv)."
     if [ -n "${DEFAULT_SET:-}" ]; then
