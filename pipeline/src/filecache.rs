@@ -67,38 +67,29 @@ impl FileHashCache {
         let Ok(text) = std::fs::read_to_string(file) else {
             return cache;
         };
-        // Rows are ~170 bytes: reserve once instead of rehashing as it grows.
-        cache.entries.reserve(text.len() / 150);
-        for line in text.lines().skip(1) {
-            let mut parts = line.splitn(5, ' ');
-            let parsed = (|| {
+        // Rows are parsed on rayon's threads (50,000 digests to decode on a
+        // no-op run over ISIC-sized folders), then inserted in file order.
+        let body = text.split_once('\n').map_or("", |(_, rest)| rest);
+        let rows: Option<Vec<(Box<[u8]>, (Stamp, Digest))>> = body
+            .par_lines()
+            .map(|line| {
+                let mut parts = line.splitn(5, ' ');
                 let digest: Digest = parts.next()?.parse().ok()?;
                 let size = parts.next()?.parse().ok()?;
                 let mtime_ns = parts.next()?.parse().ok()?;
                 let inode = parts.next()?.parse().ok()?;
                 let path: Box<[u8]> = parts.next()?.as_bytes().into();
-                Some((
-                    path,
-                    (
-                        Stamp {
-                            size,
-                            mtime_ns,
-                            inode,
-                        },
-                        digest,
-                    ),
-                ))
-            })();
-            match parsed {
-                Some((p, v)) => {
-                    cache.entries.insert(p, v);
-                }
-                None => {
-                    tracing::warn!("ignoring corrupt file hash cache {}", file.display());
-                    cache.entries.clear();
-                    break;
-                }
-            }
+                let stamp = Stamp {
+                    size,
+                    mtime_ns,
+                    inode,
+                };
+                Some((path, (stamp, digest)))
+            })
+            .collect();
+        match rows {
+            Some(rows) => cache.entries.extend(rows),
+            None => tracing::warn!("ignoring corrupt file hash cache {}", file.display()),
         }
         cache
     }
