@@ -40,6 +40,9 @@ impl Stamp {
     }
 }
 
+/// One remembered file: its path's bytes, stamp and digest.
+type CacheRow = (Box<[u8]>, (Stamp, Digest));
+
 #[derive(Default)]
 pub struct FileHashCache {
     file: Option<PathBuf>,
@@ -70,7 +73,7 @@ impl FileHashCache {
         // Rows are parsed on rayon's threads (50,000 digests to decode on a
         // no-op run over ISIC-sized folders), then inserted in file order.
         let body = text.split_once('\n').map_or("", |(_, rest)| rest);
-        let rows: Option<Vec<(Box<[u8]>, (Stamp, Digest))>> = body
+        let rows: Option<Vec<CacheRow>> = body
             .par_lines()
             .map(|line| {
                 let mut parts = line.splitn(5, ' ');
