@@ -87,9 +87,13 @@ $(WEIGHTS): | build
 
 # The whole chain on a folder of real ISIC archive images (Lite0, ImageNet
 # weights): REAL_DIR=DIR holds labels.csv and images/; without it, the paths
-# written in data/isic_real100.toml.
+# written in data/isic_real100.toml (the project's test data, absent from a
+# user's clone: then it asks for REAL_DIR).
 REAL_SET = $(if $(REAL_DIR),--set ingest.metadata=$(abspath $(REAL_DIR))/labels.csv --set ingest.images=$(abspath $(REAL_DIR))/images)
+REAL_DEFAULT := ../shared/realdata/isic_archive_uda1/images
 real: weights
+	@if [ -z "$(REAL_DIR)" ] && [ ! -d "$(REAL_DEFAULT)" ]; then \
+	  echo "make real needs REAL_DIR=DIR: DIR/labels.csv (image_name,target) and DIR/images/" >&2; exit 2; fi
 	$(BIN) run --config data/isic_real100.toml $(REAL_SET)
 	$(BIN) metrics --config data/isic_real100.toml
 
