@@ -159,6 +159,33 @@ struct Output {
     manifest: Manifest,
 }
 
+/// The pipeline's store, with its remote behind it when it has one: what
+/// commands that only read or write records need (`exp show`), without an
+/// engine's lock file and file hash cache.
+pub fn open_artifacts(pipeline: &Pipeline, progress: &Progress) -> Result<Artifacts> {
+    let store = ObjectBlobStore::open(&pipeline.store_url, &pipeline.base_dir)?;
+    artifacts_over(pipeline, Arc::new(store), progress)
+}
+
+fn artifacts_over(
+    pipeline: &Pipeline,
+    store: Arc<dyn BlobStore>,
+    progress: &Progress,
+) -> Result<Artifacts> {
+    let mut artifacts = Artifacts::new(store);
+    if let Some(remote) = &pipeline.remote {
+        let store = ObjectBlobStore::open_remote(remote, &pipeline.base_dir)?;
+        artifacts = artifacts.with_remote(
+            Remote {
+                store,
+                read_only: remote.read_only,
+            },
+            progress.clone(),
+        );
+    }
+    Ok(artifacts)
+}
+
 pub struct Engine<'r> {
     pub pipeline: Pipeline,
     registry: &'r Registry,
@@ -182,17 +209,7 @@ impl<'r> Engine<'r> {
     ) -> Result<Self> {
         let lock = LockFile::load(&pipeline.lock_path())?;
         let cache = FileHashCache::load(&pipeline.state_dir().join("filecache"));
-        let mut artifacts = Artifacts::new(store);
-        if let Some(remote) = &pipeline.remote {
-            let store = ObjectBlobStore::open_remote(remote, &pipeline.base_dir)?;
-            artifacts = artifacts.with_remote(
-                Remote {
-                    store,
-                    read_only: remote.read_only,
-                },
-                progress.clone(),
-            );
-        }
+        let artifacts = artifacts_over(&pipeline, store, &progress)?;
         Ok(Engine {
             pipeline,
             registry,

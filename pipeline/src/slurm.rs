@@ -31,6 +31,7 @@ const CLIENT_TIMEOUT: &str = "60";
 
 /// How the submitting command calls the worker: the binary and the global
 /// options that must reach it unchanged (pipeline file, `--set`, ...).
+#[derive(Clone)]
 pub struct WorkerCommand {
     pub program: String,
     pub global_args: Vec<String>,

@@ -13,7 +13,7 @@ use crate::config::{self, ExecutorKind};
 use crate::context::Progress;
 use crate::error::{Error, Result};
 use crate::registry::Registry;
-use crate::runner::{Engine, RunOptions, State};
+use crate::runner::{Engine, RunOptions, State, open_artifacts};
 
 #[derive(Subcommand, Debug)]
 pub enum ExpCommand {
@@ -73,11 +73,8 @@ pub fn exp(cli: &Cli, registry: &Registry, command: &ExpCommand) -> Result<ExitC
         } => {
             let started = Instant::now();
             let planned = sweep::grid(name.as_deref(), &cli.overrides, sweeps)?;
-            // Every experiment's pipeline is checked before anything runs.
+            // run::run loads every experiment's pipeline before anything runs.
             let base = config::load(&cli.config, registry, &cli.overrides)?;
-            for p in &planned {
-                run::experiment_pipeline(&cli.config, registry, &p.name, &p.overrides, false)?;
-            }
             let executor = executor.unwrap_or(base.executor.kind);
             let slurm = match executor {
                 ExecutorKind::Slurm => {
@@ -145,10 +142,8 @@ pub fn exp(cli: &Cli, registry: &Registry, command: &ExpCommand) -> Result<ExitC
             csv,
             sort,
         } => {
-            let pipeline = config::load(&cli.config, registry, &cli.overrides)?;
-            let engine = Engine::open(pipeline, registry, progress)?;
-            let pipeline = &engine.pipeline;
-            let records = super::list_shared(pipeline, engine.artifacts())?;
+            let pipeline = &config::load(&cli.config, registry, &cli.overrides)?;
+            let records = super::list_shared(pipeline, &open_artifacts(pipeline, &progress)?)?;
             let lock = crate::lockfile::LockFile::load(&pipeline.lock_path())?;
             let metrics = match registry.results() {
                 Some(r) => r.metrics(pipeline, &pipeline.out_dir).map_err(|e| {
@@ -180,10 +175,8 @@ pub fn exp(cli: &Cli, registry: &Registry, command: &ExpCommand) -> Result<ExitC
         }
         ExpCommand::Apply { name } => {
             let pipeline = config::load(&cli.config, registry, &[])?;
-            let record = {
-                let engine = Engine::open(pipeline, registry, progress.clone())?;
-                super::load_shared(&engine.pipeline, engine.artifacts(), name)?
-            };
+            let record =
+                super::load_shared(&pipeline, &open_artifacts(&pipeline, &progress)?, name)?;
             let applied = super::apply::apply(&cli.config, registry, &record, progress)?;
             println!(
                 "applied experiment `{name}`: {} written into {}; {} output folder(s) restored; nothing ran",
@@ -199,9 +192,9 @@ pub fn exp(cli: &Cli, registry: &Registry, command: &ExpCommand) -> Result<ExitC
         }
         ExpCommand::Remove { names } => {
             let pipeline = config::load(&cli.config, registry, &[])?;
-            let engine = Engine::open(pipeline, registry, progress)?;
+            let artifacts = open_artifacts(&pipeline, &progress)?;
             for name in names {
-                super::remove(&engine.pipeline, engine.artifacts(), name)?;
+                super::remove(&pipeline, &artifacts, name)?;
                 println!("removed experiment `{name}` (its results stay in the store until `gc`)");
             }
             Ok(ExitCode::SUCCESS)

@@ -113,10 +113,7 @@ fn submit_and_follow(
     for (p, engine) in planned.iter().zip(engines.iter_mut()) {
         let plan = engine.plan(&opts.run)?;
         let keys = declaration_keys(&engine.pipeline);
-        let mut worker = WorkerCommand {
-            program: worker.program.clone(),
-            global_args: worker.global_args.clone(),
-        };
+        let mut worker = worker.clone();
         // Its own `--set`s, and its own folders: a worker restores the
         // stage's upstream outputs into the experiment's `out/`, never the
         // workspace's or another experiment's.
