@@ -15,7 +15,10 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::layers::{Conv, ConvT, instance_norm, leaky_relu, reflection_pad2d, upsample_nearest2x};
+use super::layers::{
+    Conv, ConvT, instance_norm, instance_norm_leaky_relu, leaky_relu, reflection_pad2d,
+    upsample_nearest2x,
+};
 
 /// How the generator doubles resolution on the way up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,10 +78,7 @@ impl ResBlock {
     }
 
     fn forward(&self, x: &Tensor, slope: f64) -> Result<Tensor> {
-        let y = leaky_relu(
-            &instance_norm(&self.conv1.forward(&reflection_pad2d(x, 1)?)?)?,
-            slope,
-        )?;
+        let y = instance_norm_leaky_relu(&self.conv1.forward(&reflection_pad2d(x, 1)?)?, slope)?;
         let y = instance_norm(&self.conv2.forward(&reflection_pad2d(&y, 1)?)?)?;
         x + y
     }
@@ -122,7 +122,7 @@ impl Generator {
 impl Module for Generator {
     /// [B, 3, H, W] in [-1, 1] -> [B, 3, H, W] in [-1, 1]; H and W multiples of 4.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let act = |t: Tensor| leaky_relu(&instance_norm(&t)?, self.slope);
+        let act = |t: Tensor| instance_norm_leaky_relu(&t, self.slope);
         let mut y = act(self.stem.forward(&reflection_pad2d(x, 3)?)?)?; // [B, ngf, H, W]
         for d in &self.down {
             y = act(d.forward(&y)?)?; // [B, 2ngf, H/2, W/2], then [B, 4ngf, H/4, W/4]
@@ -183,10 +183,11 @@ impl Module for Discriminator {
         let mut y = x.clone();
         for (conv, norm) in &self.layers {
             y = conv.forward(&y)?;
-            if *norm {
-                y = instance_norm(&y)?;
-            }
-            y = leaky_relu(&y, 0.2)?;
+            y = if *norm {
+                instance_norm_leaky_relu(&y, 0.2)?
+            } else {
+                leaky_relu(&y, 0.2)?
+            };
         }
         self.head.forward(&y)
     }

@@ -41,21 +41,32 @@ pub fn reflection_pad2d(x: &Tensor, p: usize) -> Result<Tensor> {
 /// CUDA tensors take `kernels::gpu::norm`'s formulation (no per-call
 /// constants, closed-form backward) instead (`kernels::path` decides).
 pub fn instance_norm(x: &Tensor) -> Result<Tensor> {
+    instance_norm_act(x, Act::Identity)
+}
+
+/// `leaky_relu(instance_norm(x), slope)` in one fused kernel on CPU: the
+/// activation and its derivative run inside the normalisation's passes, so
+/// the pair costs no more than the norm alone (candle's `maximum` and its
+/// backward are about a dozen full-size passes). Same values as the two
+/// unfused ops, bit for bit (ties at exactly 0 included).
+pub fn instance_norm_leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    instance_norm_act(x, Act::LeakyRelu(slope as f32))
+}
+
+fn instance_norm_act(x: &Tensor, act: Act) -> Result<Tensor> {
     const EPS: f64 = 1e-5;
     if path(&[x]) == Path::Formulation {
-        return norm::instance_norm(x, EPS);
+        let y = norm::instance_norm(x, EPS)?;
+        return match act {
+            Act::LeakyRelu(slope) => leaky_relu(&y, slope as f64),
+            _ => Ok(y),
+        };
     }
     let (n, c, h, w) = x.dims4()?;
     let dtype = accumulation_dtype(x.dtype());
     let ones = Tensor::ones(n * c, dtype, x.device())?;
     let zeros = Tensor::zeros(n * c, dtype, x.device())?;
-    let (y, _, _) = batch_norm_act_train(
-        &x.reshape((1, n * c, h, w))?,
-        &ones,
-        &zeros,
-        EPS,
-        Act::Identity,
-    )?;
+    let (y, _, _) = batch_norm_act_train(&x.reshape((1, n * c, h, w))?, &ones, &zeros, EPS, act)?;
     y.reshape((n, c, h, w))
 }
 
@@ -208,5 +219,44 @@ mod tests {
                 "{mean} {var}"
             );
         }
+    }
+
+    /// The fused norm + LeakyReLU computes the unfused pair's values and
+    /// gradients bit for bit, at exact ties (normalised value 0) too: each
+    /// plane is symmetric around its mean, so its middle value is exactly 0.
+    #[test]
+    fn instance_norm_leaky_relu_equals_the_unfused_ops_bitwise() {
+        use candle_core::Var;
+        let (n, c, hw) = (2, 3, 25);
+        let x: Vec<f32> = (0..n * c)
+            .flat_map(|p| {
+                (0..hw).map(move |i| (i as f32 - 12.0) * (1.0 + p as f32) + 10.0 * p as f32)
+            })
+            .collect();
+        let x = Var::from_vec(x, (n, c, 5, 5), &Device::Cpu).unwrap();
+        let dy = Tensor::randn(0f32, 1., (n, c, 5, 5), &Device::Cpu).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|f| f.to_bits()).collect()
+        };
+        let run = |fused: bool| {
+            let y = if fused {
+                instance_norm_leaky_relu(x.as_tensor(), 0.2)
+            } else {
+                leaky_relu(&instance_norm(x.as_tensor()).unwrap(), 0.2)
+            }
+            .unwrap();
+            let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+            (bits(&y), bits(grads.get(x.as_tensor()).unwrap()))
+        };
+        let (y_fused, dx_fused) = run(true);
+        let (y_ref, dx_ref) = run(false);
+        assert_eq!(
+            y_fused.iter().filter(|&&b| b == 0).count(),
+            n * c,
+            "one tie per plane"
+        );
+        assert_eq!(y_fused, y_ref);
+        assert_eq!(dx_fused, dx_ref);
     }
 }

@@ -82,18 +82,23 @@ macro_rules! with_act {
             Act::Identity => $f::<IDENTITY>($($arg),*),
             Act::Silu => $f::<SILU>($($arg),*),
             Act::Relu6 => $f::<RELU6>($($arg),*),
+            Act::LeakyRelu(_) => $f::<LEAKY>($($arg),*),
         }
     };
 }
 
 /// The activation applied after the affine transform.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Act {
     Identity,
     /// `z·sigmoid(z)` (candle's `silu`).
     Silu,
     /// `min(max(z, 0), 6)` (candle's `clamp(0, 6)`).
     Relu6,
+    /// `max(z, slope·z)` for a slope in [0, 1) (the CycleGAN's LeakyReLU,
+    /// `layers::leaky_relu`); its derivative is 1 above 0, `slope` below and
+    /// `(1 + slope)/2` at exactly 0, candle's `maximum` convention.
+    LeakyRelu(f32),
 }
 
 impl Act {
@@ -103,6 +108,7 @@ impl Act {
             Act::Identity => Ok(z.clone()),
             Act::Silu => z.silu(),
             Act::Relu6 => z.clamp(0f32, 6f32),
+            Act::LeakyRelu(slope) => z.maximum(&(z * slope as f64)?),
         }
     }
 }
@@ -343,12 +349,16 @@ struct Saved {
 }
 
 impl Saved {
-    fn chan(&self) -> Chan<'_> {
+    fn chan(&self, act: Act) -> Chan<'_> {
         Chan {
             mean_hi: &self.mean_hi,
             mean_lo: &self.mean_lo,
             a: &self.a,
             beta: &self.beta,
+            slope: match act {
+                Act::LeakyRelu(slope) => slope,
+                _ => 0.0,
+            },
         }
     }
 }
@@ -360,6 +370,8 @@ struct Chan<'a> {
     mean_lo: &'a [f32],
     a: &'a [f32],
     beta: &'a [f32],
+    /// [`Act::LeakyRelu`]'s slope (unused by the other activations).
+    slope: f32,
 }
 
 // ---------------------------------------------------------------------------
@@ -410,7 +422,7 @@ fn filled(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
 }
 
 fn forward(g: &Geom, x: &[f32], s: &Saved, act: Act) -> Vec<f32> {
-    let (ppt, ch) = (g.planes_per_task(), s.chan());
+    let (ppt, ch) = (g.planes_per_task(), s.chan(act));
     filled(x.len(), |y| {
         if g.is_empty() {
             return;
@@ -426,7 +438,7 @@ fn forward(g: &Geom, x: &[f32], s: &Saved, act: Act) -> Vec<f32> {
 fn channel_grad_sums(g: &Geom, x: &[f32], dy: &[f32], s: &Saved, act: Act) -> Vec<(f64, f64)> {
     let mut planes = vec![(0f64, 0f64); g.planes()];
     if !g.is_empty() {
-        let (ppt, ch) = (g.planes_per_task(), s.chan());
+        let (ppt, ch) = (g.planes_per_task(), s.chan(act));
         let runs = planes
             .par_chunks_mut(ppt)
             .zip(x.par_chunks(ppt * g.hw))
@@ -445,7 +457,7 @@ fn channel_grad_sums(g: &Geom, x: &[f32], dy: &[f32], s: &Saved, act: Act) -> Ve
 }
 
 fn grad_input(g: &Geom, x: &[f32], dy: &[f32], s: &Saved, k: &[(f32, f32)], act: Act) -> Vec<f32> {
-    let (ppt, ch) = (g.planes_per_task(), s.chan());
+    let (ppt, ch) = (g.planes_per_task(), s.chan(act));
     filled(x.len(), |dx| {
         if g.is_empty() {
             return;

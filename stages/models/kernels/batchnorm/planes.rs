@@ -11,6 +11,7 @@ use super::*;
 pub(super) const IDENTITY: u8 = 0;
 pub(super) const SILU: u8 = 1;
 pub(super) const RELU6: u8 = 2;
+pub(super) const LEAKY: u8 = 3;
 
 #[inline(always)]
 pub(super) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
@@ -57,8 +58,14 @@ pub(super) fn exp<const FMA: bool>(x: f32) -> f32 {
 }
 
 #[inline(always)]
-pub(super) fn act_fwd<const FMA: bool, const ACT: u8>(z: f32) -> f32 {
+pub(super) fn act_fwd<const FMA: bool, const ACT: u8>(z: f32, slope: f32) -> f32 {
     match ACT {
+        // `z·slope` is candle's `affine(slope, 0)` and the select its
+        // `maximum`, so the values are the unfused ops' bit for bit.
+        LEAKY => {
+            let s = z * slope + 0.0;
+            if z < s { s } else { z }
+        }
         // candle's silu is `z / (1 + e^-z)` too.
         SILU => z / (1.0 + exp::<FMA>(-z)),
         RELU6 => {
@@ -69,7 +76,30 @@ pub(super) fn act_fwd<const FMA: bool, const ACT: u8>(z: f32) -> f32 {
     }
 }
 
-/// `act'(z)`.
+/// `dy·act'(z)`, the gradient reaching `z`.
+#[inline(always)]
+pub(super) fn act_backward<const FMA: bool, const ACT: u8>(dy: f32, z: f32, slope: f32) -> f32 {
+    match ACT {
+        // The unfused ops' gradient, bit for bit: `maximum(z, s)`'s backward
+        // gives z all of dy above 0, s all of it below, each half of it at a
+        // tie (z = 0), and `s = affine(z, slope, 0)` passes its share on as
+        // `share·slope + 0`, added after z's own share.
+        LEAKY => {
+            let s = z * slope + 0.0;
+            if z > s {
+                dy
+            } else if z < s {
+                dy * slope + 0.0
+            } else {
+                let half = dy * 0.5;
+                half + (half * slope + 0.0)
+            }
+        }
+        _ => dy * act_grad::<FMA, ACT>(z),
+    }
+}
+
+/// `act'(z)` (all but [`LEAKY`], whose derivative [`act_backward`] applies).
 #[inline(always)]
 pub(super) fn act_grad<const FMA: bool, const ACT: u8>(z: f32) -> f32 {
     match ACT {
@@ -143,7 +173,10 @@ pub(super) fn forward_impl<const FMA: bool, const ACT: u8>(
         let k = (p0 + i) % c;
         let (mh, ml, a, b) = (ch.mean_hi[k], ch.mean_lo[k], ch.a[k], ch.beta[k]);
         for (o, &v) in yp.iter_mut().zip(xp) {
-            o.write(act_fwd::<FMA, ACT>(madd::<FMA>((v - mh) - ml, a, b)));
+            o.write(act_fwd::<FMA, ACT>(
+                madd::<FMA>((v - mh) - ml, a, b),
+                ch.slope,
+            ));
         }
     }
 }
@@ -196,7 +229,7 @@ pub(super) fn grad_sums_impl<const FMA: bool, const ACT: u8>(
             let (gs, gds) = (&mut gb[..xc.len()], &mut gdb[..xc.len()]);
             for (((g, gd), &v), &d) in gs.iter_mut().zip(gds.iter_mut()).zip(xc).zip(dc) {
                 let dev = (v - mh) - ml;
-                *g = d * act_grad::<FMA, ACT>(madd::<FMA>(dev, a, b));
+                *g = act_backward::<FMA, ACT>(d, madd::<FMA>(dev, a, b), ch.slope);
                 *gd = *g * dev;
             }
             add_lanes(&mut sg, gs);
@@ -229,7 +262,7 @@ pub(super) fn grad_input_impl<const FMA: bool, const ACT: u8>(
         let (k0, k2) = k[j];
         for ((o, &v), &d) in op.iter_mut().zip(xp).zip(dp) {
             let dev = (v - mh) - ml;
-            let g = d * act_grad::<FMA, ACT>(madd::<FMA>(dev, a, b));
+            let g = act_backward::<FMA, ACT>(d, madd::<FMA>(dev, a, b), ch.slope);
             o.write(madd::<FMA>(a, g, -madd::<FMA>(dev, k2, k0)));
         }
     }

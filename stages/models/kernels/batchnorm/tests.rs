@@ -9,7 +9,7 @@ use super::super::testing::{
     assert_same_bits_at_any_thread_count, median_ms, rel_err, switch_on, uniform, values,
 };
 
-const ACTS: [Act; 3] = [Act::Identity, Act::Silu, Act::Relu6];
+const ACTS: [Act; 4] = [Act::Identity, Act::Silu, Act::Relu6, Act::LeakyRelu(0.2)];
 const EPS: f64 = 1e-5;
 const TOL: f64 = 1e-5;
 
