@@ -19,6 +19,7 @@ fn main() -> anyhow::Result<()> {
     let batch: usize = args.get(3).map_or(Ok(32), |s| s.parse())?;
     let steps: usize = args.get(4).map_or(Ok(5), |s| s.parse())?;
     let device = Device::Cpu;
+    melanoflow::tune_threads();
     melanoflow::tune_allocator();
     let modes = std::env::var("MODES").unwrap_or_else(|_| "fast,candle".into());
     for fast in [true, false]

@@ -28,6 +28,7 @@ fn arg(args: &[String], name: &str, default: usize) -> usize {
 }
 
 fn main() -> anyhow::Result<()> {
+    melanoflow::tune_threads();
     melanoflow::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
     let text = |name: &str, default: &str| -> String {

@@ -88,6 +88,7 @@ fn time_fwd_bwd(
 }
 
 fn main() -> anyhow::Result<()> {
+    melanoflow::tune_threads();
     melanoflow::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
     let work = args.get(1).cloned().unwrap_or_default();

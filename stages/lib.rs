@@ -35,6 +35,22 @@ pub fn registry() -> Registry {
     r
 }
 
+/// Runs candle's elementwise ops on the calling thread unless the user set
+/// `CANDLE_NUM_THREADS`. candle 0.11 parallelises large elementwise ops on a
+/// pool of its own whose threads spin-wait (up to ~25,000 pauses) beside
+/// rayon's, which runs melanoflow's kernels: on 2 cores the two pools fought
+/// for the CPU, and a CycleGAN step spent ~30% of its samples spinning in
+/// candle's barrier (`BarrierGuard::drop`), far more under `-j 2` or any
+/// other load. The heavy elementwise work (norms, activations, Adam) runs in
+/// melanoflow's rayon kernels, so what is left for candle is cheap. Call
+/// first thing in `main`, before any thread starts.
+pub fn tune_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: called at the start of `main`, before other threads exist.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+}
+
 /// Keeps freed memory in the process instead of returning it to the kernel
 /// after every tensor: candle allocates a fresh buffer per op, and with
 /// glibc's defaults (buffers above a few MB are mmap-ed and unmapped on free)

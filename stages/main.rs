@@ -4,6 +4,7 @@
 use melanoflow_pipeline::cli::{AppCommand, main_with};
 
 fn main() -> std::process::ExitCode {
+    melanoflow::tune_threads();
     melanoflow::tune_allocator();
     main_with(
         melanoflow::registry(),
