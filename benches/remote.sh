@@ -4,14 +4,41 @@
 #
 # The S3 server is s3s-fs 0.14.1 (a small S3 implementation over a folder),
 # started on a free 127.0.0.1 port with a temp root folder; the bucket
-# `mfbench` is a subfolder of that root. The workload is melanoflow's own
-# synth stage (BENCH_FILES JPEGs of 64 px + train.csv, about 8.8 MB for
-# 5,000), produced once; DVC gets a copy of the very same files, and both
-# pulls are checked against them (sha256 of every file).
+# `mfbench` is a subfolder of that root.
 #
-# Each repetition (BENCH_RUNS, default 3) times every operation once, with a
-# fresh remote prefix (s3://mfbench/melanoflow-repN, s3://mfbench/dvc-repN)
-# and fresh clones (odd repetitions melanoflow first, even ones DVC first):
+# Workloads (BENCH_WORKLOADS, default "small large isic"; they run in that
+# order, each produced once, untimed, and deleted before the next): DVC gets a
+# copy of the very same files, and both pulls are checked against them
+# (sha256 of every file).
+#   small  melanoflow's synth stage: BENCH_FILES JPEGs of 64 px + train.csv,
+#          about 8.8 MB for 5,000 (300 patients; fewer below 300 images)
+#   large  BENCH_LARGE_FILES files of BENCH_LARGE_MB MB (10^6 bytes) each of
+#          pseudo-random bytes (python3's random.Random, one fixed seed per
+#          file: incompressible, all distinct), 1 GB for 20 x 50. DVC only:
+#          melanoflow's `push` uploads the lock file's results (the outputs
+#          of stages), and no stage kind copies a folder of existing files
+#          into its output (`ingest` hashes the image folder it reads but
+#          stores only its manifest), so melanoflow has no way to push these
+#          files; its cells are n/a and the report says why
+#   isic   melanoflow's synth stage at ISIC 2020's count: BENCH_ISIC_FILES
+#          JPEGs of BENCH_ISIC_SIZE px at quality BENCH_ISIC_QUALITY (about
+#          100-110 KB each at 640 px / 96: about 3.5 GB for 33,126) +
+#          train.csv, with ISIC 2020's 2,056 patients (fewer when there are
+#          fewer images) and 1.76% malignant. Every image is drawn from its
+#          own seeded stream, so no two are alike (nothing to deduplicate).
+#          Rendering 33,126 takes about 13 minutes on 2 idle cores (untimed;
+#          BENCH_GEN_TIMEOUT); the run needs about 25 GB of free disk at its
+#          peak
+#
+# Start-up floors, measured once before the workloads: `melanoflow --version`
+# and `dvc --version`, BENCH_FLOOR_RUNS times each (alternating), with the same
+# timer as every other row; the report gives their medians and ratio. No push
+# or pull can be faster than its tool's floor.
+#
+# Each repetition (BENCH_RUNS for small, BENCH_BIG_RUNS for large and isic)
+# times every operation once, with a fresh remote prefix
+# (s3://mfbench/WORKLOAD-melanoflow-repN, s3://mfbench/WORKLOAD-dvc-repN) and
+# fresh clones (odd repetitions melanoflow first, even ones DVC first):
 #   push         upload everything to the empty prefix
 #                melanoflow: `melanoflow -c pipeline.toml push` in the project
 #                that ran synth; DVC: `dvc push` in a new git + DVC repo
@@ -31,11 +58,16 @@
 # report (stdout and benches/out/remote.md), never in asserts.
 #
 # Knobs (environment): MELANOFLOW (binary, default target/release/melanoflow),
-# BENCH_RUNS (3), BENCH_FILES (5000: synth's image count), BENCH_SETTLE_S (3:
-# pause after mass deletions, see settle()), BENCH_TIMEOUT (600 s
-# per timed command), BENCH_KEEP_TMP=1 (keep the temp folder), BENCH_NO_DVC=1
-# (melanoflow alone), BENCH_NO_MELANOFLOW=1 (DVC alone; melanoflow still
-# generates the files), S3S_FS (the s3s-fs binary; else PATH, ~/.cargo/bin,
+# BENCH_WORKLOADS ("small large isic": any of them, space-separated),
+# BENCH_RUNS (3: repetitions of small), BENCH_BIG_RUNS (1: repetitions of large
+# and isic), BENCH_FILES (5000: small's image count), BENCH_LARGE_FILES (20),
+# BENCH_LARGE_MB (50), BENCH_ISIC_FILES (33126), BENCH_ISIC_SIZE (640: px),
+# BENCH_ISIC_QUALITY (96: JPEG quality), BENCH_FLOOR_RUNS (5),
+# BENCH_SETTLE_S (3: pause after mass deletions, see settle()), BENCH_TIMEOUT
+# (600 s per timed command), BENCH_GEN_TIMEOUT (3600 s: producing a workload),
+# BENCH_KEEP_TMP=1 (keep the temp folder), BENCH_NO_DVC=1 (melanoflow alone),
+# BENCH_NO_MELANOFLOW=1 (DVC alone; melanoflow still generates the synth
+# workloads), S3S_FS (the s3s-fs binary; else PATH, ~/.cargo/bin,
 # .tools/bin, else `cargo install s3s-fs --version 0.14.1 --locked --features
 # binary --root .tools`), BENCH_S3_PORT (default: a free port).
 # DVC comes from a venv at benches/.venv (created with pip if missing; dvc-s3,
@@ -49,9 +81,18 @@ ROOT=$(pwd)
 . benches/lib.sh
 BIN=${MELANOFLOW:-target/release/melanoflow}
 case "$BIN" in /*) ;; *) BIN="$ROOT/$BIN" ;; esac
+WORKLOADS=${BENCH_WORKLOADS:-small large isic}
 RUNS=${BENCH_RUNS:-3}
+BIG_RUNS=${BENCH_BIG_RUNS:-1}
 NFILES=${BENCH_FILES:-5000}
+LARGE_FILES=${BENCH_LARGE_FILES:-20}
+LARGE_MB=${BENCH_LARGE_MB:-50}
+ISIC_FILES=${BENCH_ISIC_FILES:-33126}
+ISIC_SIZE=${BENCH_ISIC_SIZE:-640}
+ISIC_QUALITY=${BENCH_ISIC_QUALITY:-96}
+FLOOR_RUNS=${BENCH_FLOOR_RUNS:-5}
 TIMEOUT=${BENCH_TIMEOUT:-600}
+GEN_TIMEOUT=${BENCH_GEN_TIMEOUT:-3600}
 OUTDIR="$ROOT/benches/out"
 REPORT="$OUTDIR/remote.md"
 LOG="$OUTDIR/remote.log"
@@ -71,6 +112,19 @@ die() { say "remote: $*"; exit 1; }
 [ -x "$BIN" ] || die "no melanoflow binary at $BIN (run \`make build\`, or set MELANOFLOW)"
 command -v python3 >/dev/null || die "python3 is needed (free port, report)"
 command -v sha256sum >/dev/null || die "sha256sum is needed (pull checks)"
+# The workloads, in the order they run (the report's order too), whatever
+# order BENCH_WORKLOADS names them in.
+SELECTED=()
+for wl in $WORKLOADS; do
+    case "$wl" in small | large | isic) ;; *) die "unknown workload \`$wl\` in BENCH_WORKLOADS (small, large, isic)" ;; esac
+done
+for wl in small large isic; do
+    case " $WORKLOADS " in *" $wl "*) SELECTED+=("$wl") ;; esac
+done
+[ "${#SELECTED[@]}" -gt 0 ] || die "BENCH_WORKLOADS names no workload (small, large, isic)"
+for n in "$RUNS" "$BIG_RUNS" "$NFILES" "$LARGE_FILES" "$LARGE_MB" "$ISIC_FILES" "$ISIC_SIZE" "$ISIC_QUALITY" "$FLOOR_RUNS"; do
+    case "$n" in '' | *[!0-9]*) die "the BENCH_* counts and sizes must be whole numbers (got \`$n\`)" ;; esac
+done
 
 mkdir -p "$OUTDIR"
 rm -rf "$W"
@@ -191,51 +245,62 @@ MFX=(env AWS_ACCESS_KEY_ID="$S3_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET" AWS_REGI
 
 # --------------------------------------------------------------------------
 # Helpers.
-TIMES="$W/times.tsv" # op, tool, rep, ms
+TIMES="$W/times.tsv" # workload, op, tool, rep, us
 : >"$TIMES"
+WL=""     # the workload being measured ("floor" for the start-up floors)
+WD=""     # its folder, $W/$WL
+FILES=0   # its file count and bytes (set by its producer)
+BYTES=0
+declare -A WL_GEN_S WL_MF_WHY MF_PUSH_LINE MF_PULL_LINE MF_NOOP_LINE
 
 # Records a failed command: a note with the exact command and the tail of its
-# output ($W/once.out).
+# output ($W/once.out). $4: the timeout it ran under, and the knob that sets it.
 failed() {
-    local what=$1 cwd=$2 rc=$3
-    shift 3
-    [ "$rc" = 124 ] && rc="124: timed out after $TIMEOUT s; set BENCH_TIMEOUT"
+    local what=$1 cwd=$2 rc=$3 limit=$4
+    shift 4
+    [ "$rc" = 124 ] && rc="124: timed out after $limit"
     NOTES+=("$what failed (exit $rc): \`(cd $cwd && $*)\`: $(tail -3 "$W/once.out" | tr '\n' ' ' | cut -c1-400)")
     say "FAILED: $what: (cd $cwd && $*)"
     tail -5 "$W/once.out" >&2
 }
 
-# Runs a command once (untimed), logging its output.
+# Runs a command once (untimed), logging its output; under $TIMEOUT, or
+# $ONCE_TIMEOUT s when set (producing a workload: BENCH_GEN_TIMEOUT).
 once() {
     local what=$1 cwd=$2
     shift 2
-    local rc=0
+    local rc=0 limit=${ONCE_TIMEOUT:-$TIMEOUT}
     log "## $what (cwd $cwd): $*"
-    (cd "$cwd" && timeout "$TIMEOUT" "$@") >"$W/once.out" 2>&1 || rc=$?
+    (cd "$cwd" && timeout "$limit" "$@") >"$W/once.out" 2>&1 || rc=$?
     cat "$W/once.out" >>"$LOG"
     [ "$rc" = 0 ] && return 0
-    failed "$what" "$cwd" "$rc" "$@"
+    if [ -n "${ONCE_TIMEOUT:-}" ]; then
+        failed "$what" "$cwd" "$rc" "$limit s; set BENCH_GEN_TIMEOUT" "$@"
+    else
+        failed "$what" "$cwd" "$rc" "$limit s; set BENCH_TIMEOUT" "$@"
+    fi
     return 1
 }
 
 # timed OP TOOL REP CWD CMD...: runs CMD once, appends its wall time (us) to
-# $TIMES; the output stays in $W/once.out for the caller.
+# $TIMES under workload $WL; the output stays in $W/once.out for the caller.
+# QUIET=1: no line on stderr (the start-up floors).
 timed() {
     local op=$1 tool=$2 rep=$3 cwd=$4
     shift 4
     local t0 t1 rc=0
-    log "## rep $rep: $tool $op (cwd $cwd): $*"
+    log "## $WL rep $rep: $tool $op (cwd $cwd): $*"
     t0=$(date +%s%N)
     (cd "$cwd" && timeout "$TIMEOUT" "$@") >"$W/once.out" 2>&1 || rc=$?
     t1=$(date +%s%N)
     cat "$W/once.out" >>"$LOG"
     if [ "$rc" != 0 ]; then
-        failed "rep $rep: $tool $op" "$cwd" "$rc" "$@"
+        failed "$WL rep $rep: $tool $op" "$cwd" "$rc" "$TIMEOUT s; set BENCH_TIMEOUT" "$@"
         return 1
     fi
     log "## -> $(((t1 - t0) / 1000)) us"
-    printf '%s\t%s\t%s\t%s\n' "$op" "$tool" "$rep" "$(((t1 - t0) / 1000))" >>"$TIMES"
-    say "  $tool $op: $(((t1 - t0) / 1000000)) ms"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$WL" "$op" "$tool" "$rep" "$(((t1 - t0) / 1000))" >>"$TIMES"
+    [ "${QUIET:-0}" = 1 ] || say "  $tool $op: $(((t1 - t0) / 1000000)) ms"
 }
 
 # The last non-empty line of the last command's output.
@@ -244,19 +309,20 @@ last_line() { grep -v '^[[:space:]]*$' "$W/once.out" | tail -1 || true; }
 # One line per file: sha256 and path, sorted by path.
 listing() { (cd "$1" && find . -type f -print0 | sort -z | xargs -0 sha256sum); }
 
+# same_files WHAT DIR: DIR holds exactly the workload's files ($WD/reference.sha).
 same_files() {
     local what=$1 dir=$2
     if [ ! -d "$dir" ]; then
         NOTES+=("$what: $dir does not exist")
         return 1
     fi
-    listing "$dir" >"$W/check.sha"
-    if cmp -s "$W/check.sha" "$W/reference.sha"; then
-        log "## $what: the same $FILES files as the synth output (sha256)"
+    listing "$dir" >"$WD/check.sha"
+    if cmp -s "$WD/check.sha" "$WD/reference.sha"; then
+        log "## $what: the same $FILES files as the workload's (sha256)"
         return 0
     fi
-    NOTES+=("$what: the files differ from the synth output ($(diff "$W/reference.sha" "$W/check.sha" | grep -c '^[<>]' || true) differing lines in the sha256 listings)")
-    say "FAILED: $what: the files differ from the synth output"
+    NOTES+=("$what: the files differ from the workload's ($(diff "$WD/reference.sha" "$WD/check.sha" | grep -c '^[<>]' || true) differing lines in the sha256 listings)")
+    say "FAILED: $what: the files differ from the workload's"
     return 1
 }
 
@@ -293,49 +359,12 @@ summary() {
     printf '%s' "$lines"
 }
 
-# --------------------------------------------------------------------------
-# The workload: melanoflow's synth stage. The remote keys of [store] are
-# added only after it ran, so that a binary without push/pull (which rejects
-# them) still produces the files.
-say ""
-say "== workload: synth, $NFILES images at 64 px =="
-P="$W/mf" # melanoflow's project: pipeline file, lock file, store, out/
-mkdir -p "$P"
-pipeline() { # pipeline [REMOTE_PREFIX]
-    echo "[store]"
-    echo "url = \"store\""
-    if [ -n "${1:-}" ]; then
-        echo "remote = \"s3://$BUCKET/$1\""
-        echo "endpoint = \"$ENDPOINT\""
-        echo "region = \"$S3_REGION\""
-    fi
-    cat <<EOF
-
-[stages.synth]
-kind = "synth"
-count = $NFILES
-malignant_fraction = 0.018
-image_size = 64
-patients = 300
-seed = 1
-EOF
-}
-pipeline >"$P/pipeline.toml"
-once "workload: melanoflow run (synth)" "$P" "$BIN" -c pipeline.toml run || die "could not produce the workload (see $LOG)"
-[ -f "$P/pipeline.lock" ] || die "no lock file $P/pipeline.lock after the run"
-SRC="$P/out/synth"
-[ -d "$SRC" ] || die "no synth output folder $SRC after the run"
-listing "$SRC" >"$W/reference.sha"
-FILES=$(wc -l <"$W/reference.sha")
-BYTES=$(find "$SRC" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')
-say "  $FILES files, $BYTES bytes"
-
 if [ -n "$DVC" ]; then
     GIT=(git -c user.name=bench -c user.email=bench@localhost -c init.defaultBranch=main -c advice.detachedHead=false)
     # s3s-fs answers HEAD on a key that is a "folder" (a prefix of other keys,
     # a folder of its root on disk) with 500 InternalError, where S3 answers
     # 404; botocore then retries with back-off and `dvc pull` gives up
-    # ("failed to connect to s3 (mfbench/dvc-repN/files/md5)": its
+    # ("failed to connect to s3 (mfbench/WORKLOAD-dvc-repN/files/md5)": its
     # connectivity check is fs.exists() on that prefix, i.e. HEAD, then LIST on
     # 404). This sitecustomize, on PYTHONPATH for DVC's push and pull only,
     # turns exactly that answer (HeadObject, 500) into the 404 S3 would send,
@@ -373,42 +402,128 @@ EOF
     cat "$W/dvc-version.txt" >>"$LOG"
 fi
 
+# The median of the recorded times of WORKLOAD OP TOOL, in ms ("n/a": none).
+median_ms() {
+    python3 -c '
+import statistics, sys
+v = [int(l.split("\t")[4]) / 1000 for l in open(sys.argv[1]) if l.split("\t")[:3] == sys.argv[2:5]]
+print(f"{statistics.median(v):.1f}" if v else "n/a")' "$TIMES" "$@"
+}
+
+# --------------------------------------------------------------------------
+# Start-up floors: each tool's `--version`, the same timer as every row,
+# alternating (odd runs melanoflow first).
+WL=floor
+say ""
+say "== start-up floors: --version, $FLOOR_RUNS runs each =="
+for i in $(seq 1 "$FLOOR_RUNS"); do
+    if [ $((i % 2)) = 1 ]; then order="mf dvc"; else order="dvc mf"; fi
+    for tool in $order; do
+        if [ "$tool" = mf ]; then QUIET=1 timed "start-up floor" melanoflow "$i" "$W" "$BIN" --version || true; fi
+        if [ "$tool" = dvc ] && [ -n "$DVC" ]; then QUIET=1 timed "start-up floor" dvc "$i" "$W" "$DVC" --version || true; fi
+    done
+done
+say "  medians: melanoflow $(median_ms floor "start-up floor" melanoflow) ms, dvc $(median_ms floor "start-up floor" dvc) ms"
+
+# --------------------------------------------------------------------------
+# The workloads' producers. Each sets SRC, the folder of files both tools
+# get, and returns non-zero (with a note) when it could not.
+
+# The pipeline file of a synth workload (SYN_* set by run_workload), with the
+# remote keys of [store] when given a remote prefix: they are added only after
+# synth ran, so that a binary without push/pull (which rejects them) still
+# produces the files.
+pipeline() { # pipeline [REMOTE_PREFIX]
+    echo "[store]"
+    echo "url = \"store\""
+    if [ -n "${1:-}" ]; then
+        echo "remote = \"s3://$BUCKET/$1\""
+        echo "endpoint = \"$ENDPOINT\""
+        echo "region = \"$S3_REGION\""
+    fi
+    cat <<EOF
+
+[stages.synth]
+kind = "synth"
+count = $SYN_COUNT
+malignant_fraction = $SYN_MALIGNANT
+image_size = $SYN_SIZE
+patients = $SYN_PATIENTS
+seed = 1
+EOF
+    if [ -n "$SYN_QUALITY" ]; then echo "jpeg_quality = $SYN_QUALITY"; fi
+}
+
+# small, isic: melanoflow's synth stage, run in the workload's melanoflow
+# project $P (pipeline file, lock file, store, out/); the files are out/synth.
+produce_synth() {
+    P="$WD/mf"
+    mkdir -p "$P"
+    pipeline >"$P/pipeline.toml"
+    ONCE_TIMEOUT=$GEN_TIMEOUT once "$WL: melanoflow run (synth)" "$P" "$BIN" -c pipeline.toml run || return 1
+    SRC="$P/out/synth"
+    if [ ! -f "$P/pipeline.lock" ] || [ ! -d "$SRC" ]; then
+        NOTES+=("$WL: no lock file or no output folder out/synth after \`melanoflow run\` in $P")
+        return 1
+    fi
+}
+
+# large: LARGE_FILES files of LARGE_MB x 10^6 pseudo-random bytes, one fixed
+# seed per file (python3's random.Random, seeded by a string: the same bytes
+# on every run and machine), written 1 MiB at a time.
+produce_large() {
+    SRC="$WD/files"
+    mkdir -p "$SRC"
+    cat >"$WD/gen_large.py" <<'EOF'
+import os, random, sys
+
+folder, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(count):
+    r = random.Random(f"melanoflow-bench-large-{i}")
+    with open(os.path.join(folder, f"large_{i:03d}.bin"), "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(r.randbytes(n))
+            left -= n
+EOF
+    ONCE_TIMEOUT=$GEN_TIMEOUT once "$WL: writing $LARGE_FILES files of $LARGE_MB MB" "$WD" \
+        python3 "$WD/gen_large.py" "$SRC" "$LARGE_FILES" "$((LARGE_MB * 1000000))"
+}
+
 # --------------------------------------------------------------------------
 # The repetitions.
-MF_PUSH_LINE=""
-MF_PULL_LINE=""
-MF_NOOP_LINE=""
 # One repetition of each tool; the order alternates between repetitions
 # (odd: melanoflow first) so that drifting load on the machine hits both.
 mf_rep() {
     local rep=$1 F
-    pipeline "melanoflow-rep$rep" >"$P/pipeline.toml"
+    pipeline "$WL-melanoflow-rep$rep" >"$P/pipeline.toml"
     if timed push melanoflow "$rep" "$P" "${MFX[@]}" -c pipeline.toml push; then
-        MF_PUSH_LINE=$(summary)
-        F="$W/mf-pull$rep"
+        MF_PUSH_LINE[$WL]=$(summary)
+        F="$WD/mf-pull$rep"
         mkdir -p "$F"
         cp "$P/pipeline.toml" "$P/pipeline.lock" "$F/"
         if timed pull melanoflow "$rep" "$F" "${MFX[@]}" -c pipeline.toml pull; then
-            MF_PULL_LINE=$(summary)
-            same_files "rep $rep: melanoflow pull" "$F/out/synth" || true
-            if once "rep $rep: melanoflow run after pull" "$F" "${MFX[@]}" -c pipeline.toml run \
+            MF_PULL_LINE[$WL]=$(summary)
+            same_files "$WL rep $rep: melanoflow pull" "$F/out/synth" || true
+            if once "$WL rep $rep: melanoflow run after pull" "$F" "${MFX[@]}" -c pipeline.toml run \
                 && ! grep -qE '^[0-9]+ stage\(s\): [0-9]+ cached in ' "$W/once.out"; then
-                NOTES+=("rep $rep: after \`melanoflow pull\`, \`melanoflow run\` was not all cached: $(tr '\n' ' ' <"$W/once.out" | cut -c1-300)")
-                say "FAILED: rep $rep: melanoflow run after pull was not all cached"
+                NOTES+=("$WL rep $rep: after \`melanoflow pull\`, \`melanoflow run\` was not all cached: $(tr '\n' ' ' <"$W/once.out" | cut -c1-300)")
+                say "FAILED: $WL rep $rep: melanoflow run after pull was not all cached"
             fi
         fi
         rm -rf "$F"
         settle
         if timed "push no-op" melanoflow "$rep" "$P" "${MFX[@]}" -c pipeline.toml push; then
-            MF_NOOP_LINE=$(summary)
+            MF_NOOP_LINE[$WL]=$(summary)
         fi
     fi
-    clear_bucket "rep $rep: melanoflow"
+    clear_bucket "$WL rep $rep: melanoflow"
 }
 
 dvc_rep() {
     local rep=$1 D R C dvc_ok
-    D="$W/dvc$rep"
+    D="$WD/dvc$rep"
     R="$D/repo"
     C="$D/clone"
     mkdir -p "$R"
@@ -424,7 +539,7 @@ dvc_rep() {
             && cp -r "$SRC" data
     ) >>"$LOG" 2>&1 && timed add dvc "$rep" "$R" "$DVC" add data && (
         cd "$R" \
-            && "$DVC" remote add -d s3 "s3://$BUCKET/dvc-rep$rep" \
+            && "$DVC" remote add -d s3 "s3://$BUCKET/$WL-dvc-rep$rep" \
             && "$DVC" remote modify s3 endpointurl "$ENDPOINT" \
             && "$DVC" remote modify s3 region "$S3_REGION" \
             && "$DVC" remote modify --local s3 access_key_id "$S3_KEY" \
@@ -434,8 +549,8 @@ dvc_rep() {
     ) >>"$LOG" 2>&1; then
         dvc_ok=1
     else
-        NOTES+=("rep $rep: setting up the DVC repo failed (see $(basename "$LOG"))")
-        say "FAILED: rep $rep: DVC repo setup (see $LOG)"
+        NOTES+=("$WL rep $rep: setting up the DVC repo failed (see $(basename "$LOG"))")
+        say "FAILED: $WL rep $rep: DVC repo setup (see $LOG)"
     fi
     if [ "$dvc_ok" = 1 ] && timed push dvc "$rep" "$R" "${DVCX[@]}" push; then
         if (
@@ -445,26 +560,89 @@ dvc_rep() {
                 && "$DVC" remote modify --local s3 secret_access_key "$S3_SECRET"
         ) >>"$LOG" 2>&1; then
             if timed pull dvc "$rep" "$C" "${DVCX[@]}" pull; then
-                same_files "rep $rep: dvc pull" "$C/data" || true
+                same_files "$WL rep $rep: dvc pull" "$C/data" || true
             fi
         else
-            NOTES+=("rep $rep: cloning the DVC repo failed (see $(basename "$LOG"))")
+            NOTES+=("$WL rep $rep: cloning the DVC repo failed (see $(basename "$LOG"))")
         fi
         timed "push no-op" dvc "$rep" "$R" "${DVCX[@]}" push || true
     fi
     rm -rf "$D"
-    clear_bucket "rep $rep: dvc"
+    clear_bucket "$WL rep $rep: dvc"
 }
 
-for rep in $(seq 1 "$RUNS"); do
-    say ""
-    say "== repetition $rep of $RUNS =="
-    if [ $((rep % 2)) = 1 ]; then order="mf dvc"; else order="dvc mf"; fi
-    for tool in $order; do
-        if [ "$tool" = mf ] && [ "$MF" = 1 ]; then mf_rep "$rep"; fi
-        if [ "$tool" = dvc ] && [ -n "$DVC" ]; then dvc_rep "$rep"; fi
-    done
+# run_workload NAME: produces the workload's files in $W/NAME, runs its
+# repetitions, then deletes the folder (the big ones hold gigabytes).
+declare -A WL_DESC
+run_workload() {
+    WL=$1
+    WD="$W/$WL"
+    mkdir -p "$WD"
+    local runs=$BIG_RUNS mf=$MF t0 rep order tool producer=produce_synth
+    case "$WL" in
+        small)
+            runs=$RUNS
+            SYN_COUNT=$NFILES SYN_MALIGNANT=0.018 SYN_SIZE=64 SYN_QUALITY=""
+            SYN_PATIENTS=$((NFILES < 300 ? NFILES : 300)) # synth: at least one image per patient
+            say ""
+            say "== workload small: synth, $NFILES images at 64 px =="
+            ;;
+        isic)
+            SYN_COUNT=$ISIC_FILES SYN_MALIGNANT=0.0176 SYN_SIZE=$ISIC_SIZE SYN_QUALITY=$ISIC_QUALITY
+            SYN_PATIENTS=$((ISIC_FILES < 2056 ? ISIC_FILES : 2056))
+            say ""
+            say "== workload isic: synth, $ISIC_FILES images at $ISIC_SIZE px, JPEG quality $ISIC_QUALITY (untimed: about 13 minutes for 33,126 on 2 cores) =="
+            ;;
+        large)
+            producer=produce_large
+            mf=0
+            WL_MF_WHY[$WL]="melanoflow's \`push\` uploads the lock file's results (the outputs of stages), and no stage kind of this binary copies a folder of existing files into its output (\`ingest\` hashes the image folder it reads but stores only its manifest): melanoflow has no way to push these files"
+            say ""
+            say "== workload large: $LARGE_FILES files of $LARGE_MB MB of pseudo-random bytes =="
+            say "melanoflow: not measured: ${WL_MF_WHY[$WL]}"
+            ;;
+    esac
+    t0=$SECONDS
+    if ! "$producer"; then
+        NOTES+=("$WL: could not produce the workload (see $(basename "$LOG")); not measured")
+        say "FAILED: $WL: could not produce the workload (see $LOG)"
+        rm -rf "$WD"
+        return 0
+    fi
+    listing "$SRC" >"$WD/reference.sha"
+    FILES=$(wc -l <"$WD/reference.sha")
+    BYTES=$(find "$SRC" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')
+    WL_GEN_S[$WL]=$((SECONDS - t0))
+    say "  $FILES files, $BYTES bytes (produced and listed in ${WL_GEN_S[$WL]} s)"
+    case "$WL" in
+        small) WL_DESC[$WL]="melanoflow's synth stage, $(commas "$FILES") files (${NFILES} JPEGs of 64 px + train.csv), $(commas "$BYTES") bytes" ;;
+        isic) WL_DESC[$WL]="melanoflow's synth stage at ISIC 2020's count, $(commas "$FILES") files ($(commas "$ISIC_FILES") JPEGs of $ISIC_SIZE px at quality $ISIC_QUALITY, $((BYTES / FILES / 1000)) KB on average, + train.csv), $(commas "$BYTES") bytes; $SYN_PATIENTS patients, 1.76% malignant; every image drawn from its own seeded stream" ;;
+        large) WL_DESC[$WL]="$(commas "$FILES") files of $LARGE_MB MB of pseudo-random bytes (python3's \`random.Random\`, a fixed seed per file), $(commas "$BYTES") bytes; DVC only (melanoflow cannot push them: see the notes)" ;;
+    esac
+    if [ "$mf" = 0 ] && [ -z "$DVC" ]; then
+        NOTES+=("$WL: neither tool measured (melanoflow: ${WL_MF_WHY[$WL]:-$MF_WHY}; DVC: ${DVC_WHY:-not available})")
+    else
+        for rep in $(seq 1 "$runs"); do
+            say ""
+            say "== $WL: repetition $rep of $runs =="
+            if [ $((rep % 2)) = 1 ]; then order="mf dvc"; else order="dvc mf"; fi
+            for tool in $order; do
+                if [ "$tool" = mf ] && [ "$mf" = 1 ]; then mf_rep "$rep"; fi
+                if [ "$tool" = dvc ] && [ -n "$DVC" ]; then dvc_rep "$rep"; fi
+            done
+        done
+    fi
+    say "deleting $WD ..."
+    rm -rf "$WD"
+    settle
+}
+
+for wl in "${SELECTED[@]}"; do
+    run_workload "$wl"
 done
+if [ -n "${WL_MF_WHY[large]:-}" ] && [ "$MF" = 1 ]; then
+    NOTES+=("large, melanoflow: not measured: ${WL_MF_WHY[large]}")
+fi
 
 ELAPSED=$SECONDS
 
@@ -473,7 +651,7 @@ ELAPSED=$SECONDS
 {
     echo "# Remote push/pull wall time: melanoflow vs DVC (S3)"
     echo
-    echo "Generated by \`benches/remote.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC') in ${ELAPSED} s."
+    echo "Generated by \`benches/remote.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC') in ${ELAPSED} s (workloads: ${SELECTED[*]})."
     echo
     echo "- Machine: $MACHINE; at end $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the numbers)"
     if [ "$MF" = 1 ]; then
@@ -487,18 +665,30 @@ ELAPSED=$SECONDS
         echo "- DVC: **not measured**: ${DVC_WHY:-not available}"
     fi
     echo "- S3: $S3S_DESC on $ENDPOINT (loopback, a temp folder on the local disk), bucket \`$BUCKET\`, path-style, region $S3_REGION, SigV4 with a static key"
-    echo "- Workload: melanoflow's synth stage, $(commas "$FILES") files (${NFILES} JPEGs of 64 px + train.csv), $(commas "$BYTES") bytes; the same files for both tools, both pulls checked file by file (sha256)"
-    echo "- $RUNS repetitions, each operation once per repetition with a fresh remote prefix and fresh clones; wall time in ms, process start included"
+    echo "- Workloads (the same files for both tools, both pulls checked file by file (sha256); produced once each, untimed):"
+    for wl in "${SELECTED[@]}"; do
+        if [ -n "${WL_DESC[$wl]:-}" ]; then
+            echo "  - $wl: ${WL_DESC[$wl]}; produced in ${WL_GEN_S[$wl]} s"
+        else
+            echo "  - $wl: could not be produced (see notes)"
+        fi
+    done
+    reps=()
+    for wl in "${SELECTED[@]}"; do
+        if [ "$wl" = small ]; then reps+=("small $RUNS (BENCH_RUNS)"); else reps+=("$wl $BIG_RUNS (BENCH_BIG_RUNS)"); fi
+    done
+    echo "- Repetitions: $(IFS=';'; r="${reps[*]}"; echo "${r//;/, }"); each operation once per repetition with a fresh remote prefix and fresh clones; wall time in ms, process start included"
+    echo "- Start-up floor: \`melanoflow --version\` and \`dvc --version\`, $FLOOR_RUNS runs each, alternating, with the same timer as the other rows; no push or pull can be faster than its tool's floor"
     echo "- melanoflow: \`push\` / \`pull\` / \`push\` again, with \`-c pipeline.toml\` (remote in \`[store]\`, credentials from AWS_* environment variables); pull into a folder holding only the pipeline file and its lock file"
-    echo "- DVC: \`dvc push\` in a git + DVC repo after \`dvc add data\`; \`dvc pull\` (fetch + checkout) in a \`git clone\` of it; \`dvc push\` again in the repo; remote config \`endpointurl\`, \`region\`, credentials in \`--local\` config. Push and pull run with a sitecustomize that turns s3s-fs's 500 on HEAD of a prefix key (\`dvc-repN/files/md5\`, DVC's connectivity check) into the 404 S3 sends, without retry; without it \`dvc pull\` fails"
+    echo "- DVC: \`dvc push\` in a git + DVC repo after \`dvc add data\`; \`dvc pull\` (fetch + checkout) in a \`git clone\` of it; \`dvc push\` again in the repo; remote config \`endpointurl\`, \`region\`, credentials in \`--local\` config. Push and pull run with a sitecustomize that turns s3s-fs's 500 on HEAD of a prefix key (\`WORKLOAD-dvc-repN/files/md5\`, DVC's connectivity check) into the 404 S3 sends, without retry; without it \`dvc pull\` fails"
     echo "- Order: odd repetitions melanoflow first, even ones DVC first"
     echo
-    python3 - "$TIMES" <<'EOF'
+    python3 - "$TIMES" "$FLOOR_RUNS" "${SELECTED[@]}" <<'EOF'
 import statistics, sys
 t = {}
 for line in open(sys.argv[1]):
-    op, tool, rep, us = line.rstrip("\n").split("\t")
-    t.setdefault((op, tool), []).append(int(us) / 1000)
+    wl, op, tool, rep, us = line.rstrip("\n").split("\t")
+    t.setdefault((wl, op, tool), []).append(int(us) / 1000)
 def cell(v):
     if not v:
         return "n/a"
@@ -508,34 +698,42 @@ def ratio(d, m):
     if not d or not m:
         return "n/a"
     return f"{statistics.median(d) / statistics.median(m):.1f}×"
-print("| operation | melanoflow | DVC | DVC/melanoflow |")
-print("|---|---:|---:|---:|")
-for op, label in (("push", "push (empty prefix)"), ("pull", "pull (fresh copy: download + checkout)"), ("push no-op", "push no-op (all on the remote)")):
-    m, d = t.get((op, "melanoflow")), t.get((op, "dvc"))
-    print(f"| {label} | {cell(m)} | {cell(d)} | {ratio(d, m)} |")
-if t.get(("add", "dvc")):
-    print(f"| `dvc add data` (DVC only, before its push; melanoflow's files are in its store after `run`) | — | {cell(t[('add', 'dvc')])} | — |")
+print("| workload | operation | melanoflow | DVC | DVC/melanoflow |")
+print("|---|---|---:|---:|---:|")
+m, d = t.get(("floor", "start-up floor", "melanoflow")), t.get(("floor", "start-up floor", "dvc"))
+print(f"| — | start-up floor (`--version`, {sys.argv[2]} runs) | {cell(m)} | {cell(d)} | {ratio(d, m)} |")
+for wl in sys.argv[3:]:
+    for op, label in (("push", "push (empty prefix)"), ("pull", "pull (fresh copy: download + checkout)"), ("push no-op", "push no-op (all on the remote)")):
+        m, d = t.get((wl, op, "melanoflow")), t.get((wl, op, "dvc"))
+        print(f"| {wl} | {label} | {cell(m)} | {cell(d)} | {ratio(d, m)} |")
+    if t.get((wl, "add", "dvc")):
+        why = "" if wl == "large" else "; melanoflow's files are in its store after `run`"
+        print(f"| {wl} | `dvc add data` (DVC only, before its push{why}) | — | {cell(t[(wl, 'add', 'dvc')])} | — |")
 EOF
     echo
     echo "Median (min–max) in ms over the repetitions that succeeded. n/a: not measured or failed (see notes and $(basename "$LOG"))."
     echo
-    if [ -n "$MF_PUSH_LINE$MF_PULL_LINE$MF_NOOP_LINE" ]; then
-        echo "melanoflow's summaries (last repetition):"
+    summaries=""
+    for wl in "${SELECTED[@]}"; do
+        if [ -n "${MF_PUSH_LINE[$wl]:-}" ]; then summaries+="$wl push:         ${MF_PUSH_LINE[$wl]}"$'\n'; fi
+        if [ -n "${MF_PULL_LINE[$wl]:-}" ]; then summaries+="$wl pull:         ${MF_PULL_LINE[$wl]}"$'\n'; fi
+        if [ -n "${MF_NOOP_LINE[$wl]:-}" ]; then summaries+="$wl push (no-op): ${MF_NOOP_LINE[$wl]}"$'\n'; fi
+    done
+    if [ -n "$summaries" ]; then
+        echo "melanoflow's summaries (last repetition of each workload):"
         echo
         echo '```'
-        [ -n "$MF_PUSH_LINE" ] && echo "push:         $MF_PUSH_LINE"
-        [ -n "$MF_PULL_LINE" ] && echo "pull:         $MF_PULL_LINE"
-        [ -n "$MF_NOOP_LINE" ] && echo "push (no-op): $MF_NOOP_LINE"
+        printf '%s' "$summaries"
         echo '```'
         echo
     fi
-    echo "Objects on the remote after each repetition (the bucket is emptied after each tool's repetition: s3s-fs walks the whole bucket on every list request, whatever the prefix): $(IFS=';'; echo "${OBJECT_COUNTS[*]:-none}" | sed 's/;/; /g')."
+    echo "Objects on the remote after each repetition (the bucket is emptied after each tool's repetition: s3s-fs walks the whole bucket on every list request, whatever the prefix): $(IFS=';'; c="${OBJECT_COUNTS[*]:-none}"; echo "${c//;/; }")."
     echo
     echo "<details><summary>every measurement (ms)</summary>"
     echo
-    echo "| operation | tool | repetition | ms |"
-    echo "|---|---|---:|---:|"
-    awk -F'\t' '{printf "| %s | %s | %s | %.1f |\n", $1, $2, $3, $4 / 1000}' "$TIMES"
+    echo "| workload | operation | tool | repetition | ms |"
+    echo "|---|---|---|---:|---:|"
+    awk -F'\t' '{printf "| %s | %s | %s | %s | %.1f |\n", $1, $2, $3, $4, $5 / 1000}' "$TIMES"
     echo
     echo "</details>"
     report_notes
