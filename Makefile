@@ -6,7 +6,7 @@ CARGO  ?= cargo
 BIN    := target/release/melanoflow
 CONFIG ?= data/pipeline.toml
 
-.PHONY: repro repro-update pipeline test test-build bench bench-train bench-remote build status clean weights metrics real
+.PHONY: repro repro-update pipeline test test-build bench bench-train bench-remote bench-scale build status clean weights metrics real
 
 pipeline: build weights
 	$(BIN) run --config $(CONFIG)
@@ -59,6 +59,7 @@ bench: build weights
 	benches/cyclegan.sh
 	benches/train.sh
 	benches/remote.sh
+	benches/scale.sh
 
 # Training speed on CPU: candle before/after melanoflow's kernels vs PyTorch
 # (CycleGAN step, generator fwd/bwd, EfficientNet-B0 step, depthwise conv).
@@ -71,6 +72,14 @@ bench-train: build
 # test; BENCH_RUNS=, BENCH_NO_DVC=1, BENCH_NO_MELANOFLOW=1 apply.
 bench-remote: build
 	benches/remote.sh
+
+# Scale model: each stage of data/pipeline.toml timed at two dataset sizes, on
+# 1 and 2 threads, and ingest + preprocess on two sets of real photos, fitted
+# per cost unit and extrapolated to ISIC 2020's 33,126 full-size images on 2,
+# 16 and 64 cores. A report (benches/out/scale.md), not a test; SCALE_N1=,
+# SCALE_SET=, ... apply (see the script's header).
+bench-scale: build weights
+	benches/scale.sh
 
 status: build
 	$(BIN) status --config $(CONFIG)
