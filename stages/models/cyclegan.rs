@@ -16,8 +16,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::layers::{
-    Conv, ConvT, instance_norm, instance_norm_leaky_relu, leaky_relu, reflection_pad2d,
-    upsample_nearest2x,
+    Conv, ConvT, instance_norm, instance_norm_leaky_relu, leaky_relu, upsample_nearest2x,
 };
 
 /// How the generator doubles resolution on the way up.
@@ -72,14 +71,14 @@ impl ResBlock {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("conv_block");
         Ok(ResBlock {
-            conv1: Conv::new(dim, dim, 3, 1, 0, vb.pp(1))?,
-            conv2: Conv::new(dim, dim, 3, 1, 0, vb.pp(5))?,
+            conv1: Conv::reflect_padded(dim, dim, 3, 1, vb.pp(1))?,
+            conv2: Conv::reflect_padded(dim, dim, 3, 1, vb.pp(5))?,
         })
     }
 
     fn forward(&self, x: &Tensor, slope: f64) -> Result<Tensor> {
-        let y = instance_norm_leaky_relu(&self.conv1.forward(&reflection_pad2d(x, 1)?)?, slope)?;
-        let y = instance_norm(&self.conv2.forward(&reflection_pad2d(&y, 1)?)?)?;
+        let y = instance_norm_leaky_relu(&self.conv1.forward(x)?, slope)?;
+        let y = instance_norm(&self.conv2.forward(&y)?)?;
         x + y
     }
 }
@@ -101,7 +100,7 @@ impl Generator {
         let (ngf, nb) = (cfg.ngf, cfg.n_blocks);
         let m = vb.pp("model");
         Ok(Generator {
-            stem: Conv::new(3, ngf, 7, 1, 0, m.pp(1))?,
+            stem: Conv::reflect_padded(3, ngf, 7, 3, m.pp(1))?,
             down: [
                 Conv::new(ngf, 2 * ngf, 3, 2, 1, m.pp(4))?,
                 Conv::new(2 * ngf, 4 * ngf, 3, 2, 1, m.pp(7))?,
@@ -113,7 +112,7 @@ impl Generator {
                 Up::new(cfg.upsample, 4 * ngf, 2 * ngf, m.pp(10 + nb))?,
                 Up::new(cfg.upsample, 2 * ngf, ngf, m.pp(13 + nb))?,
             ],
-            head: Conv::new(ngf, 3, 7, 1, 0, m.pp(17 + nb))?,
+            head: Conv::reflect_padded(ngf, 3, 7, 3, m.pp(17 + nb))?,
             slope: cfg.slope,
         })
     }
@@ -123,7 +122,7 @@ impl Module for Generator {
     /// [B, 3, H, W] in [-1, 1] -> [B, 3, H, W] in [-1, 1]; H and W multiples of 4.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let act = |t: Tensor| instance_norm_leaky_relu(&t, self.slope);
-        let mut y = act(self.stem.forward(&reflection_pad2d(x, 3)?)?)?; // [B, ngf, H, W]
+        let mut y = act(self.stem.forward(x)?)?; // [B, ngf, H, W]
         for d in &self.down {
             y = act(d.forward(&y)?)?; // [B, 2ngf, H/2, W/2], then [B, 4ngf, H/4, W/4]
         }
@@ -133,7 +132,7 @@ impl Module for Generator {
         for u in &self.up {
             y = act(u.forward(&y)?)?; // back to [B, ngf, H, W]
         }
-        self.head.forward(&reflection_pad2d(&y, 3)?)?.tanh()
+        self.head.forward(&y)?.tanh()
     }
 }
 
@@ -174,6 +173,23 @@ impl Discriminator {
             layers,
             head: Conv::new(ndf * mult, 1, 4, 1, 1, m.pp(3 * cfg.n_layers + 2))?,
         })
+    }
+}
+
+impl Discriminator {
+    /// This discriminator with its parameters detached (see
+    /// [`Conv::frozen`]): the generators' step trains through it without
+    /// computing the discriminator's weight gradients, which that step
+    /// would drop (PyTorch's reference turns `requires_grad` off for it).
+    pub fn frozen(&self) -> Discriminator {
+        Discriminator {
+            layers: self
+                .layers
+                .iter()
+                .map(|(c, norm)| (c.frozen(), *norm))
+                .collect(),
+            head: self.head.frozen(),
+        }
     }
 }
 

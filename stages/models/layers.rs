@@ -11,7 +11,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::kernels::batchnorm::{Act, batch_norm_act_train};
-use super::kernels::conv::{conv_transpose2d, conv2d};
+use super::kernels::conv::{conv_transpose2d, conv2d, conv2d_reflect};
 use super::kernels::gpu::norm;
 use super::kernels::{Path, accumulation_dtype, half_on_cpu, path, widen};
 use super::precision::in_dtype_of;
@@ -97,6 +97,9 @@ pub struct Conv {
     bias: Tensor,
     stride: usize,
     padding: usize,
+    /// Pad by reflection (`ReflectionPad2d(padding)` before the conv in the
+    /// reference), fused into the convolution's gathers.
+    reflect: bool,
 }
 
 impl Conv {
@@ -115,14 +118,47 @@ impl Conv {
             bias,
             stride,
             padding,
+            reflect: false,
         })
+    }
+
+    /// A stride-1 convolution whose input is first padded by `padding` by
+    /// reflection, as the reference's `ReflectionPad2d` + `Conv2d(padding=0)`
+    /// pair (the same parameters).
+    pub fn reflect_padded(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Conv {
+            reflect: true,
+            ..Conv::new(cin, cout, k, 1, padding, vb)?
+        })
+    }
+
+    /// The same layer with its parameters detached from the graph: a
+    /// backward pass through it computes its input's gradient only, for a
+    /// network held fixed while another trains through it.
+    pub fn frozen(&self) -> Conv {
+        Conv {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            ..self.clone()
+        }
     }
 }
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = in_dtype_of(&self.weight, x)?;
-        add_channel_bias(&conv2d(x, &w, self.stride, self.padding)?, &self.bias)
+        let y = if self.reflect {
+            conv2d_reflect(x, &w, self.stride, self.padding)?
+        } else {
+            conv2d(x, &w, self.stride, self.padding)?
+        };
+        add_channel_bias(&y, &self.bias)
     }
 }
 

@@ -188,8 +188,10 @@ pub fn train_step(
     let rec_a = nets.g_b.forward(&fake_b)?;
     let fake_a = nets.g_b.forward(&in_b)?;
     let rec_b = nets.g_a.forward(&fake_a)?;
-    let pred_fake_b = nets.d_a.forward(&fake_b)?;
-    let pred_fake_a = nets.d_b.forward(&fake_a)?;
+    // The discriminators are held fixed here: their weight gradients would be
+    // dropped, so they are not computed.
+    let pred_fake_b = nets.d_a.frozen().forward(&fake_b)?;
+    let pred_fake_a = nets.d_b.frozen().forward(&fake_a)?;
     let loss_g_a = mse(&pred_fake_b, &pred_fake_b.ones_like()?)?;
     let loss_g_b = mse(&pred_fake_a, &pred_fake_a.ones_like()?)?;
     let loss_cycle_a = (l1(&rec_a, real_a)? * cfg.lambda_cycle)?;

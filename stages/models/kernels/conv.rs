@@ -95,8 +95,43 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     }
     // `contiguous` is a no-op (same tensor, same gradient node) when the
     // layout already is; otherwise it is a differentiable copy.
-    x.contiguous()?
-        .apply_op2(&w.contiguous()?, ConvFwd { stride, padding })
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        ConvFwd {
+            stride,
+            padding,
+            reflect: false,
+        },
+    )
+}
+
+/// y = conv2d(reflection_pad2d(x, padding), w, stride) without building the
+/// padded tensor: im2col reads the mirrored cells, and col2im adds their
+/// gradient back onto them. The generator's 7x7 and residual 3x3 convs pad
+/// by reflection; the separate pad was two gathers forward and two
+/// zero-filled `index_add`s backward per layer. Needs `padding < H, W`.
+///
+/// Same values as `conv2d(&reflection_pad2d(x, padding)?, w, stride, 0)`
+/// (forward bit for bit: the same im2col matrix), which is what the other
+/// paths run.
+pub fn conv2d_reflect(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    match path(&[x, w]) {
+        Path::Cpu => {}
+        Path::Widened => {
+            return conv2d_reflect(&widen(x)?, &widen(w)?, stride, padding)?.to_dtype(x.dtype());
+        }
+        Path::Formulation | Path::Candle => {
+            return conv2d(&gpu::norm::reflection_pad2d(x, padding)?, w, stride, 0);
+        }
+    }
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        ConvFwd {
+            stride,
+            padding,
+            reflect: true,
+        },
+    )
 }
 
 /// y = conv_transpose2d(x [N, Cin, H, W], w [Cin, Cout, Kh, Kw]) (PyTorch's
@@ -143,6 +178,7 @@ pub fn conv_transpose2d(
         ConvData {
             stride,
             padding,
+            reflect: false,
             h: ho,
             w: wo,
         },
@@ -404,6 +440,7 @@ fn conv_grad_input(g: &Geom, gy: &[f32], wt: &[f32], plan: Plan) -> Vec<f32> {
 struct ConvFwd {
     stride: usize,
     padding: usize,
+    reflect: bool,
 }
 
 impl CustomOp2 for ConvFwd {
@@ -427,7 +464,7 @@ impl CustomOp2 for ConvFwd {
                 l2.dims()
             );
         }
-        let g = Geom::new(xd, o, (kh, kw), self.stride, self.padding)?;
+        let g = Geom::new(xd, o, (kh, kw), self.stride, self.padding)?.padded_by(self.reflect)?;
         let (x, wt) = (f32_values(s1, l1)?, f32_values(s2, l2)?);
         let y = conv_forward(&g, &x, &wt, Plan::current());
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
@@ -442,7 +479,7 @@ impl CustomOp2 for ConvFwd {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (_, _, h, wd) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
-        let (stride, padding) = (self.stride, self.padding);
+        let (stride, padding, reflect) = (self.stride, self.padding, self.reflect);
         // Skip a gradient nobody will read (e.g. an image that tracks no graph).
         let dx = if x.track_op() {
             Some(grad_res.apply_op2_no_bwd(
@@ -450,6 +487,7 @@ impl CustomOp2 for ConvFwd {
                 &ConvData {
                     stride,
                     padding,
+                    reflect,
                     h,
                     w: wd,
                 },
@@ -463,6 +501,7 @@ impl CustomOp2 for ConvFwd {
                 &ConvGradWeight {
                     stride,
                     padding,
+                    reflect,
                     kh,
                     kw,
                 },
@@ -480,6 +519,7 @@ impl CustomOp2 for ConvFwd {
 struct ConvData {
     stride: usize,
     padding: usize,
+    reflect: bool,
     /// Image size: several give the same `ho x wo` (stride > 1).
     h: usize,
     w: usize,
@@ -511,7 +551,8 @@ impl CustomOp2 for ConvData {
             (kh, kw),
             self.stride,
             self.padding,
-        )?;
+        )?
+        .padded_by(self.reflect)?;
         if (g.ho, g.wo) != (ho, wo) {
             bail!(
                 "conv_transpose2d: {ho}x{wo} input does not map onto {}x{} (maps from {}x{})",
@@ -537,9 +578,16 @@ impl CustomOp2 for ConvData {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (_, _, kh, kw) = w.dims4()?;
-        let (stride, padding) = (self.stride, self.padding);
+        let (stride, padding, reflect) = (self.stride, self.padding, self.reflect);
         let dx = if x.track_op() {
-            Some(grad_res.apply_op2_no_bwd(w, &ConvFwd { stride, padding })?)
+            Some(grad_res.apply_op2_no_bwd(
+                w,
+                &ConvFwd {
+                    stride,
+                    padding,
+                    reflect,
+                },
+            )?)
         } else {
             None
         };
@@ -549,6 +597,7 @@ impl CustomOp2 for ConvData {
                 &ConvGradWeight {
                     stride,
                     padding,
+                    reflect,
                     kh,
                     kw,
                 },
@@ -566,6 +615,7 @@ impl CustomOp2 for ConvData {
 struct ConvGradWeight {
     stride: usize,
     padding: usize,
+    reflect: bool,
     kh: usize,
     kw: usize,
 }
@@ -584,7 +634,8 @@ impl CustomOp2 for ConvGradWeight {
     ) -> Result<(CpuStorage, Shape)> {
         let xd = dims4(l1, "conv2d", "input")?;
         let (n, o, ho, wo) = dims4(l2, "conv2d", "output gradient")?;
-        let g = Geom::new(xd, o, (self.kh, self.kw), self.stride, self.padding)?;
+        let g = Geom::new(xd, o, (self.kh, self.kw), self.stride, self.padding)?
+            .padded_by(self.reflect)?;
         if (n, ho, wo) != (g.n, g.ho, g.wo) {
             bail!(
                 "conv2d: output gradient is {:?}, expected {:?}",

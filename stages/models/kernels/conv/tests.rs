@@ -226,6 +226,138 @@ fn conv_transpose2d_matches_candle() {
     }
 }
 
+/// The reflection pad the fused conv replaces: candle's own ops, so the
+/// reference does not share code with the kernel under test.
+fn reflect_pad_reference(x: &Tensor, p: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let mirror = |t: &Tensor, dim: usize, len: usize| -> Result<Tensor> {
+        let idx: Vec<u32> = (0..len + 2 * p)
+            .map(|i| i as i64 - p as i64)
+            .map(|i| {
+                if i < 0 {
+                    -i
+                } else if i >= len as i64 {
+                    2 * (len as i64 - 1) - i
+                } else {
+                    i
+                }
+            })
+            .map(|i| i as u32)
+            .collect();
+        t.index_select(&Tensor::new(idx.as_slice(), t.device())?, dim)
+    };
+    mirror(&mirror(x, 2, h)?, 3, w)
+}
+
+/// `conv2d_reflect` of `[n, ci, h, wd]` with `[co, ci, k, k]`: the forward
+/// bit for bit equal to the fast conv of the explicitly padded input (the
+/// same im2col matrix), both gradients within [`TOL`] of candle's pad +
+/// conv2d (the padding's gradient is added in another order).
+#[allow(clippy::too_many_arguments)]
+fn check_reflect(
+    n: usize,
+    (ci, co): (usize, usize),
+    (h, wd): (usize, usize),
+    k: usize,
+    s: usize,
+    p: usize,
+    seed: u64,
+) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let x = Var::from_tensor(&random(&mut rng, &[n, ci, h, wd])).unwrap();
+    let w = Var::from_tensor(&random(&mut rng, &[co, ci, k, k])).unwrap();
+    let (ho, wo) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
+    let r = random(&mut rng, &[n, co, ho, wo]);
+    let case = format!("reflect n{n} {ci}->{co} {h}x{wd} k{k} s{s} p{p}");
+    let fused = run(|x, w| conv2d_reflect(x, w, s, p), &x, &w, &r);
+    assert_eq!(fused.0.dims(), &[n, co, ho, wo], "{case}");
+    let padded = conv2d(
+        &reflect_pad_reference(x.as_tensor(), p).unwrap(),
+        w.as_tensor(),
+        s,
+        0,
+    )
+    .unwrap();
+    let bits = |t: &Tensor| {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        bits(&fused.0),
+        bits(&padded),
+        "{case}: forward not bitwise equal"
+    );
+    let reference = run(
+        |x, w| candle_reference(&reflect_pad_reference(x, p)?, w, s, 0),
+        &x,
+        &w,
+        &r,
+    );
+    for (what, a, b) in [
+        ("y", &fused.0, &reference.0),
+        ("dx", &fused.1, &reference.1),
+        ("dw", &fused.2, &reference.2),
+    ] {
+        let e = rel_err(a, b);
+        assert!(e <= TOL, "{case}: {what} rel err {e:e}");
+    }
+}
+
+#[test]
+fn conv2d_reflect_matches_pad_then_conv() {
+    let _on = switch_on();
+    // The generator's layers, shrunk (7x7 stem and head at p3, residual 3x3
+    // at p1); strides 2 and 3; padding up to the largest the input allows
+    // (h − 1), where the mirrored cells reach the far edge; 1-wide planes
+    // need padding 0; non-square, odd sizes; batch 3.
+    let mut seed = 4000;
+    for &(n, ci, co, h, w, k, s, p) in &[
+        (1, 3, 8, 14, 14, 7, 1, 3),
+        (1, 16, 16, 9, 9, 3, 1, 1),
+        (3, 6, 5, 8, 7, 3, 2, 1),
+        (2, 4, 3, 11, 6, 5, 2, 2),
+        (1, 5, 4, 4, 5, 7, 1, 3),
+        (2, 3, 2, 4, 4, 3, 1, 3),
+        (1, 2, 3, 9, 13, 4, 3, 2),
+        (2, 3, 4, 1, 5, 1, 1, 0),
+    ] {
+        seed += 1;
+        check_reflect(n, (ci, co), (h, w), k, s, p, seed);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(43);
+    for case in 0..24 {
+        let k: usize = [1, 3, 4, 7][rng.random_range(0..4)];
+        let s = rng.random_range(1..=2);
+        let p: usize = [0, 1, 3][rng.random_range(0..3)];
+        let lo = (p + 1).max(k.saturating_sub(2 * p)).max(1);
+        let (h, w) = (rng.random_range(lo..=lo + 9), rng.random_range(lo..=lo + 9));
+        let (ci, co) = (rng.random_range(1..=12), rng.random_range(1..=12));
+        check_reflect(
+            [1, 3][rng.random_range(0..2)],
+            (ci, co),
+            (h, w),
+            k,
+            s,
+            p,
+            4100 + case,
+        );
+    }
+    // Reflection needs padding < H and < W.
+    let x = random(&mut rng, &[1, 2, 3, 5]);
+    let w = random(&mut rng, &[2, 2, 3, 3]);
+    let e = conv2d_reflect(&x, &w, 1, 3).unwrap_err().to_string();
+    assert!(
+        e.contains("reflection padding 3 must be smaller than the 3x5 input"),
+        "{e}"
+    );
+    assert!(conv2d_reflect(&x, &w, 1, 2).is_ok());
+}
+
 /// Every way of cutting the work (units, tile budget down to one row,
 /// channel groups, threads and gemm's inner parallelism) gives the same
 /// result to rounding.
@@ -239,32 +371,37 @@ fn all_work_splits_agree() {
         (1, 3, 20, 20, 8, 7, 1, 3),
         (5, 9, 5, 4, 3, 4, 2, 1),
     ] {
-        let g = Geom::new((n, c, h, w), o, (k, k), s, p).unwrap();
-        let img = random_vec(&mut rng, g.n * g.img_len());
-        let wt = random_vec(&mut rng, g.o * g.k());
-        let gy = random_vec(&mut rng, g.n * g.o * g.pixels());
-        let one = Plan {
-            threads: 1,
-            units: 1,
-            budget: usize::MAX / 2,
-        };
-        let y = conv_forward(&g, &img, &wt, one);
-        let dx = conv_grad_input(&g, &gy, &wt, one);
-        let dw = conv_grad_weight(&g, &img, &gy, one);
-        for (threads, units) in [(1, 1), (2, 4), (1, 8), (3, 8), (5, 3), (16, 32)] {
-            for budget in [1, 300, COL_BUDGET] {
-                let plan = Plan {
-                    threads,
-                    units,
-                    budget,
-                };
-                let case = format!("{g:?} {plan:?}");
-                let e = rel_err_vec(&conv_forward(&g, &img, &wt, plan), &y);
-                assert!(e <= TOL, "{case}: y {e:e}");
-                let e = rel_err_vec(&conv_grad_input(&g, &gy, &wt, plan), &dx);
-                assert!(e <= TOL, "{case}: dx {e:e}");
-                let e = rel_err_vec(&conv_grad_weight(&g, &img, &gy, plan), &dw);
-                assert!(e <= TOL, "{case}: dw {e:e}");
+        for reflect in [false, true] {
+            let g = Geom::new((n, c, h, w), o, (k, k), s, p)
+                .unwrap()
+                .padded_by(reflect)
+                .unwrap();
+            let img = random_vec(&mut rng, g.n * g.img_len());
+            let wt = random_vec(&mut rng, g.o * g.k());
+            let gy = random_vec(&mut rng, g.n * g.o * g.pixels());
+            let one = Plan {
+                threads: 1,
+                units: 1,
+                budget: usize::MAX / 2,
+            };
+            let y = conv_forward(&g, &img, &wt, one);
+            let dx = conv_grad_input(&g, &gy, &wt, one);
+            let dw = conv_grad_weight(&g, &img, &gy, one);
+            for (threads, units) in [(1, 1), (2, 4), (1, 8), (3, 8), (5, 3), (16, 32)] {
+                for budget in [1, 300, COL_BUDGET] {
+                    let plan = Plan {
+                        threads,
+                        units,
+                        budget,
+                    };
+                    let case = format!("{g:?} {plan:?}");
+                    let e = rel_err_vec(&conv_forward(&g, &img, &wt, plan), &y);
+                    assert!(e <= TOL, "{case}: y {e:e}");
+                    let e = rel_err_vec(&conv_grad_input(&g, &gy, &wt, plan), &dx);
+                    assert!(e <= TOL, "{case}: dx {e:e}");
+                    let e = rel_err_vec(&conv_grad_weight(&g, &img, &gy, plan), &dw);
+                    assert!(e <= TOL, "{case}: dw {e:e}");
+                }
             }
         }
     }
@@ -297,6 +434,17 @@ fn same_bits_at_any_thread_count() {
         let case = format!("n{n} {c}->{o} {h}x{w} k{k} s{s} p{p}");
         assert_same_bits_at_any_thread_count(&case, || {
             let (y, dx, dw) = run(|x, w| conv2d(x, w, s, p), &x, &wt, &r);
+            vec![("y", y), ("dx", dx), ("dw", dw)]
+        });
+    }
+    // Reflection-padded: the generator's stem and a residual conv.
+    for &(n, c, h, w, o, k, p) in &[(1, 3, 40, 40, 8, 7, 3), (2, 32, 17, 19, 16, 3, 1)] {
+        let x = Var::from_tensor(&random(&mut rng, &[n, c, h, w])).unwrap();
+        let wt = Var::from_tensor(&random(&mut rng, &[o, c, k, k])).unwrap();
+        let r = random(&mut rng, &[n, o, h + 2 * p - k + 1, w + 2 * p - k + 1]);
+        let case = format!("reflect n{n} {c}->{o} {h}x{w} k{k} p{p}");
+        assert_same_bits_at_any_thread_count(&case, || {
+            let (y, dx, dw) = run(|x, w| conv2d_reflect(x, w, 1, p), &x, &wt, &r);
             vec![("y", y), ("dx", dx), ("dw", dw)]
         });
     }
@@ -347,6 +495,7 @@ fn non_contiguous_inputs_and_untracked_input() {
             &ConvFwd {
                 stride: s,
                 padding: p,
+                reflect: false,
             },
         )
         .unwrap();
@@ -358,6 +507,7 @@ fn non_contiguous_inputs_and_untracked_input() {
     let op = ConvGradWeight {
         stride: s,
         padding: p,
+        reflect: false,
         kh: k,
         kw: k,
     };
@@ -604,6 +754,7 @@ fn bench_conv() {
                 Some(_) => ConvData {
                     stride: s,
                     padding: p,
+                    reflect: false,
                     h,
                     w,
                 }
@@ -611,6 +762,7 @@ fn bench_conv() {
                 None => ConvFwd {
                     stride: s,
                     padding: p,
+                    reflect: false,
                 }
                 .bwd(&x, wt, &y, &gy),
             }
