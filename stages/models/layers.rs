@@ -11,6 +11,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::kernels::batchnorm::{Act, batch_norm_act_train};
+use super::kernels::bias;
 use super::kernels::conv::{conv_transpose2d, conv2d, conv2d_reflect};
 use super::kernels::gpu::norm;
 use super::kernels::{Path, accumulation_dtype, half_on_cpu, path, widen};
@@ -185,14 +186,13 @@ impl Module for ConvT {
     }
 }
 
-/// x [N, C, H, W] + bias [C], in x's dtype. The addition runs in F32 for
-/// half-precision x: the bias's gradient is a sum over N·H·W values, which
-/// candle would otherwise add in BF16. (For F32 x the casts are no-ops.)
+/// x [N, C, H, W] + bias [C], in x's dtype (`kernels::bias`). The addition
+/// runs in F32 for half-precision x: the bias's gradient is a sum over
+/// N·H·W values, which candle would otherwise add in BF16. (For F32 x the
+/// casts are no-ops.)
 fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let bias = bias.to_dtype(accumulation_dtype(x.dtype()))?;
-    widen(x)?
-        .broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?
-        .to_dtype(x.dtype())
+    bias::add_channel_bias(&widen(x)?, &bias)?.to_dtype(x.dtype())
 }
 
 /// Mean squared error against a target tensor of the same shape, computed

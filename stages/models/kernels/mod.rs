@@ -3,7 +3,7 @@
 //!
 //! * CPU tensors (F32, [`fast_kernels_enabled`]): this folder's CPU kernels,
 //!   candle custom ops with their own backward (`conv`, `depthwise`,
-//!   `pointwise`, `batchnorm`).
+//!   `pointwise`, `batchnorm`, `bias`).
 //! * CUDA tensors: `gpu`'s formulations, built only from ops that are fast on
 //!   candle's CUDA backend (see its header), unless the environment variable
 //!   `MELANOFLOW_GPU_OPS=candle` or [`set_gpu_formulations`]`(false)` asks for
@@ -60,6 +60,7 @@ macro_rules! dispatch {
 }
 
 pub mod batchnorm;
+pub mod bias;
 pub mod conv;
 mod cpu;
 pub mod depthwise;
