@@ -14,12 +14,9 @@
 #          about 8.8 MB for 5,000 (300 patients; fewer below 300 images)
 #   large  BENCH_LARGE_FILES files of BENCH_LARGE_MB MB (10^6 bytes) each of
 #          pseudo-random bytes (python3's random.Random, one fixed seed per
-#          file: incompressible, all distinct), 1 GB for 20 x 50. DVC only:
-#          melanoflow's `push` uploads the lock file's results (the outputs
-#          of stages), and no stage kind copies a folder of existing files
-#          into its output (`ingest` hashes the image folder it reads but
-#          stores only its manifest), so melanoflow has no way to push these
-#          files; its cells are n/a and the report says why
+#          file: incompressible, all distinct), 1 GB for 20 x 50. melanoflow
+#          takes the folder in with an `import` stage (`melanoflow run`,
+#          timed beside `dvc add data` as "add"), then pushes its output
 #   isic   melanoflow's synth stage at ISIC 2020's count: BENCH_ISIC_FILES
 #          JPEGs of BENCH_ISIC_SIZE px at quality BENCH_ISIC_QUALITY (about
 #          100-110 KB each at 640 px / 96: about 3.5 GB for 33,126) +
@@ -441,6 +438,10 @@ pipeline() { # pipeline [REMOTE_PREFIX]
         echo "endpoint = \"$ENDPOINT\""
         echo "region = \"$S3_REGION\""
     fi
+    if [ "$WL" = large ]; then
+        printf '\n[stages.%s]\nkind = "import"\npath = "%s"\n' "$MF_STAGE" "$SRC"
+        return
+    fi
     cat <<EOF
 
 [stages.synth]
@@ -461,9 +462,9 @@ produce_synth() {
     mkdir -p "$P"
     pipeline >"$P/pipeline.toml"
     ONCE_TIMEOUT=$GEN_TIMEOUT once "$WL: melanoflow run (synth)" "$P" "$BIN" -c pipeline.toml run || return 1
-    SRC="$P/out/synth"
+    SRC="$P/out/$MF_STAGE"
     if [ ! -f "$P/pipeline.lock" ] || [ ! -d "$SRC" ]; then
-        NOTES+=("$WL: no lock file or no output folder out/synth after \`melanoflow run\` in $P")
+        NOTES+=("$WL: no lock file or no output folder out/$MF_STAGE after \`melanoflow run\` in $P")
         return 1
     fi
 }
@@ -488,7 +489,20 @@ for i in range(count):
             left -= n
 EOF
     ONCE_TIMEOUT=$GEN_TIMEOUT once "$WL: writing $LARGE_FILES files of $LARGE_MB MB" "$WD" \
-        python3 "$WD/gen_large.py" "$SRC" "$LARGE_FILES" "$((LARGE_MB * 1000000))"
+        python3 "$WD/gen_large.py" "$SRC" "$LARGE_FILES" "$((LARGE_MB * 1000000))" || return 1
+    # melanoflow's project: one `import` stage over the folder. Its first run
+    # copies the files into the store, as `dvc add` does for DVC: both are
+    # timed as "add", once per repetition (each repetition starts afresh).
+    P="$WD/mf"
+    mkdir -p "$P"
+}
+
+# large, each melanoflow repetition: a fresh store, then `melanoflow run`
+# (the import) timed as "add".
+mf_add() {
+    rm -rf "$P/store" "$P/out" "$P/pipeline.lock" "$P/.melanoflow"
+    pipeline >"$P/pipeline.toml"
+    timed add melanoflow "$1" "$P" "${MFX[@]}" -c pipeline.toml run
 }
 
 # --------------------------------------------------------------------------
@@ -497,6 +511,9 @@ EOF
 # (odd: melanoflow first) so that drifting load on the machine hits both.
 mf_rep() {
     local rep=$1 F
+    if [ "$WL" = large ] && ! mf_add "$rep"; then
+        return 0
+    fi
     pipeline "$WL-melanoflow-rep$rep" >"$P/pipeline.toml"
     if timed push melanoflow "$rep" "$P" "${MFX[@]}" -c pipeline.toml push; then
         MF_PUSH_LINE[$WL]=$(summary)
@@ -505,7 +522,7 @@ mf_rep() {
         cp "$P/pipeline.toml" "$P/pipeline.lock" "$F/"
         if timed pull melanoflow "$rep" "$F" "${MFX[@]}" -c pipeline.toml pull; then
             MF_PULL_LINE[$WL]=$(summary)
-            same_files "$WL rep $rep: melanoflow pull" "$F/out/synth" || true
+            same_files "$WL rep $rep: melanoflow pull" "$F/out/$MF_STAGE" || true
             if once "$WL rep $rep: melanoflow run after pull" "$F" "${MFX[@]}" -c pipeline.toml run \
                 && ! grep -qE '^[0-9]+ stage\(s\): [0-9]+ cached in ' "$W/once.out"; then
                 NOTES+=("$WL rep $rep: after \`melanoflow pull\`, \`melanoflow run\` was not all cached: $(tr '\n' ' ' <"$W/once.out" | cut -c1-300)")
@@ -579,6 +596,7 @@ run_workload() {
     WD="$W/$WL"
     mkdir -p "$WD"
     local runs=$BIG_RUNS mf=$MF t0 rep order tool producer=produce_synth
+    MF_STAGE=synth
     case "$WL" in
         small)
             runs=$RUNS
@@ -595,11 +613,9 @@ run_workload() {
             ;;
         large)
             producer=produce_large
-            mf=0
-            WL_MF_WHY[$WL]="melanoflow's \`push\` uploads the lock file's results (the outputs of stages), and no stage kind of this binary copies a folder of existing files into its output (\`ingest\` hashes the image folder it reads but stores only its manifest): melanoflow has no way to push these files"
+            MF_STAGE=data
             say ""
             say "== workload large: $LARGE_FILES files of $LARGE_MB MB of pseudo-random bytes =="
-            say "melanoflow: not measured: ${WL_MF_WHY[$WL]}"
             ;;
     esac
     t0=$SECONDS
@@ -617,7 +633,7 @@ run_workload() {
     case "$WL" in
         small) WL_DESC[$WL]="melanoflow's synth stage, $(commas "$FILES") files (${NFILES} JPEGs of 64 px + train.csv), $(commas "$BYTES") bytes" ;;
         isic) WL_DESC[$WL]="melanoflow's synth stage at ISIC 2020's count, $(commas "$FILES") files ($(commas "$ISIC_FILES") JPEGs of $ISIC_SIZE px at quality $ISIC_QUALITY, $((BYTES / FILES / 1000)) KB on average, + train.csv), $(commas "$BYTES") bytes; $SYN_PATIENTS patients, 1.76% malignant; every image drawn from its own seeded stream" ;;
-        large) WL_DESC[$WL]="$(commas "$FILES") files of $LARGE_MB MB of pseudo-random bytes (python3's \`random.Random\`, a fixed seed per file), $(commas "$BYTES") bytes; DVC only (melanoflow cannot push them: see the notes)" ;;
+        large) WL_DESC[$WL]="$(commas "$FILES") files of $LARGE_MB MB of pseudo-random bytes (python3's \`random.Random\`, a fixed seed per file), $(commas "$BYTES") bytes; melanoflow takes the folder in with an \`import\` stage" ;;
     esac
     if [ "$mf" = 0 ] && [ -z "$DVC" ]; then
         NOTES+=("$WL: neither tool measured (melanoflow: ${WL_MF_WHY[$WL]:-$MF_WHY}; DVC: ${DVC_WHY:-not available})")
@@ -640,9 +656,6 @@ run_workload() {
 for wl in "${SELECTED[@]}"; do
     run_workload "$wl"
 done
-if [ -n "${WL_MF_WHY[large]:-}" ] && [ "$MF" = 1 ]; then
-    NOTES+=("large, melanoflow: not measured: ${WL_MF_WHY[large]}")
-fi
 
 ELAPSED=$SECONDS
 
@@ -706,9 +719,11 @@ for wl in sys.argv[3:]:
     for op, label in (("push", "push (empty prefix)"), ("pull", "pull (fresh copy: download + checkout)"), ("push no-op", "push no-op (all on the remote)")):
         m, d = t.get((wl, op, "melanoflow")), t.get((wl, op, "dvc"))
         print(f"| {wl} | {label} | {cell(m)} | {cell(d)} | {ratio(d, m)} |")
-    if t.get((wl, "add", "dvc")):
-        why = "" if wl == "large" else "; melanoflow's files are in its store after `run`"
-        print(f"| {wl} | `dvc add data` (DVC only, before its push{why}) | — | {cell(t[(wl, 'add', 'dvc')])} | — |")
+    if wl == "large":
+        m, d = t.get((wl, "add", "melanoflow")), t.get((wl, "add", "dvc"))
+        print(f"| {wl} | add (`melanoflow run` of the `import` stage; `dvc add data`) | {cell(m)} | {cell(d)} | {ratio(d, m)} |")
+    elif t.get((wl, "add", "dvc")):
+        print(f"| {wl} | `dvc add data` (DVC only, before its push; melanoflow's files are in its store after `run`) | — | {cell(t[(wl, 'add', 'dvc')])} | — |")
 EOF
     echo
     echo "Median (min–max) in ms over the repetitions that succeeded. n/a: not measured or failed (see notes and $(basename "$LOG"))."

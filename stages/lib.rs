@@ -9,6 +9,7 @@ pub mod fidelity;
 pub mod generate;
 pub mod gpu_check;
 pub mod imageset;
+pub mod import;
 pub mod ingest;
 pub mod metrics;
 pub mod models;
@@ -24,6 +25,7 @@ use melanoflow_pipeline::Registry;
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.register(synth::Synth)
+        .register(import::Import)
         .register(ingest::Ingest)
         .register(preprocess::Preprocess)
         .register(train_cyclegan::TrainCycleGan)

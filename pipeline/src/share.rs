@@ -151,7 +151,8 @@ fn record_of(lock: &LockFile, name: &str) -> (String, Bytes) {
     (run_key(&e.fingerprint), record.to_bytes())
 }
 
-fn human_bytes(n: u64) -> String {
+/// A byte count for people: `1.5 KiB`, `3.20 GiB`.
+pub fn human_bytes(n: u64) -> String {
     match n {
         n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
         n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),

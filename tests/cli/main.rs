@@ -11,6 +11,7 @@ mod experiments;
 mod fidelity;
 mod golden;
 mod gpu_check;
+mod import;
 mod ingest;
 mod preprocess;
 mod realdata;

@@ -420,6 +420,48 @@ fn push_then_pull(server: &Server) {
     );
 }
 
+/// `import` makes a folder of existing files a stage output, so `push` sends
+/// it and `pull` brings it into a clone that never had the folder.
+#[test]
+fn an_imported_folder_travels_with_push_and_pull() {
+    let Some(server) = Server::start(Backend::S3) else {
+        return;
+    };
+    let body = format!(
+        "{}\n[stages.raw]\nkind = \"import\"\npath = \"raw\"\n",
+        server.store_table("import")
+    );
+    let mut origin = Project::new(&body);
+    origin.env = server.credentials();
+    let big: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    origin.write("data/raw/big.bin", &big);
+    origin.write("data/raw/notes/small.txt", "a small file\n");
+    // (A read-only run, so that `push` is what uploads.)
+    origin.ok(&["run", "--remote-read-only"]);
+    let pushed = origin.ok(&["push"]);
+    let (files, present, _) = counts(&pushed);
+    assert!(files >= 2 && present == 0, "{}", pushed.stdout);
+
+    let clone = clone_of(&origin);
+    assert!(!clone.path("data/raw").exists());
+    let pulled = clone.ok(&["pull"]);
+    assert!(
+        pulled.stdout.contains("checked out 1 output folder(s)"),
+        "{}",
+        pulled.stdout
+    );
+    assert_eq!(
+        snapshot(&clone.path("data/out/raw")),
+        snapshot(&origin.path("data/out/raw"))
+    );
+    assert_eq!(
+        std::fs::read(clone.path("data/out/raw/big.bin")).unwrap(),
+        big
+    );
+}
+
 #[test]
 fn a_corrupted_blob_is_named_never_materialised_and_repaired() {
     let Some(server) = Server::start(Backend::S3) else {
