@@ -627,7 +627,7 @@ run_workload() {
     fi
     listing "$SRC" >"$WD/reference.sha"
     FILES=$(wc -l <"$WD/reference.sha")
-    BYTES=$(find "$SRC" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')
+    BYTES=$(find "$SRC" -type f -printf '%s\n' | awk '{s += $1} END {printf "%.0f\n", s}')
     WL_GEN_S[$WL]=$((SECONDS - t0))
     say "  $FILES files, $BYTES bytes (produced and listed in ${WL_GEN_S[$WL]} s)"
     case "$WL" in

@@ -12,10 +12,14 @@
 //!   is removed from the store holding it (the remote only when writable) and
 //!   reported by digest.
 //! - Each object is published whole (an S3 PUT, a local rename); many requests
-//!   are in flight at once, and memory is bounded by the batch size.
+//!   are in flight at once, and memory is bounded by the batch size. Large
+//!   blobs stream, `LARGE_CONCURRENCY` at a time; a pulled one is written
+//!   straight into the local store's folder and renamed into place once
+//!   checked, so it is copied once.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use indicatif::ProgressBar;
@@ -32,8 +36,12 @@ const BATCH_OBJECTS: usize = 512;
 const BATCH_BYTES: u64 = 128 << 20;
 /// From this many blobs on, existence is checked by listing every blob.
 const FULL_LISTING: usize = 1000;
-/// Blobs at least this large are streamed one by one instead.
-const LARGE: u64 = 64 << 20;
+/// Blobs at least this large are streamed instead, `LARGE_CONCURRENCY` at a
+/// time (each holds at most a 64 MiB body or four 16 MiB parts in memory).
+/// One at a time left a 1 GB folder of 50 MB files at 100-200 MB/s on
+/// loopback, the link idle while each blob was hashed and stored.
+const LARGE: u64 = 16 << 20;
+const LARGE_CONCURRENCY: usize = 4;
 
 /// The shared store behind the local one.
 pub struct Remote {
@@ -105,7 +113,7 @@ pub fn upload(
         };
         bar.inc(bytes);
     }
-    for (d, size) in large {
+    done += each_large(&large, bar, |(d, size)| {
         let key = blob_key(&d);
         let path = local_path(local, &key).ok_or_else(|| ArtifactError::Missing {
             digest: d,
@@ -118,14 +126,8 @@ pub fn upload(
             LOCAL_REMEDY,
         )?;
         remote.store.put_file(&key, &path)?;
-        done += Transfer {
-            copied: 1,
-            present: 0,
-            bytes: size,
-            objects: 1,
-        };
-        bar.inc(size);
-    }
+        Ok(size)
+    })?;
     Ok(done)
 }
 
@@ -177,27 +179,34 @@ pub fn download(
         };
         bar.inc(bytes);
     }
-    for (d, size) in large {
+    done += each_large(&large, bar, |(d, size)| {
         let key = blob_key(&d);
-        let tmp =
-            std::env::temp_dir().join(format!("melanoflow-{}-{}", d.to_hex(), std::process::id()));
+        // Straight into the local store's folder when it has one (a rename
+        // then publishes it), else through a temporary file and a put.
+        let dest = local_path(local, &key);
+        let tmp = match &dest {
+            Some(path) => {
+                path.with_file_name(format!(".{}.pull.{}", d.to_hex(), std::process::id()))
+            }
+            None => std::env::temp_dir().join(format!(
+                "melanoflow-{}-{}",
+                d.to_hex(),
+                std::process::id()
+            )),
+        };
         if !remote.store.get_to_file(&key, &tmp)? {
             return Err(remote_missing(d));
         }
         let stored = Digest::of_file(&tmp)
             .map_err(|source| io(&tmp, source))
             .and_then(|actual| check_remote(remote, &d, actual))
-            .and_then(|()| local.put_file(&key, &tmp).map_err(ArtifactError::from));
+            .and_then(|()| match &dest {
+                Some(path) => std::fs::rename(&tmp, path).map_err(|source| io(path, source)),
+                None => local.put_file(&key, &tmp).map_err(ArtifactError::from),
+            });
         let _ = std::fs::remove_file(&tmp);
-        stored?;
-        done += Transfer {
-            copied: 1,
-            present: 0,
-            bytes: size,
-            objects: 1,
-        };
-        bar.inc(size);
-    }
+        stored.map(|()| size)
+    })?;
     Ok(done)
 }
 
@@ -361,6 +370,51 @@ fn batches(items: &[Wanted]) -> Vec<&[Wanted]> {
         out.push(&items[start..]);
     }
     out
+}
+
+/// Moves each large blob with `transfer` (which returns its size), on up to
+/// [`LARGE_CONCURRENCY`] threads of their own: the work waits on the network
+/// and the disk, so it does not belong on rayon's pool, sized for the CPU.
+/// After an error no further blob is started; the first error is returned.
+fn each_large(
+    large: &[Wanted],
+    bar: &ProgressBar,
+    transfer: impl Fn(Wanted) -> Result<u64, ArtifactError> + Sync,
+) -> Result<Transfer, ArtifactError> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let worker = || -> Result<Transfer, ArtifactError> {
+        let mut done = Transfer::default();
+        while !failed.load(Ordering::Relaxed) {
+            let Some(&w) = large.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                break;
+            };
+            let size = transfer(w).inspect_err(|_| failed.store(true, Ordering::Relaxed))?;
+            done += Transfer {
+                copied: 1,
+                present: 0,
+                bytes: size,
+                objects: 1,
+            };
+            bar.inc(size);
+        }
+        Ok(done)
+    };
+    let results: Vec<Result<Transfer, ArtifactError>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..LARGE_CONCURRENCY.min(large.len()))
+            .map(|_| scope.spawn(&worker))
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a transfer thread panicked"))
+            .collect()
+    });
+    results
+        .into_iter()
+        .try_fold(Transfer::default(), |mut all, r| {
+            all += r?;
+            Ok(all)
+        })
 }
 
 fn local_path(local: &dyn BlobStore, key: &str) -> Option<PathBuf> {

@@ -421,7 +421,10 @@ fn push_then_pull(server: &Server) {
 }
 
 /// `import` makes a folder of existing files a stage output, so `push` sends
-/// it and `pull` brings it into a clone that never had the folder.
+/// it and `pull` brings it into a clone that never had the folder. Its two
+/// 17 MiB files take the streamed path (several at once, pulled straight
+/// into the store's folder); a corrupt one is named, never stored, and
+/// leaves no partial file behind.
 #[test]
 fn an_imported_folder_travels_with_push_and_pull() {
     let Some(server) = Server::start(Backend::S3) else {
@@ -433,16 +436,19 @@ fn an_imported_folder_travels_with_push_and_pull() {
     );
     let mut origin = Project::new(&body);
     origin.env = server.credentials();
-    let big: Vec<u8> = (0..3u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    origin.write("data/raw/big.bin", &big);
+    let big = |seed: u32| -> Vec<u8> {
+        (0..17u32 << 20)
+            .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect()
+    };
+    origin.write("data/raw/big1.bin", big(1));
+    origin.write("data/raw/big2.bin", big(2));
     origin.write("data/raw/notes/small.txt", "a small file\n");
     // (A read-only run, so that `push` is what uploads.)
     origin.ok(&["run", "--remote-read-only"]);
     let pushed = origin.ok(&["push"]);
     let (files, present, _) = counts(&pushed);
-    assert!(files >= 2 && present == 0, "{}", pushed.stdout);
+    assert!(files >= 3 && present == 0, "{}", pushed.stdout);
 
     let clone = clone_of(&origin);
     assert!(!clone.path("data/raw").exists());
@@ -457,8 +463,32 @@ fn an_imported_folder_travels_with_push_and_pull() {
         snapshot(&origin.path("data/out/raw"))
     );
     assert_eq!(
-        std::fs::read(clone.path("data/out/raw/big.bin")).unwrap(),
-        big
+        std::fs::read(clone.path("data/out/raw/big2.bin")).unwrap(),
+        big(2)
+    );
+
+    // One byte of a large blob flipped on the server.
+    let blob = files_under(&server.object("import", "blobs"))
+        .into_iter()
+        .find(|f| std::fs::metadata(f).unwrap().len() == 17 << 20)
+        .expect("the large files travel as blobs of their own");
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[5 << 20] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+    let fresh = clone_of(&origin);
+    let failed = fresh.fails(&["pull"]);
+    assert!(failed.stderr.contains("corrupt"), "{}", failed.stderr);
+    assert!(!fresh.path("data/out/raw").exists());
+    let leftovers: Vec<_> = files_under(&fresh.path("data/store"))
+        .into_iter()
+        .filter(|f| {
+            std::fs::metadata(f).unwrap().len() >= 17 << 20
+                || f.to_string_lossy().contains(".pull.")
+        })
+        .collect();
+    assert!(
+        leftovers.len() <= 1,
+        "at most the intact large blob is stored, no partial file: {leftovers:?}"
     );
 }
 

@@ -143,7 +143,9 @@ mod tests {
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
-    use super::super::testing::{assert_same_bits_at_any_thread_count, random, rel_err, switch_on};
+    use super::super::testing::{
+        assert_same_bits_at_any_thread_count, bits, random, rel_err, switch_on,
+    };
 
     fn reference(x: &Tensor, b: &Tensor) -> Result<Tensor> {
         x.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)
@@ -184,15 +186,6 @@ mod tests {
             let case = format!("{n}x{c}x{h}x{w}");
             let [y, dx, db] = run(add_channel_bias, &x, &b, &r);
             let [y_ref, dx_ref, db_ref] = run(reference, &x, &b, &r);
-            let bits = |t: &Tensor| {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
-            };
             assert_eq!(bits(&y), bits(&y_ref), "{case}: forward");
             assert_eq!(bits(&dx), bits(&dx_ref), "{case}: input gradient");
             let e = rel_err(&db, &db_ref);

@@ -28,7 +28,11 @@
 //!   [`conv_transpose2d`] candle's `x.conv_transpose2d(w, padding,
 //!   output_padding, stride, 1)` (weight `[Cin, Cout, Kh, Kw]`, output
 //!   `(H − 1)·s − 2p + Kh + output_padding`), forward and both gradients, to
-//!   f32 rounding (the summation order differs).
+//!   f32 rounding (the summation order differs). [`conv2d_reflect`] is
+//!   `conv2d` of the input padded by reflection (PyTorch's
+//!   `ReflectionPad2d` + `Conv2d(padding=0)`), without building the padded
+//!   tensor: the gathers read the mirrored cells, and the input gradient adds
+//!   their terms back onto them.
 //! * The fast path is taken only on CPU with F32 input and weight and while
 //!   [`fast_kernels_enabled`](super::fast_kernels_enabled); CUDA tensors take
 //!   `gpu::conv`'s formulations, BF16/F16 CPU tensors this path in F32 with

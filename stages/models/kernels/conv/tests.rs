@@ -5,7 +5,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::super::testing::{
-    assert_same_bits_at_any_thread_count, median_ms, random, rel_err, switch_on, values,
+    assert_same_bits_at_any_thread_count, bits, median_ms, random, rel_err, switch_on, values,
 };
 use super::super::{SWITCH, set_fast_kernels};
 
@@ -278,15 +278,6 @@ fn check_reflect(
         0,
     )
     .unwrap();
-    let bits = |t: &Tensor| {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect::<Vec<_>>()
-    };
     assert_eq!(
         bits(&fused.0),
         bits(&padded),
