@@ -402,7 +402,7 @@ fn each_large(
     };
     let results: Vec<Result<Transfer, ArtifactError>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..LARGE_CONCURRENCY.min(large.len()))
-            .map(|_| scope.spawn(&worker))
+            .map(|_| scope.spawn(worker))
             .collect();
         workers
             .into_iter()
