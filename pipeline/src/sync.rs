@@ -375,7 +375,8 @@ fn batches(items: &[Wanted]) -> Vec<&[Wanted]> {
 /// Moves each large blob with `transfer` (which returns its size), on up to
 /// [`LARGE_CONCURRENCY`] threads of their own: the work waits on the network
 /// and the disk, so it does not belong on rayon's pool, sized for the CPU.
-/// After an error no further blob is started; the first error is returned.
+/// After an error no further blob is started, and an error is returned (the
+/// first failed worker's; the others finish the blob they hold).
 fn each_large(
     large: &[Wanted],
     bar: &ProgressBar,
