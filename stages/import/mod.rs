@@ -6,7 +6,7 @@
 //! folder.
 //!
 //! Parameter `path`: a file or folder, relative to the pipeline file, or a
-//! URL (`s3://bucket/prefix`, `gs://`, `az://`, `file:///abs/dir`). It is an
+//! URL (`s3://bucket/prefix`, `az://container/prefix`, `file:///abs/dir`). It is an
 //! external input, so its bytes are in the stage's fingerprint: editing,
 //! adding or removing a file re-runs the stage, and nothing else does.
 //!
@@ -48,7 +48,7 @@ impl Stage for Import {
     type Params = ImportParams;
     const KIND: &'static str = "import";
     const CODE: &'static str = crate::code_identity::IMPORT;
-    const ABOUT: &'static str = "a file or folder of existing data (a path, or s3://, gs://, az://) taken in as a stage output";
+    const ABOUT: &'static str = "a file or folder of existing data (a path, or s3://, az://, file://) taken in as a stage output";
 
     fn external_inputs(&self, p: &ImportParams, base_dir: &Path) -> Vec<ExternalInput> {
         vec![ExternalInput::new("path", &p.path, base_dir)]
