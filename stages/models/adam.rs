@@ -8,9 +8,11 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 use candle_nn::VarMap;
 use rayon::prelude::*;
+
+use super::kernels::{Path, path};
 
 pub struct Adam {
     /// (name, variable, first moment, second moment), sorted by name.
@@ -185,14 +187,12 @@ impl Coeffs {
     }
 }
 
-/// Whether the fused update applies: F32 tensors on the CPU, fast kernels on.
-/// (Elsewhere — CUDA, the switch off — the candle ops run, which are also the
-/// reference the fused update is tested against.)
+/// Whether the fused update applies: where `kernels::path` sends a call to
+/// the CPU kernels (F32 tensors on the CPU, fast kernels on). Elsewhere
+/// (CUDA, the switch off) the candle ops run, which are also the reference
+/// the fused update is tested against.
 fn fused_applies(ts: &[&Tensor]) -> bool {
-    crate::models::kernels::fast_kernels_enabled()
-        && ts
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    path(ts) == Path::Cpu
 }
 
 /// Values per parallel chunk: elementwise, so the split never changes a bit.
@@ -278,6 +278,7 @@ mod tests {
     /// (so the parallel split is exercised) and with a non-contiguous gradient.
     #[test]
     fn fused_update_equals_the_candle_ops_bitwise() {
+        use crate::models::kernels::testing::bits;
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let n = 5 * (CHUNK / 2 + 7);
@@ -306,10 +307,6 @@ mod tests {
                 (p, m, v) = adam.candle_update(&p, &g, &m, &v, bc1, bc2).unwrap();
                 let k = Coeffs::new(&adam, bc1, bc2);
                 (pf, mf, vf) = fused_update(&pf, &g, &mf, &vf, &k).unwrap();
-                let bits = |t: &Tensor| -> Vec<u32> {
-                    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                    v.into_iter().map(f32::to_bits).collect()
-                };
                 assert_eq!(bits(&pf), bits(&p), "p, step {t}, decay {weight_decay}");
                 assert_eq!(bits(&mf), bits(&m), "m, step {t}");
                 assert_eq!(bits(&vf), bits(&v), "v, step {t}");

@@ -174,9 +174,7 @@ impl Discriminator {
             head: Conv::new(ndf * mult, 1, 4, 1, 1, m.pp(3 * cfg.n_layers + 2))?,
         })
     }
-}
 
-impl Discriminator {
     /// This discriminator with its parameters detached (see
     /// [`Conv::frozen`]): the generators' step trains through it without
     /// computing the discriminator's weight gradients, which that step
